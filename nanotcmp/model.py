@@ -1,0 +1,453 @@
+"""
+The TCMP model, in the order the data flows (see TCMP.md):
+  1. one attention function and one transformer layer, shared by both encoders
+  2. Bert   — text encoder (Eq. 2), post-LN
+  3. Hubert — audio encoder (Eq. 3), group-norm/post-LN or layer-norm/pre-LN
+  4. loading real checkpoints: one explicit name map per encoder, every name and shape checked
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+# Set to False to run attention as the plain softmax(QK^T/sqrt(d))V formula (for teaching and
+# checking); both give the same numbers within float rounding.
+USE_SDPA = True
+
+# -----------------------------------------------------------------------------
+# shared transformer pieces
+
+def attention(q, k, v, key_mask, dropout_p=0.0):
+    # q, k, v: (B, nh, T, hs); key_mask: (B, T) bool, True where the key is a real position
+    mask = key_mask[:, None, None, :]  # (B, 1, 1, T), broadcast over heads and queries
+    if USE_SDPA:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, T)
+    att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    att = F.dropout(att, dropout_p)
+    return att @ v  # (B, nh, T, hs)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim, n_head, dropout):
+        super().__init__()
+        self.n_head, self.dropout = n_head, dropout
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x, mask):
+        B, T, C = x.shape
+        q, k, v = (f(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for f in (self.q, self.k, self.v))  # (B, nh, T, hs)
+        y = attention(q, k, v, mask, self.dropout if self.training else 0.0)
+        return self.o(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Layer(nn.Module):
+    """One transformer layer. BERT and HuBERT-base put the LayerNorm after each residual
+    addition (post-LN); HuBERT-large ("stable layer norm") puts it before each sub-block."""
+
+    def __init__(self, dim, n_head, ffn_dim, eps, dropout, pre_ln):
+        super().__init__()
+        self.pre_ln = pre_ln
+        self.attn = SelfAttention(dim, n_head, dropout)
+        self.ln1 = nn.LayerNorm(dim, eps=eps)
+        self.fc1 = nn.Linear(dim, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, dim)
+        self.ln2 = nn.LayerNorm(dim, eps=eps)
+        self.drop = nn.Dropout(dropout)
+
+    def mlp(self, x):
+        return self.drop(self.fc2(F.gelu(self.fc1(x))))  # exact (erf) GELU, as BERT and HuBERT
+
+    def forward(self, x, mask):
+        if self.pre_ln:
+            x = x + self.drop(self.attn(self.ln1(x), mask))
+            return x + self.mlp(self.ln2(x))
+        x = self.ln1(x + self.drop(self.attn(x, mask)))
+        return self.ln2(x + self.mlp(x))
+
+# -----------------------------------------------------------------------------
+# BERT (Eq. 2)
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    dim: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    ffn_dim: int = 3072
+    max_positions: int = 512
+    type_vocab_size: int = 2
+    eps: float = 1e-12
+    dropout: float = 0.1
+
+
+class Bert(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = c = config
+        self.tok_emb = nn.Embedding(c.vocab_size, c.dim)
+        self.pos_emb = nn.Embedding(c.max_positions, c.dim)
+        self.type_emb = nn.Embedding(c.type_vocab_size, c.dim)
+        self.emb_ln = nn.LayerNorm(c.dim, eps=c.eps)
+        self.drop = nn.Dropout(c.dropout)
+        self.layers = nn.ModuleList(Layer(c.dim, c.n_head, c.ffn_dim, c.eps, c.dropout, pre_ln=False)
+                                    for _ in range(c.n_layer))
+        self.apply(init_weights)
+
+    def forward(self, input_ids, attention_mask):
+        # input_ids: (B, T) long, attention_mask: (B, T) 1/True at real tokens -> (B, T, D)
+        B, T = input_ids.shape
+        check_ids(input_ids, self.config.vocab_size)
+        if T > self.config.max_positions:
+            raise ValueError(f"sequence of {T} tokens is longer than the model's "
+                             f"{self.config.max_positions} positions")
+        pos = torch.arange(T, device=input_ids.device)
+        # every token is segment 0: nanotcmp encodes one utterance per sequence
+        x = self.tok_emb(input_ids) + self.pos_emb(pos) + self.type_emb.weight[0]
+        x = self.drop(self.emb_ln(x))
+        mask = attention_mask.bool()
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+    @classmethod
+    def from_pretrained(cls, path):
+        tensors, hf = read_checkpoint(path, prefix="bert.")
+        config = bert_config(hf, tensors, path)
+        model = cls(config)
+        load_state(model, tensors, bert_names(config), BERT_EXTRAS, path)
+        return model
+
+
+def check_ids(input_ids, vocab_size):
+    bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
+    if bad.numel():
+        raise ValueError(f"token id {bad[0].item()} is outside the vocabulary (size {vocab_size})")
+
+# -----------------------------------------------------------------------------
+# HuBERT (Eq. 3)
+
+@dataclass
+class HubertConfig:
+    dim: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    ffn_dim: int = 3072
+    conv_dim: tuple = (512,) * 7
+    conv_kernel: tuple = (10, 3, 3, 3, 3, 2, 2)
+    conv_stride: tuple = (5, 2, 2, 2, 2, 2, 2)
+    conv_bias: bool = False
+    feat_norm: str = "group"    # "group": GroupNorm after conv 0 (base); "layer": LayerNorm after every conv (large)
+    pre_ln: bool = False        # True = "stable layer norm" encoder (large)
+    feat_proj_ln: bool = True   # LayerNorm before the feature projection
+    pos_kernel: int = 128
+    pos_groups: int = 16
+    eps: float = 1e-5
+    dropout: float = 0.1
+    normalize_wave: bool = False  # zero mean / unit variance per utterance (preprocessor_config.json)
+
+    @property
+    def receptive_field(self):  # samples that make the first frame: 400 for the standard stack
+        field = 1
+        for k, s in reversed(list(zip(self.conv_kernel, self.conv_stride))):
+            field = (field - 1) * s + k
+        return field
+
+
+class MaskedGroupNorm(nn.Module):
+    """GroupNorm with one group per channel, whose statistics are taken over the valid frames only.
+    (The reference includes the padding, so a padded utterance gets other numbers than alone.)"""
+
+    def __init__(self, channels, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x, mask):
+        # x: (B, C, T), mask: (B, T) bool
+        m = mask[:, None, :].to(x.dtype)  # (B, 1, T)
+        n = m.sum(-1, keepdim=True)  # (B, 1, 1)
+        mean = (x * m).sum(-1, keepdim=True) / n
+        var = (((x - mean) * m) ** 2).sum(-1, keepdim=True) / n
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return x * self.weight[:, None] + self.bias[:, None]
+
+
+class ConvLayer(nn.Module):
+    def __init__(self, c_in, c_out, kernel, stride, bias, norm):
+        super().__init__()
+        self.conv = nn.Conv1d(c_in, c_out, kernel, stride=stride, bias=bias)
+        self.kernel, self.stride, self.norm_kind = kernel, stride, norm
+        # these norms keep torch's default eps whatever the config says, as HuBERT does
+        self.norm = {"group": MaskedGroupNorm(c_out, 1e-5), "layer": nn.LayerNorm(c_out)}.get(norm)
+
+    def forward(self, x, mask):
+        # x: (B, C_in, S), mask: (B, S) -> (B, C_out, S'), (B, S')
+        x = self.conv(x)
+        lengths = (mask.sum(-1) - self.kernel) // self.stride + 1
+        mask = torch.arange(x.size(-1), device=x.device) < lengths[:, None]
+        if self.norm_kind == "group":
+            x = self.norm(x, mask)
+        elif self.norm_kind == "layer":
+            x = self.norm(x.transpose(1, 2)).transpose(1, 2)
+        return F.gelu(x), mask
+
+
+class PositionalConv(nn.Module):
+    """Relative position information: a wide grouped convolution over the frames, whose weight is
+    weight-normalised (w = g * v / ||v||, the norm taken per kernel tap), as in HuBERT."""
+
+    def __init__(self, dim, kernel, groups):
+        super().__init__()
+        self.kernel, self.groups = kernel, groups
+        self.weight_g = nn.Parameter(torch.ones(1, 1, kernel))
+        self.weight_v = nn.Parameter(torch.randn(dim, dim // groups, kernel) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        # x: (B, T, D) with zeros at padded frames -> (B, T, D)
+        w = self.weight_g * self.weight_v / self.weight_v.norm(dim=(0, 1), keepdim=True)
+        y = F.conv1d(x.transpose(1, 2), w, self.bias, padding=self.kernel // 2, groups=self.groups)
+        y = y[:, :, :x.size(1)]  # an even kernel gives one frame too many
+        return F.gelu(y).transpose(1, 2)
+
+
+class Hubert(nn.Module):
+    def __init__(self, config: HubertConfig):
+        super().__init__()
+        self.config = c = config
+        if c.feat_norm not in ("group", "layer"):
+            raise ValueError(f"feat_extract_norm must be 'group' or 'layer', not {c.feat_norm!r}")
+        dims = (1,) + tuple(c.conv_dim)
+        self.convs = nn.ModuleList(
+            ConvLayer(dims[i], dims[i + 1], c.conv_kernel[i], c.conv_stride[i], c.conv_bias,
+                      c.feat_norm if (c.feat_norm == "layer" or i == 0) else None)
+            for i in range(len(c.conv_kernel)))
+        self.proj_ln = nn.LayerNorm(dims[-1], eps=c.eps) if c.feat_proj_ln else nn.Identity()
+        self.proj = nn.Linear(dims[-1], c.dim)
+        self.pos_conv = PositionalConv(c.dim, c.pos_kernel, c.pos_groups)
+        self.ln = nn.LayerNorm(c.dim, eps=c.eps)  # after the positional conv (post-LN) or after the last layer (pre-LN)
+        self.drop = nn.Dropout(c.dropout)
+        self.layers = nn.ModuleList(Layer(c.dim, c.n_head, c.ffn_dim, c.eps, c.dropout, c.pre_ln)
+                                    for _ in range(c.n_layer))
+        self.apply(init_weights)
+
+    def forward(self, wave, wave_mask=None):
+        # wave: (B, S) float at 16 kHz, wave_mask: (B, S) bool or None -> (B, T', D), (B, T')
+        if wave_mask is None:
+            wave_mask = torch.ones_like(wave, dtype=torch.bool)
+        wave_mask = wave_mask.bool()
+        shortest = int(wave_mask.sum(-1).min())
+        if shortest < self.config.receptive_field:
+            raise ValueError(f"a waveform of {shortest} samples is shorter than the encoder's receptive "
+                             f"field ({self.config.receptive_field} samples, "
+                             f"{self.config.receptive_field / 16:.0f} ms at 16 kHz)")
+        if self.config.normalize_wave:
+            wave = normalize(wave, wave_mask)
+        x, mask = wave[:, None, :], wave_mask  # (B, 1, S)
+        for conv in self.convs:
+            x, mask = conv(x, mask)  # (B, C, T')
+        x = self.proj(self.proj_ln(x.transpose(1, 2)))  # (B, T', D)
+        x = x * mask[..., None]  # padded frames are zero before the positional conv, as for a lone utterance
+        x = x + self.pos_conv(x)
+        if not self.config.pre_ln:
+            x = self.ln(x)
+        x = self.drop(x)
+        for layer in self.layers:
+            x = layer(x, mask)
+        if self.config.pre_ln:
+            x = self.ln(x)
+        return x, mask
+
+    @classmethod
+    def from_pretrained(cls, path):
+        tensors, hf = read_checkpoint(path, prefix="hubert.")
+        config = hubert_config(hf, tensors, path)
+        model = cls(config)
+        load_state(model, tensors, hubert_names(config), HUBERT_EXTRAS, path)
+        return model
+
+
+def normalize(wave, mask):
+    # zero mean, unit variance over each utterance's valid samples; padding stays zero
+    m = mask.to(wave.dtype)
+    n = m.sum(-1, keepdim=True)
+    mean = (wave * m).sum(-1, keepdim=True) / n
+    var = (((wave - mean) * m) ** 2).sum(-1, keepdim=True) / n
+    return (wave - mean) / torch.sqrt(var + 1e-7) * m
+
+
+def init_weights(module):
+    # BERT's initialisation: N(0, 0.02) for weights, zero biases
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+# -----------------------------------------------------------------------------
+# loading real checkpoints
+
+def read_checkpoint(path, prefix):
+    """-> (tensors with the legacy names made current and `prefix` removed, the folder's config.json or {})"""
+    path = os.fspath(path)
+    file = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no checkpoint at {file} (expected a folder holding model.safetensors, "
+                                f"or a .safetensors file)")
+    try:
+        raw = load_file(file)
+    except Exception as e:
+        raise ValueError(f"{file} is not a readable safetensors file: {e}") from None
+    tensors = {}
+    for name, t in raw.items():
+        name = name[len(prefix):] if name.startswith(prefix) else name
+        name = (name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+                .replace("parametrizations.weight.original0", "weight_g")
+                .replace("parametrizations.weight.original1", "weight_v"))
+        tensors[name] = t.float()
+    folder = os.path.dirname(file)
+    hf = {}
+    for json_name in ("config.json", "preprocessor_config.json"):
+        json_path = os.path.join(folder, json_name)
+        if os.path.isfile(json_path):
+            with open(json_path) as f:
+                try:
+                    hf.update(json.load(f))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{json_path}: not valid JSON ({e})") from None
+    return tensors, hf
+
+
+def pick(config_cls, hf, keys, inferred, path):
+    """Build a config from Hugging Face config.json keys (hf name -> our field), falling back to
+    sizes inferred from tensor shapes, then to the dataclass defaults."""
+    values = dict(inferred)
+    for hf_key, ours in keys.items():
+        if hf_key in hf:
+            values[ours] = tuple(hf[hf_key]) if isinstance(hf[hf_key], list) else hf[hf_key]
+    for act in ("hidden_act", "feat_extract_activation"):
+        if hf.get(act, "gelu") != "gelu":
+            raise ValueError(f"{path}: {act}={hf[act]!r} is not supported (only 'gelu')")
+    known = {f.name for f in fields(config_cls)}
+    return config_cls(**{k: v for k, v in values.items() if k in known})
+
+
+def bert_config(hf, tensors, path):
+    we = tensors.get("embeddings.word_embeddings.weight")
+    inferred = {}
+    if we is not None:  # without config.json: sizes from the shapes, 64-wide heads as in every BERT
+        inferred = dict(vocab_size=we.shape[0], dim=we.shape[1], n_head=we.shape[1] // 64,
+                        n_layer=len({n.split(".")[2] for n in tensors if n.startswith("encoder.layer.")}))
+        for name, field, axis in (("embeddings.position_embeddings.weight", "max_positions", 0),
+                                  ("embeddings.token_type_embeddings.weight", "type_vocab_size", 0),
+                                  ("encoder.layer.0.intermediate.dense.weight", "ffn_dim", 0)):
+            if name in tensors:
+                inferred[field] = tensors[name].shape[axis]
+    keys = dict(vocab_size="vocab_size", hidden_size="dim", num_hidden_layers="n_layer",
+                num_attention_heads="n_head", intermediate_size="ffn_dim",
+                max_position_embeddings="max_positions", type_vocab_size="type_vocab_size",
+                layer_norm_eps="eps", hidden_dropout_prob="dropout")
+    return pick(BertConfig, hf, keys, inferred, path)
+
+
+def hubert_config(hf, tensors, path):
+    inferred = {}
+    proj = tensors.get("feature_projection.projection.weight")
+    if proj is not None:  # without config.json: sizes from the shapes, the standard strides
+        convs = sorted((n for n in tensors if n.startswith("feature_extractor.conv_layers.") and n.endswith("conv.weight")),
+                       key=lambda n: int(n.split(".")[2]))
+        layer_norm = "feature_extractor.conv_layers.1.layer_norm.weight" in tensors
+        inferred = dict(dim=proj.shape[0], n_head=proj.shape[0] // 64,
+                        n_layer=len({n.split(".")[2] for n in tensors if n.startswith("encoder.layers.")}),
+                        conv_dim=tuple(tensors[n].shape[0] for n in convs),
+                        conv_kernel=tuple(tensors[n].shape[2] for n in convs),
+                        conv_bias="feature_extractor.conv_layers.0.conv.bias" in tensors,
+                        feat_norm="layer" if layer_norm else "group", pre_ln=layer_norm,
+                        feat_proj_ln="feature_projection.layer_norm.weight" in tensors)
+        if "encoder.pos_conv_embed.conv.weight_v" in tensors:
+            v = tensors["encoder.pos_conv_embed.conv.weight_v"]
+            inferred.update(pos_kernel=v.shape[2], pos_groups=v.shape[0] // v.shape[1])
+        if "encoder.layers.0.feed_forward.intermediate_dense.weight" in tensors:
+            inferred["ffn_dim"] = tensors["encoder.layers.0.feed_forward.intermediate_dense.weight"].shape[0]
+    if hf.get("conv_pos_batch_norm"):
+        raise ValueError(f"{path}: conv_pos_batch_norm=true is not supported")
+    keys = dict(hidden_size="dim", num_hidden_layers="n_layer", num_attention_heads="n_head",
+                intermediate_size="ffn_dim", conv_dim="conv_dim", conv_kernel="conv_kernel",
+                conv_stride="conv_stride", conv_bias="conv_bias", feat_extract_norm="feat_norm",
+                do_stable_layer_norm="pre_ln", feat_proj_layer_norm="feat_proj_ln",
+                num_conv_pos_embeddings="pos_kernel", num_conv_pos_embedding_groups="pos_groups",
+                layer_norm_eps="eps", hidden_dropout="dropout", do_normalize="normalize_wave")
+    return pick(HubertConfig, hf, keys, inferred, path)
+
+
+# known checkpoint extras that the encoders do not use (heads, buffers)
+BERT_EXTRAS = ("cls.", "pooler.", "embeddings.position_ids")
+HUBERT_EXTRAS = ("lm_head.", "masked_spec_embed", "label_embs_concat", "final_proj.")
+
+
+def layer_names(ours, theirs, mapping):
+    # weight and bias of each module in mapping: {our module: checkpoint module}, under the two prefixes
+    ours = f"{ours}." if ours else ""
+    return {f"{ours}{a}.{p}": f"{theirs}.{b}.{p}" for a, b in mapping.items() for p in ("weight", "bias")}
+
+
+def bert_names(c: BertConfig):
+    """our parameter name -> checkpoint name (after read_checkpoint's clean-up)"""
+    names = {"tok_emb.weight": "embeddings.word_embeddings.weight",
+             "pos_emb.weight": "embeddings.position_embeddings.weight",
+             "type_emb.weight": "embeddings.token_type_embeddings.weight",
+             "emb_ln.weight": "embeddings.LayerNorm.weight", "emb_ln.bias": "embeddings.LayerNorm.bias"}
+    for i in range(c.n_layer):
+        names |= layer_names(f"layers.{i}", f"encoder.layer.{i}", {
+            "attn.q": "attention.self.query", "attn.k": "attention.self.key", "attn.v": "attention.self.value",
+            "attn.o": "attention.output.dense", "ln1": "attention.output.LayerNorm",
+            "fc1": "intermediate.dense", "fc2": "output.dense", "ln2": "output.LayerNorm"})
+    return names
+
+
+def hubert_names(c: HubertConfig):
+    names = {}
+    for i in range(len(c.conv_kernel)):
+        names[f"convs.{i}.conv.weight"] = f"feature_extractor.conv_layers.{i}.conv.weight"
+        if c.conv_bias:
+            names[f"convs.{i}.conv.bias"] = f"feature_extractor.conv_layers.{i}.conv.bias"
+        if c.feat_norm == "layer" or i == 0:
+            names |= layer_names(f"convs.{i}", f"feature_extractor.conv_layers.{i}", {"norm": "layer_norm"})
+    names |= layer_names("", "feature_projection", {"proj": "projection"})
+    if c.feat_proj_ln:
+        names |= layer_names("", "feature_projection", {"proj_ln": "layer_norm"})
+    names |= layer_names("", "encoder", {"ln": "layer_norm"})
+    names |= {f"pos_conv.{p}": f"encoder.pos_conv_embed.conv.{p}" for p in ("weight_g", "weight_v", "bias")}
+    for i in range(c.n_layer):
+        names |= layer_names(f"layers.{i}", f"encoder.layers.{i}", {
+            "attn.q": "attention.q_proj", "attn.k": "attention.k_proj", "attn.v": "attention.v_proj",
+            "attn.o": "attention.out_proj", "ln1": "layer_norm", "fc1": "feed_forward.intermediate_dense",
+            "fc2": "feed_forward.output_dense", "ln2": "final_layer_norm"})
+    return names
+
+
+def load_state(model, tensors, names, extras, path):
+    """Copy checkpoint tensors into the model by the explicit name map; any missing, unexpected or
+    mis-shaped tensor is listed in one error."""
+    state = model.state_dict()
+    assert set(names) == set(state), "name map out of date with the model"  # a bug in this file, not in the input
+    missing = [f"{theirs} {tuple(state[ours].shape)}" for ours, theirs in names.items() if theirs not in tensors]
+    used = set(names.values())
+    unexpected = [f"{n} {tuple(t.shape)}" for n, t in tensors.items()
+                  if n not in used and not n.startswith(extras)]
+    shapes = [f"{theirs}: checkpoint {tuple(tensors[theirs].shape)}, model {tuple(state[ours].shape)}"
+              for ours, theirs in names.items()
+              if theirs in tensors and tensors[theirs].shape != state[ours].shape]
+    problems = [f"{title}:\n  " + "\n  ".join(items) for title, items in
+                (("missing tensors", missing), ("unexpected tensors", unexpected), ("shape mismatches", shapes))
+                if items]
+    if problems:
+        raise ValueError(f"{path} does not fit {type(model).__name__}({model.config}):\n" + "\n".join(problems))
+    model.load_state_dict({ours: tensors[theirs] for ours, theirs in names.items()})
