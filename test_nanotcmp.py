@@ -5,6 +5,7 @@ all-MiniLM-L6-v2), the tokenizer against transformers' BertTokenizer on real MEL
 Run: python -m pytest -q
 """
 import csv
+import functools
 import json
 import os
 import re
@@ -267,6 +268,132 @@ def test_hubert_waveform_normalisation(tmp_path, variant):
     want = ref(inputs.input_values, attention_mask=inputs.attention_mask).last_hidden_state
     got, frames = ours(wave, mask)
     assert max_diff(got[frames], want[frames]) <= TOL
+
+# -----------------------------------------------------------------------------
+# WordPiece tokenizer
+
+@functools.lru_cache
+def reference():
+    # vocab=, not vocab_file=: transformers 5 silently ignores vocab_file here and builds a 5-token vocab
+    ref = transformers.BertTokenizer(vocab=str(minilm_dir() / "vocab.txt"), do_lower_case=True)
+    assert len(ref) == 30522
+    return ref
+
+
+@functools.lru_cache
+def tokenizer():
+    return WordPiece.from_file(minilm_dir() / "vocab.txt")
+
+
+def test_tokenizer_special_ids_and_size_match_reference():
+    tok, ref = tokenizer(), reference()
+    assert tok.vocab_size == len(ref) == 30522
+    assert (tok.cls_id, tok.sep_id, tok.pad_id, tok.unk_id) == (
+        ref.cls_token_id, ref.sep_token_id, ref.pad_token_id, ref.unk_token_id)
+
+
+@pytest.mark.parametrize("split", ["train", "dev", "test"])
+def test_tokenizer_matches_reference_on_meld(split):
+    texts = meld_utterances(split)
+    assert len(texts) > 1000
+    want = reference()(texts)["input_ids"]
+    got = [tokenizer().encode(t) for t in texts]
+    bad = [(t, w, g) for t, w, g in zip(texts, want, got) if w != g]
+    assert not bad, f"{len(bad)} of {len(texts)} {split} utterances differ, e.g. {bad[:3]}"
+
+
+HARD = [
+    "Café naïve Ångström",
+    "我爱北京 天安门 日本語",
+    "I ❤️ you 😀👍🏽",
+    "a\u0000b\u200bc\u200dd\x07e\ufffd",  # NUL, zero-width space/joiner, BEL, replacement char
+    "x\t\ny\u00a0z\u2028w\u3000v",  # tab, newline, NBSP, line separator, ideographic space
+    "a\x0bb\x0cc\x1cd\x85e",  # controls that Python's isspace() calls whitespace
+    "You’re… “fine” — ok–",
+    "$5 + <tag> ^_^ `x` | ~y @z #w",  # ASCII symbols that are not Unicode punctuation
+    "ΟΔΟΣ Σ",  # per-character lowercasing: no final ς
+    "a\u0378b",  # an unassigned code point is kept, not dropped
+    "a\U0002B820b a\U0002B920b",  # the reference's CJK ranges skip U+2B820..U+2B91F
+    "x[SEP]y [mask] [MASK][CLS]",  # special tokens are matched in the raw text, case-sensitively
+    "unaffable UNAFFABLE ﬁne İstanbul straße",
+    "a" * 100 + " " + "b" * 101,  # 100 characters is still split, 101 is [UNK]
+    "é" * 150,  # a 150-character word (after accent stripping)
+    "",
+    " \t\n\u00a0 ",
+]
+
+
+@pytest.mark.parametrize("text", HARD)
+def test_tokenizer_matches_reference_on_hard_strings(text):
+    assert tokenizer().tokenize(text) == reference().tokenize(text)
+    assert tokenizer().encode(text) == reference()(text)["input_ids"]
+
+
+def test_tokenizer_cased_matches_reference(tmp_path):
+    # a tiny cased vocab, where NFC (which the reference does not do) and casing would show
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "e", "##\u0301", "é",
+                               "Hello", "hello", "Ca", "##f", "##é", "ΟΔΟΣ", "!"]) + "\n", encoding="utf-8")
+    ref = transformers.BertTokenizer(vocab=str(path), do_lower_case=False)
+    tok = WordPiece.from_file(path, lowercase=False)
+    for text in ["e\u0301 é", "Hello hello HELLO!", "Café Cafe\u0301", "ΟΔΟΣ"]:
+        assert tok.encode(text) == ref(text)["input_ids"], text
+    assert tok.tokenize("e\u0301") == ["e", "##\u0301"]
+
+
+def test_tokenizer_edge_cases_by_value():
+    tok = tokenizer()
+    assert tok.encode("") == tok.encode(" \t\n ") == [tok.cls_id, tok.sep_id]
+    assert tok.encode("q" * 150) == [tok.cls_id, tok.unk_id, tok.sep_id]
+    assert tok.tokenize("Hello, WORLD!") == ["hello", ",", "world", "!"]
+    assert tok.tokenize("我爱") == ["我", "[UNK]"]
+
+
+def test_tokenizer_truncation_keeps_sep_last():
+    tok = tokenizer()
+    text = "Café naïve Ångström, you’re… “fine” — ok– I ❤️ you, unaffable friends! " * 3
+    ids = tok.encode(text, max_len=8)
+    assert ids == reference()(text, truncation=True, max_length=8)["input_ids"]
+    assert len(ids) == 8 and ids[0] == tok.cls_id and ids[-1] == tok.sep_id
+    assert ids[:7] == tok.encode(text)[:7]
+    assert tok.encode(text, max_len=2) == [tok.cls_id, tok.sep_id]
+    assert tok.encode("hi there", max_len=64) == tok.encode("hi there")
+
+
+def test_tokenizer_decode_merges_continuations_and_drops_specials():
+    tok = tokenizer()
+    ids = tok.encode("Unaffable, ok") + [tok.pad_id] * 3
+    assert tok.decode(ids) == "unaffable , ok"
+
+
+def test_tokenizer_missing_vocab_names_path(tmp_path):
+    path = tmp_path / "no_such_vocab.txt"
+    with pytest.raises(FileNotFoundError, match="no_such_vocab.txt"):
+        WordPiece.from_file(path)
+
+
+def test_tokenizer_missing_special_tokens_named(tmp_path):
+    path = tmp_path / "vocab.txt"
+    path.write_text("[UNK]\n[SEP]\nhello\n", encoding="utf-8")
+    with pytest.raises(ValueError) as err:
+        WordPiece.from_file(path)
+    msg = str(err.value)
+    assert str(path) in msg and "[CLS]" in msg and "[PAD]" in msg
+    assert "[SEP]" not in msg and "[UNK]" not in msg
+
+
+def test_tokenizer_duplicate_token_names_line(tmp_path):
+    path = tmp_path / "vocab.txt"
+    path.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\nworld\nhello\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="line 7") as err:
+        WordPiece.from_file(path)
+    assert str(path) in str(err.value) and "hello" in str(err.value)
+
+
+@pytest.mark.parametrize("max_len", [1, 0, -3])
+def test_tokenizer_rejects_max_len_below_two(max_len):
+    with pytest.raises(ValueError, match=f"got {max_len}"):
+        tokenizer().encode("hello", max_len=max_len)
 
 # -----------------------------------------------------------------------------
 # loading: bad checkpoints and bad input

@@ -171,13 +171,14 @@ class MaskedGroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x, mask):
-        # x: (B, C, T), mask: (B, T) bool
-        m = mask[:, None, :].to(x.dtype)  # (B, 1, T)
-        n = m.sum(-1, keepdim=True)  # (B, 1, 1)
-        mean = (x * m).sum(-1, keepdim=True) / n
-        var = (((x - mean) * m) ** 2).sum(-1, keepdim=True) / n
-        x = (x - mean) / torch.sqrt(var + self.eps)
-        return x * self.weight[:, None] + self.bias[:, None]
+        # x: (B, C, T), mask: (B, T) bool. x is overwritten: it is a fresh conv output that autograd
+        # does not need, and this keeps the layer's memory at the reference's two (B, C, T) buffers
+        m = mask[:, :, None].to(x.dtype)  # (B, T, 1)
+        n = m.sum(1, keepdim=True)  # (B, 1, 1) valid frames
+        mean = torch.bmm(x, m) / n  # (B, C, 1)
+        x = x.sub_(mean).mul_(m.transpose(1, 2))  # centred, zero at padded frames
+        var = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / n  # (B, C, 1)
+        return torch.addcmul(self.bias[:, None], x, self.weight[:, None] * torch.rsqrt(var + self.eps))
 
 
 class ConvLayer(nn.Module):

@@ -1,0 +1,130 @@
+"""
+Benchmarks, each printing ratios against a reference measured in the same run.
+
+python bench.py encoders   # our BERT-base and HuBERT-base vs transformers': forward time and peak memory
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from nanotcmp.model import Bert, Hubert
+
+# -----------------------------------------------------------------------------
+# encoders: BERT-base on 32 x 24 tokens, HuBERT-base on 4 x 3 s of audio, fp32, random weights
+
+
+def encoder_pair(name, folder):
+    """(ours, reference) with the same random weights, the reference saved and loaded back by us."""
+    import transformers
+    torch.manual_seed(0)
+    if name == "bert":
+        ref = transformers.BertModel(transformers.BertConfig(), add_pooling_layer=False)
+        ours_cls = Bert
+    else:
+        ref = transformers.HubertModel(transformers.HubertConfig())
+        ours_cls = Hubert
+    ref.save_pretrained(folder)
+    return ours_cls.from_pretrained(folder).eval(), ref.eval()
+
+
+def encoder_inputs(name, device):
+    g = torch.Generator().manual_seed(0)
+    if name == "bert":
+        ids = torch.randint(1000, 30000, (32, 24), generator=g)
+        return ids.to(device), torch.ones_like(ids).to(device)
+    wave = torch.randn(4, 3 * 16000, generator=g)
+    return wave.to(device), torch.ones_like(wave, dtype=torch.bool).to(device)
+
+
+def run_encoder(model, is_ref, inputs):
+    x, mask = inputs
+    if not is_ref:
+        return model(x, mask)
+    if x.dtype == torch.long:
+        return model(input_ids=x, attention_mask=mask).last_hidden_state
+    return model(x, attention_mask=mask.long()).last_hidden_state
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def rss_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+@torch.inference_mode()
+def peak_memory_mib(name, which, device):
+    """Extra memory one forward needs beyond the loaded model: CUDA's allocator peak on a GPU;
+    on the CPU the process's resident high-water mark, reset after loading (Linux only)."""
+    with tempfile.TemporaryDirectory() as folder:
+        ours, ref = encoder_pair(name, folder)
+    model, is_ref = (ref, True) if which == "ref" else (ours, False)
+    del ours, ref
+    model.to(device)
+    inputs = encoder_inputs(name, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run_encoder(model, is_ref, inputs)
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident size
+    base = rss_kib("VmRSS")
+    run_encoder(model, is_ref, inputs)
+    return (rss_kib("VmHWM") - base) / 1024
+
+
+@torch.inference_mode()
+def bench_encoders(device, reps):
+    print(f"encoders on {device}, fp32, median of {reps} interleaved repetitions (random weights)")
+    print(f"{'model':<12}{'input':<14}{'ours ms':>10}{'ref ms':>10}{'ratio':>8}{'ours MiB':>10}{'ref MiB':>10}{'ratio':>8}")
+    for name, label in (("bert", "32 x 24 tok"), ("hubert", "4 x 3 s")):
+        with tempfile.TemporaryDirectory() as folder:
+            ours, ref = encoder_pair(name, folder)
+        ours.to(device), ref.to(device)
+        inputs = encoder_inputs(name, device)
+        out_ours, out_ref = run_encoder(ours, False, inputs), run_encoder(ref, True, inputs)
+        if isinstance(out_ours, tuple):
+            out_ours = out_ours[0]
+        diff = (out_ours - out_ref).abs().max().item()
+        times = {"ours": [], "ref": []}
+        for _ in range(reps):
+            for which, model in (("ours", ours), ("ref", ref)):
+                sync(device)
+                t0 = time.perf_counter()
+                run_encoder(model, which == "ref", inputs)
+                sync(device)
+                times[which].append((time.perf_counter() - t0) * 1000)
+        del ours, ref
+        t_ours, t_ref = statistics.median(times["ours"]), statistics.median(times["ref"])
+        mem = {which: float(subprocess.run(
+            [sys.executable, __file__, "_memory", name, which, "--device", str(device)],
+            check=True, capture_output=True, text=True).stdout) for which in ("ours", "ref")}
+        print(f"{name + '-base':<12}{label:<14}{t_ours:>10.1f}{t_ref:>10.1f}{t_ours / t_ref:>8.2f}"
+              f"{mem['ours']:>10.0f}{mem['ref']:>10.0f}{mem['ours'] / mem['ref']:>8.2f}   (max |diff| {diff:.1e})")
+    print("ratio = ours / reference; target: time ratio <= 1.0")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["encoders", "_memory"])
+    parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reps", type=int, default=7)
+    a = parser.parse_args()
+    device = torch.device(a.device)
+    if a.what == "_memory":  # one measurement in a fresh process, so earlier runs' memory does not hide it
+        print(peak_memory_mib(*a.args, device))
+    else:
+        bench_encoders(device, a.reps)
