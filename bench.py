@@ -21,18 +21,31 @@ from nanotcmp.model import Bert, Hubert
 # encoders: BERT-base on 32 x 24 tokens, HuBERT-base on 4 x 3 s of audio, fp32, random weights
 
 
-def encoder_pair(name, folder):
-    """(ours, reference) with the same random weights, the reference saved and loaded back by us."""
+def transformers_quiet():
     import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    return transformers
+
+
+def save_reference(name, folder):
+    """Save a randomly initialised base-size reference encoder, as a checkpoint both sides load."""
+    transformers = transformers_quiet()
     torch.manual_seed(0)
     if name == "bert":
         ref = transformers.BertModel(transformers.BertConfig(), add_pooling_layer=False)
-        ours_cls = Bert
     else:
         ref = transformers.HubertModel(transformers.HubertConfig())
-        ours_cls = Hubert
     ref.save_pretrained(folder)
-    return ours_cls.from_pretrained(folder).eval(), ref.eval()
+
+
+def load_encoder(name, which, folder):
+    if which == "ref":
+        transformers = transformers_quiet()
+        if name == "bert":
+            return transformers.BertModel.from_pretrained(folder, add_pooling_layer=False).eval()
+        return transformers.HubertModel.from_pretrained(folder).eval()
+    return (Bert if name == "bert" else Hubert).from_pretrained(folder).eval()
 
 
 def encoder_inputs(name, device):
@@ -44,10 +57,13 @@ def encoder_inputs(name, device):
     return wave.to(device), torch.ones_like(wave, dtype=torch.bool).to(device)
 
 
-def run_encoder(model, is_ref, inputs):
+def run_encoder(model, inputs):
+    """-> last hidden state (B, T, D), whichever side the model is"""
     x, mask = inputs
-    if not is_ref:
+    if isinstance(model, Bert):
         return model(x, mask)
+    if isinstance(model, Hubert):
+        return model(x, mask)[0]
     if x.dtype == torch.long:
         return model(input_ids=x, attention_mask=mask).last_hidden_state
     return model(x, attention_mask=mask.long()).last_hidden_state
@@ -64,52 +80,48 @@ def rss_kib(field):
 
 
 @torch.inference_mode()
-def peak_memory_mib(name, which, device):
+def peak_memory_mib(name, which, folder, device):
     """Extra memory one forward needs beyond the loaded model: CUDA's allocator peak on a GPU;
     on the CPU the process's resident high-water mark, reset after loading (Linux only)."""
-    with tempfile.TemporaryDirectory() as folder:
-        ours, ref = encoder_pair(name, folder)
-    model, is_ref = (ref, True) if which == "ref" else (ours, False)
-    del ours, ref
-    model.to(device)
+    model = load_encoder(name, which, folder).to(device)
     inputs = encoder_inputs(name, device)
+    for t in model.state_dict().values():
+        t.sum()  # page in weights that were loaded memory-mapped, so they are not counted as the forward's
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        run_encoder(model, is_ref, inputs)
+        run_encoder(model, inputs)
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident size
     base = rss_kib("VmRSS")
-    run_encoder(model, is_ref, inputs)
+    run_encoder(model, inputs)
     return (rss_kib("VmHWM") - base) / 1024
 
 
 @torch.inference_mode()
-def bench_encoders(device, reps):
+def bench_encoders(device, reps, tmp):
     print(f"encoders on {device}, fp32, median of {reps} interleaved repetitions (random weights)")
     print(f"{'model':<12}{'input':<14}{'ours ms':>10}{'ref ms':>10}{'ratio':>8}{'ours MiB':>10}{'ref MiB':>10}{'ratio':>8}")
     for name, label in (("bert", "32 x 24 tok"), ("hubert", "4 x 3 s")):
-        with tempfile.TemporaryDirectory() as folder:
-            ours, ref = encoder_pair(name, folder)
-        ours.to(device), ref.to(device)
+        folder = os.path.join(tmp, name)
+        save_reference(name, folder)
+        ours, ref = (load_encoder(name, which, folder).to(device) for which in ("ours", "ref"))
         inputs = encoder_inputs(name, device)
-        out_ours, out_ref = run_encoder(ours, False, inputs), run_encoder(ref, True, inputs)
-        if isinstance(out_ours, tuple):
-            out_ours = out_ours[0]
-        diff = (out_ours - out_ref).abs().max().item()
+        diff = (run_encoder(ours, inputs) - run_encoder(ref, inputs)).abs().max().item()
         times = {"ours": [], "ref": []}
-        for _ in range(reps):
-            for which, model in (("ours", ours), ("ref", ref)):
+        for rep in range(reps):
+            pair = (("ours", ours), ("ref", ref))
+            for which, model in pair if rep % 2 else pair[::-1]:  # alternate who goes first
                 sync(device)
                 t0 = time.perf_counter()
-                run_encoder(model, which == "ref", inputs)
+                run_encoder(model, inputs)
                 sync(device)
                 times[which].append((time.perf_counter() - t0) * 1000)
         del ours, ref
         t_ours, t_ref = statistics.median(times["ours"]), statistics.median(times["ref"])
         mem = {which: float(subprocess.run(
-            [sys.executable, __file__, "_memory", name, which, "--device", str(device)],
+            [sys.executable, __file__, "_memory", name, which, folder, "--device", str(device)],
             check=True, capture_output=True, text=True).stdout) for which in ("ours", "ref")}
         print(f"{name + '-base':<12}{label:<14}{t_ours:>10.1f}{t_ref:>10.1f}{t_ours / t_ref:>8.2f}"
               f"{mem['ours']:>10.0f}{mem['ref']:>10.0f}{mem['ours'] / mem['ref']:>8.2f}   (max |diff| {diff:.1e})")
@@ -121,10 +133,11 @@ if __name__ == "__main__":
     parser.add_argument("what", choices=["encoders", "_memory"])
     parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=15)
     a = parser.parse_args()
     device = torch.device(a.device)
     if a.what == "_memory":  # one measurement in a fresh process, so earlier runs' memory does not hide it
         print(peak_memory_mib(*a.args, device))
     else:
-        bench_encoders(device, a.reps)
+        with tempfile.TemporaryDirectory() as tmp:
+            bench_encoders(device, a.reps, tmp)

@@ -173,10 +173,10 @@ class MaskedGroupNorm(nn.Module):
     def forward(self, x, mask):
         # x: (B, C, T), mask: (B, T) bool. x is overwritten: it is a fresh conv output that autograd
         # does not need, and this keeps the layer's memory at the reference's two (B, C, T) buffers
-        m = mask[:, :, None].to(x.dtype)  # (B, T, 1)
-        n = m.sum(1, keepdim=True)  # (B, 1, 1) valid frames
-        mean = torch.bmm(x, m) / n  # (B, C, 1)
-        x = x.sub_(mean).mul_(m.transpose(1, 2))  # centred, zero at padded frames
+        m = mask[:, None, :].to(x.dtype)  # (B, 1, T)
+        n = m.sum(-1, keepdim=True)  # (B, 1, 1) valid frames
+        mean = x.mul_(m).sum(-1, keepdim=True) / n  # (B, C, 1)
+        x = x.sub_(mean).mul_(m)  # centred, zero at padded frames
         var = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / n  # (B, C, 1)
         return torch.addcmul(self.bias[:, None], x, self.weight[:, None] * torch.rsqrt(var + self.eps))
 
@@ -214,7 +214,8 @@ class PositionalConv(nn.Module):
 
     def forward(self, x):
         # x: (B, T, D) with zeros at padded frames -> (B, T, D)
-        w = self.weight_g * self.weight_v / self.weight_v.norm(dim=(0, 1), keepdim=True)
+        # w = g * v / ||v||, the norm over dims 0 and 1 (fused by torch, ~10x faster than written out)
+        w = torch._weight_norm(self.weight_v, self.weight_g, 2)
         y = F.conv1d(x.transpose(1, 2), w, self.bias, padding=self.kernel // 2, groups=self.groups)
         y = y[:, :, :x.size(1)]  # an even kernel gives one frame too many
         return F.gelu(y).transpose(1, 2)
