@@ -459,3 +459,20 @@ def test_readme_bin_to_safetensors_recipe(tmp_path):
         want = ref.bert(input_ids=ids, attention_mask=mask).last_hidden_state
         valid = mask.bool()
         assert max_diff(ours(ids, mask)[valid], want[valid]) <= TOL
+
+
+def test_unsupported_config_setting_is_named(bert_pair, tmp_path):
+    _, _, folder = bert_pair
+    (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"hidden_act": "relu"}))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}: hidden_act='relu' is not supported")):
+        Bert.from_pretrained(tmp_path)
+
+
+def test_empty_sequence_is_refused(bert_pair):
+    _, ours, _ = bert_pair
+    ids, mask = padded_ids([4, 3], vocab=120)
+    mask[1] = 0
+    with pytest.raises(ValueError, match="sequence 1 of the batch has no real token"):
+        ours(ids, mask)

@@ -8,7 +8,7 @@ The TCMP model, in the order the data flows (see TCMP.md):
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -104,6 +104,9 @@ class Bert(nn.Module):
         # input_ids: (B, T) long, attention_mask: (B, T) 1/True at real tokens -> (B, T, D)
         B, T = input_ids.shape
         check_ids(input_ids, self.config.vocab_size)
+        empty = (attention_mask.sum(-1) == 0).nonzero()
+        if len(empty):  # would attend over nothing: NaN
+            raise ValueError(f"sequence {empty[0].item()} of the batch has no real token (attention_mask all 0)")
         if T > self.config.max_positions:
             raise ValueError(f"sequence of {T} tokens is longer than the model's "
                              f"{self.config.max_positions} positions")
@@ -327,18 +330,18 @@ def read_checkpoint(path, prefix):
     return tensors, hf
 
 
-def pick(config_cls, hf, keys, inferred, path):
+def pick(config_cls, hf, keys, inferred, fixed, path):
     """Build a config from Hugging Face config.json keys (hf name -> our field), falling back to
-    sizes inferred from tensor shapes, then to the dataclass defaults."""
+    sizes inferred from tensor shapes, then to the dataclass defaults. `fixed`: settings the code
+    supports only one value of."""
+    for key, want in fixed.items():
+        if hf.get(key, want) != want:
+            raise ValueError(f"{path}: {key}={hf[key]!r} is not supported (only {want!r})")
     values = dict(inferred)
     for hf_key, ours in keys.items():
         if hf_key in hf:
             values[ours] = tuple(hf[hf_key]) if isinstance(hf[hf_key], list) else hf[hf_key]
-    for act in ("hidden_act", "feat_extract_activation"):
-        if hf.get(act, "gelu") != "gelu":
-            raise ValueError(f"{path}: {act}={hf[act]!r} is not supported (only 'gelu')")
-    known = {f.name for f in fields(config_cls)}
-    return config_cls(**{k: v for k, v in values.items() if k in known})
+    return config_cls(**values)
 
 
 def bert_config(hf, tensors, path):
@@ -356,7 +359,8 @@ def bert_config(hf, tensors, path):
                 num_attention_heads="n_head", intermediate_size="ffn_dim",
                 max_position_embeddings="max_positions", type_vocab_size="type_vocab_size",
                 layer_norm_eps="eps", hidden_dropout_prob="dropout")
-    return pick(BertConfig, hf, keys, inferred, path)
+    fixed = dict(hidden_act="gelu", position_embedding_type="absolute")
+    return pick(BertConfig, hf, keys, inferred, fixed, path)
 
 
 def hubert_config(hf, tensors, path):
@@ -378,15 +382,14 @@ def hubert_config(hf, tensors, path):
             inferred.update(pos_kernel=v.shape[2], pos_groups=v.shape[0] // v.shape[1])
         if "encoder.layers.0.feed_forward.intermediate_dense.weight" in tensors:
             inferred["ffn_dim"] = tensors["encoder.layers.0.feed_forward.intermediate_dense.weight"].shape[0]
-    if hf.get("conv_pos_batch_norm"):
-        raise ValueError(f"{path}: conv_pos_batch_norm=true is not supported")
     keys = dict(hidden_size="dim", num_hidden_layers="n_layer", num_attention_heads="n_head",
                 intermediate_size="ffn_dim", conv_dim="conv_dim", conv_kernel="conv_kernel",
                 conv_stride="conv_stride", conv_bias="conv_bias", feat_extract_norm="feat_norm",
                 do_stable_layer_norm="pre_ln", feat_proj_layer_norm="feat_proj_ln",
                 num_conv_pos_embeddings="pos_kernel", num_conv_pos_embedding_groups="pos_groups",
                 layer_norm_eps="eps", hidden_dropout="dropout", do_normalize="normalize_wave")
-    return pick(HubertConfig, hf, keys, inferred, path)
+    fixed = dict(hidden_act="gelu", feat_extract_activation="gelu", conv_pos_batch_norm=False, sampling_rate=16000)
+    return pick(HubertConfig, hf, keys, inferred, fixed, path)
 
 
 # known checkpoint extras that the encoders do not use (heads, buffers)
