@@ -6,21 +6,29 @@ Run: python -m pytest -q
 """
 import csv
 import functools
+import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import wave
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the references are built locally, never downloaded
 
+import numpy as np
 import pytest
 import torch
+import torchaudio.functional as AF
 import transformers
 from safetensors.torch import load_file, save_file
 
 import nanotcmp.model as M
+import prepare
+from nanotcmp.audio import SAMPLE_RATE, AudioError, load_audio, save_wav, synthesize
+from nanotcmp.data import Split, load_meta
 from nanotcmp.model import Bert, Hubert
 from nanotcmp.tokenizer import WordPiece
 
@@ -476,3 +484,514 @@ def test_empty_sequence_is_refused(bert_pair):
     mask[1] = 0
     with pytest.raises(ValueError, match="sequence 1 of the batch has no real token"):
         ours(ids, mask)
+
+# -----------------------------------------------------------------------------
+# audio: reading any media as 16 kHz mono, the demo synthesiser
+
+def write_wav(path, raw, channels, width, rate):
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(width)
+        w.setframerate(rate)
+        w.writeframes(raw)
+
+
+def ffmpeg(*args):
+    # the project's CI installs ffmpeg, so a missing one fails these tests instead of skipping them
+    assert shutil.which("ffmpeg"), "these tests need ffmpeg on PATH (apt-get install ffmpeg)"
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", *map(str, args)], check=True)
+
+
+def test_wav_round_trip(tmp_path):
+    x = np.random.default_rng(0).integers(-2**15, 2**15, 12345).astype(np.int16)
+    x[:2] = -2**15, 2**15 - 1
+    save_wav(tmp_path / "a.wav", x)
+    y, was_cut = load_audio(tmp_path / "a.wav")
+    assert y.dtype == np.int16 and not was_cut
+    np.testing.assert_array_equal(y, x)
+    assert not (tmp_path / "a.wav.tmp").exists()
+
+
+def test_stereo_44k_is_mixed_and_resampled(tmp_path):
+    n = 44100 + 37
+    left = np.round(0.5 * 32767 * np.sin(2 * np.pi * 440 * np.arange(n) / 44100)).astype(np.int16)
+    frames = np.stack([left, np.zeros_like(left)], axis=1)  # (n, 2): the sine on the left only
+    write_wav(tmp_path / "s.wav", frames.astype("<i2").tobytes(), 2, 2, 44100)
+    y, _ = load_audio(tmp_path / "s.wav")
+    assert abs(len(y) - round(n * 16000 / 44100)) <= 1
+    ref = AF.resample(torch.from_numpy(frames.mean(axis=1)), 44100, 16000).numpy()
+    m = min(len(y), len(ref))
+    assert np.abs(y[:m] - ref[:m]).max() <= 1
+    assert 0.2 * 32767 < np.abs(y).max() < 0.3 * 32767  # mixed by averaging: half the amplitude
+
+
+@pytest.mark.parametrize("width, raw, expected", [
+    (1, bytes([128, 0, 255, 192, 64]), [0, -32768, 32512, 16384, -16384]),  # unsigned, centred on 128
+    (3, np.array([0, 256, -256, 2**23 - 1, -2**23, 1000 * 256 + 3], "<i4").view(np.uint8)
+        .reshape(-1, 4)[:, :3].tobytes(), [0, 1, -1, 32767, -32768, 1000]),
+    (4, np.array([0, 2**16, -2**16, 2**31 - 1, -2**31], "<i4").tobytes(), [0, 1, -1, 32767, -32768]),
+])
+def test_8_24_32_bit_wav(tmp_path, width, raw, expected):
+    write_wav(tmp_path / "w.wav", raw, 1, width, SAMPLE_RATE)
+    y, _ = load_audio(tmp_path / "w.wav")
+    np.testing.assert_array_equal(y, expected)
+
+
+def test_max_seconds(tmp_path):
+    x = np.arange(2 * SAMPLE_RATE).astype(np.int16)
+    save_wav(tmp_path / "a.wav", x)
+    y, was_cut = load_audio(tmp_path / "a.wav", max_seconds=1.5)
+    assert was_cut and len(y) == 24000
+    np.testing.assert_array_equal(y, x[:24000])
+    y, was_cut = load_audio(tmp_path / "a.wav", max_seconds=3)
+    assert not was_cut and len(y) == 2 * SAMPLE_RATE
+
+
+def peak_hz(y):
+    spectrum = np.abs(np.fft.rfft(y.astype(np.float64)))
+    return np.fft.rfftfreq(len(y), 1 / SAMPLE_RATE)[spectrum.argmax()]
+
+
+@pytest.mark.parametrize("name", ["x.mp4", "x.m4a"])
+def test_ffmpeg_container(tmp_path, name):
+    ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-ac", "2", "-ar", "44100",
+           "-c:a", "aac", tmp_path / name)
+    y, _ = load_audio(tmp_path / name)
+    assert abs(len(y) - SAMPLE_RATE) < 800  # AAC may add a few ms of encoder padding
+    assert abs(peak_hz(y) - 440) < 3
+
+
+def test_wavs_that_wave_cannot_read(tmp_path):
+    # IEEE float is left to ffmpeg; 6 channels at 96 kHz is WAVE_FORMAT_EXTENSIBLE
+    sine = ["-f", "lavfi", "-i", "sine=frequency=440:duration=1"]
+    ffmpeg(*sine, "-c:a", "pcm_f32le", tmp_path / "f.wav")
+    ffmpeg(*sine, "-ac", "6", "-ar", "96000", tmp_path / "6.wav")
+    for name in ["f.wav", "6.wav"]:
+        y, _ = load_audio(tmp_path / name)
+        assert abs(len(y) - SAMPLE_RATE) <= 1 and abs(peak_hz(y) - 440) < 3
+
+
+def test_missing_ffmpeg(tmp_path, monkeypatch):
+    (tmp_path / "x.mp4").write_bytes(b"\0" * 100)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(RuntimeError, match="apt-get install ffmpeg"):
+        load_audio(tmp_path / "x.mp4")
+
+
+def make_bad(tmp_path, kind):
+    path = tmp_path / {"missing": "nope.wav", "corrupt_mp4": "bad.mp4"}.get(kind, f"{kind}.wav")
+    good = tmp_path / "good.wav"
+    save_wav(good, np.arange(1000).astype(np.int16))
+    data = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    if kind == "random_bytes" or kind == "corrupt_mp4":
+        path.write_bytes(data)
+    elif kind == "header_cut_short":
+        path.write_bytes(good.read_bytes()[:20])
+    elif kind == "empty":
+        write_wav(path, b"", 1, 2, SAMPLE_RATE)
+    elif kind == "truncated":
+        path.write_bytes(good.read_bytes()[:-100])
+    return path
+
+
+@pytest.mark.parametrize("kind, says", [
+    ("missing", "no such file"), ("random_bytes", "corrupt"), ("header_cut_short", "corrupt"),
+    ("empty", "empty"), ("truncated", "truncated"), ("corrupt_mp4", "ffmpeg cannot decode"),
+])
+def test_bad_files(tmp_path, kind, says):
+    path = make_bad(tmp_path, kind)
+    if kind == "corrupt_mp4":
+        assert shutil.which("ffmpeg"), "this test needs ffmpeg on PATH"
+    with pytest.raises(AudioError, match=says) as e:
+        load_audio(path)
+    assert str(path) in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# synthesize
+
+def synth(seed=0, n=8, pitch=140.0, energy=0.6, tempo=1.0, timbre=(1.0, 1.0, 1.0)):
+    return synthesize(n, pitch, energy, tempo, timbre, np.random.default_rng(seed)).astype(np.float64)
+
+
+def f0_autocorrelation(x):
+    r = np.fft.irfft(np.abs(np.fft.rfft(x, 2 * len(x)))**2)[:len(x)]
+    lo, hi = SAMPLE_RATE // 400, SAMPLE_RATE // 60  # lags of 400 Hz .. 60 Hz
+    return SAMPLE_RATE / (lo + r[lo:hi].argmax())
+
+
+def test_synthesize_is_deterministic():
+    a = synthesize(6, 150.0, 0.5, 1.0, (1.0, 1.1), np.random.default_rng(7))
+    assert a.dtype == np.int16
+    np.testing.assert_array_equal(a, synthesize(6, 150.0, 0.5, 1.0, (1.0, 1.1), np.random.default_rng(7)))
+    assert not np.array_equal(a, synthesize(6, 150.0, 0.5, 1.0, (1.0, 1.1), np.random.default_rng(8)))
+
+
+def test_synthesize_timbre_moves_the_spectrum():
+    freqs = np.fft.rfftfreq(len(synth()), 1 / SAMPLE_RATE)
+    centroids = []
+    for timbre in [(0.8, 0.8, 0.8), (1.0, 1.0, 1.0), (1.25, 1.2, 1.15)]:
+        power = np.abs(np.fft.rfft(synth(timbre=timbre)))**2
+        centroids.append((freqs * power).sum() / power.sum())
+    assert centroids[1] / centroids[0] > 1.1 and centroids[2] / centroids[1] > 1.1  # formants scale up
+
+
+def test_synthesize_pitch_energy_tempo():
+    for pitch in [100.0, 150.0, 240.0]:
+        assert abs(f0_autocorrelation(synth(pitch=pitch)) / pitch - 1) < 0.15
+    rms = [np.sqrt(np.mean(synth(energy=e)**2)) for e in [0.2, 0.5, 1.0]]
+    assert rms[0] < rms[1] < rms[2] and rms[2] / rms[0] > 4
+    lengths = [len(synth(n=12, tempo=t)) for t in [0.7, 1.0, 1.5]]
+    assert lengths[0] > lengths[1] > lengths[2]
+    assert 1.5 * SAMPLE_RATE < lengths[1] < 4.5 * SAMPLE_RATE  # 12 syllables at tempo 1: 2-4 s
+
+
+# -----------------------------------------------------------------------------
+# prepare.py: packed datasets
+
+
+def run_prepare(*argv):
+    prepare.main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def p_meld(tmp_path_factory):
+    out = tmp_path_factory.mktemp("p-meld") / "p-meld"
+    run_prepare("meld", "--csv-dir", MELD, "--vocab", minilm_dir() / "vocab.txt", "--out", out)
+    return out
+
+
+def meld_rows(split):
+    with open(MELD / f"{split}_sent_emo.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_p_meld_hand_checked_dialogues(p_meld):
+    train = Split(p_meld / "train.safetensors")
+    labels = load_meta(p_meld)["labels"]
+    by_dialogue = {}
+    for first, target, label in train.samples:
+        by_dialogue.setdefault(train.dialogue_of(target), []).append((first, target, labels[label]))
+    # dia0: Chandler and the interviewer alternate for 14 utterances: every t >= 2 is a sample,
+    # and from t = 11 on the context is capped at 11 utterances
+    d0 = by_dialogue["dia0"]
+    start = d0[0][1] - 2
+    assert [t - start for _, t, _ in d0] == list(range(2, 14))
+    assert [t - f for f, t, _ in d0] == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 11, 11]
+    assert [y for _, _, y in d0][:3] == ["neutral", "neutral", "positive"]  # utterances 2, 3, 4
+    assert d0[2][2] == "positive" and train.text_of(d0[2][1]) == "My duties?  All right."
+    assert d0[10][2] == "positive" and train.text_of(d0[10][1]) == "Really?!"
+    # dia1: Joey Rachel Joey Rachel Joey Joey Rachel (utterance ids 0-5, 8): t = 2, 3, 4 only
+    d1 = by_dialogue["dia1"]
+    s1 = d1[0][1] - 2
+    assert [(f - s1, t - s1, y) for f, t, y in d1] == [(0, 2, "negative"), (0, 3, "negative"), (0, 4, "neutral")]
+    assert train.speaker_of(s1 + 5) == "Joey" and train.text_of(s1 + 6) == "Yeah, sure!"
+    # the target is never in its own context, and every context lies in the target's dialogue
+    for first, target, _ in train.samples[:500]:
+        assert first < target and train.utt_dialogue[first] == train.utt_dialogue[target]
+
+
+def independent_meld_counts(split):
+    """TCMP.md §8 written out again, directly on the CSV rows."""
+    dialogues = {}
+    for r in meld_rows(split):
+        dialogues.setdefault(int(r["Dialogue_ID"]), []).append((int(r["Utterance_ID"]), r["Speaker"], r["Sentiment"]))
+    counts = {"negative": 0, "neutral": 0, "positive": 0}
+    for rows in dialogues.values():
+        rows.sort()
+        for t in range(2, len(rows)):
+            if rows[t][1] == rows[t - 2][1]:
+                counts[rows[t][2]] += 1
+    return len(dialogues), counts
+
+
+@pytest.mark.parametrize("split", ["train", "dev", "test"])
+def test_p_meld_counts_match_an_independent_count(p_meld, split):
+    meta = load_meta(p_meld)
+    n_dialogues, counts = independent_meld_counts(split)
+    s = meta["splits"][split]
+    assert s["dialogues"] == n_dialogues and s["class_counts"] == counts
+    assert s["samples"] == sum(counts.values()) and s["utterances"] == len(meld_rows(split))
+    assert meta["modalities"] == ["text"] and meta["labels"] == ["negative", "neutral", "positive"]
+    packed = Split(p_meld / f"{split}.safetensors")
+    assert len(packed.audio) == 0 and (packed.utt_audio[:, 1] == 0).all()
+    assert (packed.samples[:, 1] - packed.samples[:, 0]).max() == 11  # contexts capped at --max-context
+
+
+def test_p_meld_tokens_and_text_round_trip(p_meld):
+    tok = WordPiece.from_file(minilm_dir() / "vocab.txt")
+    dev = Split(p_meld / "dev.safetensors")
+    rows = meld_rows("dev")
+    texts = {(int(r["Dialogue_ID"]), int(r["Utterance_ID"])): r["Utterance"] for r in rows}
+    ordered = [texts[k] for k in sorted(texts)]
+    assert [dev.text_of(i) for i in range(len(dev))] == ordered
+    for i in range(0, len(dev), 37):
+        assert dev.tokens_of(i).tolist() == tok.encode(ordered[i], max_len=60)
+    meta = load_meta(p_meld)
+    assert meta["vocab"]["sha256"] == hashlib.sha256((minilm_dir() / "vocab.txt").read_bytes()).hexdigest()
+    assert meta["settings"] == {"max_tokens": 60, "max_context": 11, "max_seconds": 15.0}
+
+
+def write_sine_wav(path, seconds=0.5, freq=220.0, rate=16000):
+    t = np.arange(int(seconds * rate)) / rate
+    samples = (np.sin(2 * np.pi * freq * t) * 8000).astype("<i2")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
+        w.writeframes(samples.tobytes())
+    return samples
+
+
+def write_iemocap(root, sessions=(1, 2, 3, 4, 5)):
+    """A miniature IEMOCAP_full_release: transcripts out of time order, a speaker-note line, xxx,
+    labels merged into oth, overlapping turns, a dialogue name with underscores."""
+    dialogues = {
+        1: ("Ses01F_impro01", [  # (utterance, start, end, text, label), written out of order
+            ("F000", 6.2901, 8.2357, "Excuse me.", "neu"), ("M000", 7.5712, 10.4750, "Do you have your forms?", "xxx"),
+            ("M002", 16.16, 17.65, "Who told you to get in this line?", "xxx"),
+            ("F002", 14.8872, 18.0175, "Is there a problem?", "ang"), ("F001", 10.01, 11.3925, "Yeah.", "fru"),
+            ("M001", 10.96, 12.6, "Let me see them.", "sur"), ("F003", 19.2, 20.0, "You did.", "fea")]),
+        2: ("Ses02M_script01_1", [("M000", 1.0, 2.0, "Hello there.", "hap"), ("F000", 2.5, 3.5, "Hi!", "exc"),
+                                  ("M001", 4.0, 5.0, "Nice day.", "exc"), ("F001", 5.5, 6.5, "It is.", "dis")]),
+    }
+    for s in sessions:
+        name, utts = dialogues.get(s, (f"Ses0{s}F_impro02", [
+            ("F000", 1.0, 2.0, "One.", "neu"), ("M000", 2.0, 3.0, "Two.", "sad"), ("F001", 3.0, 4.0, "Three.", "neu")]))
+        session = root / f"Session{s}"
+        (session / "dialog" / "transcriptions").mkdir(parents=True)
+        (session / "dialog" / "EmoEvaluation").mkdir(parents=True)
+        lines = [f"{name}_{u} [{a:08.4f}-{b:08.4f}]: {text}" for u, a, b, text, _ in utts]
+        lines.insert(2, "M: [BREATHING]")
+        (session / "dialog" / "transcriptions" / f"{name}.txt").write_text("\n".join(lines) + "\n")
+        evals = ["% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]", ""]
+        for u, a, b, _, label in utts:
+            evals += [f"[{a:.4f} - {b:.4f}]\t{name}_{u}\t{label}\t[2.5000, 2.5000, 2.5000]", f"C-E1:\tNeutral;\t()", ""]
+        (session / "dialog" / "EmoEvaluation" / f"{name}.txt").write_text("\n".join(evals))
+        for i, (u, *_rest) in enumerate(utts):
+            write_sine_wav(session / "sentences" / "wav" / name / f"{name}_{u}.wav", seconds=0.1 + 0.05 * i)
+    return root / "IEMOCAP_full_release"
+
+
+def test_p_iem_from_a_miniature_tree(tmp_path):
+    root = tmp_path / "IEMOCAP_full_release"
+    write_iemocap(root)
+    out = tmp_path / "p-iem"
+    run_prepare("iemocap", "--root", root, "--vocab", minilm_dir() / "vocab.txt", "--out", out)
+    meta = load_meta(out)
+    assert meta["labels"] == ["fru", "exc", "neu", "ang", "sad", "hap", "oth"]
+    assert meta["modalities"] == ["text", "audio"]
+    train = Split(out / "train.safetensors")
+    # session 1 in start-time order: F000 M000 F001 M001 F002 M002 F003; M002 is xxx: context only
+    texts = [train.text_of(i) for i in range(7)]
+    assert texts == ["Excuse me.", "Do you have your forms?", "Yeah.", "Let me see them.", "Is there a problem?",
+                     "Who told you to get in this line?", "You did."]
+    assert [train.speaker_of(i) for i in range(7)] == list("FMFMFMF")
+    labels = meta["labels"]
+    assert [(f, t, labels[y]) for f, t, y in train.samples[:4].tolist()] == [
+        (0, 2, "fru"), (0, 3, "oth"), (0, 4, "ang"), (0, 6, "oth")]
+    assert train.utt_label[1] == -1 and train.utt_label[5] == -1  # xxx
+    # session 2 (a name with underscores): F000 at t=1, M001 exc at t=2, F001 dis -> oth at t=3
+    assert train.dialogues[:2] == ["Ses01F_impro01", "Ses02M_script01_1"]
+    assert [(labels[y]) for _, _, y in train.samples[4:6].tolist()] == ["exc", "oth"]
+    assert meta["splits"]["train"]["class_counts"] == {"fru": 1, "exc": 1, "neu": 1, "ang": 1, "sad": 0, "hap": 0,
+                                                      "oth": 3}
+    assert meta["splits"]["dev"]["samples"] == meta["splits"]["test"]["samples"] == 1
+    # audio: each clip as written, 0.1 s + 0.05 s per position
+    assert train.utt_audio[0, 1] == 1600 and train.utt_audio[2, 1] == int((0.1 + 0.05 * 4) * 16000)
+
+
+def test_p_iem_missing_session_is_named(tmp_path):
+    root = tmp_path / "IEMOCAP_full_release"
+    write_iemocap(root, sessions=(1, 2, 4, 5))
+    with pytest.raises(SystemExit, match=re.escape(str(root / "Session3"))):
+        run_prepare("iemocap", "--root", root, "--vocab", minilm_dir() / "vocab.txt", "--out", tmp_path / "x")
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob("x.tmp-*"))
+
+
+def write_jsonl(path, lines):
+    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines), encoding="utf-8")
+    return path
+
+
+def generic_dialogues(folder, audio=True, labels=True, mp4=False):
+    """Two dialogues in the generic format, with clips written beside the file."""
+    lines = []
+    for d, speakers in (("d1", "ABABA"), ("d2", "ABBA")):
+        for i, spk in enumerate(speakers):
+            line = {"dialogue": d, "speaker": spk, "text": f"Utterance {i} of {d}, by {spk}!"}
+            if audio:
+                clip = f"clips/{d}_{i}.wav"
+                write_sine_wav(folder / clip, seconds=0.2 + 0.1 * i, freq=200 + 50 * i)
+                line["audio"] = clip
+            if labels:
+                line["label"] = ["happy", "sad"][i % 2]
+            lines.append(line)
+    if mp4:
+        lines[0]["audio"] = "clips/d1_0.mp4"
+        ffmpeg("-i", folder / "clips/d1_0.wav", "-c:a", "aac", folder / "clips/d1_0.mp4")
+    return write_jsonl(folder / "train.jsonl", lines)
+
+
+@pytest.mark.parametrize("audio, labels", [(True, True), (False, True), (True, False), (False, False)])
+def test_generic_jsonl(tmp_path, audio, labels):
+    src = generic_dialogues(tmp_path, audio, labels)
+    out = tmp_path / "out"
+    run_prepare("dialogues", "--from", src, "--vocab", minilm_dir() / "vocab.txt", "--out", out)
+    meta = load_meta(out)
+    split = Split(out / "train.safetensors")
+    assert meta["modalities"] == (["text", "audio"] if audio else ["text"])
+    assert split.dialogues == ["d1", "d2"] and len(split) == 9
+    assert split.text_of(6) == "Utterance 1 of d2, by B!" and split.speaker_of(6) == "B"
+    if labels:
+        assert meta["labels"] == ["happy", "sad"]
+        # d1 ABABA: t = 2, 3, 4; d2 ABBA: t = 2 (B vs A) no, t = 3 (A vs B) no
+        assert split.samples.tolist() == [[0, 2, 0], [0, 3, 1], [0, 4, 0]]
+    else:
+        assert meta["labels"] == [] and len(split.samples) == 0 and not meta["splits"]["train"]["labelled"]
+    if audio:
+        assert split.utt_audio[:, 1].tolist() == [int((0.2 + 0.1 * i) * 16000) for i in range(5)] + \
+            [int((0.2 + 0.1 * i) * 16000) for i in range(4)]
+        np.testing.assert_array_equal(split.audio_of(3), write_sine_wav(tmp_path / "x.wav", 0.5, 350)[:8000])
+
+
+def test_generic_jsonl_mp4_through_ffmpeg(tmp_path):
+    src = generic_dialogues(tmp_path, mp4=True)
+    out = tmp_path / "out"
+    run_prepare("dialogues", "--from", src, "--vocab", minilm_dir() / "vocab.txt", "--out", out)
+    split = Split(out / "train.safetensors")
+    assert abs(int(split.utt_audio[0, 1]) - 3200) < 1200  # 0.2 s, give or take the codec's priming
+    assert split.utt_audio[1, 1] == 4800
+
+
+def test_bad_media_named_and_skip_bad_drops(tmp_path):
+    src = generic_dialogues(tmp_path)
+    (tmp_path / "clips/d1_1.wav").write_bytes(b"RIFF\x00\x00garbage")  # corrupt
+    (tmp_path / "clips/d2_0.wav").unlink()  # missing
+    vocab = minilm_dir() / "vocab.txt"
+    with pytest.raises(SystemExit, match=re.escape(f"{src}:2: {tmp_path / 'clips/d1_1.wav'}: corrupt WAV")):
+        run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", tmp_path / "out", "--skip-bad")
+    meta = load_meta(tmp_path / "out")
+    split = Split(tmp_path / "out/train.safetensors")
+    assert meta["splits"]["train"]["dropped"] == 2 and len(split) == 7
+    # d1 is now A A B A (the corrupt B turn gone): t = 3 only (A vs A); its context skips the dropped turn
+    assert [split.text_of(i) for i in range(4)] == [f"Utterance {i} of d1, by {s}!" for i, s in
+                                                    ((0, "A"), (2, "A"), (3, "B"), (4, "A"))]
+    assert split.samples.tolist() == [[0, 3, 0]]
+
+
+@pytest.mark.parametrize("line, says", [
+    ('{"dialogue": "d", "speaker": "A", "text": "hi"', ":3: not valid JSON"),
+    ('{"dialogue": "d", "text": "hi"}', ":3: missing field speaker"),
+    ('{"dialogue": "d", "speaker": "A", "text": "hi", "label": "angry"}', ":3: unknown label 'angry'"),
+])
+def test_bad_jsonl_lines_are_named(tmp_path, line, says):
+    good = {"dialogue": "d", "speaker": "A", "text": "hi", "label": "sad"}
+    src = write_jsonl(tmp_path / "x.jsonl", [good, good | {"label": "happy"}, line])
+    with pytest.raises(SystemExit, match=re.escape(f"{src}{says}")):
+        run_prepare("dialogues", "--from", src, "--vocab", minilm_dir() / "vocab.txt", "--out", tmp_path / "o",
+                    "--labels", "happy,sad")
+
+
+def test_bad_meld_csv(tmp_path):
+    rows = (MELD / "dev_sent_emo.csv").read_bytes().split(b"\n")
+    for name in ("train", "test"):
+        shutil.copy(MELD / f"{name}_sent_emo.csv", tmp_path)
+    vocab = minilm_dir() / "vocab.txt"
+    dev = tmp_path / "dev_sent_emo.csv"
+    dev.write_bytes(b"\n".join(rows[:5] + [rows[5].replace(b"Joey", b"Jo\xe9y")] + rows[6:]))
+    with pytest.raises(SystemExit, match=re.escape(f"{dev}:6: text is not UTF-8")):
+        run_prepare("meld", "--csv-dir", tmp_path, "--vocab", vocab, "--out", tmp_path / "o")
+    dev.write_bytes(b"\n".join([rows[0].replace(b"Sentiment", b"Feeling")] + rows[1:]))
+    with pytest.raises(SystemExit, match=re.escape(f"{dev}: no column Sentiment")):
+        run_prepare("meld", "--csv-dir", tmp_path, "--vocab", vocab, "--out", tmp_path / "o")
+    dev.write_bytes(b"\n".join(rows[:3] + [rows[3].replace(b",neutral,neutral,", b",neutral,meh,")] + rows[4:]))
+    with pytest.raises(SystemExit, match=re.escape(f"{dev}:4: unknown label 'meh'")):
+        run_prepare("meld", "--csv-dir", tmp_path, "--vocab", vocab, "--out", tmp_path / "o")
+    run_prepare("meld", "--csv-dir", tmp_path, "--vocab", vocab, "--out", tmp_path / "o", "--skip-bad")
+    assert load_meta(tmp_path / "o")["splits"]["dev"]["dropped"] == 1
+
+
+def test_failed_rerun_keeps_the_old_dataset_and_rerun_is_idempotent(tmp_path):
+    src = generic_dialogues(tmp_path)
+    vocab, out = minilm_dir() / "vocab.txt", tmp_path / "out"
+    run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (tmp_path / "clips/d2_3.wav").write_bytes(b"")
+    with pytest.raises(SystemExit, match="d2_3.wav"):
+        run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clips", "out", "train.jsonl"]
+
+
+SMALL_DEMO = {"pretrain": 3, "train": 4, "dev": 2, "test": 2}
+
+
+def test_demo_is_deterministic_and_complete(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "DEMO_DIALOGUES", SMALL_DEMO)
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        run_prepare("demo", "--out", tmp_path / name, "--seed", seed, "--workers", 1 if name == "a" else 2)
+    files = lambda d: {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    a = files(tmp_path / "a")
+    assert a == files(tmp_path / "b")  # byte-identical, whatever the number of workers
+    assert a["train.safetensors"] != files(tmp_path / "c")["train.safetensors"]
+    meta = load_meta(tmp_path / "a")
+    assert meta["labels"] == ["negative", "neutral", "positive"] and meta["modalities"] == ["text", "audio"]
+    assert not meta["splits"]["pretrain"]["labelled"] and meta["splits"]["pretrain"]["samples"] == 0
+    assert all(meta["splits"][s]["labelled"] and meta["splits"][s]["samples"] > 0 for s in ("train", "dev", "test"))
+    assert meta["vocab"]["path"] == "vocab.txt"
+    tok = WordPiece.from_file(tmp_path / "a/vocab.txt")
+    for split in SMALL_DEMO:
+        packed = Split(tmp_path / f"a/{split}.safetensors")
+        assert tok.unk_id not in packed.tokens and (packed.utt_audio[:, 1] >= 400).all()
+    # the example dialogue is the first test dialogue, in the generic format, clips beside it
+    test = Split(tmp_path / "a/test.safetensors")
+    lines = [json.loads(l) for l in (tmp_path / "a/example_dialogue.jsonl").read_text().splitlines()]
+    assert {l["dialogue"] for l in lines} == {test.dialogues[0]}
+    for i, line in enumerate(lines):
+        assert line["text"] == test.text_of(i) and line["speaker"] == test.speaker_of(i)
+        np.testing.assert_array_equal(load_audio(tmp_path / "a" / line["audio"])[0], test.audio_of(i))
+
+
+def test_demo_voices_carry_emotion_and_speaker():
+    rng = np.random.default_rng(0)
+    utts = [u for d in prepare.generate_dialogues(40, rng) for u in d]
+    rms = {label: [] for label in prepare.DEMO_LABELS}
+    for u in utts[:300]:
+        wave = synthesize(**u["prosody"], timbre=u["timbre"], rng=np.random.default_rng(1)).astype(np.float64)
+        rms[u["label"]].append(np.sqrt(np.mean(wave ** 2)))
+    louder = 1.15 * np.mean(rms["neutral"])
+    assert np.mean(rms["negative"]) > louder and np.mean(rms["positive"]) > louder
+    pitch = {label: np.mean([np.log(u["prosody"]["pitch_hz"] / prepare.VOICES[u["speaker"]][1])
+                             for u in utts if u["label"] == label]) for label in prepare.DEMO_LABELS}
+    assert pitch["positive"] > pitch["neutral"] > pitch["negative"]
+    # a speaker has one voice in every dialogue
+    assert all(u["timbre"] == prepare.VOICES[u["speaker"]][0] for u in utts)
+
+
+def test_demo_next_emotion_is_predictable_and_distant_context_helps():
+    """Count-based predictors of the §8 targets, fit on even dialogues, scored on odd ones: the
+    history beats the majority class by far, and the distant context adds to the nearby one."""
+    from collections import Counter, defaultdict
+    dialogues = prepare.generate_dialogues(600, np.random.default_rng(0))
+    data = [(i, [u["label"] for u in d[max(0, t - 11):t]], d[t]["label"])
+            for i, d in enumerate(dialogues) for t in range(2, len(d)) if d[t]["speaker"] == d[t - 2]["speaker"]]
+
+    def mood(distant):  # the majority label of u_(t-11) .. u_(t-3)
+        top = Counter(distant).most_common(2)
+        return "none" if not top else "tie" if len(top) > 1 and top[0][1] == top[1][1] else top[0][0]
+
+    def accuracy(features):
+        counts, overall = defaultdict(Counter), Counter(y for i, _, y in data if i % 2 == 0)
+        for i, c, y in data:
+            if i % 2 == 0:
+                counts[features(c)][y] += 1
+        test = [(c, y) for i, c, y in data if i % 2 == 1]
+        return np.mean([(counts.get(features(c)) or overall).most_common(1)[0][0] == y for c, y in test])
+
+    majority, nearby = accuracy(lambda c: ()), accuracy(lambda c: tuple(c[-2:]))
+    distant = accuracy(lambda c: (*c[-2:], mood(c[:-2])))
+    assert nearby > majority + 0.15 and distant > nearby + 0.02 and distant < 0.9

@@ -1,0 +1,647 @@
+"""
+Turn raw corpora, once, into packed datasets that train.py and sample.py read directly
+(the format is described in nanotcmp/data.py).
+
+python prepare.py                 # = python prepare.py demo: the embedded demo, in data/demo
+python prepare.py meld --csv-dir DIR [--media-dir DIR] --vocab VOCAB [--out data/p-meld] [--unlabelled]
+python prepare.py iemocap --root IEMOCAP_full_release --vocab VOCAB [--out data/p-iem]
+python prepare.py dialogues --from FILE.jsonl|DIR --vocab VOCAB --out DIR [--labels a,b,c]
+"""
+import argparse
+import bisect
+import csv
+import hashlib
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from itertools import groupby
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from nanotcmp.audio import SAMPLE_RATE, AudioError, load_audio, save_wav, synthesize
+from nanotcmp.data import make_samples
+from nanotcmp.tokenizer import WordPiece
+
+MIN_SAMPLES = 400  # HuBERT's receptive field: shorter audio cannot be encoded
+
+
+class BadInput(ValueError):
+    pass
+
+
+@dataclass
+class Utt:
+    speaker: str
+    text: str
+    label: str | None          # None: unlabelled
+    media: object              # a media file's path, a function making int16 samples (the demo), or None
+    where: str                 # "file:line", for error messages
+
+
+class Problems:
+    """A bad utterance stops the run, or with --skip-bad is dropped (from contexts too) and counted."""
+
+    def __init__(self, skip):
+        self.skip, self.dropped = skip, []
+
+    def __call__(self, message):
+        if not self.skip:
+            raise BadInput(message)
+        self.dropped.append(message)
+
+# -----------------------------------------------------------------------------
+# readers: each returns {split: [(dialogue id, [Utt, ...]), ...]}, utterances in spoken order
+
+MELD_SPLITS = {"train": ("train_sent_emo.csv", "train_splits"),
+               "dev": ("dev_sent_emo.csv", "dev_splits_complete"),
+               "test": ("test_sent_emo.csv", "output_repeated_splits_test")}
+MELD_COLUMNS = ("Utterance", "Speaker", "Sentiment", "Dialogue_ID", "Utterance_ID")
+
+
+def read_lines(path, problems):
+    """The file's lines as text; a line that is not UTF-8 is a bad row (with --skip-bad: left
+    empty, so that later lines keep their numbers)."""
+    with open(path, "rb") as f:
+        raw = f.read().split(b"\n")
+    lines = []
+    for i, line in enumerate(raw, 1):
+        try:
+            lines.append(line.decode("utf-8-sig" if i == 1 else "utf-8"))
+        except UnicodeDecodeError as e:
+            problems(f"{path}:{i}: text is not UTF-8 ({e.reason} at byte {e.start})")
+            lines.append("")
+    return lines
+
+
+def read_meld(csv_dir, media_dir, labelled, problems):
+    corpus = {}
+    for split, (csv_name, media_folder) in MELD_SPLITS.items():
+        path = os.path.join(csv_dir, csv_name)
+        if not os.path.isfile(path):
+            raise BadInput(f"{path} not found (expected MELD's {', '.join(f for f, _ in MELD_SPLITS.values())})")
+        rows = csv.DictReader(read_lines(path, problems))
+        missing = [c for c in MELD_COLUMNS if c not in (rows.fieldnames or [])]
+        if missing:
+            raise BadInput(f"{path}: no column {', '.join(missing)} (columns: {rows.fieldnames})")
+        dialogues = {}
+        for row in rows:
+            where = f"{path}:{rows.line_num}"
+            try:
+                d, u = int(row["Dialogue_ID"]), int(row["Utterance_ID"])
+            except (TypeError, ValueError):
+                problems(f"{where}: Dialogue_ID/Utterance_ID {row['Dialogue_ID']!r}/{row['Utterance_ID']!r} "
+                         f"are not integers")
+                continue
+            media = os.path.join(media_dir, media_folder, f"dia{d}_utt{u}.mp4") if media_dir else None
+            label = row["Sentiment"] if labelled else None
+            dialogues.setdefault(d, []).append((u, Utt(row["Speaker"], row["Utterance"], label, media, where)))
+        corpus[split] = [(f"dia{d}", [utt for _, utt in sorted(utts, key=lambda x: x[0])])
+                         for d, utts in sorted(dialogues.items())]
+    return corpus
+
+
+IEMOCAP_SESSIONS = {"train": (1, 2, 3), "dev": (4,), "test": (5,)}
+IEMOCAP_LINE = re.compile(r"^(\S+_([FM])\d+)\s+\[(\d+\.?\d*)-(\d+\.?\d*)\]:\s?(.*)$")
+IEMOCAP_LABEL = re.compile(r"^\[[\d.]+ - [\d.]+\]\t(\S+)\t(\S+)\t")
+
+
+def read_iemocap(root, problems, audio):
+    corpus = {}
+    for split, sessions in IEMOCAP_SESSIONS.items():
+        corpus[split] = []
+        for s in sessions:
+            session = os.path.join(root, f"Session{s}")
+            transcripts = os.path.join(session, "dialog", "transcriptions")
+            if not os.path.isdir(transcripts):
+                raise BadInput(f"{transcripts} not found: is {root} the IEMOCAP_full_release folder, "
+                               f"with Session1 .. Session5?")
+            for name in sorted(f[:-4] for f in os.listdir(transcripts) if f.endswith(".txt")):
+                labels = {}
+                label_path = os.path.join(session, "dialog", "EmoEvaluation", name + ".txt")
+                if not os.path.isfile(label_path):
+                    raise BadInput(f"{label_path} not found (labels of {transcripts}/{name}.txt)")
+                for line in read_lines(label_path, problems):
+                    if m := IEMOCAP_LABEL.match(line):
+                        labels[m.group(1)] = m.group(2)
+                utts = []
+                path = os.path.join(transcripts, name + ".txt")
+                for i, line in enumerate(read_lines(path, problems), 1):
+                    m = IEMOCAP_LINE.match(line.strip())
+                    if not m:
+                        continue  # speaker notes and other non-utterance lines
+                    utt_id, speaker, start, _, text = m.groups()
+                    if utt_id not in labels:
+                        problems(f"{path}:{i}: utterance {utt_id} has no label in {label_path}")
+                        continue
+                    media = os.path.join(session, "sentences", "wav", name, utt_id + ".wav") if audio else None
+                    utts.append((float(start), Utt(speaker, text, labels[utt_id], media, f"{path}:{i}")))
+                utts.sort(key=lambda x: x[0])  # spoken order is start time, not file order
+                corpus[split].append((name, [u for _, u in utts]))
+    return corpus
+
+
+def read_jsonl(path, problems):
+    """nanotcmp's generic dialogue format: one utterance a line, in spoken order,
+    {"dialogue": "d1", "speaker": "Ross", "text": "Hi.", "audio": "clips/d1_0.wav", "label": "neutral"}
+    with audio (relative to the file) and label optional."""
+    dialogues = {}
+    for i, line in enumerate(read_lines(path, problems), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{i}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems(f"{where}: not valid JSON ({e.msg})")
+            continue
+        missing = [k for k in ("dialogue", "speaker", "text") if not isinstance(obj, dict) or k not in obj]
+        if missing:
+            problems(f"{where}: missing field {', '.join(missing)}")
+            continue
+        media = os.path.join(os.path.dirname(path), obj["audio"]) if obj.get("audio") else None
+        label = None if obj.get("label") is None else str(obj["label"])
+        dialogues.setdefault(str(obj["dialogue"]), []).append(
+            Utt(str(obj["speaker"]), str(obj["text"]), label, media, where))
+    return list(dialogues.items())
+
+# -----------------------------------------------------------------------------
+# packing
+
+
+@contextmanager
+def staging(out):
+    """Build the dataset in a temporary folder beside out, then swap it in: an interrupted run
+    never leaves a half dataset, and the old one stays until the new one is complete."""
+    tmp = f"{out}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = f"{out}.old-{os.getpid()}"
+    if os.path.exists(out):
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def decode(u, max_seconds):
+    """-> (int16 samples, cut to max_seconds?) of one utterance, or (an error message, False)"""
+    try:
+        if callable(u.media):  # the demo's synthesiser
+            wave = u.media()
+            n = int(max_seconds * SAMPLE_RATE) if max_seconds else len(wave)
+            wave, cut = wave[:n], len(wave) > n
+        else:
+            wave, cut = load_audio(u.media, max_seconds)
+    except AudioError as e:
+        return f"{u.where}: {e}", False
+    if len(wave) < MIN_SAMPLES:
+        return (f"{u.where}: audio has {len(wave)} samples, fewer than the {MIN_SAMPLES} (25 ms) "
+                f"an utterance needs"), False
+    return wave, cut
+
+
+class Serial:
+    """The pool's map, in this process (--workers 1)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, fn, *iterables, chunksize=1):
+        return map(fn, *iterables)
+
+
+def worker_pool(workers):
+    # spawned, not forked: torch (used by resampling) does not survive a fork
+    if workers <= 1:
+        return Serial()
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def spans(parts, dtype):
+    """Concatenate variable-length arrays -> (data, (start, length) per part)"""
+    lengths = np.array([len(p) for p in parts], np.int64)
+    data = np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+    return data, np.stack([np.cumsum(lengths) - lengths, lengths], axis=1).reshape(len(parts), 2)
+
+
+def pack_split(dialogues, label_index, tok, with_audio, args, problems, pool):
+    """-> (arrays, metadata, clips cut, dialogues, utterances dropped) of one split; bad utterances go
+    through problems; pool decodes the audio"""
+    flat = [(d, u) for d, (_, utts) in enumerate(dialogues) for u in utts]
+    no_audio = (np.zeros(0, np.int16), False)
+    waves = (list(pool.map(decode, [u for _, u in flat], [args.max_seconds] * len(flat), chunksize=16))
+             if with_audio else [no_audio] * len(flat))
+    kept, cut, dropped_before = [], 0, len(problems.dropped)
+    for (d, u), (wave, was_cut) in zip(flat, waves):
+        if isinstance(wave, str):
+            problems(wave)
+        elif u.label is not None and u.label not in label_index:
+            problems(f"{u.where}: unknown label {u.label!r} (known: {', '.join(label_index)})")
+        else:
+            kept.append((d, u, wave))
+            cut += was_cut
+    names = sorted({d for d, _, _ in kept})
+    d_index, speakers = {d: i for i, d in enumerate(names)}, {}
+    arrays = {
+        "utt_dialogue": np.array([d_index[d] for d, _, _ in kept], np.int32),
+        "utt_speaker": np.array([speakers.setdefault(u.speaker, len(speakers)) for _, u, _ in kept], np.int32),
+        "utt_label": np.array([-1 if u.label is None else label_index[u.label] for _, u, _ in kept], np.int32)}
+    for key, parts, dtype in (
+            ("tokens", [tok.encode(u.text, args.max_tokens) for _, u, _ in kept], np.int32),
+            ("audio", [w for _, _, w in kept], np.int16),
+            ("text", [np.frombuffer(u.text.encode("utf-8"), np.uint8) for _, u, _ in kept], np.uint8)):
+        arrays[key], arrays[f"utt_{key}"] = spans(parts, dtype)
+    samples = []  # dialogue by dialogue, after the bad utterances are gone
+    for _, group in groupby(range(len(kept)), key=lambda i: arrays["utt_dialogue"][i]):
+        ids = list(group)
+        samples += [(ids[a], ids[t], y) for a, t, y in make_samples(
+            arrays["utt_speaker"][ids].tolist(), arrays["utt_label"][ids].tolist(), args.max_context)]
+    arrays["samples"] = np.array(samples, np.int64).reshape(len(samples), 3)
+    # one metadata key: safetensors writes several in no fixed order, and reruns must give identical files
+    metadata = {"names": json.dumps({"dialogues": [dialogues[d][0] for d in names], "speakers": list(speakers)})}
+    return arrays, metadata, cut, len(names), len(problems.dropped) - dropped_before
+
+
+def pack(corpus, labels, label_index, vocab, folder, args, problems, text_only):
+    """Tokenise, decode and write every split of corpus into folder -> meta.json's content.
+    label_index: label name -> class index in labels, or -1 for a label that is never a target."""
+    tok = WordPiece.from_file(vocab)
+    splits = {}
+    with worker_pool(args.workers if not text_only else 1) as pool:
+        packed = {split: pack_split(dialogues, label_index, tok, not text_only, args, problems, pool)
+                  for split, dialogues in corpus.items()}
+    for split, (arrays, metadata, cut, names, dropped) in packed.items():
+        save_file(arrays, os.path.join(folder, f"{split}.safetensors"), metadata=metadata)
+        u, samples = len(arrays["utt_label"]), arrays["samples"]
+        words = sum(len(bytes(arrays["text"][a:a + n]).split()) for a, n in arrays["utt_text"])
+        splits[split] = {
+            "utterances": u, "dialogues": names, "samples": len(samples),
+            "labelled": bool((arrays["utt_label"] >= 0).any()),
+            "class_counts": {name: int((samples[:, 2] == i).sum()) for i, name in enumerate(labels)},
+            "avg_context": round(float((samples[:, 1] - samples[:, 0]).mean()), 3) if len(samples) else 0.0,
+            "avg_words": round(words / max(u, 1), 3),
+            "audio_seconds": round(len(arrays["audio"]) / SAMPLE_RATE, 1),
+            "audio_cut": cut, "dropped": dropped}
+    vocab_rel = os.path.relpath(vocab, folder)
+    with open(vocab, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    return {"labels": list(labels), "modalities": ["text"] if text_only else ["text", "audio"],
+            "sample_rate": SAMPLE_RATE,
+            # a vocabulary inside the dataset folder is stored relative to it, so the folder can move
+            "vocab": {"path": os.path.abspath(vocab) if vocab_rel.startswith("..") else vocab_rel, "sha256": sha},
+            "settings": {k: getattr(args, k) for k in ("max_tokens", "max_context", "max_seconds")},
+            "splits": splits}
+
+
+def print_stats(meta):
+    labels = meta["labels"]
+    print(f"{'split':<10}{'dialogues':>10}{'utts':>8}{'samples':>9}{'ctx len':>9}{'words/utt':>10}"
+          + "".join(f"{name[:9]:>10}" for name in labels) + f"{'cut':>6}{'dropped':>9}")
+    for name, s in meta["splits"].items():
+        print(f"{name:<10}{s['dialogues']:>10}{s['utterances']:>8}{s['samples']:>9}{s['avg_context']:>9.2f}"
+              f"{s['avg_words']:>10.2f}" + "".join(f"{s['class_counts'][c]:>10}" for c in labels)
+              + f"{s['audio_cut']:>6}{s['dropped']:>9}")
+
+
+def write_meta(folder, meta):
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+        f.write("\n")
+
+# -----------------------------------------------------------------------------
+# the embedded demo
+# The embedded demo corpus: synthetic dialogues with text, prosody and an emotion label per utterance.
+#
+# The generative story of a dialogue:
+# 1. Cast: two speakers (sometimes three) from NAMES. A name always has the same voice (three formant
+#    scalings, a base pitch) and temperament (how stubbornly it keeps a feeling): a random generator
+#    seeded with the name draws them.
+# 2. Mood: a slow, hidden mood (conflict, calm or friendly) says which emotion people drift to when
+#    their feeling changes; now and then (FLIP a turn) it is drawn afresh.
+# 3. Turns: speakers mostly alternate. At each turn the speaker's hidden emotion takes a Markov step:
+#    it stays (the speaker's persistence), or catches the emotion the partner last expressed
+#    (CONTAGION), or is drawn from the mood. The utterance's label is the new emotion.
+# 4. Words: a template of that emotion, slots filled, often with an interjection. One utterance in
+#    five (FILLER) is a neutral-worded filler whatever the emotion: the text is no perfect oracle.
+# 5. Voice: prosody follows the emotion, with noise, on top of the speaker's base pitch: positive is
+#    higher, more variable and faster; negative lower, louder and slower; neutral quiet and even.
+# So a speaker's next emotion depends on their last one, the partner's last one, and a mood that only
+# a longer history reveals: the distant context says what the last two utterances do not.
+
+DEMO_LABELS = ("negative", "neutral", "positive")
+FEMALE = ("Anna", "Beth", "Clara", "Dana", "Emma", "Fiona")
+MALE = ("Ben", "Carl", "David", "Eric", "Frank", "George")
+NAMES = FEMALE + MALE
+MOOD_ODDS = (0.28, 0.44, 0.28)  # how often each mood is drawn: conflict, calm, friendly
+EMOTION_ODDS = ((0.75, 0.175, 0.075), (0.125, 0.75, 0.125), (0.075, 0.175, 0.75))  # p(label | mood)
+FLIP = 0.02  # chance a turn that the mood is drawn afresh
+PERSISTENCE = (0.05, 0.3)  # range of the speakers' chance to keep their emotion at a turn
+CONTAGION = 0.2  # when an emotion changes: chance it becomes the partner's last one
+ALTERNATE = 0.85  # chance the next turn goes to someone else
+FILLER, TAG = 0.2, 0.5  # chance of a neutral-worded filler; of an interjection before or after
+# prosody per label (negative, neutral, positive): log-pitch shift and spread, energy, tempo
+PITCH_SHIFT, PITCH_SD = (-0.04, 0.0, 0.08), (0.06, 0.05, 0.09)
+ENERGY, TEMPO = (0.66, 0.5, 0.64), (0.92, 1.0, 1.09)
+
+# the words: slot fillers, templates of each emotion, neutral-worded fillers, interjections
+TOPICS = ("the wedding | the new job | the move | the exam | the party | the trip to Boston | the apartment | "
+          "the band | the audition | the holidays | the baby | the old car | the garden | the dinner").split(" | ")
+THINGS = ("laptop | camera | guitar | sweater | cake | phone | couch | ring | bike | lamp | painting | "
+          "umbrella | jacket | necklace | watch | mirror").split(" | ")
+PEOPLE = ("my mother | your brother | the landlord | my boss | Aunt Carol | our neighbour | your sister | "
+          "Grandpa | the new guy | my roommate | your father | Uncle Joe | my cousin").split(" | ")
+PLACES = ("the diner | the beach | the mall | Central Park | the museum | the gym | the coffee house | "
+          "the airport | the cinema | the office | the bakery | the station | the library").split(" | ")
+TIMES = ("tonight | tomorrow | on Friday | this weekend | next week | after work | on Sunday").split(" | ")
+NEGATIVE = (
+    "I can't believe you lost my {thing} again, {name}. | This whole thing with {topic} is a disaster. | "
+    "Don't you dare talk to me like that, {name}. | I'm so sick of hearing about {topic} from {person}. | "
+    "Ugh, {person} ruined {topic}, as usual. | Why do you always do this to me, {name}? | "
+    "I'm really worried that {topic} is falling apart. | Stop it, I don't want to go to {place} {time}. | "
+    "You never listen to a word I say, {name}. | This is awful, I feel terrible about the {thing}. | "
+    "I told you the {thing} was broken, didn't I? | Oh great, another problem with {topic}. | "
+    "I'm so angry at {person}, I can't think straight. | How could {person} be so cruel about {topic}? | "
+    "Nothing ever works out for us, does it, {name}? | I hate this, and I hate {place} too. | "
+    "You promised to fix the {thing}, and you didn't. | That's the worst idea I've ever heard, {name}. | "
+    "I'm tired, I'm upset, and I'm done with {topic}. | Who threw away my {thing}, seriously? | "
+    "I can't do this anymore, {name}, it's too much. | Please don't bring up {topic} ever again. | "
+    "I'm scared that {topic} is all my fault. | Why would {person} lie to us about the {thing}? | "
+    "It's a mess at {place}, and nobody even cares. | No, no, no, this is really bad for {topic}.").split(" | ")
+NEUTRAL = (
+    "I think {topic} is {time}, right? | Did you call {person} about the {thing}? | "
+    "Okay, let me check if I'm free {time}. | We could meet at {place} {time}, I guess. | "
+    "Is {place} open {time}? | I put the {thing} on the kitchen table. | So {person} is coming over {time}. | "
+    "Hmm, I'm not sure what {topic} involves yet. | Can you pass me the {thing}, please? | "
+    "I'll look into {topic} {time}. | Right, so we need two more chairs for {topic}. | "
+    "{name}, did you lock the front door? | It's supposed to rain at {place} {time}. | "
+    "I read something about {topic} this morning. | Let's decide on {topic} {time}, then. | "
+    "I guess the {thing} goes in the closet. | Where did {person} park the car? | "
+    "Fine, I will ask {person} about it {time}. | I wrote down the address of {place} somewhere. | "
+    "Okay, {name}, what do you want to do {time}? | Maybe we should order food with {person} {time}. | "
+    "{person} said the meeting moved to Thursday. | I'll text you the details about {topic}. | "
+    "We usually go to {place} on Sundays. | Sure, meeting {time} works for me, I suppose. | "
+    "Is the {thing} still at {place}?").split(" | ")
+POSITIVE = (
+    "That's wonderful news about {topic}, I'm so happy! | I love how {topic} turned out, honestly. | "
+    "{name}, you made my whole day with the {thing}! | Wow, {person} is going to be thrilled about this. | "
+    "This is the best {thing} I have ever seen! | Ha, I knew you'd pull it off, {name}, great job! | "
+    "I'm really excited about {topic}, it'll be amazing. | Oh, that's so sweet of {person}, thank you! | "
+    "We should celebrate {time} at {place}! | Everything about {topic} feels just right to me. | "
+    "You're the best, {name}, seriously. | I can't stop smiling about the {thing}. | "
+    "That sounds like so much fun, {name}, count me in! | Yes! Finally some good news about {topic}. | "
+    "I'm so proud of you, {name}, really. | The {thing} is perfect, I absolutely love it. | "
+    "Honestly, this is the nicest thing {person} has ever done. | I can't wait to tell {person}! | "
+    "Great idea, let's go to {place} {time}! | Ha ha, that's hilarious, tell me more about {person}! | "
+    "{topic} is going way better than I hoped. | Thank you so much for the {thing}, it means a lot. | "
+    "What a lovely surprise, {name}, I had no idea! | I'm so glad we talked about {topic}. | "
+    "Awesome, {person} said yes to everything! | You always know how to cheer me up, {name}.").split(" | ")
+FILLERS = (
+    "So, about {topic}, where were we, {name}? | Wait, what did {person} say about the {thing}? | "
+    "Okay, {name}, tell me more about {place}. | Hmm, let me think about {topic} for a second, {name}. | "
+    "Well, you know how {person} is about {topic}. | And then what happened at {place} with {person}? | "
+    "Right, the {thing} from {place}, I remember that. | I mean, it's {topic}, and {person} knows that. | "
+    "Yeah, I heard what you said about the {thing}, {name}. | So what does {person} think about {topic}? | "
+    "You mean the {thing} that {person} brought? | Let's talk about {topic} with {person} {time}.").split(" | ")
+TEMPLATES = (NEGATIVE, NEUTRAL, POSITIVE)
+TAGS = [tags.split(" | ") for tags in (
+    "Oh no. | Seriously? | Come on. | Unbelievable. | I mean it. | Whatever. | I'm serious. | Just great.",
+    "Well. | Alright. | Anyway. | By the way. | Just so you know. | Fair enough. | No rush. | Good to know.",
+    "Oh wow! | Yay! | Oh my god! | Wonderful! | Amazing! | I love it! | Best day ever! | So cool!")]
+
+
+def voice(name):
+    """(timbre, base pitch, persistence) of a name: the same in every dialogue and every corpus."""
+    r = np.random.default_rng([ord(c) for c in name])
+    timbre = tuple(round(float(x), 3) for x in np.clip(1 + 0.06 * r.standard_normal(3), 0.85, 1.15))
+    low, high = (165, 240) if name in FEMALE else (90, 140)
+    return timbre, round(float(r.uniform(low, high)), 1), float(r.uniform(*PERSISTENCE))
+
+
+VOICES = {name: voice(name) for name in NAMES}
+
+
+def pick(seq, rng):
+    return seq[int(rng.random() * len(seq))]
+
+
+def draw(odds, rng):
+    """An index drawn with the given probabilities, as rng.choice(len(odds), p=odds) but 8x faster."""
+    return bisect.bisect(list(itertools.accumulate(odds)), rng.random() * sum(odds))
+
+
+def utterance(speaker, label, addressee, topic, rng):
+    coin = rng.random(3).tolist()  # filler?, interjection?, before or after?
+    z = rng.standard_normal(4).tolist()  # noise of syllables, pitch, energy, tempo
+    filler = coin[0] < FILLER
+    text = pick(FILLERS if filler else TEMPLATES[label], rng).format(
+        topic=topic, thing=pick(THINGS, rng), person=pick(PEOPLE, rng), place=pick(PLACES, rng),
+        time=pick(TIMES, rng), name=addressee)
+    text = text[0].upper() + text[1:]
+    if coin[1] < TAG:
+        tag = pick(TAGS[1] if filler else TAGS[label], rng)  # a filler stays neutral-worded
+        text = f"{tag} {text}" if coin[2] < 0.5 else f"{text} {tag}"
+    timbre, base_pitch, _ = VOICES[speaker]
+    prosody = {
+        "n_syllables": max(2, round(0.5 * len(text.split()) + z[0])),  # short clips keep the demo small
+        "pitch_hz": round(base_pitch * math.exp(PITCH_SHIFT[label] + PITCH_SD[label] * z[1]), 1),
+        "energy": round(min(max(ENERGY[label] + 0.13 * z[2], 0.05), 1.0), 3),
+        "tempo": round(min(max(TEMPO[label] + 0.08 * z[3], 0.6), 1.5), 3),
+    }
+    return {"speaker": speaker, "text": text, "label": DEMO_LABELS[label], "prosody": prosody, "timbre": timbre}
+
+
+def generate_dialogue(rng):
+    cast = [str(s) for s in rng.choice(NAMES, size=2 if rng.random() < 0.8 else 3, replace=False)]
+    mood, topic = draw(MOOD_ODDS, rng), pick(TOPICS, rng)
+    state = {s: draw(EMOTION_ODDS[mood], rng) for s in cast}  # each speaker's hidden emotion
+    speaker, dialogue = pick(cast, rng), []
+    for turn in range(int(rng.integers(8, 25))):
+        if turn > 0 and rng.random() < ALTERNATE:
+            speaker = pick([s for s in cast if s != speaker], rng)
+        if rng.random() < FLIP:
+            mood = draw(MOOD_ODDS, rng)
+        partner = next((u for u in reversed(dialogue) if u["speaker"] != speaker), None)  # last one by another
+        if rng.random() > VOICES[speaker][2]:  # the emotion changes: caught from the partner, or the mood's
+            catch = partner is not None and rng.random() < CONTAGION
+            state[speaker] = DEMO_LABELS.index(partner["label"]) if catch else draw(EMOTION_ODDS[mood], rng)
+        addressee = partner["speaker"] if partner else next(s for s in cast if s != speaker)
+        u = utterance(speaker, state[speaker], addressee, topic, rng)
+        while any(u["text"] == v["text"] for v in dialogue):  # no one says the same sentence twice
+            u = utterance(speaker, state[speaker], addressee, topic, rng)
+        dialogue.append(u)
+    return dialogue
+
+
+def generate_dialogues(n_dialogues, rng):
+    """n_dialogues dialogues, each a list of utterance dicts in spoken order; rng: np.random.Generator."""
+    return [generate_dialogue(rng) for _ in range(n_dialogues)]
+
+
+def demo_vocab(dialogue_lists):
+    """vocab.txt tokens: the specials, then every word the templates can produce (and any word in
+    the dialogues of dialogue_lists, e.g. [train, dev, test]), so demo text never meets [UNK]."""
+    texts = [re.sub(r"\{\w+\}", " ", t) for t in NEGATIVE + NEUTRAL + POSITIVE + FILLERS]
+    texts += TOPICS + THINGS + PEOPLE + PLACES + TIMES + list(NAMES) + sum(TAGS, [])
+    texts += [u["text"] for dialogues in dialogue_lists for dialogue in dialogues for u in dialogue]
+    words = {w for t in texts for w in re.findall(r"[a-z0-9]+|[^a-z0-9\s]", t.lower())}  # BERT's pre-tokenising
+    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(words)
+
+
+DEMO_DIALOGUES = {"pretrain": 56, "train": 56, "dev": 20, "test": 20}  # pretrain: unlabelled
+
+
+def build_demo(args, folder, problems):
+    rng = np.random.default_rng(args.seed)
+    generated = {split: generate_dialogues(n, rng) for split, n in DEMO_DIALOGUES.items()}
+    corpus = {}
+    for split, dialogues in generated.items():
+        corpus[split] = []
+        for i, dialogue in enumerate(dialogues):
+            # each clip from its own seed, so the clips can be synthesised in any order, in parallel
+            corpus[split].append((f"{split}-{i}", [
+                Utt(u["speaker"], u["text"], u["label"] if split != "pretrain" else None,
+                    partial(synthesize_clip, u["prosody"], u["timbre"], int(seed)),
+                    f"demo {split} dialogue {i} turn {j}")
+                for j, (u, seed) in enumerate(zip(dialogue, rng.integers(2**63, size=len(dialogue))))]))
+    vocab = os.path.join(folder, "vocab.txt")
+    with open(vocab, "w") as f:
+        f.write("\n".join(demo_vocab(generated.values())) + "\n")
+    write_example(folder, *corpus["test"][0])
+    return pack(corpus, DEMO_LABELS, indexed(DEMO_LABELS), vocab, folder, args, problems, text_only=False)
+
+
+def synthesize_clip(prosody, timbre, seed):
+    return synthesize(**prosody, timbre=timbre, rng=np.random.default_rng(seed))
+
+
+def write_example(folder, name, utts):
+    """One dialogue in the generic JSONL format, clips beside it: what sample.py runs on."""
+    os.makedirs(os.path.join(folder, "clips"))
+    lines = []
+    for j, u in enumerate(utts):
+        clip = f"clips/{name}_{j}.wav"
+        save_wav(os.path.join(folder, clip), u.media())
+        lines.append(json.dumps({"dialogue": name, "speaker": u.speaker, "text": u.text, "audio": clip,
+                                 "label": u.label}))
+    with open(os.path.join(folder, "example_dialogue.jsonl"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# the commands
+
+MELD_LABELS = ("negative", "neutral", "positive")  # MELD's Sentiment column
+IEMOCAP_LABELS = ("fru", "exc", "neu", "ang", "sad", "hap", "oth")
+IEMOCAP_MERGED = {"sur": "oth", "fea": "oth", "dis": "oth"}  # rare classes, merged as in the paper
+
+
+def indexed(labels):
+    return {name: i for i, name in enumerate(labels)}
+
+
+def build_meld(args, folder, problems):
+    corpus = read_meld(args.csv_dir, args.media_dir, not args.unlabelled, problems)
+    return pack(corpus, MELD_LABELS, indexed(MELD_LABELS), args.vocab, folder, args, problems,
+                text_only=args.media_dir is None)
+
+
+def build_iemocap(args, folder, problems):
+    corpus = read_iemocap(args.root, problems, audio=not args.text_only)
+    label_index = indexed(IEMOCAP_LABELS) | {k: IEMOCAP_LABELS.index(v) for k, v in IEMOCAP_MERGED.items()}
+    label_index["xxx"] = -1  # no annotator agreement: stays in contexts, never a target
+    return pack(corpus, IEMOCAP_LABELS, label_index, args.vocab, folder, args, problems, text_only=args.text_only)
+
+
+def build_dialogues(args, folder, problems):
+    src = args.src
+    if os.path.isdir(src):
+        files = sorted(os.path.join(src, f) for f in os.listdir(src) if f.endswith(".jsonl"))
+        if not files:
+            raise BadInput(f"{src} holds no .jsonl file")
+    elif os.path.isfile(src):
+        files = [src]
+    else:
+        raise BadInput(f"{src} not found")
+    corpus = {os.path.basename(f)[:-len(".jsonl")]: read_jsonl(f, problems) for f in files}
+    utts = [u for dialogues in corpus.values() for _, us in dialogues for u in us]
+    with_media = [u.media is not None for u in utts]
+    if any(with_media) and not all(with_media):
+        first = utts[with_media.index(False)]
+        raise BadInput(f"{first.where}: no audio, while other utterances have some "
+                       f"(a dataset is text-only or has audio for every utterance)")
+    labels = args.labels.split(",") if args.labels else sorted({u.label for u in utts if u.label is not None})
+    return pack(corpus, labels, indexed(labels), args.vocab, folder, args, problems, text_only=not all(with_media))
+
+
+def main(argv):
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--max-tokens", type=int, default=60, help="word pieces an utterance, [CLS] and [SEP] included")
+    common.add_argument("--max-context", type=int, default=11, help="utterances of context a sample")
+    common.add_argument("--max-seconds", type=float, default=15.0, help="longer audio is cut (and counted)")
+    common.add_argument("--skip-bad", action="store_true", help="drop bad utterances (counted) instead of stopping")
+    common.add_argument("--workers", type=int, default=os.cpu_count(), help="processes decoding audio")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", parents=[common], help="the embedded synthetic demo")
+    p.add_argument("--out", default="data/demo")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("meld", parents=[common], help="P-MELD (or, with --unlabelled, a pre-training corpus)")
+    p.add_argument("--csv-dir", required=True, help="folder of {train,dev,test}_sent_emo.csv")
+    p.add_argument("--media-dir", help="folder of train_splits/, dev_splits_complete/, "
+                                       "output_repeated_splits_test/; without it the dataset is text-only")
+    p.add_argument("--vocab", required=True)
+    p.add_argument("--unlabelled", action="store_true", help="drop the labels: a pre-training corpus")
+    p.add_argument("--out")
+    p = sub.add_parser("iemocap", parents=[common], help="P-IEM")
+    p.add_argument("--root", required=True, help="the IEMOCAP_full_release folder")
+    p.add_argument("--vocab", required=True)
+    p.add_argument("--text-only", action="store_true")
+    p.add_argument("--out", default="data/p-iem")
+    p = sub.add_parser("dialogues", parents=[common], help="dialogues in nanotcmp's JSONL format")
+    p.add_argument("--from", dest="src", required=True, help="a .jsonl file, or a folder of them (one split each)")
+    p.add_argument("--vocab", required=True)
+    p.add_argument("--labels", help="comma-separated class names, in order (default: the labels found, sorted)")
+    p.add_argument("--out", required=True)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["demo"] + list(argv)  # the demo is the default command
+    args = parser.parse_args(argv)
+    if args.command == "meld" and args.out is None:
+        args.out = "data/meld-unlabelled" if args.unlabelled else "data/p-meld"
+
+    build = {"demo": build_demo, "meld": build_meld, "iemocap": build_iemocap, "dialogues": build_dialogues}
+    t0 = time.time()
+    problems = Problems(args.skip_bad)
+    try:
+        with staging(args.out) as folder:
+            meta = build[args.command](args, folder, problems)
+            meta["source"] = args.command + (" (unlabelled)" if getattr(args, "unlabelled", False) else "")
+            write_meta(folder, meta)
+    except (BadInput, AudioError, FileNotFoundError) as e:
+        sys.exit(f"prepare.py: {e}")
+    print_stats(meta)
+    if problems.dropped:
+        print(f"--skip-bad dropped {len(problems.dropped)} utterances, e.g.:")
+        print("\n".join("  " + m for m in problems.dropped[:10]))
+    print(f"wrote {args.out} in {time.time() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
