@@ -995,3 +995,32 @@ def test_demo_next_emotion_is_predictable_and_distant_context_helps():
     majority, nearby = accuracy(lambda c: ()), accuracy(lambda c: tuple(c[-2:]))
     distant = accuracy(lambda c: (*c[-2:], mood(c[:-2])))
     assert nearby > majority + 0.15 and distant > nearby + 0.02 and distant < 0.9
+
+
+def test_p_meld_with_media_and_unlabelled(tmp_path):
+    """MELD's media layout, with only the first three clips of dialogue 0 present: --skip-bad
+    drops every utterance without its clip, and counts it."""
+    media = tmp_path / "MELD.Raw"
+    (media / "train_splits").mkdir(parents=True)
+    for u, seconds in enumerate((0.5, 0.7, 20.0)):
+        write_sine_wav(tmp_path / f"{u}.wav", seconds)
+        ffmpeg("-i", tmp_path / f"{u}.wav", "-c:a", "aac", media / f"train_splits/dia0_utt{u}.mp4")
+    vocab = minilm_dir() / "vocab.txt"
+    with pytest.raises(SystemExit, match=re.escape(f"{media / 'train_splits/dia0_utt3.mp4'}: no such file")):
+        run_prepare("meld", "--csv-dir", MELD, "--media-dir", media, "--vocab", vocab, "--out", tmp_path / "o")
+    run_prepare("meld", "--csv-dir", MELD, "--media-dir", media, "--vocab", vocab, "--out", tmp_path / "o",
+                "--skip-bad", "--max-seconds", 10)
+    meta = load_meta(tmp_path / "o")
+    assert meta["modalities"] == ["text", "audio"]
+    train = meta["splits"]["train"]
+    assert train["utterances"] == 3 and train["dropped"] == 9989 - 3 and train["audio_cut"] == 1
+    assert meta["splits"]["dev"]["utterances"] == 0 and meta["splits"]["dev"]["dropped"] == 1109
+    split = Split(tmp_path / "o/train.safetensors")
+    assert split.samples.tolist() == [[0, 2, 1]]  # Chandler, the interviewer, Chandler: neutral
+    lengths = split.utt_audio[:, 1].tolist()
+    assert abs(lengths[0] - 8000) < 1200 and abs(lengths[1] - 11200) < 1200 and lengths[2] == 160000
+    run_prepare("meld", "--csv-dir", MELD, "--vocab", vocab, "--unlabelled", "--out", tmp_path / "u")
+    meta = load_meta(tmp_path / "u")
+    assert meta["source"] == "meld (unlabelled)" and meta["splits"]["train"]["utterances"] == 9989
+    assert all(not s["labelled"] and s["samples"] == 0 for s in meta["splits"].values())
+    assert (Split(tmp_path / "u/train.safetensors").utt_label == -1).all()
