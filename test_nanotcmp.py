@@ -8,7 +8,9 @@ import csv
 import functools
 import hashlib
 import json
+import math
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -27,9 +29,11 @@ from safetensors.torch import load_file, save_file
 
 import nanotcmp.model as M
 import prepare
+import train
 from nanotcmp.audio import SAMPLE_RATE, AudioError, load_audio, save_wav, synthesize
-from nanotcmp.data import Split, load_meta
-from nanotcmp.model import Bert, Hubert
+from nanotcmp.data import Split, finetune_batch, load_meta, pretrain_batch, windows
+from nanotcmp.metrics import aa, confusion, emotion_scores, macro_f1, majority_scores, recall_at, wa
+from nanotcmp.model import GRU, Bert, ContextInteraction, Hubert, clip_loss, tus_loss
 from nanotcmp.tokenizer import WordPiece
 
 ROOT = Path(__file__).resolve().parent
@@ -1024,3 +1028,324 @@ def test_p_meld_with_media_and_unlabelled(tmp_path):
     assert meta["source"] == "meld (unlabelled)" and meta["splits"]["train"]["utterances"] == 9989
     assert all(not s["labelled"] and s["samples"] == 0 for s in meta["splits"].values())
     assert (Split(tmp_path / "u/train.safetensors").utt_label == -1).all()
+
+# -----------------------------------------------------------------------------
+# metrics
+
+def test_confusion_rows_are_true_classes():
+    # two samples of true class 0 predicted as 1, one of class 1 predicted as 1
+    assert confusion([0, 0, 1], [1, 1, 1], 2).tolist() == [[0, 2], [0, 1]]
+    assert confusion([0, 0, 1], [1, 1, 1], 2).dtype == np.int64
+
+
+def test_three_classes_seven_samples_one_never_predicted():
+    # true  0 0 0 1 1 2 2
+    # pred  0 0 1 1 0 1 1      class 2 is never predicted
+    # confusion (rows true): [2 1 0] [1 1 0] [0 2 0]
+    # WA = 3/7; recalls 2/3, 1/2, 0 -> AA = (7/6)/3 = 7/18
+    # F1 = 2tp/(2tp+fp+fn): class 0: 4/(4+1+1) = 2/3; class 1: 2/(2+3+1) = 1/3; class 2: 0/(0+0+2) = 0
+    # macro F1 = (2/3 + 1/3 + 0)/3 = 1/3
+    t, p = [0, 0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 0, 1, 1]
+    s = emotion_scores(t, p, 3)
+    assert s["confusion"] == [[2, 1, 0], [1, 1, 0], [0, 2, 0]]
+    assert s["wa"] == pytest.approx(100 * 3 / 7)
+    assert s["aa"] == pytest.approx(100 * 7 / 18)
+    assert s["f1"] == pytest.approx(100 / 3)
+    assert (wa(t, p), aa(t, p, 3), macro_f1(t, p, 3)) == (s["wa"], s["aa"], s["f1"])
+    assert all(type(s[k]) is float for k in ("wa", "aa", "f1"))
+
+
+def test_class_absent_from_y_true():
+    # 4 classes; class 3 is predicted but never true, class 2 is neither true nor predicted
+    # true  0 0 1 1 1
+    # pred  0 3 1 1 0      confusion rows: [1 0 0 1] [1 2 0 0] [0 0 0 0] [0 0 0 0]
+    # WA = 3/5
+    # AA over the classes in y_true only (0, 1): (1/2 + 2/3)/2 = 7/12   (over all 4 it would be 7/24)
+    # F1: class 0: 2/(2+1+1) = 1/2; class 1: 4/(4+0+1) = 4/5; class 3: 0/(0+1+0) = 0; class 2 left out
+    # macro F1 = (1/2 + 4/5 + 0)/3 = 13/30   (with class 2 counted as 0 it would be 13/40)
+    t, p = [0, 0, 1, 1, 1], [0, 3, 1, 1, 0]
+    assert wa(t, p) == pytest.approx(60.0)
+    assert aa(t, p, 4) == pytest.approx(100 * 7 / 12)
+    assert macro_f1(t, p, 4) == pytest.approx(100 * 13 / 30)
+
+
+def test_perfect_predictions():
+    t = [2, 0, 1, 1, 0, 2, 2]
+    s = emotion_scores(t, t, 4)  # class 3 never appears: left out, not counted as 0
+    assert (s["wa"], s["aa"], s["f1"]) == (100.0, 100.0, 100.0)
+
+
+def test_majority_baseline():
+    # y_train's majority is 1 (twice); predicting 1 for y_test = 0 1 1 2:
+    # WA = 2/4; recalls 0, 1, 0 -> AA = 1/3
+    # F1: class 1: 4/(4+2+0) = 2/3; classes 0 and 2 (true, never predicted): 0 -> macro F1 = 2/9
+    s = majority_scores([1, 1, 0, 2], [0, 1, 1, 2], 3)
+    assert s["confusion"] == [[0, 1, 0], [0, 2, 0], [0, 1, 0]]
+    assert s["wa"] == pytest.approx(50.0)
+    assert s["aa"] == pytest.approx(100 / 3)
+    assert s["f1"] == pytest.approx(100 * 2 / 9)
+
+
+def test_torch_and_numpy_inputs():
+    t, p = [0, 0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 0, 1, 1]
+    want = emotion_scores(t, p, 3)
+    assert emotion_scores(torch.tensor(t), torch.tensor(p), 3) == want
+    assert emotion_scores(np.array(t, dtype=np.int32), np.array(p, dtype=np.uint8), 3) == want
+
+
+def test_bad_labels():
+    with pytest.raises(ValueError, match=r"label 5\b"):
+        confusion([0, 5, 1], [0, 1, 1], 3)
+    with pytest.raises(ValueError, match=r"label -1\b"):
+        macro_f1([0, 1, 1], [0, -1, 1], 3)
+    with pytest.raises(ValueError, match="3 labels.*2"):
+        aa([0, 1, 1], [0, 1], 3)
+    with pytest.raises(ValueError, match="integer"):
+        confusion([0.0, 1.0], [0, 1], 2)
+    with pytest.raises(ValueError, match="no samples"):
+        wa([], [])
+
+
+# R_k@m on a hand-made 4 x 5 score matrix; the true candidate's rank (1-based, losing ties) is:
+SCORES = [[0.9, 0.1, 0.2, 0.3, 0.4],  # true 0: nothing scores >= 0.9 besides it  -> rank 1
+          [0.5, 0.8, 0.1, 0.2, 0.3],  # true 0: 0.8 is above                     -> rank 2
+          [0.1, 0.2, 0.3, 0.9, 0.8],  # true 2: 0.9 and 0.8 are above            -> rank 3
+          [0.7, 0.7, 0.1, 0.2, 0.3]]  # true 1: ties with candidate 0, loses it   -> rank 2
+TRUE = [0, 0, 2, 1]
+
+
+def test_recall_at_hand_made():
+    # R5@1: ranks <= 1 are row 0 only -> 1/4; R5@2: rows 0, 1, 3 -> 3/4; R5@3: all
+    assert recall_at(SCORES, TRUE, 1) == pytest.approx(25.0)
+    assert recall_at(SCORES, TRUE, 2) == pytest.approx(75.0)
+    assert recall_at(SCORES, TRUE, 3) == pytest.approx(100.0)
+    # a tensor that needs grad, as the model's scores will
+    assert recall_at(torch.tensor(SCORES, requires_grad=True), torch.tensor(TRUE), 2) == pytest.approx(75.0)
+
+
+def test_recall_at_constant_scores_never_lucky():
+    # every candidate ties with the true one, which loses every tie: rank k = 5 in every row,
+    # so R5@m = 0 for m < 5 and 100 for m = 5, wherever the true candidate sits
+    scores, true = np.zeros((3, 5)), [0, 2, 4]
+    assert [recall_at(scores, true, m) for m in range(1, 6)] == [0.0, 0.0, 0.0, 0.0, 100.0]
+
+
+def test_recall_at_bad_input():
+    with pytest.raises(ValueError, match="m=6"):
+        recall_at(SCORES, TRUE, 6)
+    with pytest.raises(ValueError, match="m=0"):
+        recall_at(SCORES, TRUE, 0)
+    with pytest.raises(ValueError, match="true_index"):
+        recall_at(SCORES, [0, 0, 5, 1], 1)
+    with pytest.raises(ValueError, match=r"\(4, 5\)"):
+        recall_at(SCORES, [0, 0], 1)
+    with pytest.raises(ValueError, match="NaN"):
+        recall_at([[0.1, float("nan")]], [0], 1)
+
+
+def reference_aa_f1(t, p, n_classes):
+    """The definitions, one class at a time, in plain Python: precision, recall, F1 = 2PR/(P+R)."""
+    recalls, f1s = [], []
+    for c in range(n_classes):
+        tp = sum(1 for a, b in zip(t, p) if a == c and b == c)
+        n_true, n_pred = t.count(c), p.count(c)
+        if n_true:
+            recalls.append(tp / n_true)
+        if n_true or n_pred:
+            prec = tp / n_pred if n_pred else 0.0
+            rec = tp / n_true if n_true else 0.0
+            f1s.append(2 * prec * rec / (prec + rec) if prec + rec else 0.0)
+    return 100 * sum(recalls) / len(recalls), 100 * sum(f1s) / len(f1s)
+
+
+def test_aa_f1_against_reference_loop():
+    rng = random.Random(0)
+    for _ in range(20):
+        n_classes = rng.randint(2, 7)
+        n = rng.randint(1, 30)
+        # y_true and y_pred each drawn from its own random subset of the classes, so that some
+        # classes are absent from y_true, from y_pred, or from both; y_pred copies y_true at times
+        t_classes = rng.sample(range(n_classes), rng.randint(1, n_classes))
+        p_classes = rng.sample(range(n_classes), rng.randint(1, n_classes))
+        t = [rng.choice(t_classes) for _ in range(n)]
+        p = [rng.choice(p_classes) if rng.random() < 0.6 else x for x in t]
+        want_aa, want_f1 = reference_aa_f1(t, p, n_classes)
+        assert aa(t, p, n_classes) == pytest.approx(want_aa)
+        assert macro_f1(t, p, n_classes) == pytest.approx(want_f1)
+        assert wa(t, p) == pytest.approx(100 * sum(a == b for a, b in zip(t, p)) / n)
+
+# -----------------------------------------------------------------------------
+# the TCMP model, equation by equation
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("small-demo") / "demo"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prepare, "DEMO_DIALOGUES", {"pretrain": 6, "train": 8, "dev": 3, "test": 3})
+        run_prepare("demo", "--out", out, "--workers", 1)
+    return out
+
+
+def test_gru_matches_torch_gru():
+    torch.manual_seed(0)
+    ours, ref = GRU(6, 8), torch.nn.GRU(6, 8, batch_first=True)
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(ref, f"{name}_l0").copy_(getattr(ours, name))
+    x, h0 = torch.randn(3, 7, 6), torch.randn(1, 3, 8)
+    assert max_diff(ours(x, h=h0[0]), ref(x, h0)[0]) <= 1e-5
+    # a masked (padded) step keeps the state: a padded sequence ends where the short one ends
+    mask = torch.arange(7)[None, :] < torch.tensor([7, 4, 1])[:, None]
+    out = ours(x, mask)
+    for b, n in enumerate((7, 4, 1)):
+        assert max_diff(out[b, n - 1], ref(x[b:b + 1, :n])[0][0, -1]) <= 1e-5
+        assert (out[b, n:] == out[b, n - 1]).all()
+
+
+@pytest.mark.parametrize("distant", [True, False])
+def test_all_targets_in_one_pass_equal_each_context_alone(distant):
+    torch.manual_seed(0)
+    ci = ContextInteraction(16, distant).eval()
+    H = torch.randn(2, 9, 16)
+    mask = torch.arange(9)[None, :] < torch.tensor([9, 6])[:, None]
+    P = ci(H, mask)  # (2, 10, 16): every target of both windows at once
+    for b, n in enumerate((9, 6)):
+        for j in range(2, n + 1):  # target j's context is u_0 .. u_{j-1}, computed on its own
+            alone = ci(H[b:b + 1, :j], torch.ones(1, j, dtype=torch.bool))[0, j]
+            assert max_diff(P[b, j], alone) <= 1e-5
+
+
+def test_empty_distant_context_attends_to_zero():
+    torch.manual_seed(0)
+    ci = ContextInteraction(8, True).eval()
+    H = torch.randn(1, 4, 8)
+    P = ci(H, torch.ones(1, 4, dtype=torch.bool))
+    Hh = ci.gru(H)
+    Q = ci.query(torch.cat([Hh[:, 0], Hh[:, 1]], -1))  # target 2: nearby u_0, u_1, no distant context
+    assert max_diff(P[0, 2], ci.out(torch.cat([torch.zeros_like(Q), Q], -1))[0]) <= 1e-6
+    C = ci.gru_d(Hh)  # target 3: one distant state, so all attention on it
+    Q3 = ci.query(torch.cat([Hh[:, 1], Hh[:, 2]], -1))
+    assert max_diff(P[0, 3], ci.out(torch.cat([C[:, 0], Q3], -1))[0]) <= 1e-6
+    P.sum().backward()  # and the gradients stay finite
+    assert all(torch.isfinite(p.grad).all() for p in ci.parameters() if p.grad is not None)
+
+
+def test_tus_losses_on_hand_computed_scores():
+    logit = lambda p: math.log(p / (1 - p))
+    st = torch.tensor([[logit(0.8), logit(0.3), logit(0.1)]])  # T2T scores s^t: the true candidate first
+    sa = torch.tensor([[logit(0.5), logit(0.6), logit(0.2)]])  # A2A scores s^a
+    # intra, BCE: -log(0.8 * 0.5) - log(1 - 0.3 * 0.6) - log(1 - 0.1 * 0.2)
+    want = -math.log(0.4) - math.log(1 - 0.18) - math.log(1 - 0.02)
+    assert abs(tus_loss([st, sa], "bce").item() - want) < 1e-5
+    # inter, BCE: one modality
+    assert abs(tus_loss([st], "bce").item() - (-math.log(0.8) - math.log(0.7) - math.log(0.9))) < 1e-5
+    # softmax (the authors' code): cross-entropy over the k logits of each modality, summed
+    ce = lambda x: -(x[0] - torch.logsumexp(x, 0)).item()
+    assert abs(tus_loss([st, sa], "softmax").item() - (ce(st[0]) + ce(sa[0]))) < 1e-5
+
+
+def test_clip_loss_symmetric_and_minimal_when_aligned():
+    torch.manual_seed(0)
+    ht, ha, scale = torch.randn(6, 8), torch.randn(6, 8), torch.tensor(math.log(1 / 0.07))
+    assert abs(clip_loss(ht, ha, scale).item() - clip_loss(ha, ht, scale).item()) < 1e-6
+    aligned = clip_loss(ht, ht * 3, scale).item()  # the same directions: the diagonal wins
+    assert aligned < clip_loss(ht, ha, scale).item() and aligned < clip_loss(ht, ht[torch.randperm(6)], scale).item()
+    eye = torch.eye(6, 8)  # orthogonal and aligned: the loss is the softmax floor at this temperature
+    floor = -math.log(math.exp(1 / 0.07) / (math.exp(1 / 0.07) + 5))
+    assert abs(clip_loss(eye, eye, scale).item() - floor) < 1e-5
+
+
+def test_class_weights_inverse_to_frequency(small_demo):
+    split = Split(small_demo / "train.safetensors")
+    counts = np.bincount(split.samples[:, 2], minlength=3)
+    w = train.class_weights(split, 3).numpy()
+    assert np.allclose(w * counts, (w * counts)[0]) and np.isclose((w * counts).sum(), counts.sum())
+
+
+def small_model(data, *extra):
+    args = train.parse_args(["--data", str(data), *extra])
+    torch.manual_seed(0)
+    return train.build_model(args, load_meta(data), "finetune").eval()
+
+
+def test_no_distant_ignores_distant_utterances(small_demo):
+    split = Split(small_demo / "train.safetensors")
+    model = small_model(small_demo, "--no-distant")
+    long = [s for s in split.samples if s[1] - s[0] >= 5][:3]
+    batch = finetune_batch(split, long, model.config.modalities)
+    with torch.no_grad():
+        H = model.encode(batch)
+        first = {b: model.interact(H, batch["ctx"], batch["ctx_mask"])[b] for b in model.betas}
+        far = batch["ctx"][:, 0]  # the first utterance of each context: distant
+        for b in H:
+            H[b][far] = torch.randn_like(H[b][far])
+        second = model.interact(H, batch["ctx"], batch["ctx_mask"])
+        last = batch["ctx_mask"].sum(1)
+        for b in model.betas:
+            rows = torch.arange(len(last))
+            assert max_diff(first[b][rows, last], second[b][rows, last]) == 0
+    # with the distant context on, the same change does change the prediction
+    model = small_model(small_demo)
+    with torch.no_grad():
+        H = model.encode(batch)
+        before = model.interact(H, batch["ctx"], batch["ctx_mask"])["m"][rows, last]
+        H["m"][far] = torch.randn_like(H["m"][far])
+        assert max_diff(before, model.interact(H, batch["ctx"], batch["ctx_mask"])["m"][rows, last]) > 1e-3
+
+
+def test_text_only_never_runs_hubert(small_demo, tmp_path, monkeypatch):
+    model = small_model(small_demo, "--modalities", "text")
+    assert not hasattr(model, "hubert") and model.betas == ["t"]
+    monkeypatch.setattr(Hubert, "forward", lambda *a: pytest.fail("HuBERT ran"))
+    monkeypatch.setattr(Hubert, "__init__", lambda *a: pytest.fail("HuBERT was built"))
+    train.main(["--data", str(small_demo), "--modalities", "text", "--out", str(tmp_path / "run"),
+                "--epochs", "1", "--log-every", "100"])
+    metrics = json.loads((tmp_path / "run/finetune/metrics.json").read_text())
+    assert set(metrics["test"]) == {"wa", "aa", "f1", "confusion"}
+    pre = json.loads((tmp_path / "run/pretrain/metrics.json").read_text())
+    assert set(pre["test"]) == {"T2T"} and set(pre["test"]["T2T"]) == {"R5@1", "R5@2", "R11@1", "R11@2"}
+
+
+def test_resume_continues_to_the_same_weights(small_demo, tmp_path):
+    common = ["--stage", "finetune", "--data", str(small_demo), "--epochs", "2", "--batch-size", "8",
+              "--log-every", "100", "--save-every", "3"]
+    train.main(common + ["--out", str(tmp_path / "whole")])
+    train.main(common + ["--out", str(tmp_path / "cut"), "--max-steps", "5"])  # stops as if killed
+    train.main(common + ["--out", str(tmp_path / "cut"), "--resume"])
+    a = torch.load(tmp_path / "whole/state.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut/state.pt", weights_only=False)
+    assert a["step"] == b["step"] > 5
+    assert max(max_diff(a["model"][k], b["model"][k]) for k in a["model"]) <= 1e-6
+    assert (tmp_path / "whole/metrics.json").read_text() == (tmp_path / "cut/metrics.json").read_text()
+
+
+def test_non_finite_loss_stops_with_the_step_and_parts(small_demo, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    classify = train.TCMP.classify
+
+    def poisoned(self, batch):
+        calls["n"] += 1
+        logits = classify(self, batch)
+        return logits * float("nan") if calls["n"] == 4 else logits
+    monkeypatch.setattr(train.TCMP, "classify", poisoned)
+    with pytest.raises(SystemExit, match=r"non-finite loss at step 4: wce nan; the last good state is .*state.pt"):
+        train.main(["--stage", "finetune", "--data", str(small_demo), "--out", str(tmp_path / "r"),
+                    "--batch-size", "8", "--save-every", "3"])
+    assert torch.load(tmp_path / "r/state.pt", weights_only=False)["step"] == 3
+
+
+def test_training_refuses_bad_set_ups_before_starting(small_demo, tmp_path):
+    src = generic_dialogues(tmp_path, audio=False)
+    run_prepare("dialogues", "--from", src, "--vocab", small_demo / "vocab.txt", "--out", tmp_path / "text",
+                "--skip-bad")
+    with pytest.raises(SystemExit, match="has no audio .*use --modalities text"):
+        train.main(["--data", str(tmp_path / "text"), "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+    # an --init run whose sizes do not fit
+    train.main(["--stage", "pretrain", "--data", str(small_demo), "--out", str(tmp_path / "pre"), "--epochs", "1",
+                "--d", "32", "--log-every", "100"])
+    with pytest.raises(SystemExit, match=r"does not fit this model:\n  proj_t.weight: model \(64, 64\), "
+                                         r"checkpoint \(32, 64\)"):
+        train.main(["--stage", "finetune", "--data", str(small_demo), "--init", str(tmp_path / "pre"),
+                    "--out", str(tmp_path / "fine")])

@@ -24,6 +24,7 @@ import os
 import struct
 
 import numpy as np
+import torch
 
 DTYPES = {"I16": np.int16, "I32": np.int32, "I64": np.int64, "U8": np.uint8}
 
@@ -86,3 +87,93 @@ def load_meta(folder):
         raise FileNotFoundError(f"{path} not found: is {folder} a dataset made by prepare.py?")
     with open(path) as f:
         return json.load(f)
+
+# -----------------------------------------------------------------------------
+# batches: every distinct utterance of a batch is encoded once, contexts index into them
+
+
+def make_batch(split, rows, extra=(), modalities=("text", "audio")):
+    """rows: one list of utterance ids (in the split) per context or window, in spoken order;
+    extra: more utterances to encode (candidates). -> (batch of tensors, {utterance id: row in the batch})
+      text (U, T) long, text_mask (U, T) bool      the distinct utterances' word pieces
+      audio (U, S) float, audio_mask (U, S) bool   their 16 kHz waveforms in [-1, 1)
+      ctx (B, L) long, ctx_mask (B, L) bool        each row's utterances, as rows of the above"""
+    ids = sorted({u for row in rows for u in row} | {int(u) for u in extra})
+    where = {u: i for i, u in enumerate(ids)}
+    L = max(len(row) for row in rows)
+    ctx = torch.tensor([[where[u] for u in row] + [0] * (L - len(row)) for row in rows])
+    batch = {"ctx": ctx, "ctx_mask": torch.arange(L)[None, :] < torch.tensor([len(r) for r in rows])[:, None]}
+    parts = []
+    if "text" in modalities:
+        parts.append(("text", [split.tokens_of(u) for u in ids], torch.long, 1))
+    if "audio" in modalities:
+        parts.append(("audio", [split.audio_of(u) for u in ids], torch.float32, 2 ** -15))
+    for key, seqs, dtype, scale in parts:
+        T = max(len(s) for s in seqs)
+        x = torch.zeros(len(ids), T, dtype=dtype)
+        for i, s in enumerate(seqs):
+            x[i, :len(s)] = torch.from_numpy(np.asarray(s).astype(np.int64 if dtype == torch.long else np.float32)) * scale
+        batch[key] = x
+        batch[key + "_mask"] = torch.arange(T)[None, :] < torch.tensor([len(s) for s in seqs])[:, None]
+    return batch, where
+
+
+def finetune_batch(split, samples, modalities):
+    """samples: (B, 3) rows of split.samples -> batch with labels (B,)"""
+    batch, _ = make_batch(split, [list(range(first, target)) for first, target, _ in samples], modalities=modalities)
+    batch["labels"] = torch.tensor([int(y) for _, _, y in samples])
+    return batch
+
+
+def windows(split, size=11, stride=5):
+    """Dialogues cut into windows of up to size utterances, every stride (the authors' pre-training
+    windows); a window needs 3 utterances to hold a target. -> list of (first, end) utterance ids"""
+    out, d = [], split.utt_dialogue
+    starts = np.flatnonzero(np.r_[True, d[1:] != d[:-1]]).tolist() if len(d) else []
+    for s, e in zip(starts, starts[1:] + [len(d)]):
+        a = s
+        while True:
+            if e - a >= 3:
+                out.append((a, min(a + size, e)))
+            if a + size >= e:
+                break
+            a += stride
+    return out
+
+
+def draw_noise(split, targets, k, rng, pool=None):
+    """k-1 noise candidates for each target utterance id, from other dialogues: drawn from pool
+    (utterance ids, e.g. the batch's own, which are encoded anyway) when it spans two dialogues or
+    more, else from the whole split -> (N, k-1) utterance ids"""
+    targets = np.asarray(targets)
+    if pool is None or len(set(split.utt_dialogue[pool].tolist())) < 2:
+        pool = np.arange(len(split))
+    pool = np.asarray(pool)
+    noise = pool[rng.integers(len(pool), size=(len(targets), k - 1))]
+    clash = split.utt_dialogue[noise] == split.utt_dialogue[targets][:, None]
+    while clash.any():  # redraw the ones from the target's own dialogue
+        noise[clash] = pool[rng.integers(len(pool), size=int(clash.sum()))]
+        clash = split.utt_dialogue[noise] == split.utt_dialogue[targets][:, None]
+    return noise
+
+
+def pretrain_batch(split, wins, k, rng, modalities, in_batch=True):
+    """Windows -> batch where every position j >= 2 of a window is a target:
+    targets (N, 2) = (window, position), noise (N, k-1) rows of the batch's utterances.
+    in_batch: noise from the other windows' utterances (training); else from the whole split."""
+    rows = [list(range(a, e)) for a, e in wins]
+    targets = [(b, j) for b, row in enumerate(rows) for j in range(2, len(row))]
+    pool = [u for row in rows for u in row] if in_batch else None
+    noise = draw_noise(split, [rows[b][j] for b, j in targets], k, rng, pool)
+    batch, where = make_batch(split, rows, extra=noise.ravel(), modalities=modalities)
+    batch["targets"] = torch.tensor(targets)
+    batch["noise"] = torch.tensor([[where[int(u)] for u in row] for row in noise])
+    return batch
+
+
+def dialogue_batches(split, batch_size, rng):
+    """Fine-tuning batches: the dialogues in random order, each one's samples together, so that a
+    batch's contexts share their utterances (each is encoded once) -> list of sample-row arrays"""
+    rank = np.argsort(rng.permutation(len(split.dialogues)))  # each dialogue's place in the new order
+    order = np.argsort(rank[split.utt_dialogue[split.samples[:, 1]]], kind="stable")
+    return [split.samples[order[i:i + batch_size]] for i in range(0, len(order), batch_size)]

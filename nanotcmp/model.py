@@ -3,7 +3,9 @@ The TCMP model, in the order the data flows (see TCMP.md):
   1. one attention function and one transformer layer, shared by both encoders
   2. Bert   — text encoder (Eq. 2), post-LN
   3. Hubert — audio encoder (Eq. 3), group-norm/post-LN or layer-norm/pre-LN
-  4. loading real checkpoints: one explicit name map per encoder, every name and shape checked
+  4. TCMP — pooling (Eq. 4), fusion (Eq. 6), GRUs and attention over the context (Eq. 7-10),
+     the pre-training losses (Eq. 11-21) and the emotion head (Eq. 22)
+  5. loading real checkpoints: one explicit name map per encoder, every name and shape checked
 """
 import json
 import math
@@ -295,6 +297,204 @@ def init_weights(module):
         nn.init.normal_(module.weight, std=0.02)
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)
+
+# -----------------------------------------------------------------------------
+# TCMP: utterance vectors (Eq. 4), fusion (Eq. 6), context interaction (Eq. 7-10), heads and losses
+
+def tiny_bert_config(vocab_size):
+    """A small randomly initialised BERT, for the demo and the tests."""
+    return BertConfig(vocab_size=vocab_size, dim=64, n_layer=2, n_head=2, ffn_dim=128, max_positions=128)
+
+
+def tiny_hubert_config():
+    return HubertConfig(dim=64, n_layer=2, n_head=2, ffn_dim=128, conv_dim=(32,) * 7, pos_kernel=16,
+                        pos_groups=4, normalize_wave=True)
+
+
+@dataclass
+class TCMPConfig:
+    d: int = 768                          # the model width
+    n_labels: int = 3
+    modalities: tuple = ("text", "audio")  # ("text",), ("audio",) or both
+    distant: bool = True                  # False: the model sees only the nearby context (w/o Dist)
+    tus: str = "both"                     # pre-training loss: "intra" (T2T, A2A), "inter" (M2M) or "both"
+    tus_loss: str = "bce"                 # "bce" (the sound reading of Eq. 14-15) or "softmax" (authors' code)
+    zeta: float = 0.5                     # Eq. 21
+    eta: float = 0.5
+    dropout: float = 0.1
+    bert: dict = None                     # BertConfig / HubertConfig fields, None when the modality is off
+    hubert: dict = None
+
+
+def pool(x, mask):
+    # Eq. 4: max + mean over the valid positions; x: (U, T, D), mask: (U, T) bool -> (U, D)
+    m = mask[..., None]
+    mean = (x * m).sum(1) / m.sum(1)
+    return x.masked_fill(~m, float("-inf")).amax(1) + mean
+
+
+class GRU(nn.Module):
+    """A GRU written out: reset gate r, update gate z, candidate n (torch.nn.GRU's equations and
+    parameter layout, gates stacked r, z, n). Steps where mask is False keep the previous state."""
+
+    def __init__(self, d_in, d):
+        super().__init__()
+        self.weight_ih = nn.Parameter(torch.empty(3 * d, d_in))
+        self.weight_hh = nn.Parameter(torch.empty(3 * d, d))
+        self.bias_ih = nn.Parameter(torch.empty(3 * d))
+        self.bias_hh = nn.Parameter(torch.empty(3 * d))
+        for p in self.parameters():
+            nn.init.uniform_(p, -d ** -0.5, d ** -0.5)  # as torch.nn.GRU
+
+    def cell(self, x_proj, h):
+        # x_proj: (B, 3d) the input's share, already projected; h: (B, d) -> (B, d)
+        xr, xz, xn = x_proj.chunk(3, -1)
+        hr, hz, hn = F.linear(h, self.weight_hh, self.bias_hh).chunk(3, -1)
+        r = torch.sigmoid(xr + hr)
+        z = torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        return (1 - z) * n + z * h
+
+    def forward(self, x, mask=None, h=None):
+        # x: (B, T, d_in), mask: (B, T) bool or None -> outputs (B, T, d)
+        B, T, _ = x.shape
+        x_proj = F.linear(x, self.weight_ih, self.bias_ih)  # (B, T, 3d), every step at once
+        h = x.new_zeros(B, self.weight_hh.shape[1]) if h is None else h
+        out = []
+        for t in range(T):
+            h_new = self.cell(x_proj[:, t], h)
+            h = h_new if mask is None else torch.where(mask[:, t, None], h_new, h)
+            out.append(h)
+        return torch.stack(out, 1)
+
+
+class ContextInteraction(nn.Module):
+    """Eq. 7-10 for one modality, for every target position of a sequence in one pass. The target
+    at position j has the context u_0 .. u_{j-1}: nearby u_{j-2}, u_{j-1}, distant u_0 .. u_{j-3}.
+    The GRUs are causal, so one run over the sequence serves every target, as in a language model."""
+
+    def __init__(self, d, distant):
+        super().__init__()
+        self.distant = distant
+        self.gru = GRU(d, d)     # Eq. 7, over the utterances
+        self.gru_d = GRU(d, d)   # Eq. 8, over the distant utterance states
+        self.query = nn.Linear(2 * d, d)  # Eq. 9
+        self.out = nn.Linear(2 * d, d)    # Eq. 10's decision: P = W_o [attended ; Q]
+
+    def forward(self, H, mask):
+        # H: (B, L, d) utterance vectors, mask: (B, L) -> P: (B, L + 1, d), P[:, j] for target j >= 2
+        B, L, d = H.shape
+        pad = H.new_zeros(B, 1, d)
+        if self.distant:
+            Hh = self.gru(H, mask)  # (B, L, d), Ĥ_i sees u_0 .. u_i
+            near1, near2 = torch.cat([pad, pad, Hh], 1)[:, :L + 1], torch.cat([pad, Hh], 1)  # Ĥ_{j-2}, Ĥ_{j-1}
+        else:  # w/o Dist: the utterance GRU sees u_{j-2}, u_{j-1} only, started afresh for every target
+            x_proj = F.linear(H, self.gru.weight_ih, self.gru.bias_ih)  # (B, L, 3d)
+            first = self.gru.cell(x_proj.flatten(0, 1), H.new_zeros(B * L, d)).view(B, L, d)  # GRU(u_i) from 0
+            second = self.gru.cell(x_proj[:, 1:].flatten(0, 1), first[:, :-1].flatten(0, 1)).view(B, L - 1, d)
+            near1 = torch.cat([pad, pad, first], 1)[:, :L + 1]
+            near2 = torch.cat([pad, pad, second], 1)[:, :L + 1]  # GRU(u_{j-2}, u_{j-1})
+        Q = self.query(torch.cat([near1, near2], -1))  # (B, L + 1, d), Eq. 9
+        if not self.distant:
+            return self.out(torch.cat([torch.zeros_like(Q), Q], -1))
+        C = self.gru_d(Hh, mask)  # (B, L, d), C_i after Ĥ_0 .. Ĥ_i, Eq. 8
+        att = Q @ C.transpose(1, 2)  # (B, L + 1, L), Eq. 10's dot-product scores
+        j, i = torch.arange(L + 1, device=H.device)[:, None], torch.arange(L, device=H.device)[None, :]
+        visible = (i <= j - 3) & mask[:, None, :]  # target j sees the distant states 0 .. j-3
+        # a target with no distant context attends to nothing: zero (a finite fill keeps gradients finite)
+        att = att.masked_fill(~visible, torch.finfo(att.dtype).min).softmax(-1) * visible.any(-1, keepdim=True)
+        return self.out(torch.cat([att @ C, Q], -1))
+
+
+class TCMP(nn.Module):
+    def __init__(self, config: TCMPConfig):
+        super().__init__()
+        self.config = c = config
+        self.text = "text" in c.modalities
+        self.audio = "audio" in c.modalities
+        if self.text:
+            self.bert = Bert(BertConfig(**c.bert))
+            self.proj_t = nn.Linear(self.bert.config.dim, c.d)
+        if self.audio:
+            self.hubert = Hubert(HubertConfig(**c.hubert))
+            self.proj_a = nn.Linear(self.hubert.config.dim, c.d)
+        self.betas = [b for b, on in (("t", self.text), ("a", self.audio), ("m", self.text and self.audio)) if on]
+        if "m" in self.betas:
+            self.fuse = nn.Linear(2 * c.d, c.d)  # Eq. 6
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's, Eq. 17-20
+        self.context = nn.ModuleDict({b: ContextInteraction(c.d, c.distant) for b in self.betas})
+        self.drop = nn.Dropout(c.dropout)
+        self.head1 = nn.Linear(len(self.betas) * c.d, c.d)  # Eq. 22
+        self.head2 = nn.Linear(c.d, c.n_labels)
+
+    def encode(self, batch):
+        """Every distinct utterance of the batch, once -> {β: (U, d)}"""
+        H = {}
+        if self.text:
+            ids, mask = batch["text"], batch["text_mask"]
+            H["t"] = torch.tanh(self.proj_t(pool(self.bert(ids, mask), mask)))  # Eq. 2, 4 and the projection
+        if self.audio:
+            frames, frame_mask = self.hubert(batch["audio"], batch["audio_mask"])
+            H["a"] = torch.tanh(self.proj_a(pool(frames, frame_mask)))  # Eq. 3, 4
+        if "m" in self.betas:
+            H["m"] = self.fuse(torch.cat([H["t"], H["a"]], -1))  # Eq. 6
+        return H
+
+    def interact(self, H, ctx, ctx_mask):
+        """Context vectors P^β for every target position: ctx (B, L) indexes H's utterances -> {β: (B, L+1, d)}"""
+        return {b: self.context[b](self.drop(H[b][ctx]), ctx_mask) for b in self.betas}
+
+    def classify(self, batch):
+        """Fine-tuning: logits (B, n_labels) of the next emotion after each context, Eq. 22 (before its softmax)"""
+        H = self.encode(batch)
+        P = self.interact(H, batch["ctx"], batch["ctx_mask"])
+        last = batch["ctx_mask"].sum(1)  # (B,) the target's position: right after the context
+        p = torch.cat([P[b][torch.arange(len(last)), last] for b in self.betas], -1)  # [P^t ; P^m ; P^a]
+        return self.head2(self.drop(torch.tanh(self.head1(p))))
+
+    def tus_scores(self, H, P, batch):
+        """Eq. 11-13 before the sigmoid: logits (N, k) of each target's candidates, true one first"""
+        tgt_b, tgt_j = batch["targets"].unbind(1)  # (N,), (N,): window and position of each target
+        cands = torch.cat([batch["ctx"][tgt_b, tgt_j, None], batch["noise"]], 1)  # (N, k) utterance indices
+        return {b: (P[b][tgt_b, tgt_j, None, :] * H[b][cands]).sum(-1) for b in self.betas}
+
+    def pretrain_loss(self, batch):
+        """Eq. 14-21 -> (total, {part: value}, logits)"""
+        c = self.config
+        H = self.encode(batch)
+        P = self.interact(H, batch["ctx"], batch["ctx_mask"])
+        s = self.tus_scores(H, P, batch)
+        parts = {}
+        intra = [s[b] for b in ("t", "a") if b in s]
+        if c.tus in ("intra", "both") and intra:
+            parts["intra"] = tus_loss(intra, c.tus_loss)
+        if c.tus in ("inter", "both") and "m" in s:
+            parts["inter"] = tus_loss([s["m"]], c.tus_loss)
+        if not parts:
+            raise ValueError(f"--tus {c.tus} has no loss with the modalities {c.modalities}")
+        total = c.zeta * sum(parts.values())  # Eq. 16, 21
+        if "m" in self.betas:
+            parts["clip"] = clip_loss(H["t"], H["a"], self.logit_scale)
+            total = total + c.eta * parts["clip"]
+        return total, parts, s
+
+
+def tus_loss(logits, kind):
+    """TUS over candidates, the true one at index 0. logits: the (N, k) scores of one modality (inter,
+    Eq. 15) or of several whose probabilities multiply (intra, Eq. 14)."""
+    if kind == "softmax":  # the authors' code: cross-entropy over the k candidates, per modality
+        return sum(F.cross_entropy(x, torch.zeros(len(x), dtype=torch.long, device=x.device)) for x in logits)
+    log_s = sum(F.logsigmoid(x) for x in logits)  # (N, k): log of the product of the scores s
+    # -log s_true - sum over noise of log(1 - s); log(1 - e^a) = log(-expm1(a)), kept below 0
+    noise = torch.log(-torch.expm1(log_s[:, 1:].clamp(max=-1e-6))).sum(1)
+    return -(log_s[:, 0] + noise).mean()
+
+
+def clip_loss(ht, ha, logit_scale):
+    """Eq. 17-20 with CLIP's L2 normalisation and learnable temperature (capped at 100)."""
+    logits = logit_scale.exp().clamp(max=100) * F.normalize(ht, dim=-1) @ F.normalize(ha, dim=-1).T  # (U, U)
+    target = torch.arange(len(ht), device=ht.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2  # (L_h + L_v) / 2
 
 # -----------------------------------------------------------------------------
 # loading real checkpoints

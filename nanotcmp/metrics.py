@@ -1,0 +1,106 @@
+"""
+The metrics of TCMP.md §7, numpy only. Emotion: WA (accuracy), AA (mean per-class recall) and
+macro F1, all from one confusion matrix. Pre-training: R_k@m of target utterance searching.
+Every score is in percent (0-100). Inputs may be lists, numpy arrays or torch tensors.
+"""
+
+import numpy as np
+
+
+def _array(x):
+    if hasattr(x, "detach"):  # a torch tensor, maybe on the GPU or needing grad: np.asarray refuses those
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _labels(y, n_classes, name):
+    y = _array(y)
+    if y.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {y.shape}")
+    if y.size == 0:
+        return y.astype(np.int64)  # np.asarray([]) is float64
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer class indices, got dtype {y.dtype}")
+    bad = y[(y < 0) | (y >= n_classes)]
+    if bad.size:
+        raise ValueError(f"{name} holds label {bad[0]}, outside 0..{n_classes - 1}")
+    return y.astype(np.int64)
+
+
+def confusion(y_true, y_pred, n_classes):
+    """(n_classes, n_classes) counts; row = true class, column = predicted class."""
+    t, p = _labels(y_true, n_classes, "y_true"), _labels(y_pred, n_classes, "y_pred")
+    if len(t) != len(p):
+        raise ValueError(f"y_true has {len(t)} labels but y_pred has {len(p)}")
+    if len(t) == 0:
+        raise ValueError("no samples: every metric would be 0/0")
+    return np.bincount(t * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def _wa(cm):
+    return 100.0 * float(np.trace(cm) / cm.sum())
+
+
+def _aa(cm):
+    # a class absent from y_true has recall 0/0, undefined rather than 0, so it is left out of the mean
+    support = cm.sum(1)
+    present = support > 0
+    return 100.0 * float(np.mean(np.diag(cm)[present] / support[present]))
+
+
+def _f1(cm):
+    # F1 = 2PR/(P+R) = 2tp / (2tp + fp + fn), which is 0 (not 0/0) whenever the class was true or
+    # predicted but never both; the classes neither true nor predicted are left out, as in
+    # scikit-learn's f1_score(average="macro", labels=<the classes seen>)
+    tp = np.diag(cm)
+    denom = cm.sum(0) + cm.sum(1)  # = 2tp + fp + fn
+    seen = denom > 0
+    return 100.0 * float(np.mean(2 * tp[seen] / denom[seen]))
+
+
+def wa(y_true, y_pred):
+    t, p = _array(y_true), _array(y_pred)
+    n = int(max(t.max(initial=0), p.max(initial=0))) + 1  # WA needs no class count: any that fits
+    return _wa(confusion(t, p, n))
+
+
+def aa(y_true, y_pred, n_classes):
+    return _aa(confusion(y_true, y_pred, n_classes))
+
+
+def macro_f1(y_true, y_pred, n_classes):
+    return _f1(confusion(y_true, y_pred, n_classes))
+
+
+def emotion_scores(y_true, y_pred, n_classes):
+    cm = confusion(y_true, y_pred, n_classes)
+    return {"wa": _wa(cm), "aa": _aa(cm), "f1": _f1(cm), "confusion": cm.tolist()}
+
+
+def majority_scores(y_train, y_test, n_classes):
+    """The floor any model must beat: always predict y_train's most frequent class (ties: lowest index)."""
+    majority = int(np.argmax(np.bincount(_labels(y_train, n_classes, "y_train"), minlength=n_classes)))
+    y_test = _labels(y_test, n_classes, "y_test")
+    return emotion_scores(y_test, np.full_like(y_test, majority), n_classes)
+
+
+def recall_at(scores, true_index, m):
+    """
+    R_k@m (TCMP.md Eq. 24): the share of targets, in percent, whose true candidate is among the m
+    best-scored of its row's k candidates. Ties are pessimistic: the true candidate ranks below
+    every candidate with an equal score, so a model that scores everything alike gets R_k@m = 0
+    for every m < k instead of a lucky hit from the sort order.
+    """
+    s, i = _array(scores).astype(np.float64), _array(true_index)
+    if s.ndim != 2 or s.shape[0] == 0 or i.shape != (s.shape[0],):
+        raise ValueError(f"need scores (N, k) with N > 0 and true_index (N,), got {s.shape} and {i.shape}")
+    n, k = s.shape
+    if not 1 <= m <= k:
+        raise ValueError(f"m={m} must be in 1..k={k}")
+    if not np.issubdtype(i.dtype, np.integer) or i.min() < 0 or i.max() >= k:
+        raise ValueError(f"true_index must be integers in 0..{k - 1}, got {i.min()}..{i.max()}")
+    if np.isnan(s).any():
+        raise ValueError("scores hold NaN, which no ranking can place")
+    true = s[np.arange(n), i][:, None]
+    at_or_above = (s >= true).sum(1)  # the true candidate's 1-based rank, losing every tie
+    return 100.0 * float(np.mean(at_or_above <= m))
