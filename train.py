@@ -37,9 +37,9 @@ def parse_args(argv):
     p.add_argument("--modalities", choices=["text", "audio", "all"], default="all")
     p.add_argument("--init", help="fine-tune from this pre-training run's folder")
     p.add_argument("--out", help="default: out/<data>-<stage>")
-    p.add_argument("--epochs", type=int, help="default: 4 pre-training, 12 fine-tuning")
+    p.add_argument("--epochs", type=int, help="default: 8 pre-training, 12 fine-tuning")
     p.add_argument("--max-steps", type=int, help="stop (with a resumable state) after this many steps")
-    p.add_argument("--batch-size", type=int, help="windows (pre-training, default 8) or samples (fine-tuning, 16)")
+    p.add_argument("--batch-size", type=int, help="windows (pre-training, default 4) or samples (fine-tuning, 16)")
     p.add_argument("--k", type=int, default=5, help="candidates per target in pre-training: 1 true + k-1 noise")
     p.add_argument("--lr", type=float, help="default: the paper's, 2e-4 pre-training, 2e-5 fine-tuning; 1e-3 with "
                                             "tiny encoders")
@@ -202,7 +202,7 @@ def train_stage(stage, args, device):
         train_split = Split(os.path.join(args.data, "pretrain.safetensors" if "pretrain" in meta["splits"]
                                          else "train.safetensors"))
         items = windows(train_split)
-        batch_size = args.batch_size or 8
+        batch_size = args.batch_size or 4
     else:
         if not meta["splits"].get("train", {}).get("labelled"):
             raise SystemExit(f"train.py: {args.data} has no labelled train split to fine-tune on")
@@ -212,7 +212,7 @@ def train_stage(stage, args, device):
         weights = class_weights(train_split, model.config.n_labels).to(device)
     args.batch_size = batch_size
     dev, test = (Split(os.path.join(args.data, f"{s}.safetensors")) for s in ("dev", "test"))
-    epochs = args.epochs or (4 if stage == "pretrain" else 12)
+    epochs = args.epochs or (8 if stage == "pretrain" else 12)
     steps_per_epoch = math.ceil(len(items) / batch_size)
     total = epochs * steps_per_epoch
     print(f"{stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
@@ -220,24 +220,26 @@ def train_stage(stage, args, device):
           f"steps, lr {lr:g} (encoders {lr_enc:g}), {device}")
 
     state_path = os.path.join(out, "state.pt")
-    step, best, history = 0, None, []
+    step, best = 0, None
     if args.resume:
         if not os.path.isfile(state_path):
             raise SystemExit(f"train.py: --resume: no {state_path}")
         state = torch.load(state_path, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        step, best, history = state["step"], state["best"], state["history"]
+        step, best = state["step"], state["best"]
         torch.set_rng_state(state["torch_rng"])
         print(f"resumed at step {step}")
 
     def save_state():
         write_atomic(state_path, lambda p: torch.save({
             "model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
-            "history": history, "torch_rng": torch.get_rng_state()}, p))
+            "torch_rng": torch.get_rng_state()}, p))
 
-    t0, t_log, seen, first_step, last_log = time.time(), time.time(), 0, step, step
+    t0, busy, seen, first_step, last_log = time.time(), 0.0, 0, step, step  # busy: seconds in steps since the last log
+    t_epoch = t0
     while step < total:
+        t_step = time.time()
         epoch, i = divmod(step, steps_per_epoch)
         epoch_rng = np.random.default_rng((args.seed, epoch))  # the epoch's order: the same after a resume
         rng = np.random.default_rng((args.seed, epoch, i))  # this step's noise candidates
@@ -265,28 +267,31 @@ def train_stage(stage, args, device):
         opt.step()
         step += 1
         seen += len(chunk)
+        busy += time.time() - t_step
         if step % args.log_every == 0 or step == total:
-            dt = (time.time() - t_log) / (step - last_log)
+            dt = busy / (step - last_log)  # training only: evaluations are not in it
+            unit = "windows" if stage == "pretrain" else "samples"
             print(f"step {step}/{total} | loss {loss.item():.4f} ("
                   + ", ".join(f"{k} {v.item():.4f}" for k, v in parts.items())
-                  + f") | {dt * 1000:.0f} ms/step | {seen / (time.time() - t_log):.1f} {'windows' if stage == 'pretrain' else 'samples'}/s"
+                  + f") | {dt * 1000:.0f} ms/step | {seen / busy:.1f} {unit}/s"
                   + f" | ETA {(total - step) * (time.time() - t0) / (step - first_step) / 60:.1f} min")
-            t_log, seen, last_log = time.time(), 0, step
+            busy, seen, last_log = 0.0, 0, step
         if step % steps_per_epoch == 0:  # end of an epoch: evaluate on dev
             if stage == "pretrain":
                 scores = retrieval_scores(model, dev, args, device)
-                print(f"epoch {epoch + 1} dev: " + " | ".join(
+                print(f"epoch {epoch + 1} ({time.time() - t_epoch:.0f} s) dev: " + " | ".join(
                     f"{b} " + " ".join(f"{k} {v:.1f}" for k, v in s.items()) for b, s in scores.items()))
                 save_model(model, out, args, meta, stage)
             else:
                 y, p = predict(model, dev, args, device)
                 scores = emotion_scores(y, p, model.config.n_labels)
-                print(f"epoch {epoch + 1} dev: WA {scores['wa']:.2f} AA {scores['aa']:.2f} F1 {scores['f1']:.2f}")
+                print(f"epoch {epoch + 1} ({time.time() - t_epoch:.0f} s) dev: WA {scores['wa']:.2f} "
+                      f"AA {scores['aa']:.2f} F1 {scores['f1']:.2f}")
                 if best is None or scores["wa"] > best["dev"]["wa"]:
                     best = {"epoch": epoch + 1, "dev": {k: scores[k] for k in ("wa", "aa", "f1")}}
                     save_model(model, out, args, meta, stage)
-            history.append({"step": step, "epoch": epoch + 1})
             save_state()
+            t_epoch = time.time()
         elif step % args.save_every == 0:
             save_state()
         if args.max_steps and step >= args.max_steps and step < total:

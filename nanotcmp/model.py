@@ -307,7 +307,7 @@ def tiny_bert_config(vocab_size):
 
 
 def tiny_hubert_config():
-    return HubertConfig(dim=64, n_layer=2, n_head=2, ffn_dim=128, conv_dim=(32,) * 7, pos_kernel=16,
+    return HubertConfig(dim=64, n_layer=2, n_head=2, ffn_dim=128, conv_dim=(16,) * 7, pos_kernel=16,
                         pos_groups=4, normalize_wave=True)
 
 
