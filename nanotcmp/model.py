@@ -123,11 +123,7 @@ class Bert(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path):
-        tensors, hf = read_checkpoint(path, prefix="bert.")
-        config = bert_config(hf, tensors, path)
-        model = cls(config)
-        load_state(model, tensors, bert_names(config), BERT_EXTRAS, path)
-        return model
+        return load_pretrained(cls, path, "bert.", bert_config, bert_names, BERT_EXTRAS)
 
 
 def check_ids(input_ids, vocab_size):
@@ -275,11 +271,7 @@ class Hubert(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path):
-        tensors, hf = read_checkpoint(path, prefix="hubert.")
-        config = hubert_config(hf, tensors, path)
-        model = cls(config)
-        load_state(model, tensors, hubert_names(config), HUBERT_EXTRAS, path)
-        return model
+        return load_pretrained(cls, path, "hubert.", hubert_config, hubert_names, HUBERT_EXTRAS)
 
 
 def normalize(wave, mask):
@@ -636,6 +628,16 @@ def hubert_names(c: HubertConfig):
             "attn.o": "attention.out_proj", "ln1": "layer_norm", "fc1": "feed_forward.intermediate_dense",
             "fc2": "feed_forward.output_dense", "ln2": "final_layer_norm"})
     return names
+
+
+def load_pretrained(cls, path, prefix, make_config, make_names, extras):
+    """An encoder of class cls from a checkpoint: its config (config.json, else the tensor shapes),
+    then every tensor through the name map"""
+    tensors, hf = read_checkpoint(path, prefix)
+    config = make_config(hf, tensors, path)
+    model = cls(config)
+    load_state(model, tensors, make_names(config), extras, path)
+    return model
 
 
 def load_state(model, tensors, names, extras, path):
