@@ -7,6 +7,7 @@ Run: python -m pytest -q
 import csv
 import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 import nanotcmp.model as M
 import prepare
+import sample
 import train
 from nanotcmp.audio import SAMPLE_RATE, AudioError, load_audio, save_wav, synthesize
 from nanotcmp.data import Split, draw_noise, finetune_batch, load_meta, make_batch, pretrain_batch, windows
@@ -1392,3 +1394,107 @@ def test_tus_switch_picks_the_losses(small_demo):
             total, parts, scores = small_model(small_demo, "--tus", tus).pretrain_loss(batch)
         assert set(parts) == want and set(scores) == {"t", "a", "m"}
         assert abs(total.item() - (0.5 * sum(v for k, v in parts.items() if k != "clip") + 0.5 * parts["clip"]).item()) < 1e-5
+
+# -----------------------------------------------------------------------------
+# sample.py: real-time pre-recognition
+
+
+@pytest.fixture(scope="module")
+def demo_ckpt(small_demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt")
+    train.main(["--stage", "finetune", "--data", str(small_demo), "--epochs", "1", "--out", str(out / "all"),
+                "--log-every", "100"])
+    train.main(["--stage", "finetune", "--data", str(small_demo), "--epochs", "1", "--out", str(out / "text"),
+                "--modalities", "text", "--log-every", "100"])
+    return out
+
+
+def run_sample(capsys, *argv):
+    sample.main([str(a) for a in argv])
+    return capsys.readouterr().out
+
+
+def test_streaming_equals_batch_evaluation(small_demo, demo_ckpt, capsys):
+    example = small_demo / "example_dialogue.jsonl"
+    out = run_sample(capsys, example, "--ckpt", demo_ckpt / "all", "--json")
+    answers = [json.loads(line) for line in out.splitlines()]
+    turns = [json.loads(line) for line in example.read_text().splitlines()]
+    assert [a["turn"] for a in answers] == list(range(2, len(turns) + 1))
+    model, _, config = sample.load_checkpoint(demo_ckpt / "all", torch.device("cpu"))
+    test = Split(small_demo / "test.safetensors")  # the example is the first test dialogue
+    for a in answers:
+        n = a["turn"]
+        assert a["target_speaker"] == turns[n - 2]["speaker"]  # the speaker of turn N-1
+        assert abs(sum(a["probs"].values()) - 1) < 1e-5 and list(a["probs"]) == config["labels"]
+        row = np.array([[max(0, n - config["max_context"]), n, 0]])
+        with torch.no_grad():
+            want = model.classify(finetune_batch(test, row, model.config.modalities)).softmax(-1)[0]
+        assert max(abs(a["probs"][k] - want[i].item()) for i, k in enumerate(config["labels"])) <= 1e-5
+
+
+def test_stdin_equals_file_and_each_utterance_is_encoded_once(small_demo, demo_ckpt, capsys, monkeypatch):
+    example = small_demo / "example_dialogue.jsonl"
+    calls = {"bert": [], "hubert": []}
+    for name, cls in (("bert", Bert), ("hubert", Hubert)):
+        forward = cls.forward
+        monkeypatch.setattr(cls, "forward", lambda self, x, *a, _f=forward, _n=name: calls[_n].append(len(x))
+                            or _f(self, x, *a))
+    from_file = run_sample(capsys, example, "--ckpt", demo_ckpt / "all", "--json")
+    n_turns = len(example.read_text().splitlines())
+    assert calls["bert"] == calls["hubert"] == [1] * n_turns  # one utterance a call, each once
+    monkeypatch.chdir(small_demo)  # on stdin, audio paths are relative to the working directory
+    monkeypatch.setattr(sys, "stdin", io.StringIO(example.read_text()))
+    from_stdin = run_sample(capsys, "-", "--ckpt", demo_ckpt / "all", "--json")
+    strip = lambda out: [{k: v for k, v in json.loads(l).items() if k != "ms"} for l in out.splitlines()]
+    assert strip(from_stdin) == strip(from_file)
+    human = run_sample(capsys, example, "--ckpt", demo_ckpt / "all")
+    assert human.count(" ms)") == n_turns - 1 and "turn 1 | " in human
+
+
+def test_text_only_checkpoint_needs_no_audio(demo_ckpt, tmp_path, capsys):
+    turns = write_jsonl(tmp_path / "t.jsonl", [{"speaker": s, "text": t} for s, t in
+                                               (("A", "hello there"), ("Zed", "hi"), ("A", "how are you?"))])
+    answers = [json.loads(l) for l in run_sample(capsys, turns, "--ckpt", demo_ckpt / "text", "--json").splitlines()]
+    assert [a["target_speaker"] for a in answers] == ["A", "Zed"]  # a speaker never seen in training is fine
+    with pytest.raises(SystemExit, match=re.escape(f"{turns}:1: this turn has no audio, and the model uses audio")):
+        run_sample(capsys, turns, "--ckpt", demo_ckpt / "all")
+
+
+@pytest.mark.parametrize("line, says", [
+    ('{"speaker": "A", "text": "hi"', ":2: not valid JSON"),
+    ('{"text": "hi", "audio": "a.wav"}', ":2: missing field speaker"),
+    ('{"speaker": "A", "text": "  ", "audio": "a.wav"}', ":2: empty text"),
+    ('{"speaker": "A", "text": "hi", "audio": "gone.wav"}', ":2: {dir}/gone.wav: no such file"),
+    ('{"speaker": "A", "text": "hi", "audio": "bad.wav"}', ":2: {dir}/bad.wav: corrupt WAV file"),
+])
+def test_bad_turns_are_named(demo_ckpt, tmp_path, capsys, monkeypatch, line, says):
+    write_sine_wav(tmp_path / "a.wav")
+    (tmp_path / "bad.wav").write_bytes(b"RIFF....WAVEjunk")
+    good = '{"speaker": "B", "text": "fine", "audio": "a.wav"}'
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join([good, line, good, good]) + "\n")
+    says = says.format(dir=tmp_path)
+    with pytest.raises(SystemExit, match=re.escape(f"{path}{says}")):
+        run_sample(capsys, path, "--ckpt", demo_ckpt / "all")
+    # on standard input, --keep-going reports the bad turn and serves the next ones
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(path.read_text()))
+    with pytest.raises(SystemExit, match=re.escape(f"stdin{says}")):  # without --keep-going, it stops
+        run_sample(capsys, "-", "--ckpt", demo_ckpt / "all")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(path.read_text()))
+    capsys.readouterr()
+    sample.main(["-", "--ckpt", str(demo_ckpt / "all"), "--json", "--keep-going"])
+    captured = capsys.readouterr()
+    assert [json.loads(l)["turn"] for l in captured.out.splitlines()] == [2, 3]
+    assert "stdin:2: " in captured.err and "(skipped)" in captured.err
+
+
+def test_bad_checkpoints_are_named(demo_ckpt, small_demo, tmp_path, capsys):
+    with pytest.raises(SystemExit, match=re.escape(f"no checkpoint at {tmp_path / 'none'}")):
+        run_sample(capsys, small_demo / "example_dialogue.jsonl", "--ckpt", tmp_path / "none")
+    shutil.copytree(demo_ckpt / "all", tmp_path / "old")
+    config = json.loads((tmp_path / "old/config.json").read_text())
+    config["model"]["d"] = 32  # sizes the weights do not have
+    (tmp_path / "old/config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="does not match this code's TCMP"):
+        run_sample(capsys, small_demo / "example_dialogue.jsonl", "--ckpt", tmp_path / "old")

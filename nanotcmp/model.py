@@ -438,9 +438,13 @@ class TCMP(nn.Module):
 
     def classify(self, batch):
         """Fine-tuning: logits (B, n_labels) of the next emotion after each context, Eq. 22 (before its softmax)"""
-        H = self.encode(batch)
-        P = self.interact(H, batch["ctx"], batch["ctx_mask"])
-        last = batch["ctx_mask"].sum(1)  # (B,) the target's position: right after the context
+        return self.head(self.encode(batch), batch["ctx"], batch["ctx_mask"])
+
+    def head(self, H, ctx, ctx_mask):
+        """Encoded utterances H, contexts ctx (B, L) indexing them -> logits (B, n_labels). The
+        real-time path calls this on cached utterance vectors."""
+        P = self.interact(H, ctx, ctx_mask)
+        last = ctx_mask.sum(1)  # (B,) the target's position: right after the context
         p = torch.cat([P[b][torch.arange(len(last)), last] for b in self.betas], -1)  # [P^t ; P^m ; P^a]
         return self.head2(self.drop(torch.tanh(self.head1(p))))
 

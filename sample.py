@@ -1,0 +1,167 @@
+"""
+Real-time emotion pre-recognition: after every turn of a conversation, how will the target
+speaker (the speaker of the turn before last) feel when they next speak?
+
+python sample.py                               # the demo's example dialogue, the demo's fine-tuned model
+python sample.py DIALOGUE.jsonl --ckpt DIR     # one dialogue in the generic JSONL format
+python sample.py - --ckpt DIR [--keep-going]   # turns on standard input, each answered as soon as it is read
+
+A turn is one JSON line: {"speaker": "Ross", "text": "Hi.", "audio": "clips/d1_0.wav"}, the audio
+path relative to the file (to the working directory on standard input), needed only by a model
+that uses audio. Each utterance is encoded once; a turn costs its own encoding plus the GRUs and
+the attention over the cached vectors of at most max_context utterances.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from collections import deque
+
+import torch
+from safetensors.torch import load_file
+
+from nanotcmp.audio import AudioError, load_audio
+from nanotcmp.model import TCMP, TCMPConfig
+from nanotcmp.tokenizer import WordPiece
+
+MIN_SAMPLES = 400  # HuBERT's receptive field
+
+
+class BadTurn(ValueError):
+    pass
+
+
+def load_checkpoint(folder, device):
+    """-> (model, tokenizer, checkpoint config) of a fine-tuning run made by train.py"""
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise SystemExit(f"sample.py: no checkpoint at {folder} ({config_path} not found); "
+                         f"train one with: python train.py")
+    with open(config_path) as f:
+        config = json.load(f)
+    try:
+        model = TCMP(TCMPConfig(**{**config["model"], "modalities": tuple(config["model"]["modalities"])}))
+        model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+    except (KeyError, TypeError, RuntimeError, OSError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise SystemExit(f"sample.py: {folder} does not match this code's TCMP ({first})") from None
+    if config.get("stage") != "finetune":
+        raise SystemExit(f"sample.py: {folder} is a {config.get('stage')} run; give a fine-tuning run (--ckpt)")
+    tok = WordPiece.from_file(config["vocab"]["path"])
+    return model.to(device).eval(), tok, config
+
+
+class Stream:
+    """The conversation so far, as cached utterance vectors: one encoding per utterance, ever."""
+
+    def __init__(self, model, tok, max_tokens, max_context, device):
+        self.model, self.tok, self.max_tokens, self.device = model, tok, max_tokens, device
+        self.cache = {b: deque(maxlen=max_context) for b in model.betas}  # β -> the last (d,) vectors
+        self.turns = 0
+
+    @torch.no_grad()
+    def add(self, text, wave):
+        """One more utterance -> the next emotion's probabilities (n_labels,), or None before turn 2"""
+        batch = {}
+        if self.model.text:
+            ids = torch.tensor([self.tok.encode(text, self.max_tokens)])
+            batch |= {"text": ids, "text_mask": torch.ones_like(ids, dtype=torch.bool)}
+        if self.model.audio:
+            x = torch.from_numpy(wave.astype("float32") / 2 ** 15)[None]
+            batch |= {"audio": x, "audio_mask": torch.ones_like(x, dtype=torch.bool)}
+        H = self.model.encode({k: v.to(self.device) for k, v in batch.items()})
+        for b, cache in self.cache.items():
+            cache.append(H[b][0])
+        self.turns += 1
+        if self.turns < 2:
+            return None
+        L = len(self.cache[self.model.betas[0]])
+        ctx = torch.arange(L, device=self.device)[None]  # (1, L): the cached utterances, in order
+        cached = {b: torch.stack(list(cache)) for b, cache in self.cache.items()}  # β -> (L, d)
+        logits = self.model.head(cached, ctx, torch.ones_like(ctx, dtype=torch.bool))
+        return logits.float().softmax(-1)[0].cpu()
+
+
+def parse_turn(line, where, base, needs_audio, dialogue):
+    """A JSON line -> (speaker, text, int16 samples or None); dialogue: the id of the first turn"""
+    try:
+        turn = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadTurn(f"{where}: not valid JSON ({e.msg})") from None
+    missing = [k for k in ("speaker", "text") if not isinstance(turn, dict) or k not in turn]
+    if missing:
+        raise BadTurn(f"{where}: missing field {', '.join(missing)}")
+    if not str(turn["text"]).strip():
+        raise BadTurn(f"{where}: empty text")
+    if dialogue is not None and turn.get("dialogue", dialogue) != dialogue:
+        raise BadTurn(f"{where}: dialogue {turn['dialogue']!r}, while this conversation is {dialogue!r}")
+    wave = None
+    if needs_audio:
+        if not turn.get("audio"):
+            raise BadTurn(f"{where}: this turn has no audio, and the model uses audio")
+        try:
+            wave, _ = load_audio(os.path.join(base, turn["audio"]))
+        except AudioError as e:
+            raise BadTurn(f"{where}: {e}") from None
+        if len(wave) < MIN_SAMPLES:
+            raise BadTurn(f"{where}: audio of {len(wave)} samples, fewer than {MIN_SAMPLES} (25 ms)")
+    return str(turn["speaker"]), str(turn["text"]), wave
+
+
+def report(turn, speaker, text, target, probs, labels, ms, as_json):
+    if as_json:
+        if probs is not None:
+            print(json.dumps({"turn": turn, "target_speaker": target, "ms": round(ms, 2),
+                              "probs": {name: round(float(p), 6) for name, p in zip(labels, probs)}}))
+        return
+    print(f"turn {turn} | {speaker}: {text}")
+    if probs is not None:
+        width = max(len(name) for name in labels)
+        for i, (name, p) in enumerate(zip(labels, probs)):
+            lead = f"  {target} next:" if i == 0 else ""
+            print(f"{lead:<{len(target) + 9}} {name:<{width}} {p:5.2f} {'█' * round(float(p) * 30)}")
+        print(f"  ({ms:.0f} ms)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dialogue", nargs="?", default="data/demo/example_dialogue.jsonl",
+                   help="a JSONL dialogue, or - for standard input")
+    p.add_argument("--ckpt", default="out/demo-finetune", help="a fine-tuning run's folder")
+    p.add_argument("--json", action="store_true", help="one JSON object a line instead of the bar charts")
+    p.add_argument("--keep-going", action="store_true", help="on standard input: report a bad turn, then go on")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    model, tok, config = load_checkpoint(args.ckpt, device)
+    stream = Stream(model, tok, config["max_tokens"], config["max_context"], device)
+    if args.dialogue == "-":
+        lines, base, name = sys.stdin, os.getcwd(), "stdin"
+    else:
+        if not os.path.isfile(args.dialogue):
+            raise SystemExit(f"sample.py: {args.dialogue} not found")
+        lines, base, name = open(args.dialogue, encoding="utf-8"), os.path.dirname(args.dialogue), args.dialogue
+    speakers, dialogue = [], None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        t0 = time.perf_counter()
+        try:
+            speaker, text, wave = parse_turn(line, f"{name}:{i}", base, model.audio, dialogue)
+        except BadTurn as e:
+            if args.dialogue == "-" and args.keep_going:
+                print(f"sample.py: {e} (skipped)", file=sys.stderr, flush=True)
+                continue
+            raise SystemExit(f"sample.py: {e}") from None
+        dialogue = dialogue or json.loads(line).get("dialogue")
+        probs = stream.add(text, wave)
+        speakers.append(speaker)
+        target = speakers[-2] if len(speakers) >= 2 else None  # the source: the speaker of turn N-1
+        report(len(speakers), speaker, text, target, probs, config["labels"],
+               (time.perf_counter() - t0) * 1000, args.json)
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
