@@ -2,6 +2,7 @@
 Benchmarks, each printing ratios against a reference measured in the same run.
 
 python bench.py encoders   # our BERT-base and HuBERT-base vs transformers': forward time and peak memory
+python bench.py stream     # sample.py's per-turn latency vs re-encoding the whole context every turn
 """
 import argparse
 import os
@@ -10,12 +11,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np
 import torch
 
-from nanotcmp.model import Bert, Hubert
+from nanotcmp.model import Bert, BertConfig, Hubert, HubertConfig, TCMP, TCMPConfig
+from nanotcmp.tokenizer import WordPiece
+from sample import Stream
 
 # -----------------------------------------------------------------------------
 # encoders: BERT-base on 32 x 24 tokens, HuBERT-base on 4 x 3 s of audio, fp32, random weights
@@ -128,16 +133,67 @@ def bench_encoders(device, reps, tmp):
     print("ratio = ours / reference; target: time ratio <= 1.0")
 
 
+# -----------------------------------------------------------------------------
+# stream: base-size encoders (random weights: the cost is the same), 3-second utterances
+
+
+@torch.inference_mode()
+def bench_stream(device, reps, turns=(2, 6, 11, 30), seconds=3.0, max_context=11):
+    torch.manual_seed(0)
+    config = TCMPConfig(d=768, bert=asdict(BertConfig()), hubert=asdict(HubertConfig(normalize_wave=True)))
+    model = TCMP(config).to(device).eval()
+    # a vocabulary of numbered words, so that an utterance of 12 random words is 12 known word pieces
+    words = [f"w{i}" for i in range(config.bert["vocab_size"] - 5)]
+    tok = WordPiece({t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)})
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(words[i] for i in torch.randint(len(words), (12,), generator=g).tolist())
+             for _ in range(max(turns))]
+    waves = [(torch.randn(int(seconds * 16000), generator=g) * 3000).short().numpy() for _ in range(max(turns))]
+    stream_ms, naive_ms = {n: [] for n in turns}, {n: [] for n in turns}
+    for _ in range(reps):
+        stream = Stream(model, tok, 60, max_context, device)
+        for n in range(1, max(turns) + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            stream.add(texts[n - 1], waves[n - 1])
+            sync(device)
+            if n in turns:
+                stream_ms[n].append((time.perf_counter() - t0) * 1000)
+        for n in turns:  # naive: the context's utterances all encoded again at this turn
+            ctx = list(range(max(0, n - max_context), n))
+            ids = torch.tensor([tok.encode(texts[i], 60) for i in ctx])
+            audio = torch.from_numpy(np.stack([waves[i] for i in ctx]).astype(np.float32) / 2 ** 15)
+            batch = {"text": ids, "text_mask": torch.ones_like(ids, dtype=torch.bool), "audio": audio,
+                     "audio_mask": torch.ones_like(audio, dtype=torch.bool)}
+            sync(device)
+            t0 = time.perf_counter()
+            H = model.encode({k: v.to(device) for k, v in batch.items()})
+            ctx_ids = torch.arange(len(ctx), device=device)[None]
+            model.head(H, ctx_ids, torch.ones_like(ctx_ids, dtype=torch.bool)).softmax(-1)
+            sync(device)
+            naive_ms[n].append((time.perf_counter() - t0) * 1000)
+    print(f"stream on {device}: BERT-base + HuBERT-base, d 768, {seconds:.0f}-second utterances, "
+          f"context {max_context}, median of {reps} runs")
+    print(f"{'turn':>6}{'stream ms':>12}{'naive ms':>12}{'speed-up':>10}{'real-time factor':>19}")
+    med = {n: (statistics.median(stream_ms[n]), statistics.median(naive_ms[n])) for n in turns}
+    for n, (s, nv) in med.items():
+        print(f"{n:>6}{s:>12.0f}{nv:>12.0f}{nv / s:>9.1f}x{s / (seconds * 1000):>19.3f}")
+    print(f"late/early per-turn ratio (turn {turns[-1]} / turn {turns[0]}): {med[turns[-1]][0] / med[turns[0]][0]:.2f} "
+          f"(target <= 1.3); speed-up at turn 11: {med[11][1] / med[11][0]:.1f}x (target >= 5)")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["encoders", "_memory"])
+    parser.add_argument("what", choices=["encoders", "stream", "_memory"])
     parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--reps", type=int, help="repetitions (default: 15 encoders, 3 stream)")
     a = parser.parse_args()
     device = torch.device(a.device)
     if a.what == "_memory":  # one measurement in a fresh process, so earlier runs' memory does not hide it
         print(peak_memory_mib(*a.args, device))
+    elif a.what == "stream":
+        bench_stream(device, a.reps or 3)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            bench_encoders(device, a.reps, tmp)
+            bench_encoders(device, a.reps or 15, tmp)

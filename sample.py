@@ -84,7 +84,8 @@ class Stream:
 
 
 def parse_turn(line, where, base, needs_audio, dialogue):
-    """A JSON line -> (speaker, text, int16 samples or None); dialogue: the id of the first turn"""
+    """A JSON line -> (speaker, text, int16 samples or None, its dialogue id or None);
+    dialogue: the id the conversation's first turn gave, if any"""
     try:
         turn = json.loads(line)
     except json.JSONDecodeError as e:
@@ -106,7 +107,7 @@ def parse_turn(line, where, base, needs_audio, dialogue):
             raise BadTurn(f"{where}: {e}") from None
         if len(wave) < MIN_SAMPLES:
             raise BadTurn(f"{where}: audio of {len(wave)} samples, fewer than {MIN_SAMPLES} (25 ms)")
-    return str(turn["speaker"]), str(turn["text"]), wave
+    return str(turn["speaker"]), str(turn["text"]), wave, turn.get("dialogue")
 
 
 def report(turn, speaker, text, target, probs, labels, ms, as_json):
@@ -148,13 +149,13 @@ def main(argv=None):
             continue
         t0 = time.perf_counter()
         try:
-            speaker, text, wave = parse_turn(line, f"{name}:{i}", base, model.audio, dialogue)
+            speaker, text, wave, this_dialogue = parse_turn(line, f"{name}:{i}", base, model.audio, dialogue)
         except BadTurn as e:
             if args.dialogue == "-" and args.keep_going:
                 print(f"sample.py: {e} (skipped)", file=sys.stderr, flush=True)
                 continue
             raise SystemExit(f"sample.py: {e}") from None
-        dialogue = dialogue or json.loads(line).get("dialogue")
+        dialogue = dialogue or this_dialogue
         probs = stream.add(text, wave)
         speakers.append(speaker)
         target = speakers[-2] if len(speakers) >= 2 else None  # the source: the speaker of turn N-1
