@@ -1498,3 +1498,21 @@ def test_bad_checkpoints_are_named(demo_ckpt, small_demo, tmp_path, capsys):
     (tmp_path / "old/config.json").write_text(json.dumps(config))
     with pytest.raises(SystemExit, match="does not match this code's TCMP"):
         run_sample(capsys, small_demo / "example_dialogue.jsonl", "--ckpt", tmp_path / "old")
+
+
+def test_stdin_answers_each_turn_as_soon_as_it_is_read(small_demo, demo_ckpt):
+    """A live front-end: the answer to turn 2 comes back while standard input is still open."""
+    import select
+    lines = (small_demo / "example_dialogue.jsonl").read_text().splitlines()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "-", "--ckpt", str(demo_ckpt / "all"), "--json"],
+                            cwd=small_demo, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        for turns, n in ((lines[:2], 2), (lines[2:3], 3)):  # turns 1 and 2, then turn 3
+            proc.stdin.write("".join(t + "\n" for t in turns))
+            proc.stdin.flush()
+            ready, _, _ = select.select([proc.stdout], [], [], 120)
+            assert ready, f"no answer to turn {n} while the conversation goes on"
+            assert json.loads(proc.stdout.readline())["turn"] == n
+    finally:
+        proc.stdin.close()
+        proc.wait(60)
