@@ -29,11 +29,9 @@ from itertools import groupby
 import numpy as np
 from safetensors.numpy import save_file
 
-from nanotcmp.audio import SAMPLE_RATE, AudioError, load_audio, save_wav, synthesize
+from nanotcmp.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, load_audio, save_wav, synthesize
 from nanotcmp.data import make_samples
 from nanotcmp.tokenizer import WordPiece
-
-MIN_SAMPLES = 400  # HuBERT's receptive field: shorter audio cannot be encoded
 
 
 class BadInput(ValueError):

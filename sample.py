@@ -21,11 +21,9 @@ from collections import deque
 import torch
 from safetensors.torch import load_file
 
-from nanotcmp.audio import AudioError, load_audio
+from nanotcmp.audio import MIN_SAMPLES, AudioError, load_audio
 from nanotcmp.model import TCMP, TCMPConfig
 from nanotcmp.tokenizer import WordPiece
-
-MIN_SAMPLES = 400  # HuBERT's receptive field
 
 
 class BadTurn(ValueError):

@@ -18,6 +18,7 @@ import torch
 import torchaudio.functional as AF
 
 SAMPLE_RATE = 16000
+MIN_SAMPLES = 400  # HuBERT's receptive field (25 ms): a shorter clip cannot be encoded
 
 
 class AudioError(ValueError):

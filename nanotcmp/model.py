@@ -326,7 +326,7 @@ def pool(x, mask):
 
 
 class GRU(nn.Module):
-    """A GRU written out: reset gate r, update gate z, candidate n (torch.nn.GRU's equations and
+    """A GRU written out: reset gate r, update gate z, candidate n (PyTorch's GRU equations and
     parameter layout, gates stacked r, z, n). Steps where mask is False keep the previous state."""
 
     def __init__(self, d_in, d):
@@ -336,7 +336,7 @@ class GRU(nn.Module):
         self.bias_ih = nn.Parameter(torch.empty(3 * d))
         self.bias_hh = nn.Parameter(torch.empty(3 * d))
         for p in self.parameters():
-            nn.init.uniform_(p, -d ** -0.5, d ** -0.5)  # as torch.nn.GRU
+            nn.init.uniform_(p, -d ** -0.5, d ** -0.5)  # as PyTorch's GRU
 
     def cell(self, x_proj, h):
         # x_proj: (B, 3d) the input's share, already projected; h: (B, d) -> (B, d)
