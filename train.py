@@ -75,8 +75,11 @@ def build_model(args, meta, stage):
         raise SystemExit(f"train.py: {args.data} has no {', '.join(missing)} (its modalities: "
                          f"{', '.join(meta['modalities'])}); use --modalities {meta['modalities'][0]}")
     vocab_size = sum(1 for _ in open(os.path.join(args.data, meta["vocab"]["path"]), encoding="utf-8"))
-    bert, bert_w = encoder_config(args.text_encoder, Bert, tiny_bert_config(vocab_size)) if "text" in modalities else (None, None)
-    hubert, hubert_w = encoder_config(args.audio_encoder, Hubert, tiny_hubert_config()) if "audio" in modalities else (None, None)
+    bert, bert_w, hubert, hubert_w = None, None, None, None  # an unused modality's encoder is never built
+    if "text" in modalities:
+        bert, bert_w = encoder_config(args.text_encoder, Bert, tiny_bert_config(vocab_size))
+    if "audio" in modalities:
+        hubert, hubert_w = encoder_config(args.audio_encoder, Hubert, tiny_hubert_config())
     if bert and bert["vocab_size"] != vocab_size:
         raise SystemExit(f"train.py: {args.text_encoder} has {bert['vocab_size']} word pieces, the dataset's "
                          f"vocabulary {vocab_size}: prepare the dataset with this encoder's vocab.txt")
