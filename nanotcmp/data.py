@@ -103,16 +103,16 @@ def make_batch(split, rows, extra=(), modalities=("text", "audio")):
     L = max(len(row) for row in rows)
     ctx = torch.tensor([[where[u] for u in row] + [0] * (L - len(row)) for row in rows])
     batch = {"ctx": ctx, "ctx_mask": torch.arange(L)[None, :] < torch.tensor([len(r) for r in rows])[:, None]}
-    parts = []
+    parts = []  # (key, one array per distinct utterance)
     if "text" in modalities:
-        parts.append(("text", [split.tokens_of(u) for u in ids], torch.long, 1))
+        parts.append(("text", [split.tokens_of(u).astype(np.int64) for u in ids]))
     if "audio" in modalities:
-        parts.append(("audio", [split.audio_of(u) for u in ids], torch.float32, 2 ** -15))
-    for key, seqs, dtype, scale in parts:
+        parts.append(("audio", [split.audio_of(u).astype(np.float32) / 2 ** 15 for u in ids]))
+    for key, seqs in parts:
         T = max(len(s) for s in seqs)
-        x = torch.zeros(len(ids), T, dtype=dtype)
+        x = torch.zeros(len(ids), T, dtype=torch.from_numpy(seqs[0]).dtype)  # padded with zeros
         for i, s in enumerate(seqs):
-            x[i, :len(s)] = torch.from_numpy(np.asarray(s).astype(np.int64 if dtype == torch.long else np.float32)) * scale
+            x[i, :len(s)] = torch.from_numpy(s)
         batch[key] = x
         batch[key + "_mask"] = torch.arange(T)[None, :] < torch.tensor([len(s) for s in seqs])[:, None]
     return batch, where
