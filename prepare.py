@@ -24,13 +24,12 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from itertools import groupby
 
 import numpy as np
 from safetensors.numpy import save_file
 
 from nanotcmp.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, load_audio, save_wav, synthesize
-from nanotcmp.data import make_samples
+from nanotcmp.data import dialogue_ranges, make_samples
 from nanotcmp.tokenizer import WordPiece
 
 
@@ -268,10 +267,9 @@ def pack_split(dialogues, label_index, tok, with_audio, args, problems, pool):
             ("text", [np.frombuffer(u.text.encode("utf-8"), np.uint8) for _, u, _ in kept], np.uint8)):
         arrays[key], arrays[f"utt_{key}"] = spans(parts, dtype)
     samples = []  # dialogue by dialogue, after the bad utterances are gone
-    for _, group in groupby(range(len(kept)), key=lambda i: arrays["utt_dialogue"][i]):
-        ids = list(group)
-        samples += [(ids[a], ids[t], y) for a, t, y in make_samples(
-            arrays["utt_speaker"][ids].tolist(), arrays["utt_label"][ids].tolist(), args.max_context)]
+    for s, e in dialogue_ranges(arrays["utt_dialogue"]):
+        samples += [(s + a, s + t, y) for a, t, y in make_samples(
+            arrays["utt_speaker"][s:e].tolist(), arrays["utt_label"][s:e].tolist(), args.max_context)]
     arrays["samples"] = np.array(samples, np.int64).reshape(len(samples), 3)
     # one metadata key: safetensors writes several in no fixed order, and reruns must give identical files
     metadata = {"names": json.dumps({"dialogues": [dialogues[d][0] for d in names], "speakers": list(speakers)})}

@@ -170,6 +170,13 @@ def write_atomic(path, write):
     os.replace(tmp, path)
 
 
+def write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    write_atomic(path, write)
+
+
 def save_model(model, out, args, meta, stage):
     write_atomic(os.path.join(out, "model.safetensors"),
                  lambda p: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, p))
@@ -177,7 +184,7 @@ def save_model(model, out, args, meta, stage):
               "vocab": {**meta["vocab"], "path": os.path.abspath(os.path.join(args.data, meta["vocab"]["path"]))},
               "max_tokens": meta["settings"]["max_tokens"], "max_context": meta["settings"]["max_context"],
               "data": os.path.abspath(args.data)}
-    write_atomic(os.path.join(out, "config.json"), lambda p: open(p, "w").write(json.dumps(config, indent=1)))
+    write_json(os.path.join(out, "config.json"), config)
 
 
 def class_weights(train, n_labels):
@@ -321,7 +328,7 @@ def train_stage(stage, args, device):
         print("confusion (rows true, columns predicted; " + ", ".join(meta["labels"]) + "):")
         for row in scores["confusion"]:
             print("  " + " ".join(f"{v:6d}" for v in row))
-    write_atomic(os.path.join(out, "metrics.json"), lambda p: open(p, "w").write(json.dumps(metrics, indent=1)))
+    write_json(os.path.join(out, "metrics.json"), metrics)
     print(f"{stage} done in {time.time() - t0:.0f} s: {out}")
     return out
 

@@ -125,12 +125,18 @@ def finetune_batch(split, samples, modalities):
     return batch
 
 
+def dialogue_ranges(utt_dialogue):
+    """Utterances are stored dialogue by dialogue -> list of (first, end) utterance ids, one a dialogue"""
+    d = np.asarray(utt_dialogue)
+    starts = np.flatnonzero(np.r_[True, d[1:] != d[:-1]]).tolist() if len(d) else []
+    return list(zip(starts, starts[1:] + [len(d)]))
+
+
 def windows(split, size=11, stride=5):
     """Dialogues cut into windows of up to size utterances, every stride (the authors' pre-training
     windows); a window needs 3 utterances to hold a target. -> list of (first, end) utterance ids"""
-    out, d = [], split.utt_dialogue
-    starts = np.flatnonzero(np.r_[True, d[1:] != d[:-1]]).tolist() if len(d) else []
-    for s, e in zip(starts, starts[1:] + [len(d)]):
+    out = []
+    for s, e in dialogue_ranges(split.utt_dialogue):
         a = s
         while True:
             if e - a >= 3:
