@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
+from nanotcmp.data import encoder_inputs, to_device
 from nanotcmp.model import Bert, BertConfig, Hubert, HubertConfig, TCMP, TCMPConfig
 from nanotcmp.tokenizer import WordPiece
 from sample import Stream
@@ -161,13 +162,10 @@ def bench_stream(device, reps, turns=(2, 6, 11, 30), seconds=3.0, max_context=11
                 stream_ms[n].append((time.perf_counter() - t0) * 1000)
         for n in turns:  # naive: the context's utterances all encoded again at this turn
             ctx = list(range(max(0, n - max_context), n))
-            ids = torch.tensor([tok.encode(texts[i], 60) for i in ctx])
-            audio = torch.from_numpy(np.stack([waves[i] for i in ctx]).astype(np.float32) / 2 ** 15)
-            batch = {"text": ids, "text_mask": torch.ones_like(ids, dtype=torch.bool), "audio": audio,
-                     "audio_mask": torch.ones_like(audio, dtype=torch.bool)}
+            batch = encoder_inputs([tok.encode(texts[i], 60) for i in ctx], [waves[i] for i in ctx])
             sync(device)
             t0 = time.perf_counter()
-            H = model.encode({k: v.to(device) for k, v in batch.items()})
+            H = model.encode(to_device(batch, device))
             ctx_ids = torch.arange(len(ctx), device=device)[None]
             model.head(H, ctx_ids, torch.ones_like(ctx_ids, dtype=torch.bool)).softmax(-1)
             sync(device)

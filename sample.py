@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from nanotcmp.audio import MIN_SAMPLES, AudioError, load_audio
+from nanotcmp.data import encoder_inputs, to_device
 from nanotcmp.model import TCMP, TCMPConfig
 from nanotcmp.tokenizer import WordPiece
 
@@ -61,14 +62,9 @@ class Stream:
     @torch.no_grad()
     def add(self, text, wave):
         """One more utterance -> the next emotion's probabilities (n_labels,), or None before turn 2"""
-        batch = {}
-        if self.model.text:
-            ids = torch.tensor([self.tok.encode(text, self.max_tokens)])
-            batch |= {"text": ids, "text_mask": torch.ones_like(ids, dtype=torch.bool)}
-        if self.model.audio:
-            x = torch.from_numpy(wave.astype("float32") / 2 ** 15)[None]
-            batch |= {"audio": x, "audio_mask": torch.ones_like(x, dtype=torch.bool)}
-        H = self.model.encode({k: v.to(self.device) for k, v in batch.items()})
+        batch = encoder_inputs([self.tok.encode(text, self.max_tokens)] if self.model.text else None,
+                               [wave] if self.model.audio else None)
+        H = self.model.encode(to_device(batch, self.device))
         for b, cache in self.cache.items():
             cache.append(H[b][0])
         self.turns += 1

@@ -7,8 +7,12 @@ python train.py --stage pretrain --data data/meld-unlabelled \\
     --text-encoder weights/bert-base-uncased --audio-encoder weights/hubert-base-ls960
 python train.py --stage finetune --data data/p-meld --init out/meld-unlabelled-pretrain \\
     --text-encoder weights/bert-base-uncased --audio-encoder weights/hubert-base-ls960
+python train.py ... --freeze-encoders  # encode every utterance once, train only the TCMP layers
+torchrun --nproc_per_node=4 train.py ...  # one process per GPU; --batch-size is the global batch
 """
 import argparse
+import contextlib
+import hashlib
 import json
 import math
 import os
@@ -17,9 +21,14 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanotcmp.data import Split, dialogue_batches, finetune_batch, load_meta, pretrain_batch, windows
+from nanotcmp.data import (Split, dialogue_batches, encoder_inputs, finetune_batch, load_meta, padding,
+                           pretrain_batch, to_device, windows)
 from nanotcmp.metrics import emotion_scores, majority_scores, recall_at
 from nanotcmp.model import Bert, Hubert, TCMP, TCMPConfig, tiny_bert_config, tiny_hubert_config
 
@@ -45,13 +54,25 @@ def parse_args(argv):
                                             "tiny encoders")
     p.add_argument("--lr-encoder", type=float, help="default: the paper's 2e-6 with checkpoints, --lr with tiny ones")
     p.add_argument("--d", type=int, help="model width (default: 768, or 64 with tiny encoders)")
-    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout of the TCMP layers")
+    p.add_argument("--encoder-dropout", type=float, help="dropout inside BERT and HuBERT (default: the checkpoint's, "
+                                                         "0.1 for tiny ones)")
     p.add_argument("--no-distant", action="store_true", help="see only the nearby context (w/o Dist)")
     p.add_argument("--tus", choices=["intra", "inter", "both"], default="both")
     p.add_argument("--tus-loss", choices=["bce", "softmax"], default="bce")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last state")
+    p.add_argument("--max-padding", type=float, default=0.1,
+                   help="length buckets: padding share each encoder batch may have (1: one padded batch)")
+    p.add_argument("--micro-batches", type=int, help="parts each step's batch is split into, each with its own "
+                   "noise candidates and CLIP negatives, run on the processes in turn; more parts than "
+                   "processes accumulate gradients (default: the number of processes)")
+    p.add_argument("--freeze-encoders", action="store_true",
+                   help="keep BERT and HuBERT fixed: their pooled outputs are computed once and cached beside "
+                        "the dataset")
+    p.add_argument("--no-cache", action="store_true", help="with --freeze-encoders: run the encoders every step")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoders")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=50, help="steps between resumable states")
     return p.parse_args(argv)
@@ -60,12 +81,13 @@ def parse_args(argv):
 # building the model
 
 
-def encoder_config(path, cls, tiny):
-    """-> (config dict, pretrained weights or None) of an encoder: a checkpoint folder or 'tiny'"""
-    if path == "tiny":
-        return asdict(tiny), None
-    enc = cls.from_pretrained(path)
-    return asdict(enc.config), enc.state_dict()
+def encoder_config(path, cls, tiny, dropout):
+    """-> (config dict, pretrained weights or None) of an encoder: a checkpoint folder or 'tiny';
+    dropout: its dropout rate, None to keep the checkpoint's"""
+    enc = None if path == "tiny" else cls.from_pretrained(path)
+    config = asdict(tiny if enc is None else enc.config)
+    config["dropout"] = config["dropout"] if dropout is None else dropout
+    return config, None if enc is None else enc.state_dict()
 
 
 def build_model(args, meta, stage):
@@ -77,9 +99,9 @@ def build_model(args, meta, stage):
     vocab_size = sum(1 for _ in open(os.path.join(args.data, meta["vocab"]["path"]), encoding="utf-8"))
     bert, bert_w, hubert, hubert_w = None, None, None, None  # an unused modality's encoder is never built
     if "text" in modalities:
-        bert, bert_w = encoder_config(args.text_encoder, Bert, tiny_bert_config(vocab_size))
+        bert, bert_w = encoder_config(args.text_encoder, Bert, tiny_bert_config(vocab_size), args.encoder_dropout)
     if "audio" in modalities:
-        hubert, hubert_w = encoder_config(args.audio_encoder, Hubert, tiny_hubert_config())
+        hubert, hubert_w = encoder_config(args.audio_encoder, Hubert, tiny_hubert_config(), args.encoder_dropout)
     if bert and bert["vocab_size"] != vocab_size:
         raise SystemExit(f"train.py: {args.text_encoder} has {bert['vocab_size']} word pieces, the dataset's "
                          f"vocabulary {vocab_size}: prepare the dataset with this encoder's vocab.txt")
@@ -112,11 +134,71 @@ def load_init(model, folder):
     model.load_state_dict({n: ckpt[n] for n in wanted}, strict=False)
 
 # -----------------------------------------------------------------------------
+# the feature cache: frozen encoders' pooled outputs, computed once
+
+FEATURE_BATCH = 32  # utterances an encoder call while filling the cache
+
+
+def encoder_hash(encoder):
+    """sha256 of an encoder's config and weights: what its cached features are keyed by"""
+    h = hashlib.sha256(json.dumps(asdict(encoder.config), sort_keys=True).encode())
+    for name, t in encoder.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def split_features(model, key, split, device):
+    """One modality's pooled encoder outputs for every utterance of a split -> (U, D) float32,
+    encoded in order of length, so that each call's buckets are tight"""
+    lengths = split.utt_tokens[:, 1] if key == "text" else split.utt_audio[:, 1]
+    order = np.argsort(lengths, kind="stable")
+    out = None
+    for i in range(0, len(order), FEATURE_BATCH):
+        ids = order[i:i + FEATURE_BATCH]
+        batch = encoder_inputs([split.tokens_of(u) for u in ids] if key == "text" else None,
+                               [split.audio_of(u) for u in ids] if key == "audio" else None)
+        with autocast(device):
+            f = model.pooled(key, to_device(batch, device)).float().cpu()
+        out = torch.empty(len(split), f.shape[1]) if out is None else out
+        out[torch.from_numpy(ids)] = f
+    return out
+
+
+def attach_features(model, folder, splits, device):
+    """Give each split its utterances' pooled encoder outputs (split.features) from
+    <dataset>/features/<modality>-<encoder hash>.safetensors, computing the splits not there yet
+    (or changed since). The first process computes, the others wait and read."""
+    model.eval()
+    for key, encoder in zip(model.config.modalities, model.encoders()):
+        digest = encoder_hash(encoder)
+        path = os.path.join(folder, "features", f"{key}-{digest[:16]}.safetensors")
+        sizes = {f.removesuffix(".safetensors"): os.path.getsize(os.path.join(folder, f))
+                 for f in os.listdir(folder) if f.endswith(".safetensors")}  # the dataset's splits, as now
+        cached = {}
+        if os.path.isfile(path):
+            with safe_open(path, "pt") as f:
+                known = json.loads(f.metadata()["sizes"])
+                cached = {name: f.get_tensor(name) for name in f.keys() if known[name] == sizes.get(name)}
+        missing = [s for s in splits if s.name not in cached]
+        if missing and RANK == 0:
+            t0 = time.time()
+            for s in missing:
+                cached[s.name] = split_features(model, key, s, device)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_atomic(path, lambda p: save_file(cached, p, metadata={
+                "encoder": digest, "sizes": json.dumps({name: sizes[name] for name in cached})}))
+            print(f"feature cache: {key} features of {sum(len(s) for s in missing)} utterances in "
+                  f"{time.time() - t0:.1f} s -> {path}")
+        barrier()
+        if missing and RANK != 0:
+            cached = load_file(path)
+        for s in splits:
+            s.features[key] = cached[s.name].numpy()
+
+# -----------------------------------------------------------------------------
 # evaluation
-
-
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def autocast(device):
@@ -129,7 +211,8 @@ def predict(model, split, args, device):
     model.eval()
     preds = []
     for i in range(0, len(split.samples), args.batch_size):
-        batch = to_device(finetune_batch(split, split.samples[i:i + args.batch_size], model.config.modalities), device)
+        batch = to_device(finetune_batch(split, split.samples[i:i + args.batch_size], model.config.modalities,
+                                         args.max_padding), device)
         with autocast(device):
             preds.append(model.classify(batch).argmax(-1).cpu())
     return split.samples[:, 2], torch.cat(preds).numpy()
@@ -145,7 +228,7 @@ def retrieval_scores(model, split, args, device):
     scores = {b: [] for b in model.betas}
     for i in range(0, len(wins), args.batch_size):
         batch = to_device(pretrain_batch(split, wins[i:i + args.batch_size], 11, rng, model.config.modalities,
-                                         in_batch=False), device)
+                                         in_batch=False, max_padding=args.max_padding), device)
         with autocast(device):
             H = model.encode(batch)
             s = model.tus_scores(H, model.interact(H, batch["ctx"], batch["ctx_mask"]), batch)
@@ -194,25 +277,64 @@ def class_weights(train, n_labels):
     return torch.tensor(w, dtype=torch.float32)
 
 
+def step_chunks(stage, items, split, batch_size, rng, parts):
+    """One epoch's global batches, in order: windows (pre-training) or dialogue-ordered samples
+    (fine-tuning). A batch too small to give each of the parts an item is left out."""
+    if stage == "pretrain":
+        order = rng.permutation(len(items))
+        chunks = [[items[j] for j in order[i:i + batch_size]] for i in range(0, len(items), batch_size)]
+    else:
+        chunks = dialogue_batches(split, batch_size, rng)
+    return [c for c in chunks if len(c) >= parts]
+
+
+def micro_loss(runner, modalities, stage, split, items, rng, args, device, weights):
+    """One micro-batch of items -> (its loss, {part: value}, {modality: (padded, all) positions}). A
+    pre-training micro-batch draws its noise candidates and CLIP negatives from itself."""
+    if stage == "pretrain":
+        batch = pretrain_batch(split, items, args.k, rng, modalities, max_padding=args.max_padding)
+    else:
+        batch = finetune_batch(split, items, modalities, max_padding=args.max_padding)
+    pad = {key: padding(batch, key) for key in ("text", "audio") if key + "_mask" in batch}
+    batch = to_device(batch, device)
+    with autocast(device):
+        out = runner(batch)
+    if stage == "pretrain":
+        loss, parts, _ = out
+    else:
+        nll = F.cross_entropy(out.float(), batch["labels"], reduction="none")
+        loss = (weights[batch["labels"]] * nll).mean()  # Eq. 23
+        parts = {"wce": loss}
+    return loss, parts, pad
+
+
 def train_stage(stage, args, device):
     meta = load_meta(args.data)
     out = args.out or os.path.join("out", f"{os.path.basename(os.path.normpath(args.data))}-{stage}")
     torch.manual_seed(args.seed)
     model = build_model(args, meta, stage).to(device)
-    os.makedirs(out, exist_ok=True)
+    if WORLD > 1:
+        torch.manual_seed(args.seed + RANK)  # the same initial weights, but each process its own dropout masks
+    if args.freeze_encoders:
+        model.freeze_encoders()
+    model.check_inputs = device.type == "cpu"  # prepare.py checked the dataset; a check is a sync on a GPU
+    if RANK == 0:
+        os.makedirs(out, exist_ok=True)
     tiny = args.text_encoder == "tiny" and args.audio_encoder == "tiny"
     # the paper's rates fine-tune pretrained encoders; tiny ones learn from scratch and need larger steps
     lr = args.lr or (TINY_LR if tiny else PAPER_LR[stage])
     lr_enc = args.lr_encoder or (lr if tiny else PAPER_LR_ENCODER)
-    enc = [p for n, p in model.named_parameters() if n.startswith(("bert.", "hubert."))]
-    rest = [p for n, p in model.named_parameters() if not n.startswith(("bert.", "hubert."))]
-    opt = torch.optim.Adam([{"params": enc, "lr": lr_enc}, {"params": rest, "lr": lr}], betas=(0.9, 0.999))
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in trained if n.startswith(("bert.", "hubert.")) == enc], "lr": rate}
+              for enc, rate in ((True, lr_enc), (False, lr))]
+    opt = torch.optim.Adam([g for g in groups if g["params"]], betas=(0.9, 0.999), fused=True)
 
     if stage == "pretrain":
         train_split = Split(os.path.join(args.data, "pretrain.safetensors" if "pretrain" in meta["splits"]
                                          else "train.safetensors"))
         items = windows(train_split)
         batch_size = args.batch_size or 4
+        weights = None
     else:
         if not meta["splits"].get("train", {}).get("labelled"):
             raise SystemExit(f"train.py: {args.data} has no labelled train split to fine-tune on")
@@ -222,77 +344,122 @@ def train_stage(stage, args, device):
         weights = class_weights(train_split, model.config.n_labels).to(device)
     args.batch_size = batch_size
     dev, test = (Split(os.path.join(args.data, f"{s}.safetensors")) for s in ("dev", "test"))
+    if args.freeze_encoders and not args.no_cache:
+        attach_features(model, args.data, (train_split, dev, test), device)
+    parts_per_step = args.micro_batches or WORLD
+    if parts_per_step % WORLD:
+        raise SystemExit(f"train.py: --micro-batches {parts_per_step} does not divide among {WORLD} processes")
+    mine = range(RANK * parts_per_step // WORLD, (RANK + 1) * parts_per_step // WORLD)  # this process's shards
+    if args.compile:
+        for enc in model.encoders():
+            enc.compile(dynamic=True)
+    runner = DDP(model, find_unused_parameters=True) if WORLD > 1 else model
     epochs = args.epochs or (8 if stage == "pretrain" else 12)
-    steps_per_epoch = math.ceil(len(items) / batch_size)
+    steps_per_epoch = len(step_chunks(stage, items, train_split, batch_size, np.random.default_rng(0), parts_per_step))
     total = epochs * steps_per_epoch
-    print(f"{stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
-          f"{len(items)} {'windows' if stage == 'pretrain' else 'samples'}, {epochs} epochs of {steps_per_epoch} "
-          f"steps, lr {lr:g} (encoders {lr_enc:g}), {device}")
+    print0(f"{stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
+           f"({sum(p.numel() for _, p in trained) / 1e6:.2f} M trained), {len(items)} "
+           f"{'windows' if stage == 'pretrain' else 'samples'}, {epochs} epochs of {steps_per_epoch} steps, "
+           f"lr {lr:g} (encoders {lr_enc:g}), {device}" + (f" x {WORLD} processes" if WORLD > 1 else ""))
 
-    state_path = os.path.join(out, "state.pt")
-    step, best = 0, None
+    state_path, log_path = os.path.join(out, "state.pt"), os.path.join(out, "log.json")
+    step, best, history = 0, None, []
     if args.resume:
         if not os.path.isfile(state_path):
             raise SystemExit(f"train.py: --resume: no {state_path}")
         state = torch.load(state_path, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        step, best = state["step"], state["best"]
+        step, best, history = state["step"], state["best"], state["history"]
         torch.set_rng_state(state["torch_rng"])
-        print(f"resumed at step {step}")
+        print0(f"resumed at step {step}")
 
     def save_state():
-        write_atomic(state_path, lambda p: torch.save({
-            "model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
-            "torch_rng": torch.get_rng_state()}, p))
+        check_finite()
+        if RANK == 0:
+            write_atomic(state_path, lambda p: torch.save({
+                "model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
+                "history": history, "torch_rng": torch.get_rng_state()}, p))
+
+    # kept on the device, so that a step never waits for it: read at log intervals and before saves
+    first_bad = torch.full((), math.inf, device=device)  # the first step with a non-finite loss
+    bad_parts = None
+    interval = {"loss": torch.zeros((), device=device)}  # sums over the log interval's steps
+
+    def check_finite():
+        bad = all_reduce(first_bad.clone(), dist.ReduceOp.MIN)
+        if math.isfinite(bad.item()):
+            raise SystemExit(f"train.py: non-finite loss at step {int(bad.item())}: "
+                             + ", ".join(f"{k} {v.item():.4g}" for k, v in bad_parts.items())
+                             + f"; the last good state is {state_path}")
 
     t0, busy, seen, first_step, last_log = time.time(), 0.0, 0, step, step  # busy: seconds in steps since the last log
+    pad = {}  # modality -> (padded, all) positions of its encoder inputs since the last log
     t_epoch = t0
+    chunks, chunks_epoch = None, None
     while step < total:
         t_step = time.time()
         epoch, i = divmod(step, steps_per_epoch)
-        epoch_rng = np.random.default_rng((args.seed, epoch))  # the epoch's order: the same after a resume
-        rng = np.random.default_rng((args.seed, epoch, i))  # this step's noise candidates
-        model.train()
-        if stage == "pretrain":
-            chunk = [items[j] for j in epoch_rng.permutation(len(items))[i * batch_size:(i + 1) * batch_size]]
-            batch = to_device(pretrain_batch(train_split, chunk, args.k, rng, model.config.modalities), device)
-            with autocast(device):
-                loss, parts, _ = model.pretrain_loss(batch)
-        else:
-            chunk = dialogue_batches(train_split, batch_size, epoch_rng)[i]
-            batch = to_device(finetune_batch(train_split, chunk, model.config.modalities), device)
-            with autocast(device):
-                logits = model.classify(batch).float()
-            nll = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
-            loss = (weights[batch["labels"]] * nll).mean()  # Eq. 23
-            parts = {"wce": loss}
-        if not torch.isfinite(loss):
-            raise SystemExit(f"train.py: non-finite loss at step {step + 1}: "
-                             + ", ".join(f"{k} {v.item():.4g}" for k, v in parts.items())
-                             + f"; the last good state is {state_path}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if chunks_epoch != epoch:  # the epoch's order: the same after a resume
+            chunks = step_chunks(stage, items, train_split, batch_size, np.random.default_rng((args.seed, epoch)),
+                                 parts_per_step)
+            chunks_epoch = epoch
+        chunk = chunks[i]
+        shards = np.array_split(np.arange(len(chunk)), parts_per_step)
+        runner.train()
+        step_loss, step_parts = 0.0, {}
+        for n, g in enumerate(mine):
+            share = len(shards[g]) / len(chunk)  # the step's loss is the mean over items of the shards' means
+            rng = np.random.default_rng((args.seed, epoch, i, g))  # this shard's noise candidates
+            last = n == len(mine) - 1
+            with runner.no_sync() if WORLD > 1 and not last else contextlib.nullcontext():
+                loss, parts, counts = micro_loss(runner, model.config.modalities, stage, train_split,
+                                                  [chunk[j] for j in shards[g]], rng, args, device, weights)
+                (loss * share * WORLD).backward()  # DDP averages the processes' gradients
+            step_loss = step_loss + loss.detach() * share
+            step_parts = {k: step_parts.get(k, 0.0) + v.detach() * share for k, v in parts.items()}
+            for key, c in counts.items():
+                pad[key] = pad.get(key, np.zeros(2)) + c
+        if bad_parts is None:
+            bad_parts = {k: torch.zeros_like(v) for k, v in step_parts.items()}
+        fresh = torch.isinf(first_bad) & ~torch.isfinite(step_loss)
+        first_bad = torch.where(fresh, step + 1, first_bad)
+        bad_parts = {k: torch.where(fresh, step_parts[k], v) for k, v in bad_parts.items()}
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
+        opt.zero_grad(set_to_none=True)
         step += 1
         seen += len(chunk)
+        for k, v in {"loss": step_loss, **step_parts}.items():
+            interval[k] = interval.get(k, 0.0) + v
         busy += time.time() - t_step
         if step % args.log_every == 0 or step == total:
-            dt = busy / (step - last_log)  # training only: evaluations are not in it
+            check_finite()
+            n = step - last_log
+            means = {k: all_reduce(v / n).item() for k, v in interval.items()}  # over the steps and processes
+            dt = busy / n  # training only: evaluations are not in it
             unit = "windows" if stage == "pretrain" else "samples"
-            print(f"step {step}/{total} | loss {loss.item():.4f} ("
-                  + ", ".join(f"{k} {v.item():.4f}" for k, v in parts.items())
-                  + f") | {dt * 1000:.0f} ms/step | {seen / busy:.1f} {unit}/s"
-                  + f" | ETA {(total - step) * (time.time() - t0) / (step - first_step) / 60:.1f} min")
+            shares = {k: float(c[0] / c[1]) for k, c in
+                       ((k, all_reduce(torch.tensor(v, dtype=torch.float64))) for k, v in pad.items())}
+            history.append({"step": step, **means, "ms_per_step": dt * 1000, "padding": shares})
+            print0(f"step {step}/{total} | loss {means['loss']:.4f} ("
+                   + ", ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
+                   + f") | {dt * 1000:.0f} ms/step | {seen / busy:.1f} {unit}/s"
+                   + "".join(f" | padding {k} {v:.0%}" for k, v in shares.items())
+                   + f" | ETA {(total - step) * (time.time() - t0) / (step - first_step) / 60:.1f} min")
+            if RANK == 0:
+                write_json(log_path, history)
             busy, seen, last_log = 0.0, 0, step
+            interval = {"loss": torch.zeros((), device=device)}
+            pad = {}
         if step % steps_per_epoch == 0:  # end of an epoch: evaluate on dev
-            if stage == "pretrain":
+            check_finite()
+            if RANK == 0 and stage == "pretrain":
                 scores = retrieval_scores(model, dev, args, device)
                 print(f"epoch {epoch + 1} ({time.time() - t_epoch:.0f} s) dev: " + " | ".join(
                     f"{b} " + " ".join(f"{k} {v:.1f}" for k, v in s.items()) for b, s in scores.items()))
                 save_model(model, out, args, meta, stage)
-            else:
+            elif RANK == 0:
                 y, p = predict(model, dev, args, device)
                 scores = emotion_scores(y, p, model.config.n_labels)
                 print(f"epoch {epoch + 1} ({time.time() - t_epoch:.0f} s) dev: WA {scores['wa']:.2f} "
@@ -301,15 +468,25 @@ def train_stage(stage, args, device):
                     best = {"epoch": epoch + 1, "dev": {k: scores[k] for k in ("wa", "aa", "f1")}}
                     save_model(model, out, args, meta, stage)
             save_state()
+            barrier()
             t_epoch = time.time()
         elif step % args.save_every == 0:
             save_state()
         if args.max_steps and step >= args.max_steps and step < total:
             save_state()
-            print(f"stopped at step {step} (--max-steps); continue with --resume")
+            print0(f"stopped at step {step} (--max-steps); continue with --resume")
+            barrier()
             return None
 
-    # the end: test scores of the kept model
+    if RANK == 0:
+        test_metrics(model, out, args, meta, stage, best, train_split, dev, test, device)
+        print(f"{stage} done in {time.time() - t0:.0f} s: {out}")
+    barrier()
+    return out
+
+
+def test_metrics(model, out, args, meta, stage, best, train_split, dev, test, device):
+    """The end of a stage: the kept model's scores on test, into metrics.json"""
     model.load_state_dict(load_file(os.path.join(out, "model.safetensors")))
     if stage == "pretrain":
         metrics = {"stage": "pretrain", "dev": retrieval_scores(model, dev, args, device),
@@ -329,24 +506,54 @@ def train_stage(stage, args, device):
         for row in scores["confusion"]:
             print("  " + " ".join(f"{v:6d}" for v in row))
     write_json(os.path.join(out, "metrics.json"), metrics)
-    print(f"{stage} done in {time.time() - t0:.0f} s: {out}")
-    return out
+
+# -----------------------------------------------------------------------------
+# processes: one, or one per GPU (or CPU share) under torchrun
+
+RANK, WORLD = 0, 1
+
+
+def print0(*args):
+    if RANK == 0:
+        print(*args)
+
+
+def all_reduce(x, op=dist.ReduceOp.SUM):
+    if WORLD > 1:
+        dist.all_reduce(x, op)
+    return x
+
+
+def barrier():
+    if WORLD > 1:
+        dist.barrier()
 
 
 def main(argv=None):
+    global RANK, WORLD
     args = parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # started by torchrun: one process per GPU (or CPU share)
+        RANK, WORLD = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.stage != "all":
-        return train_stage(args.stage, args, device)
-    out = args.out
-    args.out = out and os.path.join(out, "pretrain")
-    pretrained = train_stage("pretrain", args, device)
-    if pretrained is None:
-        return None
-    args.out, args.init, args.batch_size = out and os.path.join(out, "finetune"), pretrained, None
-    return train_stage("finetune", args, device)
+    try:
+        if args.stage != "all":
+            return train_stage(args.stage, args, device)
+        out = args.out
+        args.out = out and os.path.join(out, "pretrain")
+        pretrained = train_stage("pretrain", args, device)
+        if pretrained is None:
+            return None
+        args.out, args.init, args.batch_size = out and os.path.join(out, "finetune"), pretrained, None
+        return train_stage("finetune", args, device)
+    finally:
+        if WORLD > 1:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ class Split:
 
     def __init__(self, path):
         self.path = os.fspath(path)
+        self.name = os.path.basename(self.path).removesuffix(".safetensors")  # e.g. "train"
         try:
             with open(self.path, "rb") as f:
                 n = struct.unpack("<Q", f.read(8))[0]
@@ -51,6 +52,7 @@ class Split:
         meta = header.pop("__metadata__", {})
         names = json.loads(meta["names"])
         self.dialogues, self.speakers = names["dialogues"], names["speakers"]
+        self.features = {}  # "text"/"audio" -> (U, D) pooled encoder outputs, when a feature cache is attached
         for name, info in header.items():
             start, end = info["data_offsets"]
             dtype = DTYPES[info["dtype"]]
@@ -92,35 +94,94 @@ def load_meta(folder):
 # batches: every distinct utterance of a batch is encoded once, contexts index into them
 
 
-def make_batch(split, rows, extra=(), modalities=("text", "audio")):
+def buckets(lengths, max_padding=0.1):
+    """Length buckets for an encoder batch, each padded to its own longest sequence: sorted by
+    length, a bucket grows while its padding share (padded / all positions) stays within
+    max_padding, so the whole batch's does too (1: one bucket). -> list of index arrays into lengths"""
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    out, start, total = [], 0, 0
+    for i, j in enumerate(order):
+        n, longest = i - start + 1, lengths[order[start]]
+        if n * longest - (total + lengths[j]) > max_padding * n * longest:  # j would pad the bucket too much
+            out.append(order[start:i])
+            start, total = i, 0
+        total += lengths[j]
+    out.append(order[start:])
+    return out
+
+
+def pad(key, seqs, max_padding=0.1):
+    """Sequences (1-d arrays) of one modality -> its encoder inputs, bucketed by length:
+      key [(U_b, T_b)], key_mask [(U_b, T_b) bool]  one padded tensor per bucket, zeros at the padding
+      key_index (U,) long                         sequence i's row in the buckets' rows, concatenated"""
+    groups = buckets([len(s) for s in seqs], max_padding)
+    xs, masks = [], []
+    for g in groups:
+        T = max(len(seqs[i]) for i in g)
+        x = torch.zeros(len(g), T, dtype=torch.from_numpy(seqs[0]).dtype)
+        for row, i in enumerate(g):
+            x[row, :len(seqs[i])] = torch.from_numpy(seqs[i])
+        xs.append(x)
+        masks.append(torch.arange(T)[None, :] < torch.tensor([len(seqs[i]) for i in g])[:, None])
+    index = torch.empty(len(seqs), dtype=torch.long)
+    index[torch.from_numpy(np.concatenate(groups))] = torch.arange(len(seqs))
+    return {key: xs, key + "_mask": masks, key + "_index": index}
+
+
+def encoder_inputs(tokens=None, waves=None, max_padding=0.1):
+    """The utterances to encode: word-piece ids and/or int16 16 kHz waveforms (lists of arrays,
+    None for a modality not used) -> their batch entries, bucketed by length (see pad)"""
+    out = {}
+    if tokens is not None:
+        out |= pad("text", [np.asarray(t, dtype=np.int64) for t in tokens], max_padding)
+    if waves is not None:
+        out |= pad("audio", [np.asarray(w).astype(np.float32) / 2 ** 15 for w in waves], max_padding)
+    return out
+
+
+def padding(batch, key):
+    """-> (padded positions, all positions) of a batch's encoder inputs (key "text" or "audio");
+    their ratio is the padding share"""
+    masks = batch[key + "_mask"]
+    all_ = sum(m.numel() for m in masks)
+    return all_ - sum(int(m.sum()) for m in masks), all_
+
+
+def make_batch(split, rows, extra=(), modalities=("text", "audio"), max_padding=0.1):
     """rows: one list of utterance ids (in the split) per context or window, in spoken order;
     extra: more utterances to encode (candidates). -> (batch of tensors, {utterance id: row in the batch})
-      text (U, T) long, text_mask (U, T) bool      the distinct utterances' word pieces
-      audio (U, S) float, audio_mask (U, S) bool   their 16 kHz waveforms in [-1, 1)
-      ctx (B, L) long, ctx_mask (B, L) bool        each row's utterances, as rows of the above"""
+      text, text_mask, text_index      the distinct utterances' word pieces, bucketed (see pad)
+      audio, audio_mask, audio_index   their 16 kHz waveforms in [-1, 1), bucketed
+      text_feat (U, D), audio_feat     instead, their pooled encoder outputs when the split has
+                                       a feature cache (split.features)
+      ctx (B, L) long, ctx_mask (B, L) bool   each row's utterances, as rows of the above"""
     ids = sorted({u for row in rows for u in row} | {int(u) for u in extra})
     where = {u: i for i, u in enumerate(ids)}
     L = max(len(row) for row in rows)
     ctx = torch.tensor([[where[u] for u in row] + [0] * (L - len(row)) for row in rows])
     batch = {"ctx": ctx, "ctx_mask": torch.arange(L)[None, :] < torch.tensor([len(r) for r in rows])[:, None]}
-    parts = []  # (key, one array per distinct utterance)
-    if "text" in modalities:
-        parts.append(("text", [split.tokens_of(u).astype(np.int64) for u in ids]))
-    if "audio" in modalities:
-        parts.append(("audio", [split.audio_of(u).astype(np.float32) / 2 ** 15 for u in ids]))
-    for key, seqs in parts:
-        T = max(len(s) for s in seqs)
-        x = torch.zeros(len(ids), T, dtype=torch.from_numpy(seqs[0]).dtype)  # padded with zeros
-        for i, s in enumerate(seqs):
-            x[i, :len(s)] = torch.from_numpy(s)
-        batch[key] = x
-        batch[key + "_mask"] = torch.arange(T)[None, :] < torch.tensor([len(s) for s in seqs])[:, None]
+    for key in modalities:
+        if key in split.features:
+            batch[key + "_feat"] = torch.from_numpy(split.features[key][ids])
+    raw = [key for key in modalities if key not in split.features]
+    batch |= encoder_inputs([split.tokens_of(u) for u in ids] if "text" in raw else None,
+                            [split.audio_of(u) for u in ids] if "audio" in raw else None, max_padding)
     return batch, where
 
 
-def finetune_batch(split, samples, modalities):
+def to_device(batch, device):
+    """A batch's tensors (lists of them for bucketed inputs) -> device; on CUDA through pinned
+    memory, so the copies run while the host goes on"""
+    def move(t):
+        return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
+    return {k: [move(t) for t in v] if isinstance(v, list) else move(v) for k, v in batch.items()}
+
+
+def finetune_batch(split, samples, modalities, max_padding=0.1):
     """samples: (B, 3) rows of split.samples -> batch with labels (B,)"""
-    batch, _ = make_batch(split, [list(range(first, target)) for first, target, _ in samples], modalities=modalities)
+    batch, _ = make_batch(split, [list(range(first, target)) for first, target, _ in samples], modalities=modalities,
+                          max_padding=max_padding)
     batch["labels"] = torch.tensor([int(y) for _, _, y in samples])
     return batch
 
@@ -163,7 +224,7 @@ def draw_noise(split, targets, k, rng, pool=None):
     return noise
 
 
-def pretrain_batch(split, wins, k, rng, modalities, in_batch=True):
+def pretrain_batch(split, wins, k, rng, modalities, in_batch=True, max_padding=0.1):
     """Windows -> batch where every position j >= 2 of a window is a target:
     targets (N, 2) = (window, position), noise (N, k-1) rows of the batch's utterances.
     in_batch: noise from the other windows' utterances (training); else from the whole split."""
@@ -171,7 +232,7 @@ def pretrain_batch(split, wins, k, rng, modalities, in_batch=True):
     targets = [(b, j) for b, row in enumerate(rows) for j in range(2, len(row))]
     pool = [u for row in rows for u in row] if in_batch else None
     noise = draw_noise(split, [rows[b][j] for b, j in targets], k, rng, pool)
-    batch, where = make_batch(split, rows, extra=noise.ravel(), modalities=modalities)
+    batch, where = make_batch(split, rows, extra=noise.ravel(), modalities=modalities, max_padding=max_padding)
     batch["targets"] = torch.tensor(targets)
     batch["noise"] = torch.tensor([[where[int(u)] for u in row] for row in noise])
     return batch

@@ -102,13 +102,16 @@ class Bert(nn.Module):
                                     for _ in range(c.n_layer))
         self.apply(init_weights)
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, check=True):
         # input_ids: (B, T) long, attention_mask: (B, T) 1/True at real tokens -> (B, T, D)
+        # check: validate the input values (a host-device sync on an accelerator)
         B, T = input_ids.shape
-        check_ids(input_ids, self.config.vocab_size)
-        empty = (attention_mask.sum(-1) == 0).nonzero()
-        if len(empty):  # would attend over nothing: NaN
-            raise ValueError(f"sequence {empty[0].item()} of the batch has no real token (attention_mask all 0)")
+        if check:
+            check_ids(input_ids, self.config.vocab_size)
+            empty = (attention_mask.sum(-1) == 0).nonzero()
+            if len(empty):  # would attend over nothing: NaN
+                raise ValueError(f"sequence {empty[0].item()} of the batch has no real token "
+                                 "(attention_mask all 0)")
         if T > self.config.max_positions:
             raise ValueError(f"sequence of {T} tokens is longer than the model's "
                              f"{self.config.max_positions} positions")
@@ -242,13 +245,14 @@ class Hubert(nn.Module):
                                     for _ in range(c.n_layer))
         self.apply(init_weights)
 
-    def forward(self, wave, wave_mask=None):
+    def forward(self, wave, wave_mask=None, check=True):
         # wave: (B, S) float at 16 kHz, wave_mask: (B, S) bool or None -> (B, T', D), (B, T')
+        # check: validate the lengths (a host-device sync on an accelerator)
         if wave_mask is None:
             wave_mask = torch.ones_like(wave, dtype=torch.bool)
         wave_mask = wave_mask.bool()
-        shortest = int(wave_mask.sum(-1).min())
-        if shortest < self.config.receptive_field:
+        shortest = int(wave_mask.sum(-1).min()) if check else None
+        if check and shortest < self.config.receptive_field:
             raise ValueError(f"a waveform of {shortest} samples is shorter than the encoder's receptive "
                              f"field ({self.config.receptive_field} samples, "
                              f"{self.config.receptive_field / 16:.0f} ms at 16 kHz)")
@@ -418,19 +422,60 @@ class TCMP(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.head1 = nn.Linear(len(self.betas) * c.d, c.d)  # Eq. 22
         self.head2 = nn.Linear(c.d, c.n_labels)
+        # the encoders check their inputs (ids in the vocabulary, waveforms long enough), which costs
+        # a host-device sync on an accelerator; train.py turns it off there for prepared datasets
+        self.check_inputs = True
+        self.frozen = False
+
+    def encoders(self):
+        return [m for m in (getattr(self, "bert", None), getattr(self, "hubert", None)) if m is not None]
+
+    def freeze_encoders(self):
+        """Train only the TCMP layers: the encoders keep their weights and run as at inference"""
+        self.frozen = True
+        for enc in self.encoders():
+            enc.requires_grad_(False)
+        return self.train(self.training)
+
+    def train(self, mode=True):
+        super().train(mode)
+        for enc in self.encoders() if self.frozen else ():
+            enc.eval()  # no dropout in frozen encoders: the same outputs every step, as in the feature cache
+        return self
+
+    def pooled(self, key, batch):
+        """Pooled outputs (Eq. 2-4) of one modality's encoder ("text" or "audio") on the batch's
+        length buckets (see data.pad) -> (U, D_encoder), in the batch's utterance order"""
+        out = []
+        for x, mask in zip(batch[key], batch[key + "_mask"]):
+            if key == "text":
+                out.append(pool(self.bert(x, mask, check=self.check_inputs), mask))
+            else:
+                out.append(pool(*self.hubert(x, mask, check=self.check_inputs)))
+        return torch.cat(out)[batch[key + "_index"]]
+
+    def features(self, batch):
+        """Every distinct utterance's pooled encoder outputs, once: from the batch's feature cache
+        (text_feat, audio_feat) or by running the encoders -> {"text": (U, D_bert), "audio": (U, D_hubert)}"""
+        return {key: batch[key + "_feat"] if key + "_feat" in batch else self.pooled(key, batch)
+                for key in self.config.modalities}
 
     def encode(self, batch):
         """Every distinct utterance of the batch, once -> {β: (U, d)}"""
+        f = self.features(batch)
         H = {}
         if self.text:
-            ids, mask = batch["text"], batch["text_mask"]
-            H["t"] = torch.tanh(self.proj_t(pool(self.bert(ids, mask), mask)))  # Eq. 2, 4 and the projection
+            H["t"] = torch.tanh(self.proj_t(f["text"]))  # Eq. 2, 4 and the projection
         if self.audio:
-            frames, frame_mask = self.hubert(batch["audio"], batch["audio_mask"])
-            H["a"] = torch.tanh(self.proj_a(pool(frames, frame_mask)))  # Eq. 3, 4
+            H["a"] = torch.tanh(self.proj_a(f["audio"]))  # Eq. 3, 4
         if "m" in self.betas:
             H["m"] = self.fuse(torch.cat([H["t"], H["a"]], -1))  # Eq. 6
         return H
+
+    def forward(self, batch):
+        """What a training step calls: the pre-training loss (pretrain_loss) when the batch has
+        targets, else the fine-tuning logits (classify)"""
+        return self.pretrain_loss(batch) if "targets" in batch else self.classify(batch)
 
     def interact(self, H, ctx, ctx_mask):
         """Context vectors P^β for every target position: ctx (B, L) indexes H's utterances -> {β: (B, L+1, d)}"""
