@@ -33,7 +33,8 @@ import prepare
 import sample
 import train
 from nanotcmp.audio import SAMPLE_RATE, AudioError, load_audio, save_wav, synthesize
-from nanotcmp.data import Split, draw_noise, finetune_batch, load_meta, make_batch, pretrain_batch, windows
+from nanotcmp.data import (Split, buckets, draw_noise, encoder_inputs, finetune_batch, load_meta, make_batch, padding,
+                           pretrain_batch, windows)
 from nanotcmp.metrics import aa, confusion, emotion_scores, macro_f1, majority_scores, recall_at, wa
 from nanotcmp.model import GRU, Bert, ContextInteraction, Hubert, clip_loss, tus_loss
 from nanotcmp.tokenizer import WordPiece
@@ -1351,6 +1352,125 @@ def test_training_refuses_bad_set_ups_before_starting(small_demo, tmp_path):
                                          r"checkpoint \(32, 64\)"):
         train.main(["--stage", "finetune", "--data", str(small_demo), "--init", str(tmp_path / "pre"),
                     "--out", str(tmp_path / "fine")])
+
+
+# -----------------------------------------------------------------------------
+# speed and scale: length buckets, the feature cache, torchrun, a step that never waits
+
+
+def test_buckets_bound_the_padding_share():
+    rng = np.random.default_rng(0)
+    seconds = np.clip(rng.lognormal(math.log(3), 0.6, 300), 1, 15)  # MELD-like: 1-15 s, median 3 s
+    lengths = (seconds * SAMPLE_RATE).astype(np.int64)
+    for max_padding in (0.02, 0.1, 0.3):
+        groups = buckets(lengths, max_padding)
+        assert sorted(np.concatenate(groups).tolist()) == list(range(len(lengths)))
+        for g in groups:
+            longest = lengths[g].max()
+            assert len(g) * longest - lengths[g].sum() <= max_padding * len(g) * longest
+        assert len(groups) <= len(lengths) / 4  # not one bucket a sequence
+    assert len(buckets(lengths, 1)) == 1
+    waves = [np.zeros(n, np.int16) for n in lengths[:40]]
+    for max_padding in (0.1, 1):
+        batch = encoder_inputs(waves=waves, max_padding=max_padding)
+        padded, total = padding(batch, "audio")
+        rows = [int(n) for x in batch["audio"] for n in [x.shape[1]] * len(x)]  # each row's padded length
+        assert total == sum(rows) and padded == sum(rows) - lengths[:40].sum()
+        assert (padded / total <= 0.1) == (max_padding == 0.1)
+
+
+def test_bucketed_encoding_equals_one_padded_batch(small_demo):
+    split = Split(small_demo / "pretrain.safetensors")
+    model = small_model(small_demo)
+    rows = [list(range(a, e)) for a, e in windows(split)[:4]]
+    (tight, _), (whole, _) = (make_batch(split, rows, max_padding=m) for m in (0.1, 1))
+    assert len(tight["audio"]) > 1 and len(tight["text"]) > 1 and len(whole["audio"]) == len(whole["text"]) == 1
+    with torch.no_grad():
+        a, b = model.features(tight), model.features(whole)
+    assert max_diff(a["text"], b["text"]) <= 1e-5 and max_diff(a["audio"], b["audio"]) <= 1e-5
+
+
+def test_feature_cache_trains_as_frozen_encoders_do(small_demo, tmp_path, capsys):
+    data = tmp_path / "demo"
+    shutil.copytree(small_demo, data)  # the cache is written beside the dataset
+    common = ["--stage", "pretrain", "--data", str(data), "--freeze-encoders", "--epochs", "2", "--max-steps", "4",
+              "--log-every", "1"]
+    train.main(common + ["--out", str(tmp_path / "cached")])
+    assert capsys.readouterr().out.count("feature cache:") == 2  # text and audio, computed once
+    assert len(list((data / "features").glob("*.safetensors"))) == 2
+    train.main(common + ["--out", str(tmp_path / "plain"), "--no-cache"])
+    a, b = (torch.load(tmp_path / f"{run}/state.pt", weights_only=False) for run in ("cached", "plain"))
+    assert a["step"] == b["step"] == 4
+    assert max(max_diff(a["model"][k], b["model"][k]) for k in a["model"]) <= 1e-5
+    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a["history"], b["history"])) <= 1e-5
+    start = small_model(data).state_dict()  # the same seed: the encoders as they started
+    assert all(torch.equal(a["model"][k], start[k]) for k in start if k.startswith(("bert.", "hubert.")))
+    assert not all(torch.equal(a["model"][k], start[k]) for k in start if k.startswith("context."))
+    capsys.readouterr()
+    train.main(common + ["--out", str(tmp_path / "again")])  # reused: nothing computed
+    assert "feature cache:" not in capsys.readouterr().out
+    train.main(common + ["--out", str(tmp_path / "other"), "--seed", "1"])  # other encoder weights, other files
+    assert len(list((data / "features").glob("*.safetensors"))) == 4
+
+
+def test_torchrun_with_two_processes_equals_one(small_demo, tmp_path):
+    """2 CPU processes (gloo) against 1 process splitting each step's batch the same way"""
+    common = ["--data", str(small_demo), "--dropout", "0", "--encoder-dropout", "0", "--log-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for stage, extra in (("pretrain", ["--epochs", "1"]), ("finetune", ["--max-steps", "3", "--batch-size", "8"])):
+        args = ["--stage", stage, *common, *extra]
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", *args, "--out", str(tmp_path / "two" / stage)],
+                       cwd=ROOT, env=env, check=True, capture_output=True)
+        train.main(args + ["--micro-batches", "2", "--out", str(tmp_path / "one" / stage)])
+        a, b = (torch.load(tmp_path / run / stage / "state.pt", weights_only=False) for run in ("two", "one"))
+        assert a["step"] == b["step"] == 3 and len(a["history"]) == 3
+        assert max(max_diff(a["model"][k], b["model"][k]) for k in a["model"]) <= 1e-4
+        for x, y in zip(a["history"], b["history"]):
+            assert x.keys() == y.keys() and all(abs(x[k] - y[k]) <= 1e-4 for k in x if k not in ("ms_per_step",
+                                                                                                  "padding"))
+    assert (tmp_path / "two/pretrain/metrics.json").read_text() == (tmp_path / "one/pretrain/metrics.json").read_text()
+
+
+def test_compiled_encoders_equal_eager_ones(small_demo, monkeypatch):
+    """train.py --compile: the encoders captured as graphs by torch.compile's tracer, then run
+    eagerly; generating the kernels would take minutes on a CPU"""
+    split = Split(small_demo / "train.safetensors")
+    batch, _ = make_batch(split, [list(range(0, 6))])
+    results = []
+    for compiled in (False, True):
+        model = small_model(small_demo).train()
+        if compiled:
+            compile = torch.nn.Module.compile
+            monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile(self, **kw, backend="eager"))
+            train.compile_encoders(model)
+        torch.manual_seed(0)  # the same dropout masks
+        f = model.features(batch)
+        (f["text"].square().sum() + f["audio"].square().sum()).backward()
+        results.append((f, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (f1, g1), (f2, g2) = results
+    assert max_diff(f1["text"], f2["text"]) <= 1e-5 and max_diff(f1["audio"], f2["audio"]) <= 1e-5
+    assert g1.keys() == g2.keys() and max(max_diff(g1[n], g2[n]) / (g1[n].abs().max() + 1e-8) for n in g1) <= 1e-4
+    assert not model.check_inputs  # a check would break the graph
+
+
+def test_a_training_step_never_waits_for_the_device(small_demo):
+    """On the meta device tensors have shapes but no values: .item(), bool() or nonzero() fail there,
+    as each would make the host wait for a GPU."""
+    split = Split(small_demo / "train.safetensors")
+    model = small_model(small_demo).to("meta").train()
+    model.check_inputs = False
+    opt = torch.optim.Adam(model.parameters(), foreach=False)
+    weights = torch.ones(3, device="meta")
+    rng = np.random.default_rng(0)
+    for batch in (pretrain_batch(split, windows(split)[:2], 5, rng, model.config.modalities),
+                  finetune_batch(split, split.samples[:4], model.config.modalities)):
+        micro = [(0.5, train.to_device(batch, torch.device("meta")))] * 2
+        loss, parts = train.train_step(model, opt, micro, weights)
+        assert loss.device.type == "meta" and all(v.device.type == "meta" for v in parts.values())
+    model.check_inputs = True  # the encoders' input checks do wait: the test can see it
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        train.train_step(model, opt, micro, weights)
 
 
 def test_the_demo_learns(tmp_path):

@@ -288,24 +288,45 @@ def step_chunks(stage, items, split, batch_size, rng, parts):
     return [c for c in chunks if len(c) >= parts]
 
 
-def micro_loss(runner, modalities, stage, split, items, rng, args, device, weights):
-    """One micro-batch of items -> (its loss, {part: value}, {modality: (padded, all) positions}). A
-    pre-training micro-batch draws its noise candidates and CLIP negatives from itself."""
+def compile_encoders(model):
+    """torch.compile BERT and HuBERT, the bulk of the work, for any batch and sequence length"""
+    model.check_inputs = False  # prepare.py checked the dataset; a check would break the graph
+    for enc in model.encoders():
+        enc.compile(dynamic=True)
+
+
+def micro_batch(split, modalities, stage, items, rng, args):
+    """A micro-batch of items -> (batch, {modality: (padded, all) positions}). A pre-training
+    micro-batch draws its noise candidates, and so its CLIP negatives, from itself."""
     if stage == "pretrain":
         batch = pretrain_batch(split, items, args.k, rng, modalities, max_padding=args.max_padding)
     else:
         batch = finetune_batch(split, items, modalities, max_padding=args.max_padding)
-    pad = {key: padding(batch, key) for key in ("text", "audio") if key + "_mask" in batch}
-    batch = to_device(batch, device)
-    with autocast(device):
-        out = runner(batch)
-    if stage == "pretrain":
-        loss, parts, _ = out
-    else:
-        nll = F.cross_entropy(out.float(), batch["labels"], reduction="none")
-        loss = (weights[batch["labels"]] * nll).mean()  # Eq. 23
-        parts = {"wce": loss}
-    return loss, parts, pad
+    return batch, {key: padding(batch, key) for key in ("text", "audio") if key + "_mask" in batch}
+
+
+def train_step(runner, opt, micro, weights):
+    """One optimiser step over this process's micro-batches, [(share of the step's items, batch on
+    the device)]. The step's loss is the items' mean of the micro-batches' means, and DDP averages
+    the processes' gradients. -> (loss, {part: value}), left on the device: nothing here waits for it"""
+    step_loss, step_parts = 0.0, {}
+    for n, (share, batch) in enumerate(micro):
+        with runner.no_sync() if isinstance(runner, DDP) and n < len(micro) - 1 else contextlib.nullcontext():
+            with autocast(batch["ctx"].device):
+                out = runner(batch)
+            if "targets" in batch:
+                loss, parts, _ = out
+            else:
+                nll = F.cross_entropy(out.float(), batch["labels"], reduction="none")
+                loss = (weights[batch["labels"]] * nll).mean()  # Eq. 23
+                parts = {"wce": loss}
+            (loss * share * WORLD).backward()
+        step_loss = step_loss + loss.detach() * share
+        step_parts = {k: step_parts.get(k, 0.0) + v.detach() * share for k, v in parts.items()}
+    torch.nn.utils.clip_grad_norm_(runner.parameters(), 5.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return step_loss, step_parts
 
 
 def train_stage(stage, args, device):
@@ -351,8 +372,7 @@ def train_stage(stage, args, device):
         raise SystemExit(f"train.py: --micro-batches {parts_per_step} does not divide among {WORLD} processes")
     mine = range(RANK * parts_per_step // WORLD, (RANK + 1) * parts_per_step // WORLD)  # this process's shards
     if args.compile:
-        for enc in model.encoders():
-            enc.compile(dynamic=True)
+        compile_encoders(model)
     runner = DDP(model, find_unused_parameters=True) if WORLD > 1 else model
     epochs = args.epochs or (8 if stage == "pretrain" else 12)
     steps_per_epoch = len(step_chunks(stage, items, train_split, batch_size, np.random.default_rng(0), parts_per_step))
@@ -383,7 +403,7 @@ def train_stage(stage, args, device):
 
     # kept on the device, so that a step never waits for it: read at log intervals and before saves
     first_bad = torch.full((), math.inf, device=device)  # the first step with a non-finite loss
-    bad_parts = None
+    bad_parts = {}  # its loss's parts
     interval = {"loss": torch.zeros((), device=device)}  # sums over the log interval's steps
 
     def check_finite():
@@ -406,28 +426,19 @@ def train_stage(stage, args, device):
             chunks_epoch = epoch
         chunk = chunks[i]
         shards = np.array_split(np.arange(len(chunk)), parts_per_step)
-        runner.train()
-        step_loss, step_parts = 0.0, {}
-        for n, g in enumerate(mine):
-            share = len(shards[g]) / len(chunk)  # the step's loss is the mean over items of the shards' means
+        micro = []
+        for g in mine:
             rng = np.random.default_rng((args.seed, epoch, i, g))  # this shard's noise candidates
-            last = n == len(mine) - 1
-            with runner.no_sync() if WORLD > 1 and not last else contextlib.nullcontext():
-                loss, parts, counts = micro_loss(runner, model.config.modalities, stage, train_split,
-                                                  [chunk[j] for j in shards[g]], rng, args, device, weights)
-                (loss * share * WORLD).backward()  # DDP averages the processes' gradients
-            step_loss = step_loss + loss.detach() * share
-            step_parts = {k: step_parts.get(k, 0.0) + v.detach() * share for k, v in parts.items()}
+            batch, counts = micro_batch(train_split, model.config.modalities, stage, [chunk[j] for j in shards[g]],
+                                        rng, args)
+            micro.append((len(shards[g]) / len(chunk), to_device(batch, device)))
             for key, c in counts.items():
                 pad[key] = pad.get(key, np.zeros(2)) + c
-        if bad_parts is None:
-            bad_parts = {k: torch.zeros_like(v) for k, v in step_parts.items()}
-        fresh = torch.isinf(first_bad) & ~torch.isfinite(step_loss)
+        runner.train()
+        step_loss, step_parts = train_step(runner, opt, micro, weights)
+        fresh = torch.isinf(first_bad) & ~torch.isfinite(step_loss)  # this step's loss is the first bad one
         first_bad = torch.where(fresh, step + 1, first_bad)
-        bad_parts = {k: torch.where(fresh, step_parts[k], v) for k, v in bad_parts.items()}
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        bad_parts = {k: torch.where(fresh, v, bad_parts.get(k, v)) for k, v in step_parts.items()}
         step += 1
         seen += len(chunk)
         for k, v in {"loss": step_loss, **step_parts}.items():
@@ -479,13 +490,13 @@ def train_stage(stage, args, device):
             return None
 
     if RANK == 0:
-        test_metrics(model, out, args, meta, stage, best, train_split, dev, test, device)
+        final_scores(model, out, args, meta, stage, best, train_split, dev, test, device)
         print(f"{stage} done in {time.time() - t0:.0f} s: {out}")
     barrier()
     return out
 
 
-def test_metrics(model, out, args, meta, stage, best, train_split, dev, test, device):
+def final_scores(model, out, args, meta, stage, best, train_split, dev, test, device):
     """The end of a stage: the kept model's scores on test, into metrics.json"""
     model.load_state_dict(load_file(os.path.join(out, "model.safetensors")))
     if stage == "pretrain":
