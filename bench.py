@@ -3,9 +3,14 @@ Benchmarks, each printing ratios against a reference measured in the same run.
 
 python bench.py encoders   # our BERT-base and HuBERT-base vs transformers': forward time and peak memory
 python bench.py stream     # sample.py's per-turn latency vs re-encoding the whole context every turn
+python bench.py train      # training steps: tiny and base, with and without length buckets and the feature cache
 """
 import argparse
+import contextlib
+import io
+import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -18,8 +23,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from nanotcmp.data import encoder_inputs, to_device
-from nanotcmp.model import Bert, BertConfig, Hubert, HubertConfig, TCMP, TCMPConfig
+import prepare
+import train
+from nanotcmp.audio import SAMPLE_RATE, save_wav
+from nanotcmp.data import Split, encoder_inputs, load_meta, to_device, windows
+from nanotcmp.model import (Bert, BertConfig, Hubert, HubertConfig, TCMP, TCMPConfig, tiny_bert_config,
+                            tiny_hubert_config)
 from nanotcmp.tokenizer import WordPiece
 from sample import Stream
 
@@ -54,7 +63,7 @@ def load_encoder(name, which, folder):
     return (Bert if name == "bert" else Hubert).from_pretrained(folder).eval()
 
 
-def encoder_inputs(name, device):
+def bench_inputs(name, device):
     g = torch.Generator().manual_seed(0)
     if name == "bert":
         ids = torch.randint(1000, 30000, (32, 24), generator=g)
@@ -90,7 +99,7 @@ def peak_memory_mib(name, which, folder, device):
     """Extra memory one forward needs beyond the loaded model: CUDA's allocator peak on a GPU;
     on the CPU the process's resident high-water mark, reset after loading (Linux only)."""
     model = load_encoder(name, which, folder).to(device)
-    inputs = encoder_inputs(name, device)
+    inputs = bench_inputs(name, device)
     for t in model.state_dict().values():
         t.sum()  # page in weights that were loaded memory-mapped, so they are not counted as the forward's
     if device.type == "cuda":
@@ -113,7 +122,7 @@ def bench_encoders(device, reps, tmp):
         folder = os.path.join(tmp, name)
         save_reference(name, folder)
         ours, ref = (load_encoder(name, which, folder).to(device) for which in ("ours", "ref"))
-        inputs = encoder_inputs(name, device)
+        inputs = bench_inputs(name, device)
         diff = (run_encoder(ours, inputs) - run_encoder(ref, inputs)).abs().max().item()
         times = {"ours": [], "ref": []}
         for rep in range(reps):
@@ -180,18 +189,174 @@ def bench_stream(device, reps, turns=(2, 6, 11, 30), seconds=3.0, max_context=11
           f"(target <= 1.3); speed-up at turn 11: {med[11][1] / med[11][0]:.1f}x (target >= 5)")
 
 
+# -----------------------------------------------------------------------------
+# train: pre-training steps (the heavier stage), the same windows for every set-up
+
+
+def meld_like(folder, n_dialogues=12, seed=0):
+    """A dataset shaped like MELD for timing: dialogues of 6-20 turns, utterances of 1-15 s
+    (log-normal, median 3 s) and 5-25 words. The sound is noise and the words are random: only
+    the shapes matter here. -> its folder"""
+    rng = np.random.default_rng(seed)
+    words = [f"word{i}" for i in range(300)]
+    os.makedirs(os.path.join(folder, "clips"))
+    with open(os.path.join(folder, "vocab.txt"), "w") as f:
+        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+    with open(os.path.join(folder, "pretrain.jsonl"), "w") as f:
+        for d in range(n_dialogues):
+            for t in range(rng.integers(6, 21)):
+                seconds = float(np.clip(rng.lognormal(np.log(3), 0.6), 1, 15))
+                clip = f"clips/{d}_{t}.wav"
+                save_wav(os.path.join(folder, clip), (rng.standard_normal(int(seconds * SAMPLE_RATE)) * 2000)
+                         .astype(np.int16))
+                text = " ".join(rng.choice(words, rng.integers(5, 26)))
+                f.write(json.dumps({"dialogue": f"d{d}", "speaker": "AB"[t % 2], "text": text, "audio": clip}) + "\n")
+    out = os.path.join(folder, "data")
+    with contextlib.redirect_stdout(io.StringIO()):  # its statistics table
+        prepare.main(["dialogues", "--from", os.path.join(folder, "pretrain.jsonl"), "--vocab",
+                      os.path.join(folder, "vocab.txt"), "--out", out])
+    return out
+
+
+def train_model(size, data):
+    meta = load_meta(data)
+    with open(os.path.join(data, meta["vocab"]["path"])) as f:
+        vocab = sum(1 for _ in f)
+    if size == "tiny":
+        bert, hubert, d = asdict(tiny_bert_config(vocab)), asdict(tiny_hubert_config()), 64
+    else:
+        bert, hubert, d = asdict(BertConfig(vocab_size=vocab)), asdict(HubertConfig()), 768
+    torch.manual_seed(0)
+    return TCMP(TCMPConfig(d=d, bert=bert, hubert=hubert))
+
+
+def step_flops(model, opt, micro):
+    """Floating-point operations of one training step (forward and backward), counted by torch"""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        train.train_step(model, opt, micro, None)
+    return counter.get_total_flops()
+
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+
+
+def mem_limit(device):
+    """Bytes a set-up may use: the GPU's memory, or 70% of the machine's"""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return int(0.7 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+WINDOWS = {"tiny": 4, "base": 2}  # a step's batch; base end-to-end steps of 4 windows need more than 24 GiB
+
+
+def train_one(data, size, mode, steps, device):
+    """One set-up in this process: mode "whole" (one padded batch an encoder call), "buckets" or
+    "cache" -> {ms, items_s, mib, padding, flops, cache_s}"""
+    train.set_up_device(device)
+    model = train_model(size, data).to(device)
+    model.check_inputs = device.type == "cpu"
+    split = Split(os.path.join(data, "pretrain.safetensors"))
+    args = train.parse_args(["--data", data, "--max-padding", "1" if mode == "whole" else "0.1"])
+    cache_s = None
+    if mode == "cache":
+        model.freeze_encoders()
+        t0 = time.perf_counter()
+        train.attach_features(model, data, [split], device)
+        cache_s = time.perf_counter() - t0
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    chunks = train.step_chunks("pretrain", windows(split), split, WINDOWS[size], np.random.default_rng(0), 1)
+    micro, pads = [], []
+    for i in range(steps + 1):
+        batch, counts = train.micro_batch(split, model.config.modalities, "pretrain", chunks[i % len(chunks)],
+                                          np.random.default_rng(i), args)
+        micro.append([(1.0, to_device(batch, device))])
+        pads.append(counts)
+    padding = {k: sum(p[k][0] for p in pads) / sum(p[k][1] for p in pads) for k in pads[0]}
+    model.train()
+    # peak memory: what the steps need beyond the model, the optimiser and the batches
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current resident size
+        base = rss_kib("VmRSS") * 1024
+    try:
+        train.train_step(model, opt, micro[0], None)  # warm-up
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if "memory" not in str(e) and not isinstance(e, MemoryError):
+            raise
+        return {"oom": True, "padding": padding}
+    sync(device)
+    times = []
+    for m in micro[1:]:
+        t0 = time.perf_counter()
+        train.train_step(model, opt, m, None)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_kib("VmHWM") * 1024) - base
+    ms = statistics.median(times) * 1000
+    return {"oom": False, "ms": ms, "items_s": WINDOWS[size] / ms * 1000, "mib": peak / 2**20, "padding": padding, "cache_s": cache_s,
+            "flops": step_flops(model, opt, micro[1]) if device.type == "cuda" else None}
+
+
+def bench_train(device, steps, tmp, set_ups=None):
+    demo = os.path.join(tmp, "demo")
+    with contextlib.redirect_stdout(io.StringIO()):
+        prepare.main(["demo", "--out", demo])
+    meld = meld_like(os.path.join(tmp, "meld-like"))
+    set_ups = set_ups or [(name, data, size, mode) for name, data, sizes in (("demo", demo, ("tiny",)),
+                                                                               ("MELD-like", meld, ("tiny", "base")))
+                          for size in sizes for mode in ("whole", "buckets", "cache")]
+    peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    print(f"\ntraining steps on {device}: pre-training, 4 windows a step (base: 2), median of {steps} steps after a warm-up "
+          f"(random weights){', bf16 autocast' if device.type == 'cuda' else ', fp32'}")
+    print(f"{'data':<11}{'size':<6}{'encoders':<22}{'ms/step':>10}{'windows/s':>11}{'peak MiB':>10}"
+          f"{'padding text':>14}{'audio':>7}" + (f"{'MFU':>7}" if peak else ""))
+    results = {}
+    for name, data, size, mode in set_ups:
+        r = json.loads(subprocess.run(
+            [sys.executable, __file__, "_train", data, size, mode, str(steps), "--device", str(device)],
+            check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        results[name, size, mode] = r
+        label = {"whole": "one padded batch", "buckets": "length buckets", "cache": "feature cache"}[mode]
+        pad = "".join(f"{r['padding'][k]:>{w}.1%}" if k in r["padding"] else f"{'-':>{w}}"
+                      for k, w in (("text", 14), ("audio", 7)))
+        if r["oom"]:
+            print(f"{name:<11}{size:<6}{label:<22}{'out of memory':>31}{pad}   (limit {mem_limit(device) / 2**30:.0f} GiB)")
+            continue
+        mfu = f"{r['flops'] / (r['ms'] / 1000) / peak:>7.1%}" if peak else ""
+        print(f"{name:<11}{size:<6}{label:<22}{r['ms']:>10.1f}{r['items_s']:>11.2f}{r['mib']:>10.0f}{pad}{mfu}"
+              + (f"   (cache built in {r['cache_s']:.1f} s)" if r["cache_s"] is not None else ""))
+    print()
+    for name, size in dict.fromkeys((n, s) for n, s, _ in results):
+        whole, buckets, cache = (results[name, size, m] for m in ("whole", "buckets", "cache"))
+        faster = "one padded batch does not fit" if whole["oom"] else f"{whole['ms'] / buckets['ms']:.2f}x the speed"
+        print(f"{name} {size}: audio padding {whole['padding']['audio']:.1%} -> {buckets['padding']['audio']:.1%} "
+              f"with buckets (target <= 10%), {faster}; feature cache step "
+              f"{buckets['ms'] / cache['ms']:.0f}x faster than end-to-end" + (" (target >= 50x)" if size == "base" else ""))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["encoders", "stream", "_memory"])
+    parser.add_argument("what", choices=["encoders", "stream", "train", "_memory", "_train"])
     parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--reps", type=int, help="repetitions (default: 15 encoders, 3 stream)")
+    parser.add_argument("--reps", type=int, help="repetitions (default: 15 encoders, 3 stream, 3 train)")
     a = parser.parse_args()
     device = torch.device(a.device)
     if a.what == "_memory":  # one measurement in a fresh process, so earlier runs' memory does not hide it
         print(peak_memory_mib(*a.args, device))
+    elif a.what == "_train":
+        data, size, mode, steps = a.args
+        if device.type == "cpu":  # fail with an error, not the system's OOM killer, when memory runs out
+            resource.setrlimit(resource.RLIMIT_AS, (mem_limit(device),) * 2)
+        print(json.dumps(train_one(data, size, mode, int(steps), device)))
     elif a.what == "stream":
         bench_stream(device, a.reps or 3)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            bench_encoders(device, a.reps or 15, tmp)
+            (bench_encoders if a.what == "encoders" else bench_train)(device, a.reps or (15 if a.what == "encoders"
+                                                                                         else 3), tmp)

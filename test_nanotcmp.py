@@ -1397,7 +1397,8 @@ def test_feature_cache_trains_as_frozen_encoders_do(small_demo, tmp_path, capsys
               "--log-every", "1"]
     train.main(common + ["--out", str(tmp_path / "cached")])
     assert capsys.readouterr().out.count("feature cache:") == 2  # text and audio, computed once
-    assert len(list((data / "features").glob("*.safetensors"))) == 2
+    files = sorted((data / "features").glob("*.safetensors"))
+    assert [f.name.split("-")[0] for f in files] == ["audio", "text"]
     train.main(common + ["--out", str(tmp_path / "plain"), "--no-cache"])
     a, b = (torch.load(tmp_path / f"{run}/state.pt", weights_only=False) for run in ("cached", "plain"))
     assert a["step"] == b["step"] == 4
@@ -1411,6 +1412,12 @@ def test_feature_cache_trains_as_frozen_encoders_do(small_demo, tmp_path, capsys
     assert "feature cache:" not in capsys.readouterr().out
     train.main(common + ["--out", str(tmp_path / "other"), "--seed", "1"])  # other encoder weights, other files
     assert len(list((data / "features").glob("*.safetensors"))) == 4
+    capsys.readouterr()
+    damaged = files[0]  # the audio cache of the first encoders
+    damaged.write_bytes(b"not a cache")
+    train.main(common + ["--out", str(tmp_path / "again")])
+    out = capsys.readouterr().out
+    assert f"{damaged} is unreadable" in out and out.count("feature cache:") == 2  # the message, then the work
 
 
 def test_torchrun_with_two_processes_equals_one(small_demo, tmp_path):

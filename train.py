@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -152,17 +152,15 @@ def encoder_hash(encoder):
 def split_features(model, key, split, device):
     """One modality's pooled encoder outputs for every utterance of a split -> (U, D) float32,
     encoded in order of length, so that each call's buckets are tight"""
-    lengths = split.utt_tokens[:, 1] if key == "text" else split.utt_audio[:, 1]
-    order = np.argsort(lengths, kind="stable")
-    out = None
+    text = key == "text"
+    order = np.argsort(split.utt_tokens[:, 1] if text else split.utt_audio[:, 1], kind="stable")
+    out = torch.empty(len(split), (model.bert if text else model.hubert).config.dim)
     for i in range(0, len(order), FEATURE_BATCH):
         ids = order[i:i + FEATURE_BATCH]
-        batch = encoder_inputs([split.tokens_of(u) for u in ids] if key == "text" else None,
-                               [split.audio_of(u) for u in ids] if key == "audio" else None)
+        batch = encoder_inputs([split.tokens_of(u) for u in ids] if text else None,
+                               None if text else [split.audio_of(u) for u in ids])
         with autocast(device):
-            f = model.pooled(key, to_device(batch, device)).float().cpu()
-        out = torch.empty(len(split), f.shape[1]) if out is None else out
-        out[torch.from_numpy(ids)] = f
+            out[torch.from_numpy(ids)] = model.pooled(key, to_device(batch, device)).float().cpu()
     return out
 
 
@@ -178,9 +176,12 @@ def attach_features(model, folder, splits, device):
                  for f in os.listdir(folder) if f.endswith(".safetensors")}  # the dataset's splits, as now
         cached = {}
         if os.path.isfile(path):
-            with safe_open(path, "pt") as f:
-                known = json.loads(f.metadata()["sizes"])
-                cached = {name: f.get_tensor(name) for name in f.keys() if known[name] == sizes.get(name)}
+            try:
+                with safe_open(path, "pt") as f:
+                    known = json.loads(f.metadata()["sizes"])
+                    cached = {name: f.get_tensor(name) for name in f.keys() if known[name] == sizes.get(name)}
+            except (OSError, SafetensorError, KeyError, TypeError, ValueError) as e:
+                print0(f"feature cache: {path} is unreadable ({e}); computing it again")
         missing = [s for s in splits if s.name not in cached]
         if missing and RANK == 0:
             t0 = time.time()
@@ -413,12 +414,12 @@ def train_stage(stage, args, device):
                              + ", ".join(f"{k} {v.item():.4g}" for k, v in bad_parts.items())
                              + f"; the last good state is {state_path}")
 
-    t0, busy, seen, first_step, last_log = time.time(), 0.0, 0, step, step  # busy: seconds in steps since the last log
+    t0, seen, first_step, last_log = time.time(), 0, step, step
+    t_log, paused = t0, 0.0  # paused: seconds spent evaluating and saving since the last log line
     pad = {}  # modality -> (padded, all) positions of its encoder inputs since the last log
     t_epoch = t0
     chunks, chunks_epoch = None, None
     while step < total:
-        t_step = time.time()
         epoch, i = divmod(step, steps_per_epoch)
         if chunks_epoch != epoch:  # the epoch's order: the same after a resume
             chunks = step_chunks(stage, items, train_split, batch_size, np.random.default_rng((args.seed, epoch)),
@@ -443,26 +444,26 @@ def train_stage(stage, args, device):
         seen += len(chunk)
         for k, v in {"loss": step_loss, **step_parts}.items():
             interval[k] = interval.get(k, 0.0) + v
-        busy += time.time() - t_step
         if step % args.log_every == 0 or step == total:
-            check_finite()
+            check_finite()  # waits for the device: the time below is the steps', not their dispatch's
             n = step - last_log
             means = {k: all_reduce(v / n).item() for k, v in interval.items()}  # over the steps and processes
-            dt = busy / n  # training only: evaluations are not in it
+            dt = (time.time() - t_log - paused) / n
             unit = "windows" if stage == "pretrain" else "samples"
             shares = {k: float(c[0] / c[1]) for k, c in
-                       ((k, all_reduce(torch.tensor(v, dtype=torch.float64))) for k, v in pad.items())}
+                       ((k, all_reduce(torch.tensor(v, device=device))) for k, v in pad.items())}
             history.append({"step": step, **means, "ms_per_step": dt * 1000, "padding": shares})
             print0(f"step {step}/{total} | loss {means['loss']:.4f} ("
                    + ", ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
-                   + f") | {dt * 1000:.0f} ms/step | {seen / busy:.1f} {unit}/s"
+                   + f") | {dt * 1000:.0f} ms/step | {seen / (dt * n):.1f} {unit}/s"
                    + "".join(f" | padding {k} {v:.0%}" for k, v in shares.items())
                    + f" | ETA {(total - step) * (time.time() - t0) / (step - first_step) / 60:.1f} min")
             if RANK == 0:
                 write_json(log_path, history)
-            busy, seen, last_log = 0.0, 0, step
+            seen, last_log, t_log, paused = 0, step, time.time(), 0.0
             interval = {"loss": torch.zeros((), device=device)}
             pad = {}
+        t_pause = time.time()
         if step % steps_per_epoch == 0:  # end of an epoch: evaluate on dev
             check_finite()
             if RANK == 0 and stage == "pretrain":
@@ -483,6 +484,7 @@ def train_stage(stage, args, device):
             t_epoch = time.time()
         elif step % args.save_every == 0:
             save_state()
+        paused += time.time() - t_pause
         if args.max_steps and step >= args.max_steps and step < total:
             save_state()
             print0(f"stopped at step {step} (--max-steps); continue with --resume")
@@ -540,6 +542,15 @@ def barrier():
         dist.barrier()
 
 
+def set_up_device(device):
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:
+        # oneDNN prepares a kernel for every new convolution shape, and length buckets bring new
+        # shapes every step: torch's own convolutions are faster here (bench.py train)
+        torch.backends.mkldnn.enabled = False
+
+
 def main(argv=None):
     global RANK, WORLD
     args = parse_args(argv)
@@ -550,8 +561,7 @@ def main(argv=None):
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    set_up_device(device)
     try:
         if args.stage != "all":
             return train_stage(args.stage, args, device)

@@ -161,10 +161,12 @@ def make_batch(split, rows, extra=(), modalities=("text", "audio"), max_padding=
     L = max(len(row) for row in rows)
     ctx = torch.tensor([[where[u] for u in row] + [0] * (L - len(row)) for row in rows])
     batch = {"ctx": ctx, "ctx_mask": torch.arange(L)[None, :] < torch.tensor([len(r) for r in rows])[:, None]}
+    raw = []  # the modalities to encode
     for key in modalities:
         if key in split.features:
             batch[key + "_feat"] = torch.from_numpy(split.features[key][ids])
-    raw = [key for key in modalities if key not in split.features]
+        else:
+            raw.append(key)
     batch |= encoder_inputs([split.tokens_of(u) for u in ids] if "text" in raw else None,
                             [split.audio_of(u) for u in ids] if "audio" in raw else None, max_padding)
     return batch, where

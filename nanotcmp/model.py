@@ -251,11 +251,12 @@ class Hubert(nn.Module):
         if wave_mask is None:
             wave_mask = torch.ones_like(wave, dtype=torch.bool)
         wave_mask = wave_mask.bool()
-        shortest = int(wave_mask.sum(-1).min()) if check else None
-        if check and shortest < self.config.receptive_field:
-            raise ValueError(f"a waveform of {shortest} samples is shorter than the encoder's receptive "
-                             f"field ({self.config.receptive_field} samples, "
-                             f"{self.config.receptive_field / 16:.0f} ms at 16 kHz)")
+        if check:
+            shortest = int(wave_mask.sum(-1).min())
+            if shortest < self.config.receptive_field:
+                raise ValueError(f"a waveform of {shortest} samples is shorter than the encoder's receptive "
+                                 f"field ({self.config.receptive_field} samples, "
+                                 f"{self.config.receptive_field / 16:.0f} ms at 16 kHz)")
         if self.config.normalize_wave:
             wave = normalize(wave, wave_mask)
         x, mask = wave[:, None, :], wave_mask  # (B, 1, S)
