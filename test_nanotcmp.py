@@ -1636,6 +1636,16 @@ def test_bad_checkpoints_are_named(demo_ckpt, small_demo, tmp_path, capsys):
         run_sample(capsys, small_demo / "example_dialogue.jsonl", "--ckpt", tmp_path / "old")
 
 
+def test_a_reader_that_goes_away_stops_sample_quietly(small_demo, demo_ckpt):
+    """python sample.py --json | head -2: no traceback when the pipe closes"""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), str(small_demo / "example_dialogue.jsonl"),
+                             "--ckpt", str(demo_ckpt / "all"), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the first answer is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 141 and err == ""
+
+
 def test_stdin_answers_each_turn_as_soon_as_it_is_read(small_demo, demo_ckpt):
     """A live front-end: the answer to turn 2 comes back while standard input is still open."""
     import select
