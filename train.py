@@ -86,7 +86,8 @@ def encoder_config(path, cls, tiny, dropout):
     dropout: its dropout rate, None to keep the checkpoint's"""
     enc = None if path == "tiny" else cls.from_pretrained(path)
     config = asdict(tiny if enc is None else enc.config)
-    config["dropout"] = config["dropout"] if dropout is None else dropout
+    if dropout is not None:
+        config["dropout"] = dropout
     return config, None if enc is None else enc.state_dict()
 
 
