@@ -298,21 +298,21 @@ def train_one(data, size, mode, steps, device):
         times.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_kib("VmHWM") * 1024) - base
     ms = statistics.median(times) * 1000
-    return {"oom": False, "ms": ms, "items_s": WINDOWS[size] / ms * 1000, "mib": peak / 2**20, "padding": padding, "cache_s": cache_s,
-            "flops": step_flops(model, opt, micro[1]) if device.type == "cuda" else None}
+    return {"oom": False, "ms": ms, "items_s": WINDOWS[size] / ms * 1000, "mib": peak / 2**20, "padding": padding,
+            "cache_s": cache_s, "flops": step_flops(model, opt, micro[1]) if device.type == "cuda" else None}
 
 
-def bench_train(device, steps, tmp, set_ups=None):
+def bench_train(device, steps, tmp):
     demo = os.path.join(tmp, "demo")
     with contextlib.redirect_stdout(io.StringIO()):
         prepare.main(["demo", "--out", demo])
     meld = meld_like(os.path.join(tmp, "meld-like"))
-    set_ups = set_ups or [(name, data, size, mode) for name, data, sizes in (("demo", demo, ("tiny",)),
-                                                                               ("MELD-like", meld, ("tiny", "base")))
-                          for size in sizes for mode in ("whole", "buckets", "cache")]
+    set_ups = [(name, data, size, mode) for name, data, sizes in (("demo", demo, ("tiny",)),
+                                                                  ("MELD-like", meld, ("tiny", "base")))
+               for size in sizes for mode in ("whole", "buckets", "cache")]
     peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
-    print(f"\ntraining steps on {device}: pre-training, 4 windows a step (base: 2), median of {steps} steps after a warm-up "
-          f"(random weights){', bf16 autocast' if device.type == 'cuda' else ', fp32'}")
+    print(f"\ntraining steps on {device}: pre-training, 4 windows a step (base: 2), median of {steps} steps after "
+          f"a warm-up (random weights){', bf16 autocast' if device.type == 'cuda' else ', fp32'}")
     print(f"{'data':<11}{'size':<6}{'encoders':<22}{'ms/step':>10}{'windows/s':>11}{'peak MiB':>10}"
           f"{'padding text':>14}{'audio':>7}" + (f"{'MFU':>7}" if peak else ""))
     results = {}
@@ -325,7 +325,8 @@ def bench_train(device, steps, tmp, set_ups=None):
         pad = "".join(f"{r['padding'][k]:>{w}.1%}" if k in r["padding"] else f"{'-':>{w}}"
                       for k, w in (("text", 14), ("audio", 7)))
         if r["oom"]:
-            print(f"{name:<11}{size:<6}{label:<22}{'out of memory':>31}{pad}   (limit {mem_limit(device) / 2**30:.0f} GiB)")
+            print(f"{name:<11}{size:<6}{label:<22}{'out of memory':>31}{pad}"
+                  f"   (limit {mem_limit(device) / 2**30:.0f} GiB)")
             continue
         mfu = f"{r['flops'] / (r['ms'] / 1000) / peak:>7.1%}" if peak else ""
         print(f"{name:<11}{size:<6}{label:<22}{r['ms']:>10.1f}{r['items_s']:>11.2f}{r['mib']:>10.0f}{pad}{mfu}"
@@ -336,7 +337,8 @@ def bench_train(device, steps, tmp, set_ups=None):
         faster = "one padded batch does not fit" if whole["oom"] else f"{whole['ms'] / buckets['ms']:.2f}x the speed"
         print(f"{name} {size}: audio padding {whole['padding']['audio']:.1%} -> {buckets['padding']['audio']:.1%} "
               f"with buckets (target <= 10%), {faster}; feature cache step "
-              f"{buckets['ms'] / cache['ms']:.0f}x faster than end-to-end" + (" (target >= 50x)" if size == "base" else ""))
+              f"{buckets['ms'] / cache['ms']:.0f}x faster than end-to-end"
+              + (" (target >= 50x)" if size == "base" else ""))
 
 
 if __name__ == "__main__":
