@@ -238,7 +238,8 @@ def step_flops(model, opt, micro):
     return counter.get_total_flops()
 
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+             "A10": 125e12, "4090": 165e12}  # dense bf16 FLOP/s; the first name the card's name contains
 
 
 def mem_limit(device):

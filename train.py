@@ -18,6 +18,7 @@ import math
 import os
 import time
 from dataclasses import asdict
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -141,8 +142,10 @@ FEATURE_BATCH = 32  # utterances an encoder call while filling the cache
 
 
 def encoder_hash(encoder):
-    """sha256 of an encoder's config and weights: what its cached features are keyed by"""
-    h = hashlib.sha256(json.dumps(asdict(encoder.config), sort_keys=True).encode())
+    """sha256 of an encoder's config (but its dropout, off when frozen) and weights: what its
+    cached features are keyed by"""
+    config = {k: v for k, v in asdict(encoder.config).items() if k != "dropout"}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for name, t in encoder.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -167,20 +170,25 @@ def split_features(model, key, split, device):
 
 def attach_features(model, folder, splits, device):
     """Give each split its utterances' pooled encoder outputs (split.features) from
-    <dataset>/features/<modality>-<encoder hash>.safetensors, computing the splits not there yet
-    (or changed since). The first process computes, the others wait and read."""
+    <dataset>/features/<modality>-<encoder hash>-<precision>.safetensors, computing the splits not
+    there yet (or changed since: another size or time). The first process computes, the others
+    wait and read."""
     model.eval()
-    for key, encoder in zip(model.config.modalities, model.encoders()):
-        digest = encoder_hash(encoder)
-        path = os.path.join(folder, "features", f"{key}-{digest[:16]}.safetensors")
-        sizes = {f.removesuffix(".safetensors"): os.path.getsize(os.path.join(folder, f))
-                 for f in os.listdir(folder) if f.endswith(".safetensors")}  # the dataset's splits, as now
+    stamps = {}  # each split file's size and time, as they are now
+    for f in os.listdir(folder):
+        if f.endswith(".safetensors"):
+            st = os.stat(os.path.join(folder, f))
+            stamps[f.removesuffix(".safetensors")] = [st.st_size, st.st_mtime_ns]
+    precision = "bf16" if device.type == "cuda" else "fp32"  # see autocast
+    for key in model.config.modalities:
+        digest = encoder_hash(model.bert if key == "text" else model.hubert)
+        path = os.path.join(folder, "features", f"{key}-{digest[:16]}-{precision}.safetensors")
         cached = {}
         if os.path.isfile(path):
             try:
                 with safe_open(path, "pt") as f:
-                    known = json.loads(f.metadata()["sizes"])
-                    cached = {name: f.get_tensor(name) for name in f.keys() if known[name] == sizes.get(name)}
+                    known = json.loads(f.metadata()["splits"])
+                    cached = {name: f.get_tensor(name) for name in f.keys() if known[name] == stamps.get(name)}
             except (OSError, SafetensorError, KeyError, TypeError, ValueError) as e:
                 print0(f"feature cache: {path} is unreadable ({e}); computing it again")
         missing = [s for s in splits if s.name not in cached]
@@ -190,7 +198,7 @@ def attach_features(model, folder, splits, device):
                 cached[s.name] = split_features(model, key, s, device)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             write_atomic(path, lambda p: save_file(cached, p, metadata={
-                "encoder": digest, "sizes": json.dumps({name: sizes[name] for name in cached})}))
+                "encoder": digest, "splits": json.dumps({name: stamps[name] for name in cached})}))
             print(f"feature cache: {key} features of {sum(len(s) for s in missing)} utterances in "
                   f"{time.time() - t0:.1f} s -> {path}")
         barrier()
@@ -249,8 +257,9 @@ def retrieval_scores(model, split, args, device):
 
 
 def write_atomic(path, write):
-    """write(tmp_path), then rename: a killed run never leaves a half-written file"""
-    tmp = f"{path}.tmp"
+    """write(tmp_path), then rename: a killed run never leaves a half-written file, and runs
+    writing the same file (a shared feature cache) never write into each other's"""
+    tmp = f"{path}.{os.getpid()}.tmp"
     write(tmp)
     os.replace(tmp, path)
 
@@ -372,6 +381,12 @@ def train_stage(stage, args, device):
     parts_per_step = args.micro_batches or WORLD
     if parts_per_step % WORLD:
         raise SystemExit(f"train.py: --micro-batches {parts_per_step} does not divide among {WORLD} processes")
+    if batch_size < parts_per_step:
+        raise SystemExit(f"train.py: a batch of {batch_size} cannot be split into {parts_per_step} parts "
+                         f"(--micro-batches or processes): use --batch-size {parts_per_step} or more")
+    if stage == "pretrain" and batch_size < 2 * parts_per_step:
+        print0(f"train.py: parts of one window: their noise candidates come from the whole split and are each "
+               f"encoded on top (--batch-size {2 * parts_per_step} or more avoids it)")
     mine = range(RANK * parts_per_step // WORLD, (RANK + 1) * parts_per_step // WORLD)  # this process's shards
     if args.compile:
         compile_encoders(model)
@@ -389,19 +404,29 @@ def train_stage(stage, args, device):
     if args.resume:
         if not os.path.isfile(state_path):
             raise SystemExit(f"train.py: --resume: no {state_path}")
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if len(state["rng"]) != WORLD:
+            raise SystemExit(f"train.py: --resume: {state_path} was saved by {len(state['rng'])} processes, "
+                             f"this run has {WORLD}")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, best, history = state["step"], state["best"], state["history"]
-        torch.set_rng_state(state["torch_rng"])
+        cpu_rng, cuda_rng = state["rng"][RANK]
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, device)
         print0(f"resumed at step {step}")
 
     def save_state():
         check_finite()
+        rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+        rngs = [rng] * WORLD  # every process's dropout state
+        if WORLD > 1:
+            dist.all_gather_object(rngs, rng)
         if RANK == 0:
             write_atomic(state_path, lambda p: torch.save({
                 "model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
-                "history": history, "torch_rng": torch.get_rng_state()}, p))
+                "history": history, "rng": rngs}, p))
 
     # kept on the device, so that a step never waits for it: read at log intervals and before saves
     first_bad = torch.full((), math.inf, device=device)  # the first step with a non-finite loss
@@ -411,9 +436,10 @@ def train_stage(stage, args, device):
     def check_finite():
         bad = all_reduce(first_bad.clone(), dist.ReduceOp.MIN)
         if math.isfinite(bad.item()):
-            raise SystemExit(f"train.py: non-finite loss at step {int(bad.item())}: "
-                             + ", ".join(f"{k} {v.item():.4g}" for k, v in bad_parts.items())
-                             + f"; the last good state is {state_path}")
+            parts = ", ".join(f"{k} {v.item():.4g}" for k, v in bad_parts.items())
+            where = f": {parts}" if WORLD == 1 else ""  # the parts are one process's share: shown when alone
+            raise SystemExit(f"train.py: non-finite loss at step {int(bad.item())}{where}; "
+                             f"the last good state is {state_path}")
 
     t0, seen, first_step, last_log = time.time(), 0, step, step
     t_log, paused = t0, 0.0  # paused: seconds spent evaluating and saving since the last log line
@@ -464,9 +490,10 @@ def train_stage(stage, args, device):
             seen, last_log, t_log, paused = 0, step, time.time(), 0.0
             interval = {"loss": torch.zeros((), device=device)}
             pad = {}
+        if step % steps_per_epoch == 0 or step % args.save_every == 0:
+            check_finite()  # waits for the steps, so that the pause times only the evaluation and the save
         t_pause = time.time()
         if step % steps_per_epoch == 0:  # end of an epoch: evaluate on dev
-            check_finite()
             if RANK == 0 and stage == "pretrain":
                 scores = retrieval_scores(model, dev, args, device)
                 print(f"epoch {epoch + 1} ({time.time() - t_epoch:.0f} s) dev: " + " | ".join(
@@ -561,7 +588,8 @@ def main(argv=None):
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # the others wait while the first process fills the feature cache and evaluates
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
     set_up_device(device)
     try:
         if args.stage != "all":
