@@ -431,7 +431,7 @@ def train_stage(stage, args, device):
     # kept on the device, so that a step never waits for it: read at log intervals and before saves
     first_bad = torch.full((), math.inf, device=device)  # the first step with a non-finite loss
     bad_parts = {}  # its loss's parts
-    interval = {"loss": torch.zeros((), device=device)}  # sums over the log interval's steps
+    interval = {}  # the loss and its parts, summed over the log interval's steps
 
     def check_finite():
         bad = all_reduce(first_bad.clone(), dist.ReduceOp.MIN)
@@ -488,8 +488,7 @@ def train_stage(stage, args, device):
             if RANK == 0:
                 write_json(log_path, history)
             seen, last_log, t_log, paused = 0, step, time.time(), 0.0
-            interval = {"loss": torch.zeros((), device=device)}
-            pad = {}
+            interval, pad = {}, {}
         if step % steps_per_epoch == 0 or step % args.save_every == 0:
             check_finite()  # waits for the steps, so that the pause times only the evaluation and the save
         t_pause = time.time()
