@@ -7,8 +7,10 @@ python bench.py train      # training steps: tiny and base, with and without len
 """
 import argparse
 import contextlib
+import functools
 import io
 import json
+import math
 import os
 import resource
 import statistics
@@ -230,14 +232,6 @@ def train_model(size, data):
     return TCMP(TCMPConfig(d=d, bert=bert, hubert=hubert))
 
 
-def step_flops(model, opt, micro):
-    """Floating-point operations of one training step (forward and backward), counted by torch"""
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        train.train_step(model, opt, micro, None)
-    return counter.get_total_flops()
-
-
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
              "A10": 125e12, "4090": 165e12}  # dense bf16 FLOP/s; the first name the card's name contains
 
@@ -249,17 +243,62 @@ def mem_limit(device):
     return int(0.7 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-WINDOWS = {"tiny": 4, "base": 2}  # a step's batch; base end-to-end steps of 4 windows need more than 24 GiB
+# a step's windows: train.py's defaults on CUDA (tiny: 4, base: the authors' 64 in micro-batches of
+# 16); on the CPU, base end-to-end steps of 4 windows need more than 24 GiB
+WINDOWS = {"cuda": {"tiny": 4, "base": 64}, "cpu": {"tiny": 4, "base": 2}}
+
+
+def epoch_shapes(make, n_steps):
+    """Distinct encoder-call shapes over an epoch's batches, on the grid and as they would be without
+    it (each bucket padded to its own longest sequence) -> {modality: (calls, on the grid, without)}"""
+    out = {}
+    for step in range(n_steps):
+        for _, batch, _ in make(step)[1]:
+            for key in ("text", "audio"):
+                if key not in batch:
+                    continue
+                calls, grid, bare = out.setdefault(key, [0, set(), set()])
+                lengths = torch.cat([m.sum(1) for m in batch[key + "_mask"]])  # (rows,) each row's sequence length
+                real = torch.zeros(len(lengths), dtype=torch.bool)
+                real[batch[key + "_index"]] = True  # the rows that are not fillers
+                first = 0
+                for x in batch[key]:
+                    mine = lengths[first:first + len(x)][real[first:first + len(x)]]
+                    grid.add(tuple(x.shape))
+                    bare.add((len(mine), int(mine.max())))
+                    first += len(x)
+                out[key][0] += len(batch[key])
+    return {k: (calls, len(grid), len(bare)) for k, (calls, grid, bare) in out.items()}
+
+
+def count_ops(step):
+    """-> the torch operations the host dispatches in one call of step(), backward included (a
+    CUDA graph's replay dispatches only its input copies)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counter.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        step()
+    return Counter.n
 
 
 def train_one(data, size, mode, steps, device):
-    """One set-up in this process: mode "whole" (one padded batch an encoder call), "buckets" or
-    "cache" -> {ms, items_s, mib, padding, flops, cache_s}"""
+    """One set-up in this process, as train.py runs it: mode "whole" (one padded batch an encoder
+    call), "buckets" or "cache"; batches built ahead by train.py's loader. The timed steps follow an
+    epoch of warm-up on CUDA (its new shapes are planned or captured once), a step on the CPU.
+    -> {ms, items_s, mib, padding, shapes, wait, ops, flops, cache_s}"""
     train.set_up_device(device)
     model = train_model(size, data).to(device)
     model.check_inputs = device.type == "cpu"
     split = Split(os.path.join(data, "pretrain.safetensors"))
-    args = train.parse_args(["--data", data, "--max-padding", "1" if mode == "whole" else "0.1"])
+    n = WINDOWS[device.type][size]
+    args = train.parse_args(["--data", data, "--max-padding", "1" if mode == "whole" else "0.1", "--batch-size", str(n)])
     cache_s = None
     if mode == "cache":
         model.freeze_encoders()
@@ -267,15 +306,30 @@ def train_one(data, size, mode, steps, device):
         train.attach_features(model, data, [split], device)
         cache_s = time.perf_counter() - t0
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    chunks = train.step_chunks("pretrain", windows(split), split, WINDOWS[size], np.random.default_rng(0), 1)
-    micro, pads = [], []
-    for i in range(steps + 1):
-        batch, counts = train.micro_batch(split, model.config.modalities, "pretrain", chunks[i % len(chunks)],
-                                          np.random.default_rng(i), args)
-        micro.append([(1.0, to_device(batch, device))])
-        pads.append(counts)
-    padding = {k: sum(p[k][0] for p in pads) / sum(p[k][1] for p in pads) for k in pads[0]}
+    items = windows(split)
+    parts = math.ceil(n / train.MICRO_WINDOWS)
+    per_epoch = len(train.step_chunks("pretrain", items, split, n, np.random.default_rng(0), parts))
+    make = functools.partial(train.step_batches, "pretrain", items, split, n, parts, range(parts), per_epoch, args,
+                             model.config.modalities)
+    shapes = epoch_shapes(make, per_epoch)
+    warm = per_epoch if device.type == "cuda" else 1
+    batches = iter(train.ahead(make, warm + steps + 2, args, device))
     model.train()
+
+    def step():
+        t0 = time.perf_counter()
+        n_items, micro = next(batches)
+        waited = time.perf_counter() - t0
+        train.train_step(model, opt, [(share, to_device(b, device)) for share, b, _ in micro], None)
+        return micro, waited
+
+    flops = None
+    if device.type == "cuda":  # counted on the eager model: graph replays go past the counter
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as counter:
+            micro, _ = step()
+        flops = counter.get_total_flops()
+        train.use_cuda_graphs(model, "all" if size == "tiny" else "context")
     # peak memory: what the steps need beyond the model, the optimiser and the batches
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -285,61 +339,109 @@ def train_one(data, size, mode, steps, device):
             f.write("5")  # reset VmHWM to the current resident size
         base = rss_kib("VmRSS") * 1024
     try:
-        train.train_step(model, opt, micro[0], None)  # warm-up
+        for _ in range(warm):
+            step()
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if "memory" not in str(e) and not isinstance(e, MemoryError):
             raise
-        return {"oom": True, "padding": padding}
+        return {"oom": True, "shapes": shapes}
     sync(device)
-    times = []
-    for m in micro[1:]:
+    times, waits, pads = [], [], []
+    for _ in range(steps):
         t0 = time.perf_counter()
-        train.train_step(model, opt, m, None)
+        micro, waited = step()
         sync(device)
         times.append(time.perf_counter() - t0)
+        waits.append(waited)
+        pads += [counts for _, _, counts in micro]
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_kib("VmHWM") * 1024) - base
+    ops = count_ops(step)
+    padding = {k: sum(p[k][0] for p in pads) / sum(p[k][1] for p in pads) for k in pads[0]}
     ms = statistics.median(times) * 1000
-    return {"oom": False, "ms": ms, "items_s": WINDOWS[size] / ms * 1000, "mib": peak / 2**20, "padding": padding,
-            "cache_s": cache_s, "flops": step_flops(model, opt, micro[1]) if device.type == "cuda" else None}
+    return {"oom": False, "ms": ms, "items_s": n / ms * 1000, "mib": peak / 2**20, "padding": padding,
+            "shapes": shapes, "wait": sum(waits) / sum(times), "ops": ops, "flops": flops,
+            "cache_s": cache_s}
 
 
-def bench_train(device, steps, tmp):
-    demo = os.path.join(tmp, "demo")
-    with contextlib.redirect_stdout(io.StringIO()):
-        prepare.main(["demo", "--out", demo])
+def bench_demo(device, tmp):
+    """The README's main job on the demo, as a user runs it: python prepare.py && python train.py
+    (both stages, evaluation included) -> (seconds, train.py's lines but the step and confusion lines)"""
+    here = os.path.dirname(os.path.abspath(__file__))
+    t0 = time.perf_counter()
+    for script in ("prepare.py", "train.py"):
+        run = subprocess.run([sys.executable, os.path.join(here, script)] + (["--device", str(device)]
+                                                                                if script == "train.py" else []),
+                             cwd=tmp, check=True, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    return seconds, [line for line in run.stdout.splitlines() if not line.startswith(("step", " "))]
+
+
+def sample_probs(device, cwd):
+    """sample.py --json on the demo's example dialogue -> (turns, n_labels) probabilities"""
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run([sys.executable, os.path.join(here, "sample.py"), "--json", "--device", str(device)],
+                         cwd=cwd, check=True, capture_output=True, text=True)
+    return np.array([list(json.loads(line)["probs"].values()) for line in run.stdout.splitlines()])
+
+
+def bench_train(device, steps, tmp, timeout):
+    demo_s, lines = bench_demo(device, os.path.join(tmp, "run"))
+    print(f"demo on {device}: python prepare.py && python train.py (both stages, evaluation included): "
+          f"{demo_s:.0f} s" + (" (target <= 60 s on one H100)" if device.type == "cuda" else ""))
+    for line in lines:
+        print("  " + line)
+    if device.type != "cpu":
+        ours, cpu = (sample_probs(d, os.path.join(tmp, "run")) for d in (device, "cpu"))
+        print(f"sample.py --device {device.type} against the CPU, the demo's example dialogue: max |difference| of "
+              f"the probabilities {np.abs(ours - cpu).max():.4f} over {len(ours)} turns (bf16 rounding: ~0.01)")
+    demo = os.path.join(tmp, "run", "data", "demo")
     meld = meld_like(os.path.join(tmp, "meld-like"))
     set_ups = [(name, data, size, mode) for name, data, sizes in (("demo", demo, ("tiny",)),
                                                                   ("MELD-like", meld, ("tiny", "base")))
                for size in sizes for mode in ("whole", "buckets", "cache")]
     peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
-    print(f"\ntraining steps on {device}: pre-training, 4 windows a step (base: 2), median of {steps} steps after "
-          f"a warm-up (random weights){', bf16 autocast' if device.type == 'cuda' else ', fp32'}")
-    print(f"{'data':<11}{'size':<6}{'encoders':<22}{'ms/step':>10}{'windows/s':>11}{'peak MiB':>10}"
-          f"{'padding text':>14}{'audio':>7}" + (f"{'MFU':>7}" if peak else ""))
+    w = WINDOWS[device.type]
+    print(f"\ntraining steps on {device}: pre-training, {w['tiny']} windows a step (base: {w['base']}), median of "
+          f"{steps} steps after a warm-up (random weights){', bf16 autocast' if device.type == 'cuda' else ', fp32'}")
+    print(f"{'data':<11}{'size':<6}{'encoders':<18}{'ms/step':>10}{'windows/s':>11}" + (f"{'MFU':>7}" if peak else "")
+          + f"{'peak MiB':>10}{'padding t/a':>13}{'shapes t/a (no grid)':>22}{'waits':>7}{'ops':>8}")
     results = {}
     for name, data, size, mode in set_ups:
-        r = json.loads(subprocess.run(
-            [sys.executable, __file__, "_train", data, size, mode, str(steps), "--device", str(device)],
-            check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-        results[name, size, mode] = r
         label = {"whole": "one padded batch", "buckets": "length buckets", "cache": "feature cache"}[mode]
-        pad = "".join(f"{r['padding'][k]:>{w}.1%}" if k in r["padding"] else f"{'-':>{w}}"
-                      for k, w in (("text", 14), ("audio", 7)))
-        if r["oom"]:
-            print(f"{name:<11}{size:<6}{label:<22}{'out of memory':>31}{pad}"
-                  f"   (limit {mem_limit(device) / 2**30:.0f} GiB)")
+        try:
+            r = json.loads(subprocess.run(
+                [sys.executable, __file__, "_train", data, size, mode, str(steps), "--device", str(device)],
+                check=True, capture_output=True, text=True, timeout=timeout).stdout.splitlines()[-1])
+        except subprocess.TimeoutExpired:
+            print(f"{name:<11}{size:<6}{label:<18}{'did not finish in':>21} {timeout:.0f} s")
             continue
+        results[name, size, mode] = r
+        shapes = "/".join(f"{r['shapes'][k][1]} ({r['shapes'][k][2]})" if k in r["shapes"] else "-"
+                          for k in ("text", "audio"))
+        if r["oom"]:
+            print(f"{name:<11}{size:<6}{label:<18}{'out of memory':>21}   (limit {mem_limit(device) / 2**30:.0f} GiB)")
+            continue
+        pad = "/".join(f"{r['padding'][k]:.0%}" if k in r["padding"] else "-" for k in ("text", "audio"))
         mfu = f"{r['flops'] / (r['ms'] / 1000) / peak:>7.1%}" if peak else ""
-        print(f"{name:<11}{size:<6}{label:<22}{r['ms']:>10.1f}{r['items_s']:>11.2f}{r['mib']:>10.0f}{pad}{mfu}"
+        print(f"{name:<11}{size:<6}{label:<18}{r['ms']:>10.1f}{r['items_s']:>11.2f}{mfu}{r['mib']:>10.0f}{pad:>13}"
+              f"{shapes:>22}{r['wait']:>7.1%}{r['ops']:>8}"
               + (f"   (cache built in {r['cache_s']:.1f} s)" if r["cache_s"] is not None else ""))
-    print()
+    print("\nshapes: distinct (rows, length) shapes of the encoder calls over an epoch, text/audio, and in brackets "
+          "as many as each bucket padded to its own longest would give; waits: share of a step spent waiting for "
+          "its batch; ops: torch operations the host dispatches in a step (a CUDA graph's replay: its input copies)")
     for name, size in dict.fromkeys((n, s) for n, s, _ in results):
-        whole, buckets, cache = (results[name, size, m] for m in ("whole", "buckets", "cache"))
+        whole, buckets, cache = (results.get((name, size, m), {"oom": True}) for m in ("whole", "buckets", "cache"))
+        if buckets["oom"] or cache["oom"]:
+            continue
         faster = "one padded batch does not fit" if whole["oom"] else f"{whole['ms'] / buckets['ms']:.2f}x the speed"
-        print(f"{name} {size}: audio padding {whole['padding']['audio']:.1%} -> {buckets['padding']['audio']:.1%} "
-              f"with buckets (target <= 10%), {faster}; feature cache step "
-              f"{buckets['ms'] / cache['ms']:.0f}x faster than end-to-end"
-              + (" (target >= 50x)" if size == "base" else ""))
+        before = f"{whole['padding']['audio']:.1%} -> " if "padding" in whole else ""
+        print(f"{name} {size}: audio padding {before}{buckets['padding']['audio']:.1%} with buckets (target <= 10%), "
+              f"{faster}; feature cache step {cache['ms']:.1f} ms"
+              + (" (target <= 10 ms on one H100)" if device.type == "cuda" else "")
+              + f", {buckets['ms'] / cache['ms']:.0f}x faster than end-to-end"
+              + (" (target >= 50x)" if size == "base" else "")
+              + (f"; MFU with buckets {buckets['flops'] / (buckets['ms'] / 1000) / peak:.1%}"
+                 + (" (target >= 30%)" if size == "base" else "") if peak else ""))
 
 
 if __name__ == "__main__":
@@ -348,6 +450,7 @@ if __name__ == "__main__":
     parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, help="repetitions (default: 15 encoders, 3 stream, 3 train)")
+    parser.add_argument("--timeout", type=float, default=3600, help="train: seconds a set-up may take")
     a = parser.parse_args()
     device = torch.device(a.device)
     if a.what == "_memory":  # one measurement in a fresh process, so earlier runs' memory does not hide it
@@ -361,5 +464,7 @@ if __name__ == "__main__":
         bench_stream(device, a.reps or 3)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            (bench_encoders if a.what == "encoders" else bench_train)(device, a.reps or (15 if a.what == "encoders"
-                                                                                         else 3), tmp)
+            if a.what == "encoders":
+                bench_encoders(device, a.reps or 15, tmp)
+            else:
+                bench_train(device, a.reps or 3, tmp, a.timeout)

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from nanotcmp.audio import MIN_SAMPLES, AudioError, load_audio
 from nanotcmp.data import encoder_inputs, to_device
-from nanotcmp.model import TCMP, TCMPConfig
+from nanotcmp.model import TCMP, TCMPConfig, autocast
 from nanotcmp.tokenizer import WordPiece
 
 
@@ -64,16 +64,17 @@ class Stream:
         """One more utterance -> the next emotion's probabilities (n_labels,), or None before turn 2"""
         batch = encoder_inputs([self.tok.encode(text, self.max_tokens)] if self.model.text else None,
                                [wave] if self.model.audio else None)
-        H = self.model.encode(to_device(batch, self.device))
-        for b, cache in self.cache.items():
-            cache.append(H[b][0])
-        self.turns += 1
-        if self.turns < 2:
-            return None
-        L = len(self.cache[self.model.betas[0]])
-        ctx = torch.arange(L, device=self.device)[None]  # (1, L): the cached utterances, in order
-        cached = {b: torch.stack(list(cache)) for b, cache in self.cache.items()}  # β -> (L, d)
-        logits = self.model.head(cached, ctx, torch.ones_like(ctx, dtype=torch.bool))
+        with autocast(self.device):  # bf16 on a GPU, as in training
+            H = self.model.encode(to_device(batch, self.device))
+            for b, cache in self.cache.items():
+                cache.append(H[b][0])
+            self.turns += 1
+            if self.turns < 2:
+                return None
+            L = len(self.cache[self.model.betas[0]])
+            ctx = torch.arange(L, device=self.device)[None]  # (1, L): the cached utterances, in order
+            cached = {b: torch.stack(list(cache)) for b, cache in self.cache.items()}  # β -> (L, d)
+            logits = self.model.head(cached, ctx, torch.ones_like(ctx, dtype=torch.bool))
         return logits.float().softmax(-1)[0].cpu()
 
 
@@ -126,9 +127,9 @@ def main(argv=None):
     p.add_argument("--ckpt", default="out/demo-finetune", help="a fine-tuning run's folder")
     p.add_argument("--json", action="store_true", help="one JSON object a line instead of the bar charts")
     p.add_argument("--keep-going", action="store_true", help="on standard input: report a bad turn, then go on")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda when there is one) | cpu | cuda")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     model, tok, config = load_checkpoint(args.ckpt, device)
     stream = Stream(model, tok, config["max_tokens"], config["max_context"], device)
     if args.dialogue == "-":

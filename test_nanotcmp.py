@@ -33,8 +33,8 @@ import prepare
 import sample
 import train
 from nanotcmp.audio import SAMPLE_RATE, AudioError, load_audio, save_wav, synthesize
-from nanotcmp.data import (Split, buckets, draw_noise, encoder_inputs, finetune_batch, load_meta, make_batch, padding,
-                           pretrain_batch, windows)
+from nanotcmp.data import (LENGTH_GRID, ROW_GRID, Split, buckets, draw_noise, encoder_inputs, finetune_batch, load_meta,
+                           make_batch, padding, pretrain_batch, shapes, windows)
 from nanotcmp.metrics import aa, confusion, emotion_scores, macro_f1, majority_scores, recall_at, wa
 from nanotcmp.model import GRU, Bert, ContextInteraction, Hubert, clip_loss, tus_loss
 from nanotcmp.tokenizer import WordPiece
@@ -1360,25 +1360,41 @@ def test_training_refuses_bad_set_ups_before_starting(small_demo, tmp_path):
 # speed and scale: length buckets, the feature cache, torchrun, a step that never waits
 
 
-def test_buckets_bound_the_padding_share():
+def test_buckets_bound_the_padding_share_on_a_grid_of_shapes():
     rng = np.random.default_rng(0)
     seconds = np.clip(rng.lognormal(math.log(3), 0.6, 300), 1, 15)  # MELD-like: 1-15 s, median 3 s
     lengths = (seconds * SAMPLE_RATE).astype(np.int64)
-    for max_padding in (0.02, 0.1, 0.3):
+    for max_padding in (0.1, 0.3):
         groups = buckets(lengths, max_padding)
-        assert sorted(np.concatenate(groups).tolist()) == list(range(len(lengths)))
-        for g in groups:
-            longest = lengths[g].max()
-            assert len(g) * longest - lengths[g].sum() <= max_padding * len(g) * longest
+        assert sorted(np.concatenate([g for g, _, _ in groups]).tolist()) == list(range(len(lengths)))
+        for g, R, T in groups:
+            assert T in LENGTH_GRID and R in ROW_GRID and R >= len(g) and T >= lengths[g].max()
+            assert not (LENGTH_GRID[LENGTH_GRID >= lengths[g].max()] < T).any()  # the smallest grid length
+            if len(g) > 1:
+                assert R * T - lengths[g].sum() <= max_padding * R * T
         assert len(groups) <= len(lengths) / 4  # not one bucket a sequence
     assert len(buckets(lengths, 1)) == 1
+    # a sequence of 64 or more is padded by 16% at most (shorter ones by a few positions), and the powers of two are
+    # on the grid
+    n = np.arange(64, 100_000)
+    assert (1 - n / LENGTH_GRID[np.searchsorted(LENGTH_GRID, n)]).max() <= 0.16
+    assert {64, 128, 512, 2 ** 20} <= set(LENGTH_GRID.tolist())
     waves = [np.zeros(n, np.int16) for n in lengths[:40]]
     for max_padding in (0.1, 1):
         batch = encoder_inputs(waves=waves, max_padding=max_padding)
         padded, total = padding(batch, "audio")
-        rows = [int(n) for x in batch["audio"] for n in [x.shape[1]] * len(x)]  # each row's padded length
-        assert total == sum(rows) and padded == sum(rows) - lengths[:40].sum()
+        assert total == sum(x.numel() for x in batch["audio"]) and padded == total - lengths[:40].sum()
         assert (padded / total <= 0.1) == (max_padding == 0.1)
+        assert shapes(batch, "audio") <= {(int(R), int(T)) for R in ROW_GRID for T in LENGTH_GRID}
+    # a run sees a bounded set of shapes: after a while, a new batch seldom brings a new one
+    lengths = (np.clip(rng.lognormal(math.log(3), 0.6, 6000), 1, 15) * SAMPLE_RATE).astype(np.int64)
+    calls, seen, new = 0, set(), []
+    for i in range(0, len(lengths), 20):
+        groups = buckets(lengths[i:i + 20])
+        calls += len(groups)
+        new.append(len({(R, T) for _, R, T in groups} - seen))
+        seen |= {(R, T) for _, R, T in groups}
+    assert len(seen) < calls / 10 and sum(new[len(new) // 2:]) < 0.1 * len(seen)
 
 
 def test_bucketed_encoding_equals_one_padded_batch(small_demo):

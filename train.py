@@ -12,6 +12,7 @@ torchrun --nproc_per_node=4 train.py ...  # one process per GPU; --batch-size is
 """
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -29,13 +30,19 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanotcmp.data import (Split, dialogue_batches, encoder_inputs, finetune_batch, load_meta, padding,
-                           pretrain_batch, to_device, windows)
+                           pretrain_batch, shapes, to_device, windows)
 from nanotcmp.metrics import emotion_scores, majority_scores, recall_at
-from nanotcmp.model import Bert, Hubert, TCMP, TCMPConfig, tiny_bert_config, tiny_hubert_config
+from nanotcmp.model import Bert, Hubert, TCMP, TCMPConfig, autocast, tiny_bert_config, tiny_hubert_config
 
 PAPER_LR = {"pretrain": 2e-4, "finetune": 2e-5}  # everything but the encoders (paper §4.2)
 PAPER_LR_ENCODER = 2e-6
 TINY_LR = 1e-3  # everything, with tiny randomly initialised encoders
+# --batch-size's defaults. On CUDA, batches that use the card: the authors' 64 windows a
+# pre-training step (in micro-batches of at most 16 windows, accumulated) and 64 samples a
+# fine-tuning step. On the CPU, 4 and 16, which make the demo quick; the demo's tiny encoders keep
+# 4 windows on CUDA too, since their pre-training learns by its number of steps.
+BATCH = {"cuda": {"pretrain": 64, "finetune": 64}, "cpu": {"pretrain": 4, "finetune": 16}}
+MICRO_WINDOWS = 16
 
 
 def parse_args(argv):
@@ -74,6 +81,12 @@ def parse_args(argv):
                         "the dataset")
     p.add_argument("--no-cache", action="store_true", help="with --freeze-encoders: run the encoders every step")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoders")
+    p.add_argument("--cuda-graphs", choices=["off", "context", "all"],
+                   help="on CUDA, run the context interactions (and with 'all' the encoders too) as CUDA graphs, one "
+                        "per input shape; each keeps its activations' memory, so 'all' suits encoders of MiniLM's "
+                        "size or smaller (default: all with tiny encoders, else context; off on the CPU)")
+    p.add_argument("--workers", type=int, help="processes building batches ahead of the training loop (default: "
+                                               "4 on CUDA, 0 on the CPU, where they would take its cores)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=50, help="steps between resumable states")
     return p.parse_args(argv)
@@ -211,20 +224,15 @@ def attach_features(model, folder, splits, device):
 # evaluation
 
 
-def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 @torch.no_grad()
 def predict(model, split, args, device):
     """-> (true labels, predicted labels) of every sample of a labelled split"""
     model.eval()
     preds = []
-    for i in range(0, len(split.samples), args.batch_size):
-        batch = to_device(finetune_batch(split, split.samples[i:i + args.batch_size], model.config.modalities,
-                                         args.max_padding), device)
+    for batch in ahead(functools.partial(eval_batch, split, "finetune", model.config.modalities, args),
+                       math.ceil(len(split.samples) / EVAL_BATCH), args, device):
         with autocast(device):
-            preds.append(model.classify(batch).argmax(-1).cpu())
+            preds.append(model.classify(to_device(batch, device)).argmax(-1).cpu())
     return split.samples[:, 2], torch.cat(preds).numpy()
 
 
@@ -233,12 +241,10 @@ def retrieval_scores(model, split, args, device):
     """TUS on a split's windows with candidate sets fixed by the seed: R5@1, R5@2, R11@1, R11@2
     (percent) for T2T, A2A and M2M. The 5 candidates are the true one and the first 4 of 10 noise."""
     model.eval()
-    wins = windows(split)
-    rng = np.random.default_rng(args.seed)
     scores = {b: [] for b in model.betas}
-    for i in range(0, len(wins), args.batch_size):
-        batch = to_device(pretrain_batch(split, wins[i:i + args.batch_size], 11, rng, model.config.modalities,
-                                         in_batch=False, max_padding=args.max_padding), device)
+    for batch in ahead(functools.partial(eval_batch, split, "pretrain", model.config.modalities, args),
+                       math.ceil(len(windows(split)) / EVAL_BATCH), args, device):
+        batch = to_device(batch, device)
         with autocast(device):
             H = model.encode(batch)
             s = model.tus_scores(H, model.interact(H, batch["ctx"], batch["ctx_mask"]), batch)
@@ -251,6 +257,48 @@ def retrieval_scores(model, split, args, device):
         true = np.zeros(len(s), dtype=np.int64)
         out[names[b]] = {f"R{k}@{m}": recall_at(s[:, :k], true, m) for k in (5, 11) for m in (1, 2)}
     return out
+
+
+EVAL_BATCH = 64  # samples or windows; without gradients, large batches are cheap
+
+
+def eval_batch(split, stage, modalities, args, i):
+    """The i-th evaluation batch of a split: samples, or windows whose noise candidates (10 a target,
+    from the whole split) are fixed by the seed and i"""
+    rows = slice(i * EVAL_BATCH, (i + 1) * EVAL_BATCH)
+    if stage == "finetune":
+        return finetune_batch(split, split.samples[rows], modalities, args.max_padding)
+    return pretrain_batch(split, windows(split)[rows], 11, np.random.default_rng((args.seed, i)), modalities,
+                          in_batch=False, max_padding=args.max_padding)
+
+# -----------------------------------------------------------------------------
+# batches, built ahead of use
+
+
+class Batches(torch.utils.data.Dataset):
+    """Batches made on demand, make(i) for i < n: what a DataLoader's worker processes build while
+    the model works on the ones before"""
+
+    def __init__(self, make, n):
+        self.make, self.n = make, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.make(i)
+
+
+def ahead(make, n, args, device, start=0):
+    """make(start), ..., make(n - 1), in order, built by --workers processes up to 4 batches each
+    ahead of use (0 workers: here, when asked for), and pinned on CUDA so that the copies to the
+    device do not block"""
+    workers = args.workers if args.workers is not None else 4 if device.type == "cuda" else 0
+    return torch.utils.data.DataLoader(
+        Batches(make, n), batch_size=None, sampler=range(start, n), num_workers=workers,
+        prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda",
+        multiprocessing_context="fork" if workers else None,  # the workers share the memory-mapped splits
+        generator=torch.Generator())  # the workers' seeds come from here: the global generator is dropout's
 
 # -----------------------------------------------------------------------------
 # training
@@ -299,6 +347,38 @@ def step_chunks(stage, items, split, batch_size, rng, parts):
     return [c for c in chunks if len(c) >= parts]
 
 
+def cuda_graphs(module, **fixed):
+    """Run a module's training calls as CUDA graphs, one per shape of its inputs, each captured on
+    first use (torch.cuda.make_graphed_callables): the hundreds of small kernels of a call, forward
+    and backward, are then launched as one. The grid of shapes (data.buckets) bounds how many
+    graphs a run captures; each keeps the memory of its activations. fixed: keyword arguments
+    every call has (the encoders' check=False)."""
+    eager, graphs = module.forward, {}
+
+    def forward(*args, **kwargs):
+        if not (module.training and torch.is_grad_enabled()) or kwargs != fixed:
+            return eager(*args, **kwargs)
+        key = tuple((a.shape, a.dtype, a.requires_grad) for a in args) + (torch.is_autocast_enabled(),)
+        if key not in graphs:
+            module.forward = functools.partial(eager, **fixed)  # what the capture runs
+            samples = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+            graphs[key] = torch.cuda.make_graphed_callables(  # the batch loader's threads may use CUDA meanwhile
+                module, samples, num_warmup_iters=1, allow_unused_input=True, capture_error_mode="thread_local").forward
+            module.forward = forward
+        return graphs[key](*args)
+
+    module.forward = forward
+
+
+def use_cuda_graphs(model, which):
+    """--cuda-graphs: the context interactions (Eq. 7-10, GRU loops of ~40 kernels a step), and with
+    "all" the encoders too, as CUDA graphs"""
+    for module in model.context.values():
+        cuda_graphs(module)
+    for enc in model.encoders() if which == "all" else ():
+        cuda_graphs(enc, check=False)
+
+
 def compile_encoders(model):
     """torch.compile BERT and HuBERT, the bulk of the work, for any batch and sequence length"""
     model.check_inputs = False  # prepare.py checked the dataset; a check would break the graph
@@ -314,6 +394,18 @@ def micro_batch(split, modalities, stage, items, rng, args):
     else:
         batch = finetune_batch(split, items, modalities, max_padding=args.max_padding)
     return batch, {key: padding(batch, key) for key in ("text", "audio") if key + "_mask" in batch}
+
+
+def step_batches(stage, items, split, batch_size, parts, mine, steps_per_epoch, args, modalities, step):
+    """-> (the step's items, this process's micro-batches of it: [(share of the step's items, batch,
+    {modality: (padded, all) positions})]). The epoch's order and each part's noise candidates are
+    fixed by the seed, the epoch and the step, wherever and whenever the batch is built."""
+    epoch, i = divmod(step, steps_per_epoch)
+    chunk = step_chunks(stage, items, split, batch_size, np.random.default_rng((args.seed, epoch)), parts)[i]
+    shards = np.array_split(np.arange(len(chunk)), parts)
+    return len(chunk), [(len(shards[g]) / len(chunk), *micro_batch(
+        split, modalities, stage, [chunk[j] for j in shards[g]], np.random.default_rng((args.seed, epoch, i, g)), args))
+        for g in mine]
 
 
 def train_step(runner, opt, micro, weights):
@@ -365,20 +457,21 @@ def train_stage(stage, args, device):
         train_split = Split(os.path.join(args.data, "pretrain.safetensors" if "pretrain" in meta["splits"]
                                          else "train.safetensors"))
         items = windows(train_split)
-        batch_size = args.batch_size or 4
+        batch_size = args.batch_size or (4 if tiny else BATCH["cuda" if device.type == "cuda" else "cpu"][stage])
         weights = None
     else:
         if not meta["splits"].get("train", {}).get("labelled"):
             raise SystemExit(f"train.py: {args.data} has no labelled train split to fine-tune on")
         train_split = Split(os.path.join(args.data, "train.safetensors"))
         items = train_split.samples
-        batch_size = args.batch_size or 16
+        batch_size = args.batch_size or BATCH["cuda" if device.type == "cuda" else "cpu"][stage]
         weights = class_weights(train_split, model.config.n_labels).to(device)
-    args.batch_size = batch_size
     dev, test = (Split(os.path.join(args.data, f"{s}.safetensors")) for s in ("dev", "test"))
     if args.freeze_encoders and not args.no_cache:
         attach_features(model, args.data, (train_split, dev, test), device)
-    parts_per_step = args.micro_batches or WORLD
+    # default: one part a process, or more where a process's share of windows exceeds MICRO_WINDOWS
+    parts_per_step = args.micro_batches or WORLD * (math.ceil(batch_size / WORLD / MICRO_WINDOWS)
+                                                    if stage == "pretrain" else 1)
     if parts_per_step % WORLD:
         raise SystemExit(f"train.py: --micro-batches {parts_per_step} does not divide among {WORLD} processes")
     if batch_size < parts_per_step:
@@ -390,6 +483,11 @@ def train_stage(stage, args, device):
     mine = range(RANK * parts_per_step // WORLD, (RANK + 1) * parts_per_step // WORLD)  # this process's shards
     if args.compile:
         compile_encoders(model)
+    if args.compile and args.cuda_graphs == "all":
+        raise SystemExit("train.py: --compile and --cuda-graphs all both take the encoders: choose one")
+    graphs = args.cuda_graphs or ("all" if tiny and not args.compile else "context")
+    if device.type == "cuda" and graphs != "off":
+        use_cuda_graphs(model, graphs)
     runner = DDP(model, find_unused_parameters=True) if WORLD > 1 else model
     epochs = args.epochs or (8 if stage == "pretrain" else 12)
     steps_per_epoch = len(step_chunks(stage, items, train_split, batch_size, np.random.default_rng(0), parts_per_step))
@@ -444,31 +542,28 @@ def train_stage(stage, args, device):
     t0, seen, first_step, last_log = time.time(), 0, step, step
     t_log, paused = t0, 0.0  # paused: seconds spent evaluating and saving since the last log line
     pad = {}  # modality -> (padded, all) positions of its encoder inputs since the last log
+    seen_shapes = {}  # modality -> the (rows, length) shapes its encoder has been called with
+    waited = 0.0  # seconds the loop waited for its batches since the last log line
     t_epoch = t0
-    chunks, chunks_epoch = None, None
+    batches = iter(ahead(functools.partial(step_batches, stage, items, train_split, batch_size, parts_per_step, mine,
+                                           steps_per_epoch, args, model.config.modalities), total, args, device, step))
     while step < total:
-        epoch, i = divmod(step, steps_per_epoch)
-        if chunks_epoch != epoch:  # the epoch's order: the same after a resume
-            chunks = step_chunks(stage, items, train_split, batch_size, np.random.default_rng((args.seed, epoch)),
-                                 parts_per_step)
-            chunks_epoch = epoch
-        chunk = chunks[i]
-        shards = np.array_split(np.arange(len(chunk)), parts_per_step)
-        micro = []
-        for g in mine:
-            rng = np.random.default_rng((args.seed, epoch, i, g))  # this shard's noise candidates
-            batch, counts = micro_batch(train_split, model.config.modalities, stage, [chunk[j] for j in shards[g]],
-                                        rng, args)
-            micro.append((len(shards[g]) / len(chunk), to_device(batch, device)))
+        epoch = step // steps_per_epoch
+        t_wait = time.time()
+        n_items, parts = next(batches)
+        waited += time.time() - t_wait
+        micro = [(share, to_device(batch, device)) for share, batch, _ in parts]
+        for _, batch, counts in parts:
             for key, c in counts.items():
                 pad[key] = pad.get(key, np.zeros(2)) + c
+                seen_shapes.setdefault(key, set()).update(shapes(batch, key))
         runner.train()
         step_loss, step_parts = train_step(runner, opt, micro, weights)
         fresh = torch.isinf(first_bad) & ~torch.isfinite(step_loss)  # this step's loss is the first bad one
         first_bad = torch.where(fresh, step + 1, first_bad)
         bad_parts = {k: torch.where(fresh, v, bad_parts.get(k, v)) for k, v in step_parts.items()}
         step += 1
-        seen += len(chunk)
+        seen += n_items
         for k, v in {"loss": step_loss, **step_parts}.items():
             interval[k] = interval.get(k, 0.0) + v
         if step % args.log_every == 0 or step == total:
@@ -479,15 +574,19 @@ def train_stage(stage, args, device):
             unit = "windows" if stage == "pretrain" else "samples"
             shares = {k: float(c[0] / c[1]) for k, c in
                        ((k, all_reduce(torch.tensor(v, device=device))) for k, v in pad.items())}
-            history.append({"step": step, **means, "ms_per_step": dt * 1000, "padding": shares})
+            wait = waited / (dt * n)  # the share of the steps' time spent waiting for a batch
+            n_shapes = {k: len(v) for k, v in seen_shapes.items()}  # (this process's)
+            history.append({"step": step, **means, "ms_per_step": dt * 1000, "padding": shares, "wait": wait,
+                            "shapes": n_shapes})
             print0(f"step {step}/{total} | loss {means['loss']:.4f} ("
                    + ", ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
-                   + f") | {dt * 1000:.0f} ms/step | {seen / (dt * n):.1f} {unit}/s"
+                   + f") | {dt * 1000:.0f} ms/step | {seen / (dt * n):.1f} {unit}/s | waits {wait:.0%}"
                    + "".join(f" | padding {k} {v:.0%}" for k, v in shares.items())
+                   + "".join(f" | {k} shapes {v}" for k, v in n_shapes.items())
                    + f" | ETA {(total - step) * (time.time() - t0) / (step - first_step) / 60:.1f} min")
             if RANK == 0:
                 write_json(log_path, history)
-            seen, last_log, t_log, paused = 0, step, time.time(), 0.0
+            seen, last_log, t_log, paused, waited = 0, step, time.time(), 0.0, 0.0
             interval, pad = {}, {}
         if step % steps_per_epoch == 0 or step % args.save_every == 0:
             check_finite()  # waits for the steps, so that the pause times only the evaluation and the save
@@ -572,6 +671,9 @@ def barrier():
 def set_up_device(device):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        # cuDNN's attention builds a plan for every new shape: 25 ms a call on an H100, more than a
+        # tiny model's whole step; the other attention kernels need none
+        torch.backends.cuda.enable_cudnn_sdp(False)
     else:
         # oneDNN prepares a kernel for every new convolution shape, and length buckets bring new
         # shapes every step: torch's own convolutions are faster here (bench.py train)

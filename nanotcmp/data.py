@@ -94,38 +94,59 @@ def load_meta(folder):
 # batches: every distinct utterance of a batch is encoded once, contexts index into them
 
 
+# Every encoder call gets a shape (rows x length) from a fixed grid, so that a whole run sees a
+# bounded set of shapes: the GPU libraries plan their kernels, and train.py captures its CUDA
+# graphs, once per shape, and a new shape every step costs more than the step (README, "Speed and
+# scale"). Lengths: 4 steps an octave, every power of two among them (so a model's max_positions
+# of 128 or 512 is never overrun). Rows: the powers of two, the missing rows filled with copies of
+# the bucket's first sequence, whose outputs are dropped.
+LENGTH_GRID = np.unique(np.round(2 ** (np.arange(4 * 30 + 1) / 4))).astype(np.int64)
+ROW_GRID = 2 ** np.arange(17)
+
+
+def on_grid(n, grid):
+    """-> the smallest grid value >= n"""
+    return int(grid[np.searchsorted(grid, n)])
+
+
 def buckets(lengths, max_padding=0.1):
-    """Length buckets for an encoder batch, each padded to its own longest sequence: sorted by
-    length, a bucket grows while its padding share (padded / all positions) stays within
-    max_padding, so the whole batch's does too (1: one bucket). -> list of index arrays into lengths"""
+    """Length buckets for an encoder batch, each padded to a shape on the grid: sorted by length, a
+    bucket grows while its padding share (padded positions, the filler rows' included, over all
+    positions) stays within max_padding (1: one bucket). -> list of (index array into lengths,
+    padded rows, padded length)"""
     lengths = np.asarray(lengths)
     order = np.argsort(-lengths, kind="stable")
-    out, start, total = [], 0, 0
-    for i, j in enumerate(order):
-        n, longest = i - start + 1, lengths[order[start]]
-        if n * longest - (total + lengths[j]) > max_padding * n * longest:  # j would pad the bucket too much
-            out.append(order[start:i])
-            start, total = i, 0
-        total += lengths[j]
-    out.append(order[start:])
+    out, i = [], 0
+    while i < len(order):
+        T = on_grid(lengths[order[i]], LENGTH_GRID)
+        end, total = i + 1, 0
+        for j in range(i, len(order)):
+            total += lengths[order[j]]
+            n = j - i + 1
+            if total < (1 - max_padding) * n * T:  # too much padding already, before rounding the rows
+                break
+            if total >= (1 - max_padding) * on_grid(n, ROW_GRID) * T:
+                end = j + 1
+        out.append((order[i:end], on_grid(end - i, ROW_GRID), T))
+        i = end
     return out
 
 
 def pad(key, seqs, max_padding=0.1):
-    """Sequences (1-d arrays) of one modality -> its encoder inputs, bucketed by length:
-      key [(U_b, T_b)], key_mask [(U_b, T_b) bool]  one padded tensor per bucket, zeros at the padding
+    """Sequences (1-d arrays) of one modality -> its encoder inputs, bucketed by length (see buckets):
+      key [(R_b, T_b)], key_mask [(R_b, T_b) bool]  one padded tensor per bucket, zeros at the padding;
+                                                  rows past the bucket's sequences repeat its first
       key_index (U,) long                         sequence i's row in the buckets' rows, concatenated"""
-    groups = buckets([len(s) for s in seqs], max_padding)
-    xs, masks = [], []
-    for g in groups:
-        T = max(len(seqs[i]) for i in g)
-        x = torch.zeros(len(g), T, dtype=torch.from_numpy(seqs[0]).dtype)
-        for row, i in enumerate(g):
+    xs, masks, index, first_row = [], [], torch.empty(len(seqs), dtype=torch.long), 0
+    for g, R, T in buckets([len(s) for s in seqs], max_padding):
+        filled = np.r_[g, np.repeat(g[0], R - len(g))]
+        x = torch.zeros(R, T, dtype=torch.from_numpy(seqs[0]).dtype)
+        for row, i in enumerate(filled):
             x[row, :len(seqs[i])] = torch.from_numpy(seqs[i])
         xs.append(x)
-        masks.append(torch.arange(T)[None, :] < torch.tensor([len(seqs[i]) for i in g])[:, None])
-    index = torch.empty(len(seqs), dtype=torch.long)
-    index[torch.from_numpy(np.concatenate(groups))] = torch.arange(len(seqs))
+        masks.append(torch.arange(T)[None, :] < torch.tensor([len(seqs[i]) for i in filled])[:, None])
+        index[torch.from_numpy(g)] = first_row + torch.arange(len(g))
+        first_row += R
     return {key: xs, key + "_mask": masks, key + "_index": index}
 
 
@@ -145,7 +166,13 @@ def padding(batch, key):
     their ratio is the padding share"""
     masks = batch[key + "_mask"]
     all_ = sum(m.numel() for m in masks)
-    return all_ - sum(int(m.sum()) for m in masks), all_
+    real = torch.cat([m.sum(1) for m in masks])[batch[key + "_index"]]  # (U,) the filler rows left out
+    return all_ - int(real.sum()), all_
+
+
+def shapes(batch, key):
+    """-> the (rows, length) shapes of a batch's encoder calls, for key "text" or "audio" """
+    return {tuple(x.shape) for x in batch.get(key, ())}
 
 
 def make_batch(split, rows, extra=(), modalities=("text", "audio"), max_padding=0.1):
@@ -176,7 +203,7 @@ def to_device(batch, device):
     """A batch's tensors (lists of them for bucketed inputs) -> device; on CUDA through pinned
     memory, so the copies run while the host goes on"""
     def move(t):
-        return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
+        return (t.pin_memory() if device.type == "cuda" and not t.is_pinned() else t).to(device, non_blocking=True)
     return {k: [move(t) for t in v] if isinstance(v, list) else move(v) for k, v in batch.items()}
 
 

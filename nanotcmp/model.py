@@ -323,6 +323,12 @@ class TCMPConfig:
     hubert: dict = None
 
 
+def autocast(device):
+    """The precision the model runs in: bf16 on CUDA (float32 weights, bf16 matrix products),
+    float32 elsewhere. No cast cache, so that CUDA graphs can capture the model (train.py)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False)
+
+
 def pool(x, mask):
     # Eq. 4: max + mean over the valid positions; x: (U, T, D), mask: (U, T) bool -> (U, D)
     m = mask[..., None]
