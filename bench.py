@@ -329,7 +329,7 @@ def train_one(data, size, mode, steps, device):
         with FlopCounterMode(display=False) as counter:
             micro, _ = step()
         flops = counter.get_total_flops()
-        train.use_cuda_graphs(model, "all" if size == "tiny" else "context")
+        train.use_cuda_graphs(model, "context")  # train.py's default
     # peak memory: what the steps need beyond the model, the optimiser and the batches
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -367,11 +367,14 @@ def bench_demo(device, tmp):
     """The README's main job on the demo, as a user runs it: python prepare.py && python train.py
     (both stages, evaluation included) -> (seconds, train.py's lines but the step and confusion lines)"""
     here = os.path.dirname(os.path.abspath(__file__))
+    os.makedirs(tmp, exist_ok=True)
     t0 = time.perf_counter()
     for script in ("prepare.py", "train.py"):
         run = subprocess.run([sys.executable, os.path.join(here, script)] + (["--device", str(device)]
                                                                                 if script == "train.py" else []),
-                             cwd=tmp, check=True, capture_output=True, text=True)
+                             cwd=tmp, capture_output=True, text=True)
+        if run.returncode:
+            raise SystemExit(f"bench.py: {script} failed:\n{run.stdout[-2000:]}{run.stderr[-2000:]}")
     seconds = time.perf_counter() - t0
     return seconds, [line for line in run.stdout.splitlines() if not line.startswith(("step", " "))]
 

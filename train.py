@@ -81,10 +81,10 @@ def parse_args(argv):
                         "the dataset")
     p.add_argument("--no-cache", action="store_true", help="with --freeze-encoders: run the encoders every step")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoders")
-    p.add_argument("--cuda-graphs", choices=["off", "context", "all"],
+    p.add_argument("--cuda-graphs", choices=["off", "context", "all"], default="context",
                    help="on CUDA, run the context interactions (and with 'all' the encoders too) as CUDA graphs, one "
                         "per input shape; each keeps its activations' memory, so 'all' suits encoders of MiniLM's "
-                        "size or smaller (default: all with tiny encoders, else context; off on the CPU)")
+                        "size or smaller (default: context)")
     p.add_argument("--workers", type=int, help="processes building batches ahead of the training loop (default: "
                                                "4 on CUDA, 0 on the CPU, where they would take its cores)")
     p.add_argument("--log-every", type=int, default=10)
@@ -291,12 +291,12 @@ class Batches(torch.utils.data.Dataset):
 
 def ahead(make, n, args, device, start=0):
     """make(start), ..., make(n - 1), in order, built by --workers processes up to 4 batches each
-    ahead of use (0 workers: here, when asked for), and pinned on CUDA so that the copies to the
-    device do not block"""
+    ahead of use (0 workers: here, when asked for). to_device pins them on CUDA, in this thread: a
+    pinning thread's CUDA calls would break the capture of a CUDA graph."""
     workers = args.workers if args.workers is not None else 4 if device.type == "cuda" else 0
     return torch.utils.data.DataLoader(
         Batches(make, n), batch_size=None, sampler=range(start, n), num_workers=workers,
-        prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
         multiprocessing_context="fork" if workers else None,  # the workers share the memory-mapped splits
         generator=torch.Generator())  # the workers' seeds come from here: the global generator is dropout's
 
@@ -347,23 +347,31 @@ def step_chunks(stage, items, split, batch_size, rng, parts):
     return [c for c in chunks if len(c) >= parts]
 
 
+GRAPH_USES = []  # each graphed module's uses of each shape in the current forward (cuda_graphs)
+
+
 def cuda_graphs(module, **fixed):
     """Run a module's training calls as CUDA graphs, one per shape of its inputs, each captured on
     first use (torch.cuda.make_graphed_callables): the hundreds of small kernels of a call, forward
     and backward, are then launched as one. The grid of shapes (data.buckets) bounds how many
     graphs a run captures; each keeps the memory of its activations. fixed: keyword arguments
     every call has (the encoders' check=False)."""
-    eager, graphs = module.forward, {}
+    eager, graphs, uses = module.forward, {}, {}
+    GRAPH_USES.append(uses)
 
     def forward(*args, **kwargs):
         if not (module.training and torch.is_grad_enabled()) or kwargs != fixed:
             return eager(*args, **kwargs)
         key = tuple((a.shape, a.dtype, a.requires_grad) for a in args) + (torch.is_autocast_enabled(),)
+        # a graph's activations live in it until its backward: a shape met again in the same
+        # forward (two buckets of one shape) needs a graph of its own
+        uses[key] = uses.get(key, -1) + 1
+        key += (uses[key],)
         if key not in graphs:
             module.forward = functools.partial(eager, **fixed)  # what the capture runs
             samples = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
-            graphs[key] = torch.cuda.make_graphed_callables(  # the batch loader's threads may use CUDA meanwhile
-                module, samples, num_warmup_iters=1, allow_unused_input=True, capture_error_mode="thread_local").forward
+            graphs[key] = torch.cuda.make_graphed_callables(module, samples, num_warmup_iters=1,
+                                                            allow_unused_input=True).forward
             module.forward = forward
         return graphs[key](*args)
 
@@ -414,6 +422,8 @@ def train_step(runner, opt, micro, weights):
     the processes' gradients. -> (loss, {part: value}), left on the device: nothing here waits for it"""
     step_loss, step_parts = 0.0, {}
     for n, (share, batch) in enumerate(micro):
+        for uses in GRAPH_USES:  # a new forward: every CUDA graph is free again
+            uses.clear()
         with runner.no_sync() if isinstance(runner, DDP) and n < len(micro) - 1 else contextlib.nullcontext():
             with autocast(batch["ctx"].device):
                 out = runner(batch)
@@ -485,9 +495,8 @@ def train_stage(stage, args, device):
         compile_encoders(model)
     if args.compile and args.cuda_graphs == "all":
         raise SystemExit("train.py: --compile and --cuda-graphs all both take the encoders: choose one")
-    graphs = args.cuda_graphs or ("all" if tiny and not args.compile else "context")
-    if device.type == "cuda" and graphs != "off":
-        use_cuda_graphs(model, graphs)
+    if device.type == "cuda" and args.cuda_graphs != "off":
+        use_cuda_graphs(model, args.cuda_graphs)
     runner = DDP(model, find_unused_parameters=True) if WORLD > 1 else model
     epochs = args.epochs or (8 if stage == "pretrain" else 12)
     steps_per_epoch = len(step_chunks(stage, items, train_split, batch_size, np.random.default_rng(0), parts_per_step))
@@ -550,10 +559,10 @@ def train_stage(stage, args, device):
     while step < total:
         epoch = step // steps_per_epoch
         t_wait = time.time()
-        n_items, parts = next(batches)
+        n_items, built = next(batches)
         waited += time.time() - t_wait
-        micro = [(share, to_device(batch, device)) for share, batch, _ in parts]
-        for _, batch, counts in parts:
+        micro = [(share, to_device(batch, device)) for share, batch, _ in built]
+        for _, batch, counts in built:
             for key, c in counts.items():
                 pad[key] = pad.get(key, np.zeros(2)) + c
                 seen_shapes.setdefault(key, set()).update(shapes(batch, key))

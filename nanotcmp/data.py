@@ -112,20 +112,22 @@ def on_grid(n, grid):
 def buckets(lengths, max_padding=0.1):
     """Length buckets for an encoder batch, each padded to a shape on the grid: sorted by length, a
     bucket grows while its padding share (padded positions, the filler rows' included, over all
-    positions) stays within max_padding (1: one bucket). -> list of (index array into lengths,
-    padded rows, padded length)"""
+    positions) stays within max_padding, or within its longest sequence's own share on the grid,
+    which no bucket avoids (1: one bucket). -> list of (index array into lengths, padded rows,
+    padded length)"""
     lengths = np.asarray(lengths)
     order = np.argsort(-lengths, kind="stable")
     out, i = [], 0
     while i < len(order):
         T = on_grid(lengths[order[i]], LENGTH_GRID)
+        allowed = max(max_padding, 1 - lengths[order[i]] / T)
         end, total = i + 1, 0
         for j in range(i, len(order)):
             total += lengths[order[j]]
             n = j - i + 1
-            if total < (1 - max_padding) * n * T:  # too much padding already, before rounding the rows
+            if total < (1 - allowed) * n * T:  # too much padding already, before rounding the rows
                 break
-            if total >= (1 - max_padding) * on_grid(n, ROW_GRID) * T:
+            if total >= (1 - allowed) * on_grid(n, ROW_GRID) * T:
                 end = j + 1
         out.append((order[i:end], on_grid(end - i, ROW_GRID), T))
         i = end
@@ -203,7 +205,7 @@ def to_device(batch, device):
     """A batch's tensors (lists of them for bucketed inputs) -> device; on CUDA through pinned
     memory, so the copies run while the host goes on"""
     def move(t):
-        return (t.pin_memory() if device.type == "cuda" and not t.is_pinned() else t).to(device, non_blocking=True)
+        return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
     return {k: [move(t) for t in v] if isinstance(v, list) else move(v) for k, v in batch.items()}
 
 
