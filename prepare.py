@@ -3,14 +3,13 @@ Turn raw corpora, once, into packed datasets that train.py and sample.py read di
 (the format is described in nanotcmp/data.py).
 
 python prepare.py                 # = python prepare.py demo: the embedded demo, in data/demo
-python prepare.py meld --csv-dir DIR [--media-dir DIR] --vocab VOCAB [--out data/p-meld] [--unlabelled]
+python prepare.py meld [--csv-dir DIR] [--media-dir DIR] --vocab VOCAB [--out data/p-meld] [--unlabelled]
 python prepare.py iemocap --root IEMOCAP_full_release --vocab VOCAB [--out data/p-iem]
 python prepare.py dialogues --from FILE.jsonl|DIR --vocab VOCAB --out DIR [--labels a,b,c]
 """
 import argparse
 import bisect
 import csv
-import hashlib
 import itertools
 import json
 import math
@@ -28,8 +27,8 @@ from functools import partial
 import numpy as np
 from safetensors.numpy import save_file
 
-from nanotcmp.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, load_audio, save_wav, synthesize
-from nanotcmp.data import dialogue_ranges, make_samples
+from nanotcmp.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, NoFFmpeg, load_audio, save_wav, synthesize
+from nanotcmp.data import dialogue_ranges, file_sha256, line_problem, make_samples, ranged
 from nanotcmp.tokenizer import WordPiece
 
 
@@ -47,23 +46,30 @@ class Utt:
 
 
 class Problems:
-    """A bad utterance stops the run, or with --skip-bad is dropped (from contexts too) and counted."""
+    """A bad utterance stops the run, or with --skip-bad is dropped (from contexts too) and counted
+    against the split being read (self.split, set by the readers)."""
 
     def __init__(self, skip):
-        self.skip, self.dropped = skip, []
+        self.skip, self.dropped, self.split = skip, [], None
 
     def __call__(self, message):
         if not self.skip:
             raise BadInput(message)
-        self.dropped.append(message)
+        self.dropped.append((self.split, message))
+
+    def count(self, split):
+        return sum(s == split for s, _ in self.dropped)
 
 # -----------------------------------------------------------------------------
 # readers: each returns {split: [(dialogue id, [Utt, ...]), ...]}, utterances in spoken order
+
+DATASET_FORMAT = "nanotcmp dataset 1"  # meta.json's "format": what --out may be replaced by a run only when it says
 
 MELD_SPLITS = {"train": ("train_sent_emo.csv", "train_splits"),
                "dev": ("dev_sent_emo.csv", "dev_splits_complete"),
                "test": ("test_sent_emo.csv", "output_repeated_splits_test")}
 MELD_COLUMNS = ("Utterance", "Speaker", "Sentiment", "Dialogue_ID", "Utterance_ID")
+MELD_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "meld")  # MELD's transcripts, shipped
 
 
 def read_lines(path, problems):
@@ -84,6 +90,7 @@ def read_lines(path, problems):
 def read_meld(csv_dir, media_dir, labelled, problems):
     corpus = {}
     for split, (csv_name, media_folder) in MELD_SPLITS.items():
+        problems.split = split
         path = os.path.join(csv_dir, csv_name)
         if not os.path.isfile(path):
             raise BadInput(f"{path} not found (expected MELD's {', '.join(f for f, _ in MELD_SPLITS.values())})")
@@ -116,6 +123,7 @@ IEMOCAP_LABEL = re.compile(r"^\[[\d.]+ - [\d.]+\]\t(\S+)\t(\S+)\t")
 def read_iemocap(root, problems, audio):
     corpus = {}
     for split, sessions in IEMOCAP_SESSIONS.items():
+        problems.split = split
         corpus[split] = []
         for s in sessions:
             session = os.path.join(root, f"Session{s}")
@@ -162,15 +170,14 @@ def read_jsonl(path, problems):
         except json.JSONDecodeError as e:
             problems(f"{where}: not valid JSON ({e.msg})")
             continue
-        missing = [k for k in ("dialogue", "speaker", "text") if not isinstance(obj, dict) or k not in obj]
-        if missing:
-            problems(f"{where}: missing field {', '.join(missing)}")
+        if bad := line_problem(obj, ("dialogue", "speaker", "text"), ("audio", "label")):
+            problems(f"{where}: {bad}")
             continue
         media = os.path.join(os.path.dirname(path), obj["audio"]) if obj.get("audio") else None
-        label = None if obj.get("label") is None else str(obj["label"])
-        dialogues.setdefault(str(obj["dialogue"]), []).append(
-            Utt(str(obj["speaker"]), str(obj["text"]), label, media, where))
+        dialogues.setdefault(obj["dialogue"], []).append(Utt(obj["speaker"], obj["text"], obj.get("label"), media,
+                                                             where))
     return list(dialogues.items())
+
 
 # -----------------------------------------------------------------------------
 # packing
@@ -239,14 +246,15 @@ def spans(parts, dtype):
     return data, np.stack([np.cumsum(lengths) - lengths, lengths], axis=1).reshape(len(parts), 2)
 
 
-def pack_split(dialogues, label_index, tok, with_audio, args, problems, pool):
-    """-> (arrays, metadata, clips cut, dialogues, utterances dropped) of one split; bad utterances go
-    through problems; pool decodes the audio"""
+def pack_split(name, dialogues, label_index, tok, with_audio, args, problems, pool):
+    """-> (arrays, metadata, clips cut, dialogues, utterances dropped) of split name; bad utterances
+    go through problems; pool decodes the audio"""
+    problems.split = name
     flat = [(d, u) for d, (_, utts) in enumerate(dialogues) for u in utts]
     no_audio = (np.zeros(0, np.int16), False)
     waves = (list(pool.map(decode, [u for _, u in flat], [args.max_seconds] * len(flat), chunksize=16))
              if with_audio else [no_audio] * len(flat))
-    kept, cut, dropped_before = [], 0, len(problems.dropped)
+    kept, cut = [], 0
     for (d, u), (wave, was_cut) in zip(flat, waves):
         if isinstance(wave, str):
             problems(wave)
@@ -273,17 +281,21 @@ def pack_split(dialogues, label_index, tok, with_audio, args, problems, pool):
     arrays["samples"] = np.array(samples, np.int64).reshape(len(samples), 3)
     # one metadata key: safetensors writes several in no fixed order, and reruns must give identical files
     metadata = {"names": json.dumps({"dialogues": [dialogues[d][0] for d in names], "speakers": list(speakers)})}
-    return arrays, metadata, cut, len(names), len(problems.dropped) - dropped_before
+    return arrays, metadata, cut, len(names), problems.count(name)
 
 
 def pack(corpus, labels, label_index, vocab, folder, args, problems, text_only):
     """Tokenise, decode and write every split of corpus into folder -> meta.json's content.
     label_index: label name -> class index in labels, or -1 for a label that is never a target."""
-    tok = WordPiece.from_file(vocab)
+    try:
+        tok = WordPiece.from_file(vocab)
+    except (OSError, ValueError) as e:  # missing, not UTF-8, a token twice, no [CLS]...
+        raise BadInput(f"--vocab: {e}") from None
     splits = {}
     with worker_pool(args.workers if not text_only else 1) as pool:
-        packed = {split: pack_split(dialogues, label_index, tok, not text_only, args, problems, pool)
+        packed = {split: pack_split(split, dialogues, label_index, tok, not text_only, args, problems, pool)
                   for split, dialogues in corpus.items()}
+    check_packed(packed, labels)
     for split, (arrays, metadata, cut, names, dropped) in packed.items():
         save_file(arrays, os.path.join(folder, f"{split}.safetensors"), metadata=metadata)
         u, samples = len(arrays["utt_label"]), arrays["samples"]
@@ -297,14 +309,51 @@ def pack(corpus, labels, label_index, vocab, folder, args, problems, text_only):
             "audio_seconds": round(len(arrays["audio"]) / SAMPLE_RATE, 1),
             "audio_cut": cut, "dropped": dropped}
     vocab_rel = os.path.relpath(vocab, folder)
-    with open(vocab, "rb") as f:
-        sha = hashlib.sha256(f.read()).hexdigest()
+    sha = file_sha256(vocab)
     return {"labels": list(labels), "modalities": ["text"] if text_only else ["text", "audio"],
             "sample_rate": SAMPLE_RATE,
             # a vocabulary inside the dataset folder is stored relative to it, so the folder can move
             "vocab": {"path": os.path.abspath(vocab) if vocab_rel.startswith("..") else vocab_rel, "sha256": sha},
             "settings": {k: getattr(args, k) for k in ("max_tokens", "max_context", "max_seconds")},
             "splits": splits}
+
+
+def check_packed(packed, labels):
+    """Refuse, before anything is written, a dataset nothing can be trained on: no utterances at
+    all, or a labelled split without one sample"""
+    if not any(len(arrays["utt_label"]) for arrays, *_ in packed.values()):
+        raise BadInput("no utterances to write (every input is empty, or --skip-bad dropped them all)")
+    for split, (arrays, *_) in packed.items():
+        if labels and (arrays["utt_label"] >= 0).any() and not len(arrays["samples"]):
+            raise BadInput(f"split {split} has labels but no sample: a sample needs a labelled utterance whose "
+                           f"speaker also spoke two turns before it")
+
+
+def is_dataset(folder):
+    """Whether folder holds a dataset this script wrote (its meta.json says so)"""
+    try:
+        with open(os.path.join(folder, "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    legacy = {"labels", "modalities", "vocab", "settings", "splits", "source"}  # written before "format"
+    return isinstance(meta, dict) and (meta.get("format") == DATASET_FORMAT or legacy <= meta.keys())
+
+
+def check_out(args):
+    """--out is replaced as a whole: refuse a folder that is not a dataset of ours, or that holds the
+    inputs or the vocabulary (they would be deleted with it)"""
+    out = os.path.realpath(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise BadInput(f"--out {args.out} exists and is not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not is_dataset(out):
+        raise BadInput(f"--out {args.out} exists and is not a dataset made by prepare.py (no meta.json of one): "
+                       f"it would be replaced; choose another folder, or empty it yourself")
+    for option in ("src", "csv_dir", "media_dir", "root", "vocab"):
+        path = getattr(args, option, None)
+        if path and (os.path.realpath(path) + os.sep).startswith(out + os.sep):
+            name = "--from" if option == "src" else "--" + option.replace("_", "-")
+            raise BadInput(f"--out {args.out} holds {name} {path}, which replacing it would delete")
 
 
 def print_stats(meta):
@@ -576,7 +625,14 @@ def build_dialogues(args, folder, problems):
         files = [src]
     else:
         raise BadInput(f"{src} not found")
-    corpus = {os.path.basename(f)[:-len(".jsonl")]: read_jsonl(f, problems) for f in files}
+    corpus, seen = {}, {}  # seen: dialogue id -> the file it is in
+    for f in files:
+        problems.split = os.path.basename(f)[:-len(".jsonl")]
+        corpus[problems.split] = read_jsonl(f, problems)
+        for d, us in corpus[problems.split]:
+            if d in seen:  # the same dialogue in two splits would leak between training and testing
+                raise BadInput(f"{us[0].where}: dialogue {d!r} is also in {seen[d]}")
+            seen[d] = f
     utts = [u for dialogues in corpus.values() for _, us in dialogues for u in us]
     with_media = [u.media is not None for u in utts]
     if any(with_media) and not all(with_media):
@@ -589,18 +645,22 @@ def build_dialogues(args, folder, problems):
 
 def main(argv):
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--max-tokens", type=int, default=60, help="word pieces an utterance, [CLS] and [SEP] included")
-    common.add_argument("--max-context", type=int, default=11, help="utterances of context a sample")
-    common.add_argument("--max-seconds", type=float, default=15.0, help="longer audio is cut (and counted)")
+    common.add_argument("--max-tokens", type=ranged(int, 3), default=60,
+                        help="word pieces an utterance, [CLS] and [SEP] included (3 or more)")
+    common.add_argument("--max-context", type=ranged(int, 2), default=11,
+                        help="utterances of context a sample (2 or more: the nearby context)")
+    common.add_argument("--max-seconds", type=ranged(float, MIN_SAMPLES / SAMPLE_RATE), default=15.0,
+                        help="longer audio is cut (and counted); at least 0.025, HuBERT's receptive field")
     common.add_argument("--skip-bad", action="store_true", help="drop bad utterances (counted) instead of stopping")
-    common.add_argument("--workers", type=int, default=os.cpu_count(), help="processes decoding audio")
+    common.add_argument("--workers", type=ranged(int, 1), default=os.cpu_count(), help="processes decoding audio")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", parents=[common], help="the embedded synthetic demo")
     p.add_argument("--out", default="data/demo")
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("meld", parents=[common], help="P-MELD (or, with --unlabelled, a pre-training corpus)")
-    p.add_argument("--csv-dir", required=True, help="folder of {train,dev,test}_sent_emo.csv")
+    p.add_argument("--csv-dir", default=MELD_DIR, help="folder of {train,dev,test}_sent_emo.csv (default: the "
+                                                      "transcripts this repository carries, meld/)")
     p.add_argument("--media-dir", help="folder of train_splits/, dev_splits_complete/, "
                                        "output_repeated_splits_test/; without it the dataset is text-only")
     p.add_argument("--vocab", required=True)
@@ -626,16 +686,18 @@ def main(argv):
     t0 = time.time()
     problems = Problems(args.skip_bad)
     try:
+        check_out(args)
         with staging(args.out) as folder:
             meta = build[args.command](args, folder, problems)
             meta["source"] = args.command + (" (unlabelled)" if getattr(args, "unlabelled", False) else "")
+            meta["format"] = DATASET_FORMAT
             write_meta(folder, meta)
-    except (BadInput, AudioError, FileNotFoundError) as e:
+    except (BadInput, AudioError, NoFFmpeg, FileNotFoundError) as e:
         sys.exit(f"prepare.py: {e}")
     print_stats(meta)
     if problems.dropped:
         print(f"--skip-bad dropped {len(problems.dropped)} utterances, e.g.:")
-        print("\n".join("  " + m for m in problems.dropped[:10]))
+        print("\n".join("  " + m for _, m in problems.dropped[:10]))
     print(f"wrote {args.out} in {time.time() - t0:.1f} s")
 
 

@@ -19,10 +19,9 @@ import time
 from collections import deque
 
 import torch
-from safetensors.torch import load_file
 
-from nanotcmp.audio import MIN_SAMPLES, AudioError, load_audio
-from nanotcmp.data import encoder_inputs, to_device
+from nanotcmp.audio import MIN_SAMPLES, AudioError, NoFFmpeg, load_audio
+from nanotcmp.data import DataError, device_from, encoder_inputs, line_problem, load_run, to_device
 from nanotcmp.model import TCMP, TCMPConfig, autocast
 from nanotcmp.tokenizer import WordPiece
 
@@ -33,20 +32,20 @@ class BadTurn(ValueError):
 
 def load_checkpoint(folder, device):
     """-> (model, tokenizer, checkpoint config) of a fine-tuning run made by train.py"""
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(config_path):
-        raise SystemExit(f"sample.py: no checkpoint at {folder} ({config_path} not found); "
-                         f"train one with: python train.py")
-    with open(config_path) as f:
-        config = json.load(f)
+    if not os.path.isdir(folder):
+        raise SystemExit(f"sample.py: no checkpoint at {folder}; train one with: python train.py")
+    try:
+        config, tensors = load_run(folder)
+    except DataError as e:
+        raise SystemExit(f"sample.py: {e}") from None
+    if config["stage"] != "finetune":
+        raise SystemExit(f"sample.py: {folder} is a {config['stage']} run; give a fine-tuning run (--ckpt)")
     try:
         model = TCMP(TCMPConfig(**{**config["model"], "modalities": tuple(config["model"]["modalities"])}))
-        model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
-    except (KeyError, TypeError, RuntimeError, OSError) as e:
+        model.load_state_dict(tensors)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0]
         raise SystemExit(f"sample.py: {folder} does not match this code's TCMP ({first})") from None
-    if config.get("stage") != "finetune":
-        raise SystemExit(f"sample.py: {folder} is a {config.get('stage')} run; give a fine-tuning run (--ckpt)")
     tok = WordPiece.from_file(config["vocab"]["path"])
     return model.to(device).eval(), tok, config
 
@@ -79,17 +78,16 @@ class Stream:
 
 
 def parse_turn(line, where, base, needs_audio, dialogue):
-    """A JSON line -> (speaker, text, int16 samples or None, its dialogue id or None);
-    dialogue: the id the conversation's first turn gave, if any"""
+    """A JSON line (bytes, or text) -> (speaker, text, int16 samples or None, its dialogue id or
+    None); dialogue: the id the conversation's first turn gave, if any"""
     try:
-        turn = json.loads(line)
+        turn = json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
+    except UnicodeDecodeError as e:
+        raise BadTurn(f"{where}: text is not UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise BadTurn(f"{where}: not valid JSON ({e.msg})") from None
-    missing = [k for k in ("speaker", "text") if not isinstance(turn, dict) or k not in turn]
-    if missing:
-        raise BadTurn(f"{where}: missing field {', '.join(missing)}")
-    if not str(turn["text"]).strip():
-        raise BadTurn(f"{where}: empty text")
+    if bad := line_problem(turn, ("speaker", "text"), ("dialogue", "audio", "label")):
+        raise BadTurn(f"{where}: {bad}")
     if dialogue is not None and turn.get("dialogue", dialogue) != dialogue:
         raise BadTurn(f"{where}: dialogue {turn['dialogue']!r}, while this conversation is {dialogue!r}")
     wave = None
@@ -102,7 +100,7 @@ def parse_turn(line, where, base, needs_audio, dialogue):
             raise BadTurn(f"{where}: {e}") from None
         if len(wave) < MIN_SAMPLES:
             raise BadTurn(f"{where}: audio of {len(wave)} samples, fewer than {MIN_SAMPLES} (25 ms)")
-    return str(turn["speaker"]), str(turn["text"]), wave, turn.get("dialogue")
+    return turn["speaker"], turn["text"], wave, turn.get("dialogue")
 
 
 def report(turn, speaker, text, target, probs, labels, ms, as_json):
@@ -129,15 +127,15 @@ def main(argv=None):
     p.add_argument("--keep-going", action="store_true", help="on standard input: report a bad turn, then go on")
     p.add_argument("--device", default="auto", help="auto (cuda when there is one) | cpu | cuda")
     args = p.parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = device_from(args.device, "sample.py")
     model, tok, config = load_checkpoint(args.ckpt, device)
     stream = Stream(model, tok, config["max_tokens"], config["max_context"], device)
     if args.dialogue == "-":
-        lines, base, name = sys.stdin, os.getcwd(), "stdin"
+        lines, base, name = getattr(sys.stdin, "buffer", sys.stdin), os.getcwd(), "stdin"  # bytes, where it can
     else:
         if not os.path.isfile(args.dialogue):
             raise SystemExit(f"sample.py: {args.dialogue} not found")
-        lines, base, name = open(args.dialogue, encoding="utf-8"), os.path.dirname(args.dialogue), args.dialogue
+        lines, base, name = open(args.dialogue, "rb"), os.path.dirname(args.dialogue), args.dialogue
     speakers, dialogue = [], None
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -145,6 +143,8 @@ def main(argv=None):
         t0 = time.perf_counter()
         try:
             speaker, text, wave, this_dialogue = parse_turn(line, f"{name}:{i}", base, model.audio, dialogue)
+        except NoFFmpeg as e:  # the machine's problem, not the turn's: no use going on
+            raise SystemExit(f"sample.py: {e}") from None
         except BadTurn as e:
             if args.dialogue == "-" and args.keep_going:
                 print(f"sample.py: {e} (skipped)", file=sys.stderr, flush=True)

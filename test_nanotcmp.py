@@ -41,7 +41,7 @@ from nanotcmp.model import GRU, Bert, ContextInteraction, Hubert, clip_loss, tus
 from nanotcmp.tokenizer import WordPiece
 
 ROOT = Path(__file__).resolve().parent
-MELD = ROOT.parent / "shared/data/meld"
+MELD = ROOT / "meld"  # the MELD transcripts the repository carries
 TOL = 1e-4
 
 
@@ -817,6 +817,7 @@ def test_p_iem_missing_session_is_named(tmp_path):
 
 
 def write_jsonl(path, lines):
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines), encoding="utf-8")
     return path
 
@@ -1661,7 +1662,7 @@ def test_text_only_checkpoint_needs_no_audio(demo_ckpt, tmp_path, capsys):
 @pytest.mark.parametrize("line, says", [
     ('{"speaker": "A", "text": "hi"', ":2: not valid JSON"),
     ('{"text": "hi", "audio": "a.wav"}', ":2: missing field speaker"),
-    ('{"speaker": "A", "text": "  ", "audio": "a.wav"}', ":2: empty text"),
+    ('{"speaker": "A", "text": "  ", "audio": "a.wav"}', ":2: field 'text' is empty"),
     ('{"speaker": "A", "text": "hi", "audio": "gone.wav"}', ":2: {dir}/gone.wav: no such file"),
     ('{"speaker": "A", "text": "hi", "audio": "bad.wav"}', ":2: {dir}/bad.wav: corrupt WAV file"),
 ])
@@ -1724,3 +1725,237 @@ def test_stdin_answers_each_turn_as_soon_as_it_is_read(small_demo, demo_ckpt):
     finally:
         proc.stdin.close()
         proc.wait(60)
+
+
+# -----------------------------------------------------------------------------
+# what a user can get wrong: each is refused with one line naming what is at fault, and nothing of
+# theirs is deleted
+
+
+def bad_option(capsys, main, argv, option):
+    """main(argv) stops in argparse, naming option and the value"""
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    assert e.value.code == 2 and f"argument {option}: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value", [("--max-tokens", 0), ("--max-tokens", 2), ("--max-context", 0),
+                                           ("--max-context", 1), ("--max-seconds", -1), ("--max-seconds", 0.01),
+                                           ("--workers", 0), ("--max-tokens", "x")])
+def test_prepare_options_are_checked_where_parsed(tmp_path, capsys, option, value):
+    bad_option(capsys, prepare.main, ["demo", "--out", tmp_path / "o", option, value], option)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("option, value", [("--epochs", 0), ("--batch-size", 0), ("--lr", -1), ("--lr-encoder", -1),
+                                           ("--k", 1), ("--d", 0), ("--dropout", 1), ("--encoder-dropout", -0.1),
+                                           ("--max-padding", 1.5), ("--micro-batches", 0), ("--workers", -1),
+                                           ("--log-every", 0), ("--save-every", 0), ("--max-steps", 0),
+                                           ("--lr", "nan")])
+def test_train_options_are_checked_where_parsed(small_demo, tmp_path, capsys, option, value):
+    bad_option(capsys, train.main, ["--data", small_demo, "--out", tmp_path / "o", option, value], option)
+    assert not (tmp_path / "o").exists()
+
+
+def test_zero_means_zero(small_demo, tmp_path, capsys):
+    train.main(["--stage", "finetune", "--data", str(small_demo), "--out", str(tmp_path / "r"), "--lr", "0",
+                "--lr-encoder", "0", "--max-steps", "2", "--dropout", "0"])
+    assert "lr 0 (encoders 0)" in capsys.readouterr().out
+    torch.manual_seed(0)
+    initial = train.build_model(train.parse_args(["--data", str(small_demo)]), load_meta(small_demo), "finetune")
+    trained = torch.load(tmp_path / "r/state.pt", weights_only=False)["model"]
+    assert all(torch.equal(trained[k], v) for k, v in initial.state_dict().items())  # a rate of 0 moves nothing
+
+
+def test_prepare_replaces_only_its_own_datasets(tmp_path):
+    src = generic_dialogues(tmp_path / "src", audio=False)
+    vocab = tmp_path / "vocab.txt"
+    shutil.copy(minilm_dir() / "vocab.txt", vocab)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("x")
+    with pytest.raises(SystemExit, match=f"--out {re.escape(str(precious))} exists and is not a dataset made by "
+                                         f"prepare.py"):
+        run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", precious)
+    assert [p.name for p in precious.iterdir()] == ["notes.txt"]
+    with pytest.raises(SystemExit, match="is not a dataset made by prepare.py"):  # --out is the source folder
+        run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", src.parent)
+    run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", tmp_path / "d")  # a dataset of ours...
+    shutil.copy(vocab, tmp_path / "d/vocab.txt")
+    shutil.copy(src, tmp_path / "d/train.jsonl")
+    with pytest.raises(SystemExit, match=re.escape(f"--out {tmp_path / 'd'} holds --vocab")):  # ...holding inputs
+        run_prepare("dialogues", "--from", src, "--vocab", tmp_path / "d/vocab.txt", "--out", tmp_path / "d")
+    with pytest.raises(SystemExit, match=re.escape(f"--out {tmp_path / 'd'} holds --from")):
+        run_prepare("dialogues", "--from", tmp_path / "d/train.jsonl", "--vocab", vocab, "--out", tmp_path / "d")
+    assert src.exists() and (tmp_path / "d/vocab.txt").exists() and (tmp_path / "d/train.jsonl").exists()
+    out = tmp_path / "d"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    empty = write_jsonl(tmp_path / "empty/train.jsonl", [])
+    with pytest.raises(SystemExit, match="no utterances to write"):
+        run_prepare("dialogues", "--from", empty, "--vocab", vocab, "--out", out)
+    unsampled = write_jsonl(tmp_path / "one/train.jsonl", [{"dialogue": "d", "speaker": "A", "text": "hi",
+                                                             "label": "x"}])
+    with pytest.raises(SystemExit, match="split train has labels but no sample"):
+        run_prepare("dialogues", "--from", unsampled, "--vocab", vocab, "--out", out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the good dataset is still there
+    file = tmp_path / "file"
+    file.write_text("x")
+    with pytest.raises(SystemExit, match="exists and is not a folder"):
+        run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", file)
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("label", 1, "field 'label' must be a string or null, not 1"),
+    ("label", True, "field 'label' must be a string or null, not true"),
+    ("label", {"a": 1}, "field 'label' must be a string or null"),
+    ("speaker", None, "field 'speaker' must be a string, not null"),
+    ("text", None, "field 'text' must be a string, not null"),
+    ("text", " ", "field 'text' is empty"),
+    ("dialogue", 5, "field 'dialogue' must be a string, not 5"),
+    ("audio", 3, "field 'audio' must be a string or null, not 3"),
+])
+def test_jsonl_fields_are_typed(tmp_path, field, value, says):
+    lines = [{"dialogue": "d", "speaker": s, "text": f"turn {i}", "label": "happy"} for i, s in enumerate("ABABABA")]
+    lines[2][field] = value
+    src = write_jsonl(tmp_path / "train.jsonl", lines)
+    vocab = minilm_dir() / "vocab.txt"
+    with pytest.raises(SystemExit, match=re.escape(f"{src}:3: {says}")):
+        run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", tmp_path / "o")
+    run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", tmp_path / "o", "--skip-bad")
+    assert load_meta(tmp_path / "o")["splits"]["train"]["dropped"] == 1
+
+
+def test_a_dialogue_in_two_splits_is_refused(tmp_path):
+    line = {"dialogue": "d7", "speaker": "A", "text": "hi", "label": "happy"}
+    write_jsonl(tmp_path / "src/train.jsonl", [line, line | {"speaker": "B"}, line])
+    write_jsonl(tmp_path / "src/dev.jsonl", [line | {"dialogue": "d8"}, line | {"dialogue": "d8"}])
+    write_jsonl(tmp_path / "src/test.jsonl", [line | {"dialogue": "d9"}, line])
+    with pytest.raises(SystemExit, match=re.escape(f"{tmp_path / 'src/train.jsonl'}:1: dialogue 'd7' is also in "
+                                                   f"{tmp_path / 'src/test.jsonl'}")):
+        run_prepare("dialogues", "--from", tmp_path / "src", "--vocab", minilm_dir() / "vocab.txt", "--out",
+                    tmp_path / "o")
+
+
+def test_skip_bad_counts_lines_that_are_not_utf8(tmp_path):
+    good = [json.dumps({"dialogue": "d", "speaker": s, "text": f"turn {i}"}).encode() for i, s in enumerate("ABAB")]
+    src = tmp_path / "pretrain.jsonl"
+    src.write_bytes(b"\n".join(good[:2] + [b'{"dialogue": "d", "speaker": "A", "text": "caf\xe9"}'] + good[2:]))
+    run_prepare("dialogues", "--from", src, "--vocab", minilm_dir() / "vocab.txt", "--out", tmp_path / "o",
+                "--skip-bad")
+    assert load_meta(tmp_path / "o")["splits"]["pretrain"]["dropped"] == 1
+    assert len(Split(tmp_path / "o/pretrain.safetensors")) == 4
+
+
+def test_missing_ffmpeg_is_named_and_not_skipped(tmp_path, monkeypatch, demo_ckpt, small_demo, capsys):
+    src = generic_dialogues(tmp_path, mp4=True)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    for skip in ([], ["--skip-bad"]):
+        with pytest.raises(SystemExit, match="needs the ffmpeg command-line tool, which is not on PATH"):
+            run_prepare("dialogues", "--from", src, "--vocab", minilm_dir() / "vocab.txt", "--out", tmp_path / "o",
+                        "--workers", 1, *skip)
+    turns = write_jsonl(tmp_path / "turns.jsonl", [{"speaker": "A", "text": "hi", "audio": "clips/d1_0.mp4"}])
+    with pytest.raises(SystemExit, match="sample.py: .*needs the ffmpeg command-line tool"):
+        run_sample(capsys, turns, "--ckpt", demo_ckpt / "all")
+
+
+def test_a_bad_vocabulary_is_named(tmp_path):
+    src = generic_dialogues(tmp_path, audio=False)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nhi\nhi\n")
+    with pytest.raises(SystemExit, match=re.escape(f"prepare.py: --vocab: {vocab}: line 6 repeats the token 'hi'")):
+        run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", tmp_path / "o")
+    vocab.write_bytes(b"[PAD]\n[UNK]\n[CLS]\n[SEP]\n\xff\n")
+    with pytest.raises(SystemExit, match="prepare.py: --vocab: 'utf-8' codec can't decode"):
+        run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", tmp_path / "o")
+
+
+def test_meld_reads_the_shipped_transcripts_by_default(tmp_path, p_meld):
+    run_prepare("meld", "--vocab", minilm_dir() / "vocab.txt", "--out", tmp_path / "o")
+    assert [p.read_bytes() for p in sorted((tmp_path / "o").glob("*.safetensors"))] == \
+        [p.read_bytes() for p in sorted(p_meld.glob("*.safetensors"))]
+    assert {p.name for p in MELD.iterdir()} == {"README.md", "train_sent_emo.csv", "dev_sent_emo.csv",
+                                                "test_sent_emo.csv"}
+    notes = (MELD / "README.md").read_text()
+    assert "GPL-3.0" in notes and "Poria" in notes  # the licence and the citation travel with the data
+
+
+def test_training_names_what_is_wrong_with_the_dataset(small_demo, tmp_path):
+    def refused(data, says, *extra):
+        with pytest.raises(SystemExit, match=says):
+            train.main(["--data", str(data), "--out", str(tmp_path / "o"), *extra])
+        assert not (tmp_path / "o").exists()  # a failed run leaves no empty folder
+    refused(tmp_path / "nothing", re.escape(f"train.py: {tmp_path / 'nothing/meta.json'} not found"))
+    refused(small_demo, "--device cuda: this machine has no CUDA device", "--device", "cuda")
+    for name, edit, says in (
+            ("truncated", lambda d: (d / "dev.safetensors").write_bytes((d / "dev.safetensors").read_bytes()[:5000]),
+             re.escape(str(tmp_path / "truncated/dev.safetensors")) + ": truncated"),
+            ("garbage", lambda d: (d / "test.safetensors").write_bytes(b"\x00" * 3),
+             re.escape(str(tmp_path / "garbage/test.safetensors")) + ": not a packed nanotcmp split"),
+            ("meta", lambda d: (d / "meta.json").write_text("{"), "meta.json: not valid JSON"),
+            ("nodev", lambda d: (d / "meta.json").write_text(json.dumps(
+                {k: v if k != "splits" else {s: x for s, x in v.items() if s != "dev"}
+                 for k, v in load_meta(d).items()})), "has no dev split"),
+            ("vocab", lambda d: (d / "vocab.txt").write_text("[PAD]\n"), "vocab.txt, the vocabulary .* is changed")):
+        data = tmp_path / name
+        shutil.copytree(small_demo, data)
+        edit(data)
+        refused(data, says)
+    # a training split with nothing to train on: dialogues too short for a pre-training window
+    line = {"dialogue": "d", "speaker": "A", "text": "hi"}
+    for split, n in (("train", 2), ("dev", 3), ("test", 3)):
+        write_jsonl(tmp_path / f"src/{split}.jsonl", [line | {"dialogue": split, "speaker": "AB"[i % 2]}
+                                                      for i in range(n)])
+    run_prepare("dialogues", "--from", tmp_path / "src", "--vocab", small_demo / "vocab.txt", "--out",
+                tmp_path / "short")
+    refused(tmp_path / "short", "train.safetensors has no window of 3 utterances or more to pretrain on",
+            "--stage", "pretrain", "--modalities", "text")
+
+
+def test_checkpoints_are_checked_on_load(demo_ckpt, small_demo, tmp_path, capsys):
+    example = small_demo / "example_dialogue.jsonl"
+
+    def refused(edit, says):
+        ckpt = tmp_path / "ckpt"
+        shutil.rmtree(ckpt, ignore_errors=True)
+        shutil.copytree(demo_ckpt / "all", ckpt)
+        edit(ckpt)
+        with pytest.raises(SystemExit, match=says):
+            run_sample(capsys, example, "--ckpt", ckpt)
+        return ckpt
+    model = demo_ckpt / "all/model.safetensors"
+    refused(lambda c: (c / "model.safetensors").write_bytes(model.read_bytes()[:1000]),
+            "model.safetensors: unreadable or incomplete")
+    refused(lambda c: (c / "model.safetensors").write_bytes(b""), "model.safetensors: unreadable or incomplete")
+    refused(lambda c: (c / "model.safetensors").unlink(), "model.safetensors not found")
+    refused(lambda c: (c / "config.json").write_text("{"), "config.json: not valid JSON")
+    refused(lambda c: (c / "config.json").write_text("{}"), "config.json: no stage, model")
+
+    def moved(c):
+        config = json.loads((c / "config.json").read_text())
+        config["vocab"]["path"] = str(tmp_path / "elsewhere/vocab.txt")
+        (c / "config.json").write_text(json.dumps(config))
+    refused(moved, "the run's vocabulary .*elsewhere/vocab.txt is not there")
+
+    def edited(c):
+        vocab = tmp_path / "edited-vocab.txt"
+        vocab.write_text((small_demo / "vocab.txt").read_text() + "extra\n")
+        config = json.loads((c / "config.json").read_text())
+        config["vocab"]["path"] = str(vocab)
+        (c / "config.json").write_text(json.dumps(config))
+    ckpt = refused(edited, "edited-vocab.txt: not the vocabulary .* was trained with")
+    with pytest.raises(SystemExit, match="--init: .*edited-vocab.txt: not the vocabulary"):  # --init checks the same
+        train.main(["--stage", "finetune", "--data", str(small_demo), "--init", str(ckpt), "--out", str(tmp_path / "f")])
+    (ckpt / "model.safetensors").write_bytes(model.read_bytes()[:1000])
+    moved(ckpt)
+    with pytest.raises(SystemExit, match="--init: .*model.safetensors: unreadable or incomplete"):
+        train.main(["--stage", "finetune", "--data", str(small_demo), "--init", str(ckpt), "--out", str(tmp_path / "f")])
+    assert not (tmp_path / "f").exists()
+
+
+def test_sample_names_a_line_that_is_not_utf8(demo_ckpt, tmp_path, capsys):
+    turns = tmp_path / "turns.jsonl"
+    turns.write_bytes(b'{"speaker": "A", "text": "hi"}\n{"speaker": "B", "text": "caf\xe9"}\n')
+    with pytest.raises(SystemExit, match=re.escape(f"sample.py: {turns}:2: text is not UTF-8")):
+        run_sample(capsys, turns, "--ckpt", demo_ckpt / "text")
+    with pytest.raises(SystemExit, match="sample.py: --device gpu: not a device"):
+        run_sample(capsys, turns, "--ckpt", demo_ckpt / "text", "--device", "gpu")

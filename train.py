@@ -29,8 +29,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanotcmp.data import (Split, dialogue_batches, encoder_inputs, finetune_batch, load_meta, padding,
-                           pretrain_batch, shapes, to_device, windows)
+from nanotcmp.data import (DataError, Split, device_from, dialogue_batches, encoder_inputs, file_sha256, finetune_batch,
+                           load_meta, load_run, padding, pretrain_batch, ranged, shapes, to_device, windows)
 from nanotcmp.metrics import emotion_scores, majority_scores, recall_at
 from nanotcmp.model import Bert, Hubert, TCMP, TCMPConfig, autocast, tiny_bert_config, tiny_hubert_config
 
@@ -54,16 +54,16 @@ def parse_args(argv):
     p.add_argument("--modalities", choices=["text", "audio", "all"], default="all")
     p.add_argument("--init", help="fine-tune from this pre-training run's folder")
     p.add_argument("--out", help="default: out/<data>-<stage>")
-    p.add_argument("--epochs", type=int, help="default: 8 pre-training, 12 fine-tuning")
-    p.add_argument("--max-steps", type=int, help="stop (with a resumable state) after this many steps")
-    p.add_argument("--batch-size", type=int, help="windows (pre-training, default 4) or samples (fine-tuning, 16)")
-    p.add_argument("--k", type=int, default=5, help="candidates per target in pre-training: 1 true + k-1 noise")
-    p.add_argument("--lr", type=float, help="default: the paper's, 2e-4 pre-training, 2e-5 fine-tuning; 1e-3 with "
+    p.add_argument("--epochs", type=ranged(int, 1), help="default: 8 pre-training, 12 fine-tuning")
+    p.add_argument("--max-steps", type=ranged(int, 1), help="stop (with a resumable state) after this many steps")
+    p.add_argument("--batch-size", type=ranged(int, 1), help="windows (pre-training, default 4) or samples (fine-tuning, 16)")
+    p.add_argument("--k", type=ranged(int, 2), default=5, help="candidates per target in pre-training: 1 true + k-1 noise")
+    p.add_argument("--lr", type=ranged(float, 0), help="default: the paper's, 2e-4 pre-training, 2e-5 fine-tuning; 1e-3 with "
                                             "tiny encoders")
-    p.add_argument("--lr-encoder", type=float, help="default: the paper's 2e-6 with checkpoints, --lr with tiny ones")
-    p.add_argument("--d", type=int, help="model width (default: 768, or 64 with tiny encoders)")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout of the TCMP layers")
-    p.add_argument("--encoder-dropout", type=float, help="dropout inside BERT and HuBERT (default: the checkpoint's, "
+    p.add_argument("--lr-encoder", type=ranged(float, 0), help="default: the paper's 2e-6 with checkpoints, --lr with tiny ones")
+    p.add_argument("--d", type=ranged(int, 1), help="model width (default: 768, or 64 with tiny encoders)")
+    p.add_argument("--dropout", type=ranged(float, 0, 1, below=True), default=0.1, help="dropout of the TCMP layers")
+    p.add_argument("--encoder-dropout", type=ranged(float, 0, 1, below=True), help="dropout inside BERT and HuBERT (default: the checkpoint's, "
                                                          "0.1 for tiny ones)")
     p.add_argument("--no-distant", action="store_true", help="see only the nearby context (w/o Dist)")
     p.add_argument("--tus", choices=["intra", "inter", "both"], default="both")
@@ -71,9 +71,9 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last state")
-    p.add_argument("--max-padding", type=float, default=0.1,
+    p.add_argument("--max-padding", type=ranged(float, 0, 1), default=0.1,
                    help="length buckets: padding share each encoder batch may have (1: one padded batch)")
-    p.add_argument("--micro-batches", type=int, help="parts each step's batch is split into, each with its own "
+    p.add_argument("--micro-batches", type=ranged(int, 1), help="parts each step's batch is split into, each with its own "
                    "noise candidates and CLIP negatives, run on the processes in turn; more parts than "
                    "processes accumulate gradients (default: the number of processes)")
     p.add_argument("--freeze-encoders", action="store_true",
@@ -85,10 +85,10 @@ def parse_args(argv):
                    help="on CUDA, run the context interactions (and with 'all' the encoders too) as CUDA graphs, one "
                         "per input shape; each keeps its activations' memory, so 'all' suits encoders of MiniLM's "
                         "size or smaller (default: context)")
-    p.add_argument("--workers", type=int, help="processes building batches ahead of the training loop (default: "
+    p.add_argument("--workers", type=ranged(int, 0), help="processes building batches ahead of the training loop (default: "
                                                "4 on CUDA, 0 on the CPU, where they would take its cores)")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--save-every", type=int, default=50, help="steps between resumable states")
+    p.add_argument("--log-every", type=ranged(int, 1), default=10)
+    p.add_argument("--save-every", type=ranged(int, 1), default=50, help="steps between resumable states")
     return p.parse_args(argv)
 
 # -----------------------------------------------------------------------------
@@ -98,20 +98,34 @@ def parse_args(argv):
 def encoder_config(path, cls, tiny, dropout):
     """-> (config dict, pretrained weights or None) of an encoder: a checkpoint folder or 'tiny';
     dropout: its dropout rate, None to keep the checkpoint's"""
-    enc = None if path == "tiny" else cls.from_pretrained(path)
+    try:
+        enc = None if path == "tiny" else cls.from_pretrained(path)
+    except (FileNotFoundError, ValueError) as e:  # the loader's messages name the file and what is wrong
+        raise SystemExit(f"train.py: --{'text' if cls is Bert else 'audio'}-encoder: {e}") from None
     config = asdict(tiny if enc is None else enc.config)
     if dropout is not None:
         config["dropout"] = dropout
     return config, None if enc is None else enc.state_dict()
 
 
-def build_model(args, meta, stage):
+def modalities_of(args, meta):
+    """--modalities -> the modalities to use, all of them in the dataset"""
     modalities = ("text", "audio") if args.modalities == "all" else (args.modalities,)
     missing = [m for m in modalities if m not in meta["modalities"]]
     if missing:
         raise SystemExit(f"train.py: {args.data} has no {', '.join(missing)} (its modalities: "
                          f"{', '.join(meta['modalities'])}); use --modalities {meta['modalities'][0]}")
-    vocab_size = sum(1 for _ in open(os.path.join(args.data, meta["vocab"]["path"]), encoding="utf-8"))
+    return modalities
+
+
+def build_model(args, meta, stage):
+    modalities = modalities_of(args, meta)
+    vocab = os.path.join(args.data, meta["vocab"]["path"])
+    if not os.path.isfile(vocab) or file_sha256(vocab) != meta["vocab"]["sha256"]:
+        raise SystemExit(f"train.py: {vocab}, the vocabulary {args.data} was prepared with, is "
+                         f"{'changed' if os.path.isfile(vocab) else 'not there'}: prepare the dataset again")
+    with open(vocab, encoding="utf-8") as f:
+        vocab_size = sum(1 for _ in f)
     bert, bert_w, hubert, hubert_w = None, None, None, None  # an unused modality's encoder is never built
     if "text" in modalities:
         bert, bert_w = encoder_config(args.text_encoder, Bert, tiny_bert_config(vocab_size), args.encoder_dropout)
@@ -130,16 +144,21 @@ def build_model(args, meta, stage):
     if hubert_w:
         model.hubert.load_state_dict(hubert_w)
     if stage == "finetune" and args.init:
-        load_init(model, args.init)
+        load_init(model, args.init, meta)
     return model
 
 
-def load_init(model, folder):
-    """Start fine-tuning from a pre-training run: every tensor but the emotion head must fit."""
-    path = os.path.join(folder, "model.safetensors")
-    if not os.path.isfile(path):
-        raise SystemExit(f"train.py: --init {folder}: no model.safetensors there")
-    ckpt, state = load_file(path), model.state_dict()
+def load_init(model, folder, meta):
+    """Start fine-tuning from a pre-training run of the same vocabulary: every tensor but the
+    emotion head must fit."""
+    try:
+        config, ckpt = load_run(folder)
+    except DataError as e:
+        raise SystemExit(f"train.py: --init: {e}") from None
+    if config["vocab"]["sha256"] != meta["vocab"]["sha256"]:
+        raise SystemExit(f"train.py: --init {folder} was trained with the vocabulary {config['vocab']['path']}, "
+                         f"the dataset is prepared with another ({meta['vocab']['path']}): their ids differ")
+    path, state = os.path.join(folder, "model.safetensors"), model.state_dict()
     wanted = [n for n in state if not n.startswith(("head1.", "head2."))]
     bad = [f"{n}: model {tuple(state[n].shape)}, checkpoint "
            f"{tuple(ckpt[n].shape) if n in ckpt else 'missing'}" for n in wanted
@@ -442,9 +461,43 @@ def train_step(runner, opt, micro, weights):
     return step_loss, step_parts
 
 
+def open_splits(data, meta, stage):
+    """-> (the training split, its items: windows or samples, dev, test); a dataset that lacks one,
+    or whose split has nothing to train or evaluate on, is a one-line error"""
+    train_name = "pretrain" if stage == "pretrain" and "pretrain" in meta["splits"] else "train"
+    missing = [s for s in (train_name, "dev", "test") if s not in meta["splits"]]
+    if missing:
+        raise SystemExit(f"train.py: {data} has no {' or '.join(missing)} split (it has {', '.join(meta['splits'])}); "
+                         f"training needs {train_name}, dev and test: prepare.py dialogues --from a folder of "
+                         f"{train_name}.jsonl, dev.jsonl and test.jsonl")
+    if stage == "finetune" and not meta["splits"]["train"].get("labelled"):
+        raise SystemExit(f"train.py: {data} has no labelled train split to fine-tune on")
+    splits = [Split(os.path.join(data, f"{s}.safetensors")) for s in (train_name, "dev", "test")]
+    for split in splits:
+        if not len(windows(split) if stage == "pretrain" else split.samples):
+            raise SystemExit(f"train.py: {split.path} has no " + ("window of 3 utterances or more" if stage == "pretrain"
+                                                                    else "sample") + f" to {stage} on")
+    train_split, dev, test = splits
+    return train_split, windows(train_split) if stage == "pretrain" else train_split.samples, dev, test
+
+
 def train_stage(stage, args, device):
+    """One stage, pre-training or fine-tuning -> its run folder (None when stopped by --max-steps).
+    A run that fails before writing anything leaves no empty folder behind."""
     meta = load_meta(args.data)
+    modalities_of(args, meta)
+    splits = open_splits(args.data, meta, stage)
     out = args.out or os.path.join("out", f"{os.path.basename(os.path.normpath(args.data))}-{stage}")
+    created = RANK == 0 and not os.path.isdir(out)
+    try:
+        return run_stage(stage, args, device, meta, out, *splits)
+    except BaseException:
+        if created and os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)
+        raise
+
+
+def run_stage(stage, args, device, meta, out, train_split, items, dev, test):
     torch.manual_seed(args.seed)
     model = build_model(args, meta, stage).to(device)
     if WORLD > 1:
@@ -456,27 +509,19 @@ def train_stage(stage, args, device):
         os.makedirs(out, exist_ok=True)
     tiny = args.text_encoder == "tiny" and args.audio_encoder == "tiny"
     # the paper's rates fine-tune pretrained encoders; tiny ones learn from scratch and need larger steps
-    lr = args.lr or (TINY_LR if tiny else PAPER_LR[stage])
-    lr_enc = args.lr_encoder or (lr if tiny else PAPER_LR_ENCODER)
+    lr = args.lr if args.lr is not None else TINY_LR if tiny else PAPER_LR[stage]
+    lr_enc = args.lr_encoder if args.lr_encoder is not None else lr if tiny else PAPER_LR_ENCODER
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in trained if n.startswith(("bert.", "hubert.")) == enc], "lr": rate}
               for enc, rate in ((True, lr_enc), (False, lr))]
     opt = torch.optim.Adam([g for g in groups if g["params"]], betas=(0.9, 0.999), fused=True)
 
     if stage == "pretrain":
-        train_split = Split(os.path.join(args.data, "pretrain.safetensors" if "pretrain" in meta["splits"]
-                                         else "train.safetensors"))
-        items = windows(train_split)
         batch_size = args.batch_size or (4 if tiny else BATCH["cuda" if device.type == "cuda" else "cpu"][stage])
         weights = None
     else:
-        if not meta["splits"].get("train", {}).get("labelled"):
-            raise SystemExit(f"train.py: {args.data} has no labelled train split to fine-tune on")
-        train_split = Split(os.path.join(args.data, "train.safetensors"))
-        items = train_split.samples
         batch_size = args.batch_size or BATCH["cuda" if device.type == "cuda" else "cpu"][stage]
         weights = class_weights(train_split, model.config.n_labels).to(device)
-    dev, test = (Split(os.path.join(args.data, f"{s}.safetensors")) for s in ("dev", "test"))
     if args.freeze_encoders and not args.no_cache:
         attach_features(model, args.data, (train_split, dev, test), device)
     # default: one part a process, or more where a process's share of windows exceeds MICRO_WINDOWS
@@ -692,7 +737,7 @@ def set_up_device(device):
 def main(argv=None):
     global RANK, WORLD
     args = parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = device_from(args.device, "train.py")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # started by torchrun: one process per GPU (or CPU share)
         RANK, WORLD = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if device.type == "cuda":
@@ -711,6 +756,8 @@ def main(argv=None):
             return None
         args.out, args.init, args.batch_size = out and os.path.join(out, "finetune"), pretrained, None
         return train_stage("finetune", args, device)
+    except DataError as e:  # a missing, damaged or truncated dataset file, named
+        raise SystemExit(f"train.py: {e}") from None
     finally:
         if WORLD > 1:
             dist.destroy_process_group()

@@ -24,6 +24,11 @@ MIN_SAMPLES = 400  # HuBERT's receptive field (25 ms): a shorter clip cannot be 
 class AudioError(ValueError):
     """A file that is missing, empty, truncated or cannot be decoded; the message names it."""
 
+
+class NoFFmpeg(RuntimeError):
+    """Media other than PCM WAV needs the ffmpeg command-line tool, and it is not installed: a problem
+    of the machine, not of the file, so --skip-bad does not skip it."""
+
 # -----------------------------------------------------------------------------
 # reading and writing
 
@@ -70,7 +75,7 @@ def read_wav(path, name):
 def decode_with_ffmpeg(path):
     """Any media ffmpeg reads -> read_wav's output, through a temporary 16-bit WAV."""
     if shutil.which("ffmpeg") is None:
-        raise RuntimeError(f"reading {path} needs the ffmpeg command-line tool, which is not on PATH: "
+        raise NoFFmpeg(f"reading {path} needs the ffmpeg command-line tool, which is not on PATH: "
                            "install it with `apt-get install ffmpeg`, `brew install ffmpeg` or "
                            "`conda install -c conda-forge ffmpeg`")
     with tempfile.TemporaryDirectory() as tmp:

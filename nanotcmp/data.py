@@ -19,12 +19,17 @@ open it, but nanotcmp never loads it: numpy memory-maps its arrays in place.
 
 Utterances are stored dialogue by dialogue, in spoken order.
 """
+import argparse
+import hashlib
 import json
+import math
 import os
 import struct
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 DTYPES = {"I16": np.int16, "I32": np.int32, "I64": np.int64, "U8": np.uint8}
 
@@ -37,6 +42,10 @@ def make_samples(speakers, labels, max_context):
             if speakers[t] == speakers[t - 2] and labels[t] >= 0]
 
 
+class DataError(ValueError):
+    """A dataset that is missing, incomplete or damaged; the message names the file."""
+
+
 class Split:
     """One split of a packed dataset, memory-mapped."""
 
@@ -47,10 +56,14 @@ class Split:
             with open(self.path, "rb") as f:
                 n = struct.unpack("<Q", f.read(8))[0]
                 header = json.loads(f.read(n))
-        except (OSError, struct.error, ValueError) as e:
-            raise ValueError(f"{self.path}: not a packed nanotcmp split ({e})") from None
-        meta = header.pop("__metadata__", {})
-        names = json.loads(meta["names"])
+            names = json.loads(header.pop("__metadata__")["names"])
+            ends = [info["data_offsets"][1] for info in header.values()]
+        except (OSError, struct.error, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{self.path}: not a packed nanotcmp split ({type(e).__name__}: {e}); "
+                            f"run prepare.py again") from None
+        if os.path.getsize(self.path) < 8 + n + max(ends, default=0):
+            raise DataError(f"{self.path}: truncated ({os.path.getsize(self.path)} bytes, its header describes "
+                            f"{8 + n + max(ends)}); run prepare.py again")
         self.dialogues, self.speakers = names["dialogues"], names["speakers"]
         self.features = {}  # "text"/"audio" -> (U, D) pooled encoder outputs, when a feature cache is attached
         for name, info in header.items():
@@ -86,9 +99,17 @@ class Split:
 def load_meta(folder):
     path = os.path.join(folder, "meta.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: is {folder} a dataset made by prepare.py?")
-    with open(path) as f:
-        return json.load(f)
+        raise DataError(f"{path} not found: is {folder} a dataset made by prepare.py?")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except ValueError as e:
+        raise DataError(f"{path}: not valid JSON ({e}); run prepare.py again") from None
+    missing = [k for k in ("labels", "modalities", "vocab", "settings", "splits")
+               if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise DataError(f"{path}: not the meta.json of a dataset made by prepare.py (no {', '.join(missing)})")
+    return meta
 
 # -----------------------------------------------------------------------------
 # batches: every distinct utterance of a batch is encoded once, contexts index into them
@@ -275,3 +296,98 @@ def dialogue_batches(split, batch_size, rng):
     rank = np.argsort(rng.permutation(len(split.dialogues)))  # each dialogue's place in the new order
     order = np.argsort(rank[split.utt_dialogue[split.samples[:, 1]]], kind="stable")
     return [split.samples[order[i:i + batch_size]] for i in range(0, len(order), batch_size)]
+
+# -----------------------------------------------------------------------------
+# runs: what train.py writes, sample.py and fine-tuning's --init read
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def load_run(folder):
+    """A run folder written by train.py -> (its config.json, its model's tensors), checked: both
+    files there and complete, the vocabulary where config.json says, unchanged (its sha256)"""
+    config_path, model_path = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
+    for path in (config_path, model_path):
+        if not os.path.isfile(path):
+            raise DataError(f"{path} not found: is {folder} a run of train.py?")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except ValueError as e:
+        raise DataError(f"{config_path}: not valid JSON ({e})") from None
+    missing = [k for k in ("stage", "model", "labels", "vocab", "max_tokens", "max_context")
+               if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise DataError(f"{config_path}: no {', '.join(missing)}: not the config.json of a run of train.py")
+    try:
+        tensors = load_file(model_path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DataError(f"{model_path}: unreadable or incomplete ({e}); train again or copy it again") from None
+    vocab = config["vocab"]
+    if not os.path.isfile(vocab.get("path", "")):
+        raise DataError(f"{config_path}: the run's vocabulary {vocab.get('path')} is not there (moved or deleted?); "
+                        f"put it back, or set its path in config.json")
+    if file_sha256(vocab["path"]) != vocab.get("sha256"):
+        raise DataError(f"{vocab['path']}: not the vocabulary {folder} was trained with (another sha256): its word "
+                        f"pieces would get other ids")
+    return config, tensors
+
+# -----------------------------------------------------------------------------
+# the generic JSONL dialogue format, read by prepare.py and sample.py
+
+
+def line_problem(obj, required, optional):
+    """What is wrong with a parsed line of the generic JSONL dialogue format (README, "Data"), or
+    None: the required fields are non-empty strings, the optional ones strings or null"""
+    if not isinstance(obj, dict):
+        return f"a line must be a JSON object, not {type(obj).__name__}"
+    missing = [k for k in required if k not in obj]
+    if missing:
+        return f"missing field {', '.join(missing)}"
+    for k in required + optional:
+        v = obj.get(k)
+        if v is None and k in optional:
+            continue
+        if not isinstance(v, str):
+            return f"field {k!r} must be a string{' or null' if k in optional else ''}, not {json.dumps(v)}"
+        if not v.strip():
+            return f"field {k!r} is empty"
+    return None
+
+# -----------------------------------------------------------------------------
+# command lines
+
+
+def ranged(kind, low=None, high=None, above=False, below=False):
+    """An argparse type: a number of kind (int or float) within [low, high], or (low, ... when above,
+    ..., high) when below; argparse names the option in its error"""
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(x) or (low is not None and (x < low or above and x == low)) or \
+                (high is not None and (x > high or below and x == high)):
+            interval = (f"{'(' if above else '['}{'-inf' if low is None else low}, "
+                        f"{'inf' if high is None else high}{')' if below or high is None else ']'}")
+            raise argparse.ArgumentTypeError(f"{text} is outside {interval}")
+        return x
+    return parse
+
+
+def device_from(name, script):
+    """--device auto | cpu | cuda[:N] -> torch.device, or the script's one-line error"""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"{script}: --device {name}: not a device (auto, cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{script}: --device {name}: this machine has no CUDA device torch can use")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"{script}: --device {name}: only cpu and cuda are supported")
+    return device
