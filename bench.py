@@ -28,7 +28,7 @@ import torch
 import prepare
 import train
 from nanotcmp.audio import SAMPLE_RATE, save_wav
-from nanotcmp.data import Split, encoder_inputs, load_meta, to_device, windows
+from nanotcmp.data import Split, encoder_inputs, load_meta, ranged, to_device, windows
 from nanotcmp.model import (Bert, BertConfig, Hubert, HubertConfig, TCMP, TCMPConfig, tiny_bert_config,
                             tiny_hubert_config)
 from nanotcmp.tokenizer import WordPiece
@@ -452,8 +452,9 @@ if __name__ == "__main__":
     parser.add_argument("what", choices=["encoders", "stream", "train", "_memory", "_train"])
     parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--reps", type=int, help="repetitions (default: 15 encoders, 3 stream, 3 train)")
-    parser.add_argument("--timeout", type=float, default=3600, help="train: seconds a set-up may take")
+    parser.add_argument("--reps", type=ranged(int, 1), help="repetitions (default: 15 encoders, 3 stream, 3 train)")
+    parser.add_argument("--timeout", type=ranged(float, 0, above=True), default=3600,
+                        help="train: seconds a set-up may take")
     a = parser.parse_args()
     device = torch.device(a.device)
     if a.what == "_memory":  # one measurement in a fresh process, so earlier runs' memory does not hide it

@@ -1911,6 +1911,17 @@ def test_training_names_what_is_wrong_with_the_dataset(small_demo, tmp_path):
             "--stage", "pretrain", "--modalities", "text")
 
 
+def test_training_names_a_bad_encoder_or_state(small_demo, tmp_path):
+    with pytest.raises(SystemExit, match=re.escape(f"train.py: --text-encoder: no checkpoint at {tmp_path / 'none'}")):
+        train.main(["--data", str(small_demo), "--text-encoder", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
+    common = ["--stage", "finetune", "--data", str(small_demo), "--out", str(tmp_path / "r"), "--max-steps", "2"]
+    train.main(common)
+    state = tmp_path / "r/state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(SystemExit, match=re.escape(f"--resume: {state} is unreadable or incomplete")):
+        train.main(common + ["--resume"])
+
+
 def test_checkpoints_are_checked_on_load(demo_ckpt, small_demo, tmp_path, capsys):
     example = small_demo / "example_dialogue.jsonl"
 

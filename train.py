@@ -556,7 +556,14 @@ def run_stage(stage, args, device, meta, out, train_split, items, dev, test):
     if args.resume:
         if not os.path.isfile(state_path):
             raise SystemExit(f"train.py: --resume: no {state_path}")
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=False)
+            missing = [k for k in ("model", "opt", "step", "best", "history", "rng") if k not in state]
+        except Exception as e:  # torch.load raises what the unpickler meets: EOFError, UnpicklingError, ...
+            raise SystemExit(f"train.py: --resume: {state_path} is unreadable or incomplete "
+                             f"({type(e).__name__}); start again without --resume") from None
+        if missing:
+            raise SystemExit(f"train.py: --resume: {state_path} has no {', '.join(missing)}: not a state of train.py")
         if len(state["rng"]) != WORLD:
             raise SystemExit(f"train.py: --resume: {state_path} was saved by {len(state['rng'])} processes, "
                              f"this run has {WORLD}")
