@@ -28,7 +28,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from nanotcmp.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, NoFFmpeg, load_audio, save_wav, synthesize
-from nanotcmp.data import dialogue_ranges, file_sha256, line_problem, make_samples, ranged
+from nanotcmp.data import DataError, dialogue_ranges, file_sha256, line_problem, make_samples, ranged, read_json
 from nanotcmp.tokenizer import WordPiece
 
 
@@ -62,8 +62,6 @@ class Problems:
 
 # -----------------------------------------------------------------------------
 # readers: each returns {split: [(dialogue id, [Utt, ...]), ...]}, utterances in spoken order
-
-DATASET_FORMAT = "nanotcmp dataset 1"  # meta.json's "format": what --out may be replaced by a run only when it says
 
 MELD_SPLITS = {"train": ("train_sent_emo.csv", "train_splits"),
                "dev": ("dev_sent_emo.csv", "dev_splits_complete"),
@@ -330,14 +328,13 @@ def check_packed(packed, labels):
 
 
 def is_dataset(folder):
-    """Whether folder holds a dataset this script wrote (its meta.json says so)"""
+    """Whether folder holds a dataset this script wrote: its meta.json says so"""
     try:
-        with open(os.path.join(folder, "meta.json")) as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
+        read_json(os.path.join(folder, "meta.json"), ("labels", "modalities", "vocab", "settings", "splits", "source"),
+                  "a dataset")
+    except DataError:
         return False
-    legacy = {"labels", "modalities", "vocab", "settings", "splits", "source"}  # written before "format"
-    return isinstance(meta, dict) and (meta.get("format") == DATASET_FORMAT or legacy <= meta.keys())
+    return True
 
 
 def check_out(args):
@@ -690,7 +687,6 @@ def main(argv):
         with staging(args.out) as folder:
             meta = build[args.command](args, folder, problems)
             meta["source"] = args.command + (" (unlabelled)" if getattr(args, "unlabelled", False) else "")
-            meta["format"] = DATASET_FORMAT
             write_meta(folder, meta)
     except (BadInput, AudioError, NoFFmpeg, FileNotFoundError) as e:
         sys.exit(f"prepare.py: {e}")

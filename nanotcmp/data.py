@@ -96,20 +96,26 @@ class Split:
         return self.dialogues[self.utt_dialogue[i]]
 
 
-def load_meta(folder):
-    path = os.path.join(folder, "meta.json")
+def read_json(path, keys, made_by):
+    """A JSON object that must hold keys -> it, or a DataError naming the file and what is wrong;
+    made_by: what its folder should be, for the message"""
+    folder = os.path.dirname(path) or "."
     if not os.path.isfile(path):
-        raise DataError(f"{path} not found: is {folder} a dataset made by prepare.py?")
+        raise DataError(f"{path} not found: is {folder} {made_by}?")
     try:
         with open(path) as f:
-            meta = json.load(f)
+            obj = json.load(f)
     except ValueError as e:
-        raise DataError(f"{path}: not valid JSON ({e}); run prepare.py again") from None
-    missing = [k for k in ("labels", "modalities", "vocab", "settings", "splits")
-               if not isinstance(meta, dict) or k not in meta]
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
     if missing:
-        raise DataError(f"{path}: not the meta.json of a dataset made by prepare.py (no {', '.join(missing)})")
-    return meta
+        raise DataError(f"{path}: no {', '.join(missing)}: is {folder} {made_by}?")
+    return obj
+
+
+def load_meta(folder):
+    return read_json(os.path.join(folder, "meta.json"), ("labels", "modalities", "vocab", "settings", "splits"),
+                     "a dataset made by prepare.py")
 
 # -----------------------------------------------------------------------------
 # batches: every distinct utterance of a batch is encoded once, contexts index into them
@@ -310,18 +316,10 @@ def load_run(folder):
     """A run folder written by train.py -> (its config.json, its model's tensors), checked: both
     files there and complete, the vocabulary where config.json says, unchanged (its sha256)"""
     config_path, model_path = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
-    for path in (config_path, model_path):
-        if not os.path.isfile(path):
-            raise DataError(f"{path} not found: is {folder} a run of train.py?")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except ValueError as e:
-        raise DataError(f"{config_path}: not valid JSON ({e})") from None
-    missing = [k for k in ("stage", "model", "labels", "vocab", "max_tokens", "max_context")
-               if not isinstance(config, dict) or k not in config]
-    if missing:
-        raise DataError(f"{config_path}: no {', '.join(missing)}: not the config.json of a run of train.py")
+    config = read_json(config_path, ("stage", "model", "labels", "vocab", "max_tokens", "max_context"),
+                       "a run of train.py")
+    if not os.path.isfile(model_path):
+        raise DataError(f"{model_path} not found: is {folder} a run of train.py?")
     try:
         tensors = load_file(model_path)
     except (SafetensorError, OSError, ValueError) as e:
