@@ -28,7 +28,7 @@ import torch
 import prepare
 import train
 from nanotcmp.audio import SAMPLE_RATE, save_wav
-from nanotcmp.data import Split, encoder_inputs, load_meta, ranged, to_device, windows
+from nanotcmp.data import Split, buckets, encoder_inputs, load_meta, ranged, to_device, windows
 from nanotcmp.model import (Bert, BertConfig, Hubert, HubertConfig, TCMP, TCMPConfig, tiny_bert_config,
                             tiny_hubert_config)
 from nanotcmp.tokenizer import WordPiece
@@ -248,27 +248,21 @@ def mem_limit(device):
 WINDOWS = {"cuda": {"tiny": 4, "base": 64}, "cpu": {"tiny": 4, "base": 2}}
 
 
-def epoch_shapes(make, n_steps):
+def epoch_shapes(make, n_steps, max_padding):
     """Distinct encoder-call shapes over an epoch's batches, on the grid and as they would be without
-    it (each bucket padded to its own longest sequence) -> {modality: (calls, on the grid, without)}"""
-    out = {}
+    it (each bucket padded to its own longest sequence and rows) -> {modality: (calls on the grid,
+    shapes on the grid, shapes without)}"""
+    calls, shapes = {}, {}
     for step in range(n_steps):
         for _, batch, _ in make(step)[1]:
             for key in ("text", "audio"):
-                if key not in batch:
-                    continue
-                calls, grid, bare = out.setdefault(key, [0, set(), set()])
-                lengths = torch.cat([m.sum(1) for m in batch[key + "_mask"]])  # (rows,) each row's sequence length
-                real = torch.zeros(len(lengths), dtype=torch.bool)
-                real[batch[key + "_index"]] = True  # the rows that are not fillers
-                first = 0
-                for x in batch[key]:
-                    mine = lengths[first:first + len(x)][real[first:first + len(x)]]
-                    grid.add(tuple(x.shape))
-                    bare.add((len(mine), int(mine.max())))
-                    first += len(x)
-                out[key][0] += len(batch[key])
-    return {k: (calls, len(grid), len(bare)) for k, (calls, grid, bare) in out.items()}
+                if key in batch:  # the lengths of the batch's sequences, bucketed both ways
+                    lengths = torch.cat([m.sum(1) for m in batch[key + "_mask"]])[batch[key + "_index"]].numpy()
+                    for grid in (True, False):
+                        groups = buckets(lengths, max_padding, grid)
+                        shapes.setdefault((key, grid), set()).update((R, T) for _, R, T in groups)
+                        calls[key] = calls.get(key, 0) + len(groups) * grid
+    return {key: (calls[key], len(shapes[key, True]), len(shapes[key, False])) for key in calls}
 
 
 def count_ops(step):
@@ -311,7 +305,7 @@ def train_one(data, size, mode, steps, device):
     per_epoch = len(train.step_chunks("pretrain", items, split, n, np.random.default_rng(0), parts))
     make = functools.partial(train.step_batches, "pretrain", items, split, n, parts, range(parts), per_epoch, args,
                              model.config.modalities)
-    shapes = epoch_shapes(make, per_epoch)
+    shapes = epoch_shapes(make, per_epoch, args.max_padding)
     warm = per_epoch if device.type == "cuda" else 1
     batches = iter(train.ahead(make, warm + steps + 2, args, device))
     model.train()

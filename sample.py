@@ -62,7 +62,7 @@ class Stream:
     def add(self, text, wave):
         """One more utterance -> the next emotion's probabilities (n_labels,), or None before turn 2"""
         batch = encoder_inputs([self.tok.encode(text, self.max_tokens)] if self.model.text else None,
-                               [wave] if self.model.audio else None)
+                               [wave] if self.model.audio else None, grid=self.device.type == "cuda")
         with autocast(self.device):  # bf16 on a GPU, as in training
             H = self.model.encode(to_device(batch, self.device))
             for b, cache in self.cache.items():

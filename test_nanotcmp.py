@@ -1398,6 +1398,18 @@ def test_buckets_bound_the_padding_share_on_a_grid_of_shapes():
     assert len(seen) < calls / 10 and sum(new[len(new) // 2:]) < 0.1 * len(seen)
 
 
+def test_training_on_the_grid_equals_training_without(small_demo, tmp_path):
+    common = ["--stage", "pretrain", "--data", str(small_demo), "--epochs", "1", "--max-steps", "4", "--log-every",
+              "2", "--dropout", "0", "--encoder-dropout", "0"]
+    for grid in ("on", "off"):
+        train.main(common + ["--shape-grid", grid, "--out", str(tmp_path / grid)])
+    a, b = (torch.load(tmp_path / g / "state.pt", weights_only=False) for g in ("on", "off"))
+    assert max(max_diff(a["model"][k], b["model"][k]) for k in a["model"]) <= 1e-5
+    for x, y in zip(a["history"], b["history"]):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5
+    assert train.parse_args([]).shape_grid is torch.cuda.is_available()  # the default: on where shapes cost
+
+
 def test_bucketed_encoding_equals_one_padded_batch(small_demo):
     split = Split(small_demo / "pretrain.safetensors")
     model = small_model(small_demo)

@@ -73,6 +73,8 @@ def parse_args(argv):
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last state")
     p.add_argument("--max-padding", type=ranged(float, 0, 1), default=0.1,
                    help="length buckets: padding share each encoder batch may have (1: one padded batch)")
+    p.add_argument("--shape-grid", choices=["on", "off"], help="pad the encoder batches to shapes from a fixed grid, "
+                   "which a GPU plans once each (default: on with CUDA, off on the CPU, where it only pads)")
     p.add_argument("--micro-batches", type=ranged(int, 1), help="parts each step's batch is split into, each with its own "
                    "noise candidates and CLIP negatives, run on the processes in turn; more parts than "
                    "processes accumulate gradients (default: the number of processes)")
@@ -89,7 +91,9 @@ def parse_args(argv):
                                                "4 on CUDA, 0 on the CPU, where they would take its cores)")
     p.add_argument("--log-every", type=ranged(int, 1), default=10)
     p.add_argument("--save-every", type=ranged(int, 1), default=50, help="steps between resumable states")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.shape_grid = args.shape_grid == "on" if args.shape_grid else device_from(args.device, "train.py").type == "cuda"
+    return args
 
 # -----------------------------------------------------------------------------
 # building the model
@@ -194,7 +198,7 @@ def split_features(model, key, split, device):
     for i in range(0, len(order), FEATURE_BATCH):
         ids = order[i:i + FEATURE_BATCH]
         batch = encoder_inputs([split.tokens_of(u) for u in ids] if text else None,
-                               None if text else [split.audio_of(u) for u in ids])
+                               None if text else [split.audio_of(u) for u in ids], grid=device.type == "cuda")
         with autocast(device):
             out[torch.from_numpy(ids)] = model.pooled(key, to_device(batch, device)).float().cpu()
     return out
@@ -286,9 +290,9 @@ def eval_batch(split, stage, modalities, args, i):
     from the whole split) are fixed by the seed and i"""
     rows = slice(i * EVAL_BATCH, (i + 1) * EVAL_BATCH)
     if stage == "finetune":
-        return finetune_batch(split, split.samples[rows], modalities, args.max_padding)
+        return finetune_batch(split, split.samples[rows], modalities, args.max_padding, args.shape_grid)
     return pretrain_batch(split, windows(split)[rows], 11, np.random.default_rng((args.seed, i)), modalities,
-                          in_batch=False, max_padding=args.max_padding)
+                          in_batch=False, max_padding=args.max_padding, grid=args.shape_grid)
 
 # -----------------------------------------------------------------------------
 # batches, built ahead of use
@@ -417,9 +421,10 @@ def micro_batch(split, modalities, stage, items, rng, args):
     """A micro-batch of items -> (batch, {modality: (padded, all) positions}). A pre-training
     micro-batch draws its noise candidates, and so its CLIP negatives, from itself."""
     if stage == "pretrain":
-        batch = pretrain_batch(split, items, args.k, rng, modalities, max_padding=args.max_padding)
+        batch = pretrain_batch(split, items, args.k, rng, modalities, max_padding=args.max_padding,
+                               grid=args.shape_grid)
     else:
-        batch = finetune_batch(split, items, modalities, max_padding=args.max_padding)
+        batch = finetune_batch(split, items, modalities, max_padding=args.max_padding, grid=args.shape_grid)
     return batch, {key: padding(batch, key) for key in ("text", "audio") if key + "_mask" in batch}
 
 

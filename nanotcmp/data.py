@@ -136,17 +136,18 @@ def on_grid(n, grid):
     return int(grid[np.searchsorted(grid, n)])
 
 
-def buckets(lengths, max_padding=0.1):
-    """Length buckets for an encoder batch, each padded to a shape on the grid: sorted by length, a
-    bucket grows while its padding share (padded positions, the filler rows' included, over all
-    positions) stays within max_padding, or within its longest sequence's own share on the grid,
-    which no bucket avoids (1: one bucket). -> list of (index array into lengths, padded rows,
-    padded length)"""
+def buckets(lengths, max_padding=0.1, grid=True):
+    """Length buckets for an encoder batch, each padded to a shape on the grid (grid=False: to its
+    own longest sequence and rows): sorted by length, a bucket grows while its padding share (padded
+    positions, the filler rows' included, over all positions) stays within max_padding, or within
+    its longest sequence's own share on the grid, which no bucket avoids (1: one bucket).
+    -> list of (index array into lengths, padded rows, padded length)"""
     lengths = np.asarray(lengths)
     order = np.argsort(-lengths, kind="stable")
+    rows = (lambda n: on_grid(n, ROW_GRID)) if grid else (lambda n: n)  # a bucket of n sequences -> its rows
     out, i = [], 0
     while i < len(order):
-        T = on_grid(lengths[order[i]], LENGTH_GRID)
+        T = on_grid(lengths[order[i]], LENGTH_GRID) if grid else int(lengths[order[i]])
         allowed = max(max_padding, 1 - lengths[order[i]] / T)
         end, total = i + 1, 0
         for j in range(i, len(order)):
@@ -154,20 +155,20 @@ def buckets(lengths, max_padding=0.1):
             n = j - i + 1
             if total < (1 - allowed) * n * T:  # too much padding already, before rounding the rows
                 break
-            if total >= (1 - allowed) * on_grid(n, ROW_GRID) * T:
+            if total >= (1 - allowed) * rows(n) * T:
                 end = j + 1
-        out.append((order[i:end], on_grid(end - i, ROW_GRID), T))
+        out.append((order[i:end], rows(end - i), T))
         i = end
     return out
 
 
-def pad(key, seqs, max_padding=0.1):
+def pad(key, seqs, max_padding=0.1, grid=True):
     """Sequences (1-d arrays) of one modality -> its encoder inputs, bucketed by length (see buckets):
       key [(R_b, T_b)], key_mask [(R_b, T_b) bool]  one padded tensor per bucket, zeros at the padding;
                                                   rows past the bucket's sequences repeat its first
       key_index (U,) long                         sequence i's row in the buckets' rows, concatenated"""
     xs, masks, index, first_row = [], [], torch.empty(len(seqs), dtype=torch.long), 0
-    for g, R, T in buckets([len(s) for s in seqs], max_padding):
+    for g, R, T in buckets([len(s) for s in seqs], max_padding, grid):
         filled = np.r_[g, np.repeat(g[0], R - len(g))]
         x = torch.zeros(R, T, dtype=torch.from_numpy(seqs[0]).dtype)
         for row, i in enumerate(filled):
@@ -179,14 +180,14 @@ def pad(key, seqs, max_padding=0.1):
     return {key: xs, key + "_mask": masks, key + "_index": index}
 
 
-def encoder_inputs(tokens=None, waves=None, max_padding=0.1):
+def encoder_inputs(tokens=None, waves=None, max_padding=0.1, grid=True):
     """The utterances to encode: word-piece ids and/or int16 16 kHz waveforms (lists of arrays,
     None for a modality not used) -> their batch entries, bucketed by length (see pad)"""
     out = {}
     if tokens is not None:
-        out |= pad("text", [np.asarray(t, dtype=np.int64) for t in tokens], max_padding)
+        out |= pad("text", [np.asarray(t, dtype=np.int64) for t in tokens], max_padding, grid)
     if waves is not None:
-        out |= pad("audio", [np.asarray(w).astype(np.float32) / 2 ** 15 for w in waves], max_padding)
+        out |= pad("audio", [np.asarray(w).astype(np.float32) / 2 ** 15 for w in waves], max_padding, grid)
     return out
 
 
@@ -204,7 +205,7 @@ def shapes(batch, key):
     return {tuple(x.shape) for x in batch.get(key, ())}
 
 
-def make_batch(split, rows, extra=(), modalities=("text", "audio"), max_padding=0.1):
+def make_batch(split, rows, extra=(), modalities=("text", "audio"), max_padding=0.1, grid=True):
     """rows: one list of utterance ids (in the split) per context or window, in spoken order;
     extra: more utterances to encode (candidates). -> (batch of tensors, {utterance id: row in the batch})
       text, text_mask, text_index      the distinct utterances' word pieces, bucketed (see pad)
@@ -224,7 +225,7 @@ def make_batch(split, rows, extra=(), modalities=("text", "audio"), max_padding=
         else:
             raw.append(key)
     batch |= encoder_inputs([split.tokens_of(u) for u in ids] if "text" in raw else None,
-                            [split.audio_of(u) for u in ids] if "audio" in raw else None, max_padding)
+                            [split.audio_of(u) for u in ids] if "audio" in raw else None, max_padding, grid)
     return batch, where
 
 
@@ -236,10 +237,10 @@ def to_device(batch, device):
     return {k: [move(t) for t in v] if isinstance(v, list) else move(v) for k, v in batch.items()}
 
 
-def finetune_batch(split, samples, modalities, max_padding=0.1):
+def finetune_batch(split, samples, modalities, max_padding=0.1, grid=True):
     """samples: (B, 3) rows of split.samples -> batch with labels (B,)"""
     batch, _ = make_batch(split, [list(range(first, target)) for first, target, _ in samples], modalities=modalities,
-                          max_padding=max_padding)
+                          max_padding=max_padding, grid=grid)
     batch["labels"] = torch.tensor([int(y) for _, _, y in samples])
     return batch
 
@@ -282,7 +283,7 @@ def draw_noise(split, targets, k, rng, pool=None):
     return noise
 
 
-def pretrain_batch(split, wins, k, rng, modalities, in_batch=True, max_padding=0.1):
+def pretrain_batch(split, wins, k, rng, modalities, in_batch=True, max_padding=0.1, grid=True):
     """Windows -> batch where every position j >= 2 of a window is a target:
     targets (N, 2) = (window, position), noise (N, k-1) rows of the batch's utterances.
     in_batch: noise from the other windows' utterances (training); else from the whole split."""
@@ -290,7 +291,8 @@ def pretrain_batch(split, wins, k, rng, modalities, in_batch=True, max_padding=0
     targets = [(b, j) for b, row in enumerate(rows) for j in range(2, len(row))]
     pool = [u for row in rows for u in row] if in_batch else None
     noise = draw_noise(split, [rows[b][j] for b, j in targets], k, rng, pool)
-    batch, where = make_batch(split, rows, extra=noise.ravel(), modalities=modalities, max_padding=max_padding)
+    batch, where = make_batch(split, rows, extra=noise.ravel(), modalities=modalities, max_padding=max_padding,
+                              grid=grid)
     batch["targets"] = torch.tensor(targets)
     batch["noise"] = torch.tensor([[where[int(u)] for u in row] for row in noise])
     return batch
