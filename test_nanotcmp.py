@@ -1966,12 +1966,13 @@ def test_checkpoints_are_checked_on_load(demo_ckpt, small_demo, tmp_path, capsys
         config["vocab"]["path"] = str(vocab)
         (c / "config.json").write_text(json.dumps(config))
     ckpt = refused(edited, "edited-vocab.txt: not the vocabulary .* was trained with")
+    fine = ["--stage", "finetune", "--data", str(small_demo), "--init", str(ckpt), "--out", str(tmp_path / "f")]
     with pytest.raises(SystemExit, match="--init: .*edited-vocab.txt: not the vocabulary"):  # --init checks the same
-        train.main(["--stage", "finetune", "--data", str(small_demo), "--init", str(ckpt), "--out", str(tmp_path / "f")])
+        train.main(fine)
     (ckpt / "model.safetensors").write_bytes(model.read_bytes()[:1000])
     moved(ckpt)
     with pytest.raises(SystemExit, match="--init: .*model.safetensors: unreadable or incomplete"):
-        train.main(["--stage", "finetune", "--data", str(small_demo), "--init", str(ckpt), "--out", str(tmp_path / "f")])
+        train.main(fine)
     assert not (tmp_path / "f").exists()
 
 

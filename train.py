@@ -56,15 +56,18 @@ def parse_args(argv):
     p.add_argument("--out", help="default: out/<data>-<stage>")
     p.add_argument("--epochs", type=ranged(int, 1), help="default: 8 pre-training, 12 fine-tuning")
     p.add_argument("--max-steps", type=ranged(int, 1), help="stop (with a resumable state) after this many steps")
-    p.add_argument("--batch-size", type=ranged(int, 1), help="windows (pre-training, default 4) or samples (fine-tuning, 16)")
-    p.add_argument("--k", type=ranged(int, 2), default=5, help="candidates per target in pre-training: 1 true + k-1 noise")
-    p.add_argument("--lr", type=ranged(float, 0), help="default: the paper's, 2e-4 pre-training, 2e-5 fine-tuning; 1e-3 with "
-                                            "tiny encoders")
-    p.add_argument("--lr-encoder", type=ranged(float, 0), help="default: the paper's 2e-6 with checkpoints, --lr with tiny ones")
+    p.add_argument("--batch-size", type=ranged(int, 1),
+                   help="windows (pre-training) or samples (fine-tuning); default: README, \"Speed and scale\"")
+    p.add_argument("--k", type=ranged(int, 2), default=5,
+                   help="candidates per target in pre-training: 1 true + k-1 noise")
+    p.add_argument("--lr", type=ranged(float, 0),
+                   help="default: the paper's, 2e-4 pre-training, 2e-5 fine-tuning; 1e-3 with tiny encoders")
+    p.add_argument("--lr-encoder", type=ranged(float, 0),
+                   help="default: the paper's 2e-6 with checkpoints, --lr with tiny ones")
     p.add_argument("--d", type=ranged(int, 1), help="model width (default: 768, or 64 with tiny encoders)")
     p.add_argument("--dropout", type=ranged(float, 0, 1, below=True), default=0.1, help="dropout of the TCMP layers")
-    p.add_argument("--encoder-dropout", type=ranged(float, 0, 1, below=True), help="dropout inside BERT and HuBERT (default: the checkpoint's, "
-                                                         "0.1 for tiny ones)")
+    p.add_argument("--encoder-dropout", type=ranged(float, 0, 1, below=True),
+                   help="dropout inside BERT and HuBERT (default: the checkpoint's, 0.1 for tiny ones)")
     p.add_argument("--no-distant", action="store_true", help="see only the nearby context (w/o Dist)")
     p.add_argument("--tus", choices=["intra", "inter", "both"], default="both")
     p.add_argument("--tus-loss", choices=["bce", "softmax"], default="bce")
@@ -73,11 +76,13 @@ def parse_args(argv):
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last state")
     p.add_argument("--max-padding", type=ranged(float, 0, 1), default=0.1,
                    help="length buckets: padding share each encoder batch may have (1: one padded batch)")
-    p.add_argument("--shape-grid", choices=["on", "off"], help="pad the encoder batches to shapes from a fixed grid, "
-                   "which a GPU plans once each (default: on with CUDA, off on the CPU, where it only pads)")
-    p.add_argument("--micro-batches", type=ranged(int, 1), help="parts each step's batch is split into, each with its own "
-                   "noise candidates and CLIP negatives, run on the processes in turn; more parts than "
-                   "processes accumulate gradients (default: the number of processes)")
+    p.add_argument("--shape-grid", choices=["on", "off"],
+                   help="pad the encoder batches to shapes from a fixed grid, which a GPU plans once each (default: "
+                        "on with CUDA, off on the CPU, where it only pads)")
+    p.add_argument("--micro-batches", type=ranged(int, 1),
+                   help="parts each step's batch is split into, each with its own noise candidates and CLIP "
+                        "negatives, run on the processes in turn; more parts than processes accumulate gradients "
+                        "(default: one a process, or more to keep a part within 16 windows)")
     p.add_argument("--freeze-encoders", action="store_true",
                    help="keep BERT and HuBERT fixed: their pooled outputs are computed once and cached beside "
                         "the dataset")
@@ -87,12 +92,14 @@ def parse_args(argv):
                    help="on CUDA, run the context interactions (and with 'all' the encoders too) as CUDA graphs, one "
                         "per input shape; each keeps its activations' memory, so 'all' suits encoders of MiniLM's "
                         "size or smaller (default: context)")
-    p.add_argument("--workers", type=ranged(int, 0), help="processes building batches ahead of the training loop (default: "
-                                               "4 on CUDA, 0 on the CPU, where they would take its cores)")
+    p.add_argument("--workers", type=ranged(int, 0),
+                   help="processes building batches ahead of the training loop (default: 4 on CUDA, 0 on the CPU, "
+                        "where they would take its cores)")
     p.add_argument("--log-every", type=ranged(int, 1), default=10)
     p.add_argument("--save-every", type=ranged(int, 1), default=50, help="steps between resumable states")
     args = p.parse_args(argv)
-    args.shape_grid = args.shape_grid == "on" if args.shape_grid else device_from(args.device, "train.py").type == "cuda"
+    cuda = device_from(args.device, "train.py").type == "cuda"
+    args.shape_grid = args.shape_grid == "on" if args.shape_grid else cuda  # default: on where shapes cost
     return args
 
 # -----------------------------------------------------------------------------
@@ -480,8 +487,8 @@ def open_splits(data, meta, stage):
     splits = [Split(os.path.join(data, f"{s}.safetensors")) for s in (train_name, "dev", "test")]
     for split in splits:
         if not len(windows(split) if stage == "pretrain" else split.samples):
-            raise SystemExit(f"train.py: {split.path} has no " + ("window of 3 utterances or more" if stage == "pretrain"
-                                                                    else "sample") + f" to {stage} on")
+            what = "window of 3 utterances or more" if stage == "pretrain" else "sample"
+            raise SystemExit(f"train.py: {split.path} has no {what} to {stage} on")
     train_split, dev, test = splits
     return train_split, windows(train_split) if stage == "pretrain" else train_split.samples, dev, test
 
