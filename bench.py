@@ -91,6 +91,22 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def memory_mark(device):
+    """Start a peak-memory measurement -> the bytes in use now: CUDA's allocator on a GPU; on the CPU
+    the process's resident size, its high-water mark reset to it (Linux only)"""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident size
+    return rss_kib("VmRSS") * 1024
+
+
+def memory_peak(device):
+    """-> the peak bytes in use since memory_mark"""
+    return torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_kib("VmHWM") * 1024
+
+
 def rss_kib(field):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
@@ -104,16 +120,9 @@ def peak_memory_mib(name, which, folder, device):
     inputs = bench_inputs(name, device)
     for t in model.state_dict().values():
         t.sum()  # page in weights that were loaded memory-mapped, so they are not counted as the forward's
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        run_encoder(model, inputs)
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident size
-    base = rss_kib("VmRSS")
+    base = memory_mark(device)
     run_encoder(model, inputs)
-    return (rss_kib("VmHWM") - base) / 1024
+    return (memory_peak(device) - base) / 2**20
 
 
 @torch.inference_mode()
@@ -313,7 +322,7 @@ def train_one(data, size, mode, steps, device):
 
     def step():
         t0 = time.perf_counter()
-        n_items, micro = next(batches)
+        _, micro = next(batches)
         waited = time.perf_counter() - t0
         train.train_step(model, opt, [(share, to_device(b, device)) for share, b, _ in micro], None)
         return micro, waited
@@ -325,14 +334,7 @@ def train_one(data, size, mode, steps, device):
             micro, _ = step()
         flops = counter.get_total_flops()
         train.use_cuda_graphs(model, "context")  # train.py's default
-    # peak memory: what the steps need beyond the model, the optimiser and the batches
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current resident size
-        base = rss_kib("VmRSS") * 1024
+    base = memory_mark(device)  # peak memory: what the steps need beyond the model, the optimiser and the batches
     try:
         for _ in range(warm):
             step()
@@ -349,7 +351,7 @@ def train_one(data, size, mode, steps, device):
         times.append(time.perf_counter() - t0)
         waits.append(waited)
         pads += [counts for _, _, counts in micro]
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_kib("VmHWM") * 1024) - base
+    peak = memory_peak(device) - base
     ops = count_ops(step)
     padding = {k: sum(p[k][0] for p in pads) / sum(p[k][1] for p in pads) for k in pads[0]}
     ms = statistics.median(times) * 1000
@@ -358,28 +360,29 @@ def train_one(data, size, mode, steps, device):
             "cache_s": cache_s}
 
 
+def run_script(script, cwd, *argv):
+    """python <this repository's script> argv... in cwd, as a user runs it -> its standard output"""
+    run = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script), *argv],
+                         cwd=cwd, capture_output=True, text=True)
+    if run.returncode:
+        raise SystemExit(f"bench.py: {script} failed:\n{run.stdout[-2000:]}{run.stderr[-2000:]}")
+    return run.stdout
+
+
 def bench_demo(device, tmp):
     """The README's main job on the demo, as a user runs it: python prepare.py && python train.py
     (both stages, evaluation included) -> (seconds, train.py's lines but the step and confusion lines)"""
-    here = os.path.dirname(os.path.abspath(__file__))
     os.makedirs(tmp, exist_ok=True)
     t0 = time.perf_counter()
-    for script in ("prepare.py", "train.py"):
-        run = subprocess.run([sys.executable, os.path.join(here, script)] + (["--device", str(device)]
-                                                                                if script == "train.py" else []),
-                             cwd=tmp, capture_output=True, text=True)
-        if run.returncode:
-            raise SystemExit(f"bench.py: {script} failed:\n{run.stdout[-2000:]}{run.stderr[-2000:]}")
-    seconds = time.perf_counter() - t0
-    return seconds, [line for line in run.stdout.splitlines() if not line.startswith(("step", " "))]
+    run_script("prepare.py", tmp)
+    out = run_script("train.py", tmp, "--device", str(device))
+    return time.perf_counter() - t0, [line for line in out.splitlines() if not line.startswith(("step", " "))]
 
 
 def sample_probs(device, cwd):
     """sample.py --json on the demo's example dialogue -> (turns, n_labels) probabilities"""
-    here = os.path.dirname(os.path.abspath(__file__))
-    run = subprocess.run([sys.executable, os.path.join(here, "sample.py"), "--json", "--device", str(device)],
-                         cwd=cwd, check=True, capture_output=True, text=True)
-    return np.array([list(json.loads(line)["probs"].values()) for line in run.stdout.splitlines()])
+    out = run_script("sample.py", cwd, "--json", "--device", str(device))
+    return np.array([list(json.loads(line)["probs"].values()) for line in out.splitlines()])
 
 
 def bench_train(device, steps, tmp, timeout):

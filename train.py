@@ -259,7 +259,7 @@ def predict(model, split, args, device):
     """-> (true labels, predicted labels) of every sample of a labelled split"""
     model.eval()
     preds = []
-    for batch in ahead(functools.partial(eval_batch, split, "finetune", model.config.modalities, args),
+    for batch in ahead(functools.partial(eval_batch, split, "finetune", split.samples, model.config.modalities, args),
                        math.ceil(len(split.samples) / EVAL_BATCH), args, device):
         with autocast(device):
             preds.append(model.classify(to_device(batch, device)).argmax(-1).cpu())
@@ -272,8 +272,9 @@ def retrieval_scores(model, split, args, device):
     (percent) for T2T, A2A and M2M. The 5 candidates are the true one and the first 4 of 10 noise."""
     model.eval()
     scores = {b: [] for b in model.betas}
-    for batch in ahead(functools.partial(eval_batch, split, "pretrain", model.config.modalities, args),
-                       math.ceil(len(windows(split)) / EVAL_BATCH), args, device):
+    wins = windows(split)
+    for batch in ahead(functools.partial(eval_batch, split, "pretrain", wins, model.config.modalities, args),
+                       math.ceil(len(wins) / EVAL_BATCH), args, device):
         batch = to_device(batch, device)
         with autocast(device):
             H = model.encode(batch)
@@ -292,14 +293,14 @@ def retrieval_scores(model, split, args, device):
 EVAL_BATCH = 64  # samples or windows; without gradients, large batches are cheap
 
 
-def eval_batch(split, stage, modalities, args, i):
-    """The i-th evaluation batch of a split: samples, or windows whose noise candidates (10 a target,
-    from the whole split) are fixed by the seed and i"""
-    rows = slice(i * EVAL_BATCH, (i + 1) * EVAL_BATCH)
+def eval_batch(split, stage, items, modalities, args, i):
+    """The i-th evaluation batch of a split's items: samples, or windows whose noise candidates (10 a
+    target, from the whole split) are fixed by the seed and i"""
+    rows = items[i * EVAL_BATCH:(i + 1) * EVAL_BATCH]
     if stage == "finetune":
-        return finetune_batch(split, split.samples[rows], modalities, args.max_padding, args.shape_grid)
-    return pretrain_batch(split, windows(split)[rows], 11, np.random.default_rng((args.seed, i)), modalities,
-                          in_batch=False, max_padding=args.max_padding, grid=args.shape_grid)
+        return finetune_batch(split, rows, modalities, args.max_padding, args.shape_grid)
+    return pretrain_batch(split, rows, 11, np.random.default_rng((args.seed, i)), modalities, in_batch=False,
+                          max_padding=args.max_padding, grid=args.shape_grid)
 
 # -----------------------------------------------------------------------------
 # batches, built ahead of use
@@ -485,12 +486,13 @@ def open_splits(data, meta, stage):
     if stage == "finetune" and not meta["splits"]["train"].get("labelled"):
         raise SystemExit(f"train.py: {data} has no labelled train split to fine-tune on")
     splits = [Split(os.path.join(data, f"{s}.safetensors")) for s in (train_name, "dev", "test")]
-    for split in splits:
-        if not len(windows(split) if stage == "pretrain" else split.samples):
+    items = [windows(split) if stage == "pretrain" else split.samples for split in splits]
+    for split, its in zip(splits, items):
+        if not len(its):
             what = "window of 3 utterances or more" if stage == "pretrain" else "sample"
             raise SystemExit(f"train.py: {split.path} has no {what} to {stage} on")
     train_split, dev, test = splits
-    return train_split, windows(train_split) if stage == "pretrain" else train_split.samples, dev, test
+    return train_split, items[0], dev, test
 
 
 def train_stage(stage, args, device):
@@ -528,12 +530,10 @@ def run_stage(stage, args, device, meta, out, train_split, items, dev, test):
               for enc, rate in ((True, lr_enc), (False, lr))]
     opt = torch.optim.Adam([g for g in groups if g["params"]], betas=(0.9, 0.999), fused=True)
 
-    if stage == "pretrain":
-        batch_size = args.batch_size or (4 if tiny else BATCH["cuda" if device.type == "cuda" else "cpu"][stage])
-        weights = None
-    else:
-        batch_size = args.batch_size or BATCH["cuda" if device.type == "cuda" else "cpu"][stage]
-        weights = class_weights(train_split, model.config.n_labels).to(device)
+    # the demo's tiny encoders pre-train with the CPU's 4 windows everywhere (see BATCH)
+    batch_size = args.batch_size or BATCH["cpu" if device.type != "cuda" or tiny and stage == "pretrain"
+                                          else "cuda"][stage]
+    weights = class_weights(train_split, model.config.n_labels).to(device) if stage == "finetune" else None
     if args.freeze_encoders and not args.no_cache:
         attach_features(model, args.data, (train_split, dev, test), device)
     # default: one part a process, or more where a process's share of windows exceeds MICRO_WINDOWS
