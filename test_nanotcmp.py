@@ -34,9 +34,10 @@ import prepare
 import sample
 import train
 from nanotcmp.audio import SAMPLE_RATE, AudioError, load_audio, save_wav, synthesize
-from nanotcmp.data import (LENGTH_GRID, ROW_GRID, Split, buckets, draw_noise, encoder_inputs, finetune_batch, load_meta,
-                           make_batch, padding, pretrain_batch, shapes, windows)
-from nanotcmp.metrics import aa, confusion, emotion_scores, macro_f1, majority_scores, recall_at, wa
+from nanotcmp.data import (LENGTH_GRID, ROW_GRID, Split, buckets, draw_noise, encoder_inputs, finetune_batch,
+                           last_own_labels, load_meta, make_batch, padding, pretrain_batch, shapes, windows)
+from nanotcmp.metrics import (aa, confusion, emotion_scores, last_emotion_scores, macro_f1, majority_scores, recall_at,
+                              wa)
 from nanotcmp.model import GRU, Bert, ContextInteraction, Hubert, clip_loss, tus_loss
 from nanotcmp.tokenizer import WordPiece
 
@@ -841,6 +842,20 @@ def generic_dialogues(folder, audio=True, labels=True, mp4=False):
     return write_jsonl(folder / "train.jsonl", lines)
 
 
+@pytest.mark.parametrize("max_context, want", [(11, [0, 2, 0]), (2, [0, 2, -1])])
+def test_last_own_labels_reads_the_target_speakers_last_label_in_the_context(tmp_path, max_context, want):
+    # samples at t = 2, 4, 5 (t = 3 is unlabelled); labels sorted: neg 0, neu 1, pos 2. At t = 5, B's
+    # only labelled utterance (t = 1) is outside a context of 2 utterances
+    turns = [("A", "neg"), ("B", "neg"), ("A", "pos"), ("B", None), ("A", "neu"), ("B", "pos")]
+    src = write_jsonl(tmp_path / "train.jsonl", [{"dialogue": "d", "speaker": spk, "text": f"turn {i}", "label": lab}
+                                                 for i, (spk, lab) in enumerate(turns)])
+    run_prepare("dialogues", "--from", src, "--vocab", minilm_dir() / "vocab.txt", "--out", tmp_path / "out",
+                "--max-context", max_context)
+    split = Split(tmp_path / "out/train.safetensors")
+    assert split.samples[:, 1].tolist() == [2, 4, 5]
+    assert last_own_labels(split).tolist() == want
+
+
 @pytest.mark.parametrize("audio, labels", [(True, True), (False, True), (True, False), (False, False)])
 def test_generic_jsonl(tmp_path, audio, labels):
     src = generic_dialogues(tmp_path, audio, labels)
@@ -1091,6 +1106,13 @@ def test_majority_baseline():
     assert s["f1"] == pytest.approx(100 * 2 / 9)
 
 
+def test_last_emotion_reference():
+    # y_train's majority is 1; last = 2, -1 (no own label: the majority, 1), 0, 2 against y_test 2 1 1 0
+    s = last_emotion_scores([1, 1, 0, 2], [2, 1, 1, 0], [2, -1, 0, 2], 3)
+    assert s == emotion_scores([2, 1, 1, 0], [2, 1, 0, 2], 3)
+    assert s["wa"] == pytest.approx(50.0)
+
+
 def test_torch_and_numpy_inputs():
     t, p = [0, 0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 0, 1, 1]
     want = emotion_scores(t, p, 3)
@@ -1323,6 +1345,41 @@ def test_resume_continues_to_the_same_weights(small_demo, tmp_path):
     assert a["step"] == b["step"] > 5
     assert max(max_diff(a["model"][k], b["model"][k]) for k in a["model"]) <= 1e-6
     assert (tmp_path / "whole/metrics.json").read_text() == (tmp_path / "cut/metrics.json").read_text()
+
+
+def raised(scores):
+    """Every score of a dev or test result (nested dicts), plus 100"""
+    return {k: v + 100 if isinstance(v, float) else raised(v) if isinstance(v, dict) else v for k, v in scores.items()}
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_each_stage_keeps_its_best_dev_epoch(small_demo, tmp_path, monkeypatch, stage):
+    """Epoch 2 of 3 is made the best on dev: the run keeps its weights, not the last epoch's"""
+    weights, evaluate = [], train.evaluate
+
+    def second_best(model, split, *args):
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+        scores = evaluate(model, split, *args)
+        return raised(scores) if len(weights) == 2 else scores
+    monkeypatch.setattr(train, "evaluate", second_best)
+    train.main(["--stage", stage, "--data", str(small_demo), "--out", str(tmp_path / "r"), "--epochs", "3",
+                "--batch-size", "8", "--log-every", "100"])
+    metrics = json.loads((tmp_path / "r/metrics.json").read_text())
+    assert metrics["best_epoch"] == 2 and len(metrics["dev_by_epoch"]) == 3
+    assert metrics["dev"] == metrics["dev_by_epoch"][1]
+    kept = load_file(tmp_path / "r/model.safetensors")
+    assert all(torch.equal(kept[k], weights[1][k]) for k in kept)
+    assert not all(torch.equal(kept[k], weights[2][k]) for k in kept)
+
+
+def test_patience_stops_a_stage_that_no_longer_improves(small_demo, tmp_path, capsys):
+    # at rate 0 every epoch scores as the first, which stays the best: 2 epochs later the stage stops
+    train.main(["--stage", "pretrain", "--data", str(small_demo), "--out", str(tmp_path / "r"), "--epochs", "6",
+                "--patience", "2", "--lr", "0", "--lr-encoder", "0", "--log-every", "100"])
+    assert "stopped after epoch 3: dev has not improved for 2 epochs" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "r/metrics.json").read_text())
+    assert metrics["best_epoch"] == 1 and len(metrics["dev_by_epoch"]) == 3
+    assert metrics["dev_by_epoch"][0] == metrics["dev_by_epoch"][2] == metrics["dev"]
 
 
 def test_non_finite_loss_stops_with_the_step_and_parts(small_demo, tmp_path, monkeypatch):

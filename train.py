@@ -30,8 +30,9 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanotcmp.data import (DataError, Split, device_from, dialogue_batches, encoder_inputs, file_sha256, finetune_batch,
-                           load_meta, load_run, padding, pretrain_batch, ranged, shapes, to_device, windows)
-from nanotcmp.metrics import emotion_scores, majority_scores, recall_at
+                           last_own_labels, load_meta, load_run, padding, pretrain_batch, ranged, shapes, to_device,
+                           windows)
+from nanotcmp.metrics import emotion_scores, last_emotion_scores, majority_scores, recall_at
 from nanotcmp.model import Bert, Hubert, TCMP, TCMPConfig, autocast, tiny_bert_config, tiny_hubert_config
 
 PAPER_LR = {"pretrain": 2e-4, "finetune": 2e-5}  # everything but the encoders (paper §4.2)
@@ -56,6 +57,8 @@ def parse_args(argv):
     p.add_argument("--out", help="default: out/<data>-<stage>")
     p.add_argument("--epochs", type=ranged(int, 1), help="default: 8 pre-training, 12 fine-tuning")
     p.add_argument("--max-steps", type=ranged(int, 1), help="stop (with a resumable state) after this many steps")
+    p.add_argument("--patience", type=ranged(int, 1),
+                   help="stop a stage after this many epochs without a better dev score (default: run every epoch)")
     p.add_argument("--batch-size", type=ranged(int, 1),
                    help="windows (pre-training) or samples (fine-tuning); default: README, \"Speed and scale\"")
     p.add_argument("--k", type=ranged(int, 2), default=5,
@@ -564,7 +567,7 @@ def run_stage(stage, args, device, meta, out, train_split, items, dev, test):
            f"lr {lr:g} (encoders {lr_enc:g}), {device}" + (f" x {WORLD} processes" if WORLD > 1 else ""))
 
     state_path, log_path = os.path.join(out, "state.pt"), os.path.join(out, "log.json")
-    step, best, history = 0, None, []
+    step, best, history, dev_by_epoch = 0, None, [], []
     if args.resume:
         if not os.path.isfile(state_path):
             raise SystemExit(f"train.py: --resume: no {state_path}")
@@ -582,6 +585,7 @@ def run_stage(stage, args, device, meta, out, train_split, items, dev, test):
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, best, history = state["step"], state["best"], state["history"]
+        dev_by_epoch = state.get("dev_by_epoch", [])  # (a state saved before train.py kept them: none)
         cpu_rng, cuda_rng = state["rng"][RANK]
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
@@ -597,7 +601,7 @@ def run_stage(stage, args, device, meta, out, train_split, items, dev, test):
         if RANK == 0:
             write_atomic(state_path, lambda p: torch.save({
                 "model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
-                "history": history, "rng": rngs}, p))
+                "history": history, "dev_by_epoch": dev_by_epoch, "rng": rngs}, p))
 
     # kept on the device, so that a step never waits for it: read at log intervals and before saves
     first_bad = torch.full((), math.inf, device=device)  # the first step with a non-finite loss
@@ -620,7 +624,7 @@ def run_stage(stage, args, device, meta, out, train_split, items, dev, test):
     t_epoch = t0
     batches = iter(ahead(functools.partial(step_batches, stage, items, train_split, batch_size, parts_per_step, mine,
                                            steps_per_epoch, args, model.config.modalities), total, args, device, step))
-    while step < total:
+    while step < total and not out_of_patience(args, best, step // steps_per_epoch):
         epoch = step // steps_per_epoch
         t_wait = time.time()
         n_items, built = next(batches)
@@ -664,20 +668,15 @@ def run_stage(stage, args, device, meta, out, train_split, items, dev, test):
         if step % steps_per_epoch == 0 or step % args.save_every == 0:
             check_finite()  # waits for the steps, so that the pause times only the evaluation and the save
         t_pause = time.time()
-        if step % steps_per_epoch == 0:  # end of an epoch: evaluate on dev
-            if RANK == 0 and stage == "pretrain":
-                scores = retrieval_scores(model, dev, args, device)
-                print(f"epoch {epoch + 1} ({time.time() - t_epoch:.0f} s) dev: " + " | ".join(
-                    f"{b} " + " ".join(f"{k} {v:.1f}" for k, v in s.items()) for b, s in scores.items()))
-                save_model(model, out, args, meta, stage)
-            elif RANK == 0:
-                y, p = predict(model, dev, args, device)
-                scores = emotion_scores(y, p, model.config.n_labels)
-                print(f"epoch {epoch + 1} ({time.time() - t_epoch:.0f} s) dev: WA {scores['wa']:.2f} "
-                      f"AA {scores['aa']:.2f} F1 {scores['f1']:.2f}")
-                if best is None or scores["wa"] > best["dev"]["wa"]:
-                    best = {"epoch": epoch + 1, "dev": {k: scores[k] for k in ("wa", "aa", "f1")}}
+        if step % steps_per_epoch == 0:  # end of an epoch: evaluate on dev, keep the best model
+            if RANK == 0:
+                scores = evaluate(model, dev, stage, args, device)
+                print(f"epoch {epoch + 1} ({time.time() - t_epoch:.0f} s) dev: {describe(scores)}")
+                dev_by_epoch.append({k: v for k, v in scores.items() if k != "confusion"})
+                if best is None or selection_score(scores) > selection_score(best["dev"]):
+                    best = {"epoch": epoch + 1, "dev": scores}
                     save_model(model, out, args, meta, stage)
+            best = broadcast(best)
             save_state()
             barrier()
             t_epoch = time.time()
@@ -690,30 +689,58 @@ def run_stage(stage, args, device, meta, out, train_split, items, dev, test):
             barrier()
             return None
 
+    if step < total:
+        print0(f"stopped after epoch {step // steps_per_epoch}: dev has not improved for {args.patience} epochs")
     if RANK == 0:
-        final_scores(model, out, args, meta, stage, best, train_split, dev, test, device)
+        final_scores(model, out, args, meta, stage, best, dev_by_epoch, train_split, test, device)
         print(f"{stage} done in {time.time() - t0:.0f} s: {out}")
     barrier()
     return out
 
 
-def final_scores(model, out, args, meta, stage, best, train_split, dev, test, device):
-    """The end of a stage: the kept model's scores on test, into metrics.json"""
-    model.load_state_dict(load_file(os.path.join(out, "model.safetensors")))
+def out_of_patience(args, best, epochs_done):
+    """--patience: the dev score has not improved for that many epochs"""
+    return bool(args.patience and best and epochs_done - best["epoch"] >= args.patience)
+
+
+def evaluate(model, split, stage, args, device):
+    """Dev or test scores: retrieval (pre-training) or WA, AA, macro-F1 and the confusion matrix"""
     if stage == "pretrain":
-        metrics = {"stage": "pretrain", "dev": retrieval_scores(model, dev, args, device),
-                   "test": retrieval_scores(model, test, args, device)}
-        for b, s in metrics["test"].items():
-            print(f"test {b}: " + " ".join(f"{k} {v:.1f}" for k, v in s.items()))
-    else:
-        y, p = predict(model, test, args, device)
-        scores = emotion_scores(y, p, model.config.n_labels)
-        majority = majority_scores(train_split.samples[:, 2], y, model.config.n_labels)
-        metrics = {"stage": "finetune", "best_epoch": best["epoch"], "dev": best["dev"], "test": scores,
-                   "test_majority": {k: majority[k] for k in ("wa", "aa", "f1")}}
-        print(f"test (best dev epoch {best['epoch']}): WA {scores['wa']:.2f} AA {scores['aa']:.2f} "
-              f"F1 {scores['f1']:.2f}   majority class: WA {majority['wa']:.2f} AA {majority['aa']:.2f} "
-              f"F1 {majority['f1']:.2f}")
+        return retrieval_scores(model, split, args, device)
+    y, p = predict(model, split, args, device)
+    return emotion_scores(y, p, model.config.n_labels)
+
+
+def selection_score(scores):
+    """What keeps a model: dev WA in fine-tuning; in pre-training the mean of the dev recalls
+    (R5@1, R5@2, R11@1, R11@2 of every retrieval the model does)"""
+    if "wa" in scores:
+        return scores["wa"]
+    return float(np.mean([v for s in scores.values() for v in s.values()]))
+
+
+def describe(scores):
+    if "wa" in scores:
+        return f"WA {scores['wa']:.2f} AA {scores['aa']:.2f} F1 {scores['f1']:.2f}"
+    return " | ".join(f"{b} " + " ".join(f"{k} {v:.1f}" for k, v in s.items()) for b, s in scores.items())
+
+
+def final_scores(model, out, args, meta, stage, best, dev_by_epoch, train_split, test, device):
+    """The end of a stage: the kept model's scores on test, into metrics.json with the dev scores
+    of every epoch; in fine-tuning, beside them the scores of two references that need no model
+    (README, "Results on P-MELD")"""
+    model.load_state_dict(load_file(os.path.join(out, "model.safetensors")))
+    scores = evaluate(model, test, stage, args, device)
+    dev = {k: v for k, v in best["dev"].items() if k != "confusion"}
+    metrics = {"stage": stage, "best_epoch": best["epoch"], "dev": dev, "test": scores, "dev_by_epoch": dev_by_epoch}
+    print(f"test (best dev epoch {best['epoch']}): {describe(scores)}")
+    if stage == "finetune":
+        n, y_train = model.config.n_labels, train_split.samples[:, 2]
+        metrics["test_majority"] = majority_scores(y_train, test.samples[:, 2], n)
+        metrics["test_last_emotion"] = last_emotion_scores(y_train, test.samples[:, 2], last_own_labels(test), n)
+        for name, key in (("majority class", "test_majority"), ("last emotion", "test_last_emotion")):
+            print(f"  {name}: {describe(metrics[key])}")
+            del metrics[key]["confusion"]
         print("confusion (rows true, columns predicted; " + ", ".join(meta["labels"]) + "):")
         for row in scores["confusion"]:
             print("  " + " ".join(f"{v:6d}" for v in row))
@@ -734,6 +761,15 @@ def all_reduce(x, op=dist.ReduceOp.SUM):
     if WORLD > 1:
         dist.all_reduce(x, op)
     return x
+
+
+def broadcast(obj):
+    """-> the first process's obj, in every process"""
+    if WORLD > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        obj = box[0]
+    return obj
 
 
 def barrier():

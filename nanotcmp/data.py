@@ -252,6 +252,18 @@ def dialogue_ranges(utt_dialogue):
     return list(zip(starts, starts[1:] + [len(d)]))
 
 
+def last_own_labels(split):
+    """For each sample, the label of the last labelled utterance of its context spoken by the target
+    speaker (-1 where there is none) -> (S,) int64: what the "last emotion" reference predicts"""
+    out = np.full(len(split.samples), -1, dtype=np.int64)
+    for i, (first, target, _) in enumerate(split.samples):
+        for u in range(target - 1, first - 1, -1):  # the context, latest first
+            if split.utt_speaker[u] == split.utt_speaker[target] and split.utt_label[u] >= 0:
+                out[i] = split.utt_label[u]
+                break
+    return out
+
+
 def windows(split, size=11, stride=5):
     """Dialogues cut into windows of up to size utterances, every stride (the authors' pre-training
     windows); a window needs 3 utterances to hold a target. -> list of (first, end) utterance ids"""

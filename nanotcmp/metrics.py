@@ -77,11 +77,23 @@ def emotion_scores(y_true, y_pred, n_classes):
     return {"wa": _wa(cm), "aa": _aa(cm), "f1": _f1(cm), "confusion": cm.tolist()}
 
 
+def majority_class(y_train, n_classes):
+    """y_train's most frequent class (ties: lowest index)"""
+    return int(np.argmax(np.bincount(_labels(y_train, n_classes, "y_train"), minlength=n_classes)))
+
+
 def majority_scores(y_train, y_test, n_classes):
-    """The floor any model must beat: always predict y_train's most frequent class (ties: lowest index)."""
-    majority = int(np.argmax(np.bincount(_labels(y_train, n_classes, "y_train"), minlength=n_classes)))
+    """The floor any model must beat: always predict y_train's most frequent class."""
     y_test = _labels(y_test, n_classes, "y_test")
-    return emotion_scores(y_test, np.full_like(y_test, majority), n_classes)
+    return emotion_scores(y_test, np.full_like(y_test, majority_class(y_train, n_classes)), n_classes)
+
+
+def last_emotion_scores(y_train, y_test, last, n_classes):
+    """Inertia: predict for each sample the emotion its target speaker last showed in the context,
+    last (-1 where the context has none: then y_train's most frequent class). It reads labels of
+    the context that a model never sees, so it is a reference, not a baseline of the same task."""
+    last = _array(last)
+    return emotion_scores(y_test, np.where(last >= 0, last, majority_class(y_train, n_classes)), n_classes)
 
 
 def recall_at(scores, true_index, m):
