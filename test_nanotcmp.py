@@ -1384,6 +1384,20 @@ def test_patience_stops_a_stage_that_no_longer_improves(small_demo, tmp_path, ca
     assert metrics["dev_by_epoch"][0] == metrics["dev_by_epoch"][2] == metrics["dev"]
 
 
+@pytest.mark.parametrize("shared, recall", [(False, 100.0), (True, 0.0)])
+def test_word_overlap_reference(tmp_path, shared, recall):
+    """Each dialogue speaks its own word: the next utterance shares all its words with the context,
+    noise from other dialogues none (every recall 100). One word for all: every candidate ties, and
+    ties lose (0)."""
+    words = ["apple", "banana", "cherry", "lemon"]
+    lines = [{"dialogue": f"d{d}", "speaker": "AB"[i % 2], "text": " ".join([words[0 if shared else d]] * (i + 1))}
+             for d in range(4) for i in range(6)]
+    run_prepare("dialogues", "--from", write_jsonl(tmp_path / "test.jsonl", lines), "--vocab",
+                minilm_dir() / "vocab.txt", "--out", tmp_path / "out")
+    scores = train.word_overlap_scores(Split(tmp_path / "out/test.safetensors"), SimpleNamespace(seed=0))
+    assert scores == {"R5@1": recall, "R5@2": recall, "R11@1": recall, "R11@2": recall}
+
+
 def test_non_finite_loss_stops_with_the_step_and_parts(small_demo, tmp_path, monkeypatch):
     calls = {"n": 0}
     classify = train.TCMP.classify

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanotcmp.data import (DataError, Split, device_from, dialogue_batches, encoder_inputs, file_sha256, finetune_batch,
                            last_own_labels, load_meta, load_run, padding, pretrain_batch, ranged, shapes, to_device,
-                           windows)
+                           window_targets, windows)
 from nanotcmp.metrics import emotion_scores, last_emotion_scores, majority_scores, recall_at
 from nanotcmp.model import Bert, Hubert, TCMP, TCMPConfig, autocast, tiny_bert_config, tiny_hubert_config
 
@@ -285,12 +285,28 @@ def retrieval_scores(model, split, args, device):
         for b in model.betas:
             scores[b].append(s[b].float().cpu())
     names = {"t": "T2T", "a": "A2A", "m": "M2M"}
-    out = {}
-    for b, parts in scores.items():
-        s = torch.cat(parts).numpy()
-        true = np.zeros(len(s), dtype=np.int64)
-        out[names[b]] = {f"R{k}@{m}": recall_at(s[:, :k], true, m) for k in (5, 11) for m in (1, 2)}
-    return out
+    return {names[b]: recalls(torch.cat(parts).numpy()) for b, parts in scores.items()}
+
+
+def recalls(scores):
+    """(N, 11) scores of each target's candidates, the true one first -> R5@1, R5@2, R11@1, R11@2"""
+    true = np.zeros(len(scores), dtype=np.int64)
+    return {f"R{k}@{m}": recall_at(scores[:, :k], true, m) for k in (5, 11) for m in (1, 2)}
+
+
+def word_overlap_scores(split, args):
+    """Target utterance searching without a model, on retrieval_scores' candidate sets: each
+    candidate scored by the share of its word pieces that occur in the target's context. What
+    words shared within a dialogue (names, topics) give away -> R5@1, R5@2, R11@1, R11@2"""
+    wins, scores = windows(split), []
+    for i in range(math.ceil(len(wins) / EVAL_BATCH)):
+        rows, targets, noise = window_targets(split, wins[i * EVAL_BATCH:(i + 1) * EVAL_BATCH], 11,
+                                              np.random.default_rng((args.seed, i)), in_batch=False)
+        for (b, j), others in zip(targets, noise):
+            context = set(np.concatenate([split.tokens_of(u)[1:-1] for u in rows[b][:j]]).tolist())
+            words = [set(split.tokens_of(u)[1:-1].tolist()) for u in [rows[b][j], *others]]  # without [CLS], [SEP]
+            scores.append([len(w & context) / max(len(w), 1) for w in words])
+    return recalls(np.array(scores))
 
 
 EVAL_BATCH = 64  # samples or windows; without gradients, large batches are cheap
@@ -720,21 +736,27 @@ def selection_score(scores):
 
 
 def describe(scores):
+    """Scores as a log line: emotion scores, recalls, or recalls by retrieval (T2T, A2A, M2M)"""
     if "wa" in scores:
         return f"WA {scores['wa']:.2f} AA {scores['aa']:.2f} F1 {scores['f1']:.2f}"
-    return " | ".join(f"{b} " + " ".join(f"{k} {v:.1f}" for k, v in s.items()) for b, s in scores.items())
+    if all(isinstance(v, float) for v in scores.values()):
+        return " ".join(f"{k} {v:.1f}" for k, v in scores.items())
+    return " | ".join(f"{b} {describe(s)}" for b, s in scores.items())
 
 
 def final_scores(model, out, args, meta, stage, best, dev_by_epoch, train_split, test, device):
     """The end of a stage: the kept model's scores on test, into metrics.json with the dev scores
-    of every epoch; in fine-tuning, beside them the scores of two references that need no model
-    (README, "Results on P-MELD")"""
+    of every epoch, and beside them references that need no model (README, "Results on P-MELD"):
+    word overlap in pre-training, the majority class and the last emotion in fine-tuning"""
     model.load_state_dict(load_file(os.path.join(out, "model.safetensors")))
     scores = evaluate(model, test, stage, args, device)
     dev = {k: v for k, v in best["dev"].items() if k != "confusion"}
     metrics = {"stage": stage, "best_epoch": best["epoch"], "dev": dev, "test": scores, "dev_by_epoch": dev_by_epoch}
     print(f"test (best dev epoch {best['epoch']}): {describe(scores)}")
-    if stage == "finetune":
+    if stage == "pretrain":
+        metrics["test_word_overlap"] = word_overlap_scores(test, args)
+        print(f"  word overlap (no model): {describe(metrics['test_word_overlap'])}")
+    else:
         n, y_train = model.config.n_labels, train_split.samples[:, 2]
         metrics["test_majority"] = majority_scores(y_train, test.samples[:, 2], n)
         metrics["test_last_emotion"] = last_emotion_scores(y_train, test.samples[:, 2], last_own_labels(test), n)

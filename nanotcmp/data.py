@@ -295,14 +295,20 @@ def draw_noise(split, targets, k, rng, pool=None):
     return noise
 
 
-def pretrain_batch(split, wins, k, rng, modalities, in_batch=True, max_padding=0.1, grid=True):
-    """Windows -> batch where every position j >= 2 of a window is a target:
-    targets (N, 2) = (window, position), noise (N, k-1) rows of the batch's utterances.
-    in_batch: noise from the other windows' utterances (training); else from the whole split."""
+def window_targets(split, wins, k, rng, in_batch=True):
+    """Windows -> (rows: each window's utterance ids, targets: (window, position) of every position
+    j >= 2, noise (N, k-1): each target's noise candidates, utterance ids). in_batch: noise from the
+    other windows' utterances (training); else from the whole split."""
     rows = [list(range(a, e)) for a, e in wins]
     targets = [(b, j) for b, row in enumerate(rows) for j in range(2, len(row))]
     pool = [u for row in rows for u in row] if in_batch else None
-    noise = draw_noise(split, [rows[b][j] for b, j in targets], k, rng, pool)
+    return rows, targets, draw_noise(split, [rows[b][j] for b, j in targets], k, rng, pool)
+
+
+def pretrain_batch(split, wins, k, rng, modalities, in_batch=True, max_padding=0.1, grid=True):
+    """Windows -> batch where every position j >= 2 of a window is a target (window_targets):
+    targets (N, 2) = (window, position), noise (N, k-1) rows of the batch's utterances."""
+    rows, targets, noise = window_targets(split, wins, k, rng, in_batch)
     batch, where = make_batch(split, rows, extra=noise.ravel(), modalities=modalities, max_padding=max_padding,
                               grid=grid)
     batch["targets"] = torch.tensor(targets)
