@@ -25,6 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from nanotcmp.data import DataError, file_sha256, load_meta, ranged  # noqa: E402 (the repository's package)
+
 # row -> (its folder, pre-training options or None for none, fine-tuning options)
 ROWS = {
     "Text w/o Dist": ("text-wo-dist", None, ["--no-distant"]),
@@ -63,17 +66,25 @@ def run(cmd, log, env=None):
     return time.time() - t0
 
 
-def prepare(encoder, data, dry):
-    """P-MELD and the unlabelled dialogues with the encoder's vocabulary, unless already there"""
+def prepared(folder, vocab):
+    """Is folder a dataset prepared with this vocabulary?"""
+    try:
+        return load_meta(os.path.join(ROOT, folder))["vocab"]["sha256"] == file_sha256(vocab)
+    except (DataError, TypeError, KeyError):
+        return False
+
+
+def prepare(encoder, tag, data, dry):
+    """P-MELD and the unlabelled dialogues, data/p-meld-<tag> and data/meld-unlabelled-<tag>, with
+    the encoder's vocabulary, unless already there"""
     vocab = os.path.join(encoder, "vocab.txt")
-    cmds = {os.path.join(data, "p-meld-minilm"): [],
-            os.path.join(data, "meld-unlabelled-minilm"): ["--unlabelled"]}
+    cmds = {os.path.join(data, f"p-meld-{tag}"): [], os.path.join(data, f"meld-unlabelled-{tag}"): ["--unlabelled"]}
     for out, extra in cmds.items():
         cmd = [sys.executable, "prepare.py", "meld", "--vocab", vocab, "--out", out] + extra
         if dry:
             print(shlex.join(cmd))
-        elif not os.path.isfile(os.path.join(ROOT, out, "meta.json")):
-            run(cmd, os.path.join(ROOT, out + ".log"))
+        elif not prepared(out, vocab):
+            subprocess.run(cmd, cwd=ROOT, check=True)
     return list(cmds)
 
 
@@ -169,18 +180,20 @@ def main(argv=None):
     p.add_argument("--end-to-end", action="store_true",
                    help="fine-tune MiniLM too (train.py without --freeze-encoders)")
     p.add_argument("--paper", action="store_true", help="fine-tune at the paper's rates for its 50 epochs")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once, sharing the CPU's cores")
+    p.add_argument("--jobs", type=ranged(int, 1), default=1, help="runs at once, sharing the CPU's cores")
     p.add_argument("--data", default="data", help="where the two datasets are prepared")
-    p.add_argument("--out", help="default: out/pmeld-<frozen|e2e>[-paper]")
+    p.add_argument("--out", help="default: out/pmeld[-<encoder folder>]-<frozen|e2e>[-paper]")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = p.parse_args(argv)
     encoder = os.path.abspath(args.encoder) if args.encoder else minilm()
+    tag = os.path.basename(os.path.normpath(encoder)) if args.encoder else "minilm"
     settings = END_TO_END if args.end_to_end else FROZEN
     if args.paper:  # the paper's fine-tuning: its rates (train.py's defaults) for 50 epochs
         settings = {**settings, "finetune": [a for a in settings["finetune"] if a == "--freeze-encoders"]
                     + PAPER_FINETUNING}
-    args.out = args.out or f"out/pmeld-{'e2e' if args.end_to_end else 'frozen'}{'-paper' if args.paper else ''}"
-    datasets = prepare(encoder, args.data, args.dry_run)
+    args.out = args.out or (f"out/pmeld{'' if tag == 'minilm' else '-' + tag}-{'e2e' if args.end_to_end else 'frozen'}"
+                            f"{'-paper' if args.paper else ''}")
+    datasets = prepare(encoder, tag, args.data, args.dry_run)
     chains = [chain(row, seed, args, encoder, datasets, settings) for row in args.rows for seed in args.seeds]
     if args.dry_run:
         for cmds in chains:
