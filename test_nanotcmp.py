@@ -703,7 +703,7 @@ def test_p_meld_hand_checked_dialogues(p_meld):
 
 
 def independent_meld_counts(split):
-    """TCMP.md §8 written out again, directly on the CSV rows."""
+    """The sample rule (README, "Data") written out again, directly on the CSV rows."""
     dialogues = {}
     for r in meld_rows(split):
         dialogues.setdefault(int(r["Dialogue_ID"]), []).append((int(r["Utterance_ID"]), r["Speaker"], r["Sentiment"]))

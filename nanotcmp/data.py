@@ -15,7 +15,7 @@ open it, but nanotcmp never loads it: numpy memory-maps its arrays in place.
   audio        int16 (Na,)   16 kHz mono samples, all utterances concatenated
   text         uint8 (Nb,)   the utterances' text, for sample.py, debugging and teaching
   samples      int64 (S, 3)  (first context utterance, target utterance, label): the context is
-                             utterances first .. target-1, all of one dialogue (TCMP.md §8)
+                             utterances first .. target-1, all of one dialogue (README, "Data")
 
 Utterances are stored dialogue by dialogue, in spoken order.
 """
@@ -35,9 +35,10 @@ DTYPES = {"I16": np.int16, "I32": np.int32, "I64": np.int64, "U8": np.uint8}
 
 
 def make_samples(speakers, labels, max_context):
-    """TCMP.md §8 for one dialogue: a sample for every position t >= 2 whose speaker is the speaker
-    at t-2 (the source), labelled with the label at t; the context is the up to max_context
-    utterances before t, never t itself. -> list of (first, t, label), positions in the dialogue"""
+    """The paper's sample rule (README, "Data") for one dialogue: a sample for every position t >= 2
+    whose speaker is the speaker at t-2 (the source), labelled with the label at t; the context is
+    the up to max_context utterances before t, never t itself. -> list of (first, t, label),
+    positions in the dialogue"""
     return [(max(0, t - max_context), t, labels[t]) for t in range(2, len(labels))
             if speakers[t] == speakers[t - 2] and labels[t] >= 0]
 

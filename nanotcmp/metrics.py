@@ -1,5 +1,5 @@
 """
-The metrics of TCMP.md §7, numpy only. Emotion: WA (accuracy), AA (mean per-class recall) and
+The paper's metrics, numpy only. Emotion: WA (accuracy), AA (mean per-class recall) and
 macro F1, all from one confusion matrix. Pre-training: R_k@m of target utterance searching.
 Every score is in percent (0-100). Inputs may be lists, numpy arrays or torch tensors.
 """
@@ -98,7 +98,7 @@ def last_emotion_scores(y_train, y_test, last, n_classes):
 
 def recall_at(scores, true_index, m):
     """
-    R_k@m (TCMP.md Eq. 24): the share of targets, in percent, whose true candidate is among the m
+    R_k@m (Eq. 24): the share of targets, in percent, whose true candidate is among the m
     best-scored of its row's k candidates. Ties are pessimistic: the true candidate ranks below
     every candidate with an equal score, so a model that scores everything alike gets R_k@m = 0
     for every m < k instead of a lucky hit from the sort order.

@@ -1,5 +1,5 @@
 """
-The TCMP model, in the order the data flows (see TCMP.md):
+The TCMP model, in the order the data flows (the paper's Figure 2, left to right):
   1. one attention function and one transformer layer, shared by both encoders
   2. Bert   — text encoder (Eq. 2), post-LN
   3. Hubert — audio encoder (Eq. 3), group-norm/post-LN or layer-norm/pre-LN
