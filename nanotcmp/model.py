@@ -497,7 +497,8 @@ class TCMP(nn.Module):
         real-time path calls this on cached utterance vectors."""
         P = self.interact(H, ctx, ctx_mask)
         last = ctx_mask.sum(1)  # (B,) the target's position: right after the context
-        p = torch.cat([P[b][torch.arange(len(last)), last] for b in self.betas], -1)  # [P^t ; P^m ; P^a]
+        # [P^t ; P^a ; P^m]: Eq. 22's [P^t ; P^m ; P^a] with W_1's columns in another order
+        p = torch.cat([P[b][torch.arange(len(last)), last] for b in self.betas], -1)
         return self.head2(self.drop(torch.tanh(self.head1(p))))
 
     def tus_scores(self, H, P, batch):
