@@ -33,6 +33,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import nanotcmp.model as M
+from nanotcmp import demo
 import prepare
 import sample
 import train
@@ -985,25 +986,25 @@ def test_demo_is_deterministic_and_complete(tmp_path, monkeypatch):
 
 def test_demo_voices_carry_emotion_and_speaker():
     rng = np.random.default_rng(0)
-    utts = [u for d in prepare.generate_dialogues(40, rng) for u in d]
-    rms = {label: [] for label in prepare.DEMO_LABELS}
+    utts = [u for d in demo.generate_dialogues(40, rng) for u in d]
+    rms = {label: [] for label in demo.DEMO_LABELS}
     for u in utts[:300]:
         wave = synthesize(**u["prosody"], timbre=u["timbre"], rng=np.random.default_rng(1)).astype(np.float64)
         rms[u["label"]].append(np.sqrt(np.mean(wave ** 2)))
     louder = 1.15 * np.mean(rms["neutral"])
     assert np.mean(rms["negative"]) > louder and np.mean(rms["positive"]) > louder
-    pitch = {label: np.mean([np.log(u["prosody"]["pitch_hz"] / prepare.VOICES[u["speaker"]][1])
-                             for u in utts if u["label"] == label]) for label in prepare.DEMO_LABELS}
+    pitch = {label: np.mean([np.log(u["prosody"]["pitch_hz"] / demo.VOICES[u["speaker"]][1])
+                             for u in utts if u["label"] == label]) for label in demo.DEMO_LABELS}
     assert pitch["positive"] > pitch["neutral"] > pitch["negative"]
     # a speaker has one voice in every dialogue
-    assert all(u["timbre"] == prepare.VOICES[u["speaker"]][0] for u in utts)
+    assert all(u["timbre"] == demo.VOICES[u["speaker"]][0] for u in utts)
 
 
 def test_demo_next_emotion_is_predictable_and_distant_context_helps():
     """Count-based predictors of the §8 targets, fit on even dialogues, scored on odd ones: the
     history beats the majority class by far, and the distant context adds to the nearby one."""
     from collections import Counter, defaultdict
-    dialogues = prepare.generate_dialogues(600, np.random.default_rng(0))
+    dialogues = demo.generate_dialogues(600, np.random.default_rng(0))
     data = [(i, [u["label"] for u in d[max(0, t - 11):t]], d[t]["label"])
             for i, d in enumerate(dialogues) for t in range(2, len(d)) if d[t]["speaker"] == d[t - 2]["speaker"]]
 
