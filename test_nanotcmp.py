@@ -2129,17 +2129,26 @@ def test_pmeld_rows_chain_pretraining_into_fine_tuning(capsys):
 
 def test_pmeld_table_is_the_mean_and_standard_deviation_of_the_runs(tmp_path):
     pmeld = load_pmeld()
-    args = SimpleNamespace(out=str(tmp_path), seeds=[0, 1, 2], rows=["Text"], end_to_end=False, paper=False)
-    wa = [40.0, 44.0, 48.0]
-    for seed, w in zip(args.seeds, wa):
-        run = tmp_path / f"text/seed{seed}/finetune"
+    args = SimpleNamespace(out=str(tmp_path), seeds=[0, 1, 2], rows=["Text", "Text-Pre"], end_to_end=False,
+                           paper=False)
+
+    def write(run, metrics, seconds):
         run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        (run / "seconds.json").write_text(json.dumps(seconds))
+    reference = {"wa": 46.2, "aa": 33.3, "f1": 21.1}
+    for seed, w in zip(args.seeds, [40.0, 44.0, 48.0]):
         scores = {"wa": w, "aa": 30.0 + seed, "f1": 20.0}
-        reference = {"wa": 46.2, "aa": 33.3, "f1": 21.1}
-        (run / "metrics.json").write_text(json.dumps({"best_epoch": seed + 1, "dev": scores, "test": scores,
-                                                      "test_majority": reference, "test_last_emotion": reference}))
-        (run / "seconds.json").write_text(json.dumps(60.0 * (seed + 1)))
-    row = [line for line in pmeld.table(args, "enc", ["p", "u"], pmeld.FROZEN).splitlines()
-           if line.startswith("| Text |")]
-    # WA 40, 44, 48: mean 44, sample standard deviation 4; 1, 2 and 3 minutes: 2 a run
-    assert row == ["| Text | 44.0 ± 4.0 | 31.0 ± 1.0 | 20.0 ± 0.0 | 44.0 ± 4.0 | 1, 2, 3 | 2.0 |"]
+        for row in ("text", "text-pre"):
+            write(tmp_path / f"{row}/seed{seed}/finetune", {"best_epoch": seed + 1, "dev": scores, "test": scores,
+                  "test_majority": reference, "test_last_emotion": reference}, 60.0 * (seed + 1))
+        recalls = {"T2T": {"R5@1": 30.0 + 2 * seed, "R11@1": 20.0}}
+        write(tmp_path / f"text-pre/seed{seed}/pretrain", {"best_epoch": 4, "dev": recalls, "test": recalls,
+              "test_word_overlap": {"R5@1": 25.0 + seed, "R11@1": 15.0}}, 120.0)
+    lines = pmeld.table(args, "enc", ["p", "u"], pmeld.FROZEN).splitlines()
+    # WA 40, 44, 48: mean 44, sample standard deviation 4; 1, 2 and 3 minutes: 2 a run, 2 more pre-training
+    assert [line for line in lines if line.startswith("| Text")] == [
+        "| Text | 44.0 ± 4.0 | 31.0 ± 1.0 | 20.0 ± 0.0 | 44.0 ± 4.0 | 1, 2, 3 | 2.0 |",
+        "| Text-Pre | 44.0 ± 4.0 | 31.0 ± 1.0 | 20.0 ± 0.0 | 44.0 ± 4.0 | 1, 2, 3 | 4.0 |",
+        "| Text-Pre | 32.0 ± 2.0 | 20.0 ± 0.0 | 32.0 ± 2.0 | 20.0 ± 0.0 | 4, 4, 4 |"]
+    assert "| word overlap with the context (no model) | – | – | 26.0 ± 1.0 | 15.0 ± 0.0 | – |" in lines

@@ -2,7 +2,7 @@
 The P-MELD table of the README ("Results on P-MELD"): the paper's text rows, with
 all-MiniLM-L6-v2 in place of BERT-base, each over 3 seeds, and two references that need no model.
 
-python experiments/pmeld.py               # frozen MiniLM and the feature cache: the CPU's table
+python experiments/pmeld.py --jobs 2      # frozen MiniLM and the feature cache: the CPU's table
 python experiments/pmeld.py --end-to-end  # MiniLM fine-tuned with the rest (a GPU)
 python experiments/pmeld.py --paper       # fine-tuning as the paper: its rates, 50 epochs
 python experiments/pmeld.py --dry-run     # print each row's commands, run nothing
@@ -157,13 +157,13 @@ def table(args, encoder, datasets, settings):
                      + ", ".join(str(m["best_epoch"]) for m in fine) + f" | {np.mean(minutes):.1f} |")
         if len(runs[0]) == 2:
             pre = [r[0] for r in runs]
-            overlap = pre[0]["test_word_overlap"]  # no model: the same for every row and seed
+            overlap = [m["test_word_overlap"] for m in pre]  # no model, on each seed's candidate sets
             pre_lines.append(f"| {row} | " + " | ".join(
                 mean_std([m[split]["T2T"][k] for m in pre]) for split in ("dev", "test")
                 for k in ("R5@1", "R11@1")) + " | " + ", ".join(str(m["best_epoch"]) for m in pre) + " |")
     if pre_lines:
-        pre_lines.append(f"| word overlap with the context (no model) | – | – | {overlap['R5@1']:.1f} | "
-                         f"{overlap['R11@1']:.1f} | – |")
+        pre_lines.append("| word overlap with the context (no model) | – | – | "
+                         + " | ".join(mean_std([o[k] for o in overlap]) for k in ("R5@1", "R11@1")) + " | – |")
         lines += ["", "Pre-training on the unlabelled MELD dialogues: target utterance searching, T2T "
                   "(chance: R5@1 20, R11@1 9.1)", "",
                   "| pre-training of | dev R5@1 | dev R11@1 | test R5@1 | test R11@1 | epoch kept |",
