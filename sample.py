@@ -55,7 +55,7 @@ class Stream:
 
     def __init__(self, model, tok, max_tokens, max_context, device):
         self.model, self.tok, self.max_tokens, self.device = model, tok, max_tokens, device
-        self.cache = {b: deque(maxlen=max_context) for b in model.betas}  # β -> the last (d,) vectors
+        self.cache = {beta: deque(maxlen=max_context) for beta in model.streams}  # β -> the last (d,) vectors
         self.turns = 0
 
     @torch.no_grad()
@@ -65,14 +65,14 @@ class Stream:
                                [wave] if self.model.audio else None, grid=self.device.type == "cuda")
         with autocast(self.device):  # bf16 on a GPU, as in training
             H = self.model.encode(to_device(batch, self.device))
-            for b, cache in self.cache.items():
-                cache.append(H[b][0])
+            for beta, cache in self.cache.items():
+                cache.append(H[beta][0])
             self.turns += 1
             if self.turns < 2:
                 return None
-            L = len(self.cache[self.model.betas[0]])
+            L = len(self.cache[self.model.streams[0]])
             ctx = torch.arange(L, device=self.device)[None]  # (1, L): the cached utterances, in order
-            cached = {b: torch.stack(list(cache)) for b, cache in self.cache.items()}  # β -> (L, d)
+            cached = {beta: torch.stack(list(cache)) for beta, cache in self.cache.items()}  # β -> (L, d)
             logits = self.model.head(cached, ctx, torch.ones_like(ctx, dtype=torch.bool))
         return logits.float().softmax(-1)[0].cpu()
 

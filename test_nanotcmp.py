@@ -1307,15 +1307,15 @@ def test_no_distant_ignores_distant_utterances(small_demo):
     batch = finetune_batch(split, long, model.config.modalities)
     with torch.no_grad():
         H = model.encode(batch)
-        first = {b: model.interact(H, batch["ctx"], batch["ctx_mask"])[b] for b in model.betas}
+        first = model.interact(H, batch["ctx"], batch["ctx_mask"])
         far = batch["ctx"][:, 0]  # the first utterance of each context: distant
-        for b in H:
-            H[b][far] = torch.randn_like(H[b][far])
+        for beta in H:
+            H[beta][far] = torch.randn_like(H[beta][far])
         second = model.interact(H, batch["ctx"], batch["ctx_mask"])
         last = batch["ctx_mask"].sum(1)
-        for b in model.betas:
+        for beta in model.streams:
             rows = torch.arange(len(last))
-            assert max_diff(first[b][rows, last], second[b][rows, last]) == 0
+            assert max_diff(first[beta][rows, last], second[beta][rows, last]) == 0
     # with the distant context on, the same change does change the prediction
     model = small_model(small_demo)
     with torch.no_grad():
@@ -1327,7 +1327,7 @@ def test_no_distant_ignores_distant_utterances(small_demo):
 
 def test_text_only_never_runs_hubert(small_demo, tmp_path, monkeypatch):
     model = small_model(small_demo, "--modalities", "text")
-    assert not hasattr(model, "hubert") and model.betas == ["t"]
+    assert not hasattr(model, "hubert") and model.streams == ["t"]
     monkeypatch.setattr(Hubert, "forward", lambda *a: pytest.fail("HuBERT ran"))
     monkeypatch.setattr(Hubert, "__init__", lambda *a: pytest.fail("HuBERT was built"))
     train.main(["--data", str(small_demo), "--modalities", "text", "--out", str(tmp_path / "run"),
@@ -1564,7 +1564,7 @@ def test_cuda_graphs_one_per_shape_and_use(small_demo, monkeypatch):
     audio = [tuple(x.shape) for x in batch["audio"]]
     assert sorted(s[0] for name, s in captured if name == "Hubert") == sorted(audio)  # one graph for each use
     assert sorted(s[0] for name, s in captured if name == "Bert") == sorted({tuple(x.shape) for x in batch["text"]})
-    assert [name for name, _ in captured].count("ContextInteraction") == len(model.betas)
+    assert [name for name, _ in captured].count("ContextInteraction") == len(model.streams)
     n = len(captured)
     train.train_step(model, opt, [(1.0, batch)], None)
     assert len(captured) == n  # the next step replays them

@@ -283,7 +283,7 @@ def retrieval_scores(model, split, args, device):
     """TUS on a split's windows with candidate sets fixed by the seed: R5@1, R5@2, R11@1, R11@2
     (percent) for T2T, A2A and M2M. The 5 candidates are the true one and the first 4 of 10 noise."""
     model.eval()
-    scores = {b: [] for b in model.betas}
+    scores = {beta: [] for beta in model.streams}
     wins = windows(split)
     for batch in ahead(functools.partial(eval_batch, split, "pretrain", wins, model.config.modalities, args),
                        math.ceil(len(wins) / EVAL_BATCH), args, device):
@@ -291,10 +291,10 @@ def retrieval_scores(model, split, args, device):
         with autocast(device):
             H = model.encode(batch)
             s = model.tus_scores(H, model.interact(H, batch["ctx"], batch["ctx_mask"]), batch)
-        for b in model.betas:
-            scores[b].append(s[b].float().cpu())
+        for beta in model.streams:
+            scores[beta].append(s[beta].float().cpu())
     names = {"t": "T2T", "a": "A2A", "m": "M2M"}
-    return {names[b]: recalls(torch.cat(parts).numpy()) for b, parts in scores.items()}
+    return {names[beta]: recalls(torch.cat(batches).numpy()) for beta, batches in scores.items()}
 
 
 def recalls(scores):

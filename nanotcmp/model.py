@@ -421,13 +421,15 @@ class TCMP(nn.Module):
         if self.audio:
             self.hubert = Hubert(HubertConfig(**c.hubert))
             self.proj_a = nn.Linear(self.hubert.config.dim, c.d)
-        self.betas = [b for b, on in (("t", self.text), ("a", self.audio), ("m", self.text and self.audio)) if on]
-        if "m" in self.betas:
+        # the streams β: text, audio and, with both, their fusion
+        self.streams = [beta for beta, on in (("t", self.text), ("a", self.audio), ("m", self.text and self.audio))
+                        if on]
+        if "m" in self.streams:
             self.fuse = nn.Linear(2 * c.d, c.d)  # Eq. 6
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's, Eq. 17-20
-        self.context = nn.ModuleDict({b: ContextInteraction(c.d, c.distant) for b in self.betas})
+        self.context = nn.ModuleDict({beta: ContextInteraction(c.d, c.distant) for beta in self.streams})
         self.drop = nn.Dropout(c.dropout)
-        self.head1 = nn.Linear(len(self.betas) * c.d, c.d)  # Eq. 22
+        self.head1 = nn.Linear(len(self.streams) * c.d, c.d)  # Eq. 22
         self.head2 = nn.Linear(c.d, c.n_labels)
         # the encoders check their inputs (ids in the vocabulary, waveforms long enough), which costs
         # a host-device sync on an accelerator; train.py turns it off there for prepared datasets
@@ -475,7 +477,7 @@ class TCMP(nn.Module):
             H["t"] = torch.tanh(self.proj_t(f["text"]))  # Eq. 2, 4 and the projection
         if self.audio:
             H["a"] = torch.tanh(self.proj_a(f["audio"]))  # Eq. 3, 4
-        if "m" in self.betas:
+        if "m" in self.streams:
             H["m"] = self.fuse(torch.cat([H["t"], H["a"]], -1))  # Eq. 6
         return H
 
@@ -486,7 +488,7 @@ class TCMP(nn.Module):
 
     def interact(self, H, ctx, ctx_mask):
         """Context vectors P^β for every target position: ctx (B, L) indexes H's utterances -> {β: (B, L+1, d)}"""
-        return {b: self.context[b](self.drop(H[b][ctx]), ctx_mask) for b in self.betas}
+        return {beta: self.context[beta](self.drop(H[beta][ctx]), ctx_mask) for beta in self.streams}
 
     def classify(self, batch):
         """Fine-tuning: logits (B, n_labels) of the next emotion after each context, Eq. 22 (before its softmax)"""
@@ -498,14 +500,14 @@ class TCMP(nn.Module):
         P = self.interact(H, ctx, ctx_mask)
         last = ctx_mask.sum(1)  # (B,) the target's position: right after the context
         # [P^t ; P^a ; P^m]: Eq. 22's [P^t ; P^m ; P^a] with W_1's columns in another order
-        p = torch.cat([P[b][torch.arange(len(last)), last] for b in self.betas], -1)
+        p = torch.cat([P[beta][torch.arange(len(last)), last] for beta in self.streams], -1)
         return self.head2(self.drop(torch.tanh(self.head1(p))))
 
     def tus_scores(self, H, P, batch):
         """Eq. 11-13 before the sigmoid: logits (N, k) of each target's candidates, true one first"""
-        tgt_b, tgt_j = batch["targets"].unbind(1)  # (N,), (N,): window and position of each target
-        cands = torch.cat([batch["ctx"][tgt_b, tgt_j, None], batch["noise"]], 1)  # (N, k) utterance indices
-        return {b: (P[b][tgt_b, tgt_j, None, :] * H[b][cands]).sum(-1) for b in self.betas}
+        win, pos = batch["targets"].unbind(1)  # (N,), (N,): window and position of each target
+        cands = torch.cat([batch["ctx"][win, pos, None], batch["noise"]], 1)  # (N, k) utterance indices
+        return {beta: (P[beta][win, pos, None, :] * H[beta][cands]).sum(-1) for beta in self.streams}
 
     def pretrain_loss(self, batch):
         """Eq. 14-21 -> (total, {part: value}, logits)"""
@@ -514,7 +516,7 @@ class TCMP(nn.Module):
         P = self.interact(H, batch["ctx"], batch["ctx_mask"])
         s = self.tus_scores(H, P, batch)
         parts = {}
-        intra = [s[b] for b in ("t", "a") if b in s]
+        intra = [s[beta] for beta in ("t", "a") if beta in s]
         if c.tus in ("intra", "both") and intra:
             parts["intra"] = tus_loss(intra, c.tus_loss)
         if c.tus in ("inter", "both") and "m" in s:
@@ -522,7 +524,7 @@ class TCMP(nn.Module):
         if not parts:
             raise ValueError(f"--tus {c.tus} has no loss with the modalities {c.modalities}")
         total = c.zeta * sum(parts.values())  # Eq. 16, 21
-        if "m" in self.betas:
+        if "m" in self.streams:
             parts["clip"] = clip_loss(H["t"], H["a"], self.logit_scale)
             total = total + c.eta * parts["clip"]
         return total, parts, s
