@@ -324,7 +324,7 @@ def train_one(data, size, mode, steps, device):
         t0 = time.perf_counter()
         _, micro = next(batches)
         waited = time.perf_counter() - t0
-        train.train_step(model, opt, [(share, to_device(b, device)) for share, b, _ in micro], None)
+        train.train_step(model, opt, [(share, to_device(b, device)) for share, b, _ in micro])
         return micro, waited
 
     flops = None

@@ -1560,13 +1560,13 @@ def test_cuda_graphs_one_per_shape_and_use(small_demo, monkeypatch):
     batch["audio_mask"].append(batch["audio_mask"][0].clone())
     model.train()
     opt = torch.optim.Adam(model.parameters())
-    train.train_step(model, opt, [(1.0, batch)], None)
+    train.train_step(model, opt, [(1.0, batch)])
     audio = [tuple(x.shape) for x in batch["audio"]]
     assert sorted(s[0] for name, s in captured if name == "Hubert") == sorted(audio)  # one graph for each use
     assert sorted(s[0] for name, s in captured if name == "Bert") == sorted({tuple(x.shape) for x in batch["text"]})
     assert [name for name, _ in captured].count("ContextInteraction") == len(model.streams)
     n = len(captured)
-    train.train_step(model, opt, [(1.0, batch)], None)
+    train.train_step(model, opt, [(1.0, batch)])
     assert len(captured) == n  # the next step replays them
 
 
@@ -1618,16 +1618,15 @@ def test_a_training_step_never_waits_for_the_device(small_demo):
     model = small_model(small_demo).to("meta").train()
     model.check_inputs = False
     opt = torch.optim.Adam(model.parameters(), foreach=False)
-    weights = torch.ones(3, device="meta")
     rng = np.random.default_rng(0)
     for batch in (pretrain_batch(split, windows(split)[:2], 5, rng, model.config.modalities),
                   finetune_batch(split, split.samples[:4], model.config.modalities)):
         micro = [(0.5, train.to_device(batch, torch.device("meta")))] * 2
-        loss, parts = train.train_step(model, opt, micro, weights)
+        loss, parts = train.train_step(model, opt, micro)
         assert loss.device.type == "meta" and all(v.device.type == "meta" for v in parts.values())
     model.check_inputs = True  # the encoders' input checks do wait (finding ids out of the vocabulary)
     with pytest.raises(NotImplementedError, match=r"torch\.nonzero\(\)"):
-        train.train_step(model, opt, micro, weights)
+        train.train_step(model, opt, micro)
 
 
 def test_the_demo_learns(tmp_path):
@@ -1682,6 +1681,30 @@ def test_eq21_total_weighs_tus_by_zeta_and_clip_by_eta(small_demo):
     want = 0.3 * (parts["intra"] + parts["inter"]) + 0.7 * parts["clip"]
     swapped = 0.7 * (parts["intra"] + parts["inter"]) + 0.3 * parts["clip"]
     assert abs(total - want) < 1e-5 and abs(total - swapped) > 1e-3
+
+
+def test_eq23_weighted_cross_entropy_by_hand():
+    logits, labels = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]]), torch.tensor([0, 2])
+    w = torch.tensor([0.5, 1.0, 3.0])
+    nll0 = -(2.0 - math.log(math.exp(2.0) + math.exp(0.0) + math.exp(-1.0)))
+    nll1 = -(0.0 - math.log(math.exp(0.5) + math.exp(1.5) + math.exp(0.0)))
+    assert abs(M.weighted_cross_entropy(logits, labels, w).item() - (0.5 * nll0 + 3.0 * nll1) / 2) < 1e-6
+
+
+def test_forward_returns_output_loss_and_parts_in_both_stages(small_demo):
+    split, model = Split(small_demo / "train.safetensors"), small_model(small_demo)
+    model.class_weights.copy_(train.class_weights(split, 3))
+    batch = finetune_batch(split, split.samples[:4], model.config.modalities)
+    with torch.no_grad():
+        logits, loss, parts = model(batch)
+        assert logits.shape == (4, 3) and parts == {"wce": loss}
+        assert abs(loss - M.weighted_cross_entropy(logits, batch["labels"], model.class_weights)) < 1e-6
+        assert loss != M.weighted_cross_entropy(logits, batch["labels"], torch.ones(3))  # the weights count
+        unlabelled = Split(small_demo / "pretrain.safetensors")
+        batch = pretrain_batch(unlabelled, windows(unlabelled)[:2], 5, np.random.default_rng(0),
+                               model.config.modalities)
+        scores, loss, parts = model(batch)
+        assert set(scores) == {"t", "a", "m"} and set(parts) == {"intra", "inter", "clip"}
 
 
 def test_eq4_pooling_is_max_plus_mean_over_the_valid_positions():

@@ -24,7 +24,6 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -476,7 +475,7 @@ def step_batches(stage, items, split, batch_size, parts, mine, steps_per_epoch, 
         for g in mine]
 
 
-def train_step(runner, opt, micro, weights):
+def train_step(runner, opt, micro):
     """One optimiser step over this process's micro-batches, [(share of the step's items, batch on
     the device)]. The step's loss is the items' mean of the micro-batches' means, and DDP averages
     the processes' gradients. -> (loss, {part: value}), left on the device: nothing here waits for it"""
@@ -486,13 +485,7 @@ def train_step(runner, opt, micro, weights):
             uses.clear()
         with runner.no_sync() if isinstance(runner, DDP) and n < len(micro) - 1 else contextlib.nullcontext():
             with autocast(batch["ctx"].device):
-                out = runner(batch)
-            if "targets" in batch:
-                loss, parts, _ = out
-            else:
-                nll = F.cross_entropy(out.float(), batch["labels"], reduction="none")
-                loss = (weights[batch["labels"]] * nll).mean()  # Eq. 23
-                parts = {"wce": loss}
+                _, loss, parts = runner(batch)  # Eq. 21 or Eq. 23
             (loss * share * WORLD).backward()
         step_loss = step_loss + loss.detach() * share
         step_parts = {k: step_parts.get(k, 0.0) + v.detach() * share for k, v in parts.items()}
@@ -560,7 +553,8 @@ def run_stage(stage, args, device, meta, out, train_split, items, dev, test):
 
     batch_size = args.batch_size or (TINY_PRETRAIN["batch"] if tiny and stage == "pretrain" else
                                      BATCH["cuda" if device.type == "cuda" else "cpu"][stage])
-    weights = class_weights(train_split, model.config.n_labels).to(device) if stage == "finetune" else None
+    if stage == "finetune":
+        model.class_weights.copy_(class_weights(train_split, model.config.n_labels))
     if args.freeze_encoders and not args.no_cache:
         attach_features(model, args.data, (train_split, dev, test), device)
     # default: one part a process, or more where a process's share of windows exceeds MICRO_WINDOWS
@@ -659,7 +653,7 @@ def run_stage(stage, args, device, meta, out, train_split, items, dev, test):
                 pad[key] = pad.get(key, np.zeros(2)) + c
                 seen_shapes.setdefault(key, set()).update(shapes(batch, key))
         runner.train()
-        step_loss, step_parts = train_step(runner, opt, micro, weights)
+        step_loss, step_parts = train_step(runner, opt, micro)
         fresh = torch.isinf(first_bad) & ~torch.isfinite(step_loss)  # this step's loss is the first bad one
         first_bad = torch.where(fresh, step + 1, first_bad)
         bad_parts = {k: torch.where(fresh, v, bad_parts.get(k, v)) for k, v in step_parts.items()}

@@ -431,6 +431,8 @@ class TCMP(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.head1 = nn.Linear(len(self.streams) * c.d, c.d)  # Eq. 22
         self.head2 = nn.Linear(c.d, c.n_labels)
+        # Eq. 23's class weights ω, set by train.py from the training split (not saved with the model)
+        self.register_buffer("class_weights", torch.ones(c.n_labels), persistent=False)
         # the encoders check their inputs (ids in the vocabulary, waveforms long enough), which costs
         # a host-device sync on an accelerator; train.py turns it off there for prepared datasets
         self.check_inputs = True
@@ -482,9 +484,17 @@ class TCMP(nn.Module):
         return H
 
     def forward(self, batch):
-        """What a training step calls: the pre-training loss (pretrain_loss) when the batch has
-        targets, else the fine-tuning logits (classify)"""
-        return self.pretrain_loss(batch) if "targets" in batch else self.classify(batch)
+        """What a training step calls, the same in both stages -> (output, loss, {part: value}). A
+        batch with targets (pre-training): the TUS logits {β: (N, k)} and the loss of Eq. 21; else
+        (fine-tuning) the emotion logits (B, n_labels) and, given labels, the loss of Eq. 23."""
+        if "targets" in batch:
+            loss, parts, logits = self.pretrain_loss(batch)
+            return logits, loss, parts
+        logits = self.classify(batch)
+        if "labels" not in batch:
+            return logits, None, {}
+        loss = weighted_cross_entropy(logits, batch["labels"], self.class_weights)
+        return logits, loss, {"wce": loss}
 
     def interact(self, H, ctx, ctx_mask):
         """Context vectors P^β for every target position: ctx (B, L) indexes H's utterances -> {β: (B, L+1, d)}"""
@@ -539,6 +549,12 @@ def tus_loss(logits, kind):
     # -log s_true - sum over noise of log(1 - s); log(1 - e^a) = log(-expm1(a)), kept below 0
     noise = torch.log(-torch.expm1(log_s[:, 1:].clamp(max=-1e-6))).sum(1)
     return -(log_s[:, 0] + noise).mean()
+
+
+def weighted_cross_entropy(logits, labels, weights):
+    """Eq. 23: -ω(y) log softmax(logits)_y, the batch's mean; weights ω: (n_labels,)"""
+    nll = F.cross_entropy(logits.float(), labels, reduction="none")
+    return (weights[labels] * nll).mean()
 
 
 def clip_loss(ht, ha, logit_scale):
