@@ -42,7 +42,7 @@ from nanotcmp.data import (LENGTH_GRID, ROW_GRID, Split, buckets, draw_noise, en
                            last_own_labels, load_meta, make_batch, padding, pretrain_batch, shapes, windows)
 from nanotcmp.metrics import (aa, confusion, emotion_scores, last_emotion_scores, macro_f1, majority_scores, recall_at,
                               wa)
-from nanotcmp.model import GRU, Bert, ContextInteraction, Hubert, clip_loss, tus_loss
+from nanotcmp.model import GRU, Bert, ContextInteraction, Hubert, NearbyContext, clip_loss, tus_loss
 from nanotcmp.tokenizer import WordPiece
 
 ROOT = Path(__file__).resolve().parent
@@ -1237,7 +1237,7 @@ def test_gru_matches_torch_gru():
 @pytest.mark.parametrize("distant", [True, False])
 def test_all_targets_in_one_pass_equal_each_context_alone(distant):
     torch.manual_seed(0)
-    ci = ContextInteraction(16, distant).eval()
+    ci = (ContextInteraction if distant else NearbyContext)(16).eval()
     H = torch.randn(2, 9, 16)
     mask = torch.arange(9)[None, :] < torch.tensor([9, 6])[:, None]
     P = ci(H, mask)  # (2, 10, 16): every target of both windows at once
@@ -1249,7 +1249,7 @@ def test_all_targets_in_one_pass_equal_each_context_alone(distant):
 
 def test_empty_distant_context_attends_to_zero():
     torch.manual_seed(0)
-    ci = ContextInteraction(8, True).eval()
+    ci = ContextInteraction(8).eval()
     H = torch.randn(1, 4, 8)
     P = ci(H, torch.ones(1, 4, dtype=torch.bool))
     Hh = ci.gru(H)

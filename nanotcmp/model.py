@@ -372,13 +372,12 @@ class GRU(nn.Module):
 
 
 class ContextInteraction(nn.Module):
-    """Eq. 7-10 for one modality, for every target position of a sequence in one pass. The target
+    """Eq. 7-10 for one stream, for every target position of a sequence in one pass. The target
     at position j has the context u_0 .. u_{j-1}: nearby u_{j-2}, u_{j-1}, distant u_0 .. u_{j-3}.
     The GRUs are causal, so one run over the sequence serves every target, as in a language model."""
 
-    def __init__(self, d, distant):
+    def __init__(self, d):
         super().__init__()
-        self.distant = distant
         self.gru = GRU(d, d)     # Eq. 7, over the utterances
         self.gru_d = GRU(d, d)   # Eq. 8, over the distant utterance states
         self.query = nn.Linear(2 * d, d)  # Eq. 9
@@ -387,26 +386,42 @@ class ContextInteraction(nn.Module):
     def forward(self, H, mask):
         # H: (B, L, d) utterance vectors, mask: (B, L) -> P: (B, L + 1, d), P[:, j] for target j >= 2
         B, L, d = H.shape
+        Hh = self.gru(H, mask)  # (B, L, d): Ĥ_i has seen u_0 .. u_i
         pad = H.new_zeros(B, 1, d)
-        if self.distant:
-            Hh = self.gru(H, mask)  # (B, L, d), Ĥ_i sees u_0 .. u_i
-            near1, near2 = torch.cat([pad, pad, Hh], 1)[:, :L + 1], torch.cat([pad, Hh], 1)  # Ĥ_{j-2}, Ĥ_{j-1}
-        else:  # w/o Dist: the utterance GRU sees u_{j-2}, u_{j-1} only, started afresh for every target
-            x_proj = F.linear(H, self.gru.weight_ih, self.gru.bias_ih)  # (B, L, 3d)
-            first = self.gru.cell(x_proj.flatten(0, 1), H.new_zeros(B * L, d)).view(B, L, d)  # GRU(u_i) from 0
-            second = self.gru.cell(x_proj[:, 1:].flatten(0, 1), first[:, :-1].flatten(0, 1)).view(B, L - 1, d)
-            near1 = torch.cat([pad, pad, first], 1)[:, :L + 1]
-            near2 = torch.cat([pad, pad, second], 1)[:, :L + 1]  # GRU(u_{j-2}, u_{j-1})
-        Q = self.query(torch.cat([near1, near2], -1))  # (B, L + 1, d), Eq. 9
-        if not self.distant:
-            return self.out(torch.cat([torch.zeros_like(Q), Q], -1))
-        C = self.gru_d(Hh, mask)  # (B, L, d), C_i after Ĥ_0 .. Ĥ_i, Eq. 8
-        att = Q @ C.transpose(1, 2)  # (B, L + 1, L), Eq. 10's dot-product scores
+        prev2 = torch.cat([pad, pad, Hh], 1)[:, :L + 1]  # (B, L + 1, d): row j holds Ĥ_{j-2}
+        prev1 = torch.cat([pad, Hh], 1)                  # (B, L + 1, d): row j holds Ĥ_{j-1}
+        Q = self.query(torch.cat([prev2, prev1], -1))  # (B, L + 1, d), Eq. 9
+        C = self.gru_d(Hh, mask)  # (B, L, d): C_i after Ĥ_0 .. Ĥ_i, Eq. 8
+        att = Q @ C.transpose(1, 2)  # (B, L + 1, L): Eq. 10's scores of target j over state i
         j, i = torch.arange(L + 1, device=H.device)[:, None], torch.arange(L, device=H.device)[None, :]
         visible = (i <= j - 3) & mask[:, None, :]  # target j sees the distant states 0 .. j-3
         # a target with no distant context attends to nothing: zero (a finite fill keeps gradients finite)
         att = att.masked_fill(~visible, torch.finfo(att.dtype).min).softmax(-1) * visible.any(-1, keepdim=True)
         return self.out(torch.cat([att @ C, Q], -1))
+
+
+class NearbyContext(nn.Module):
+    """w/o Dist (--no-distant): Eq. 7 and 9 on the nearby context alone. For each target j the
+    utterance GRU runs over u_{j-2}, u_{j-1} only, from a zero state, so nothing before them reaches
+    P; with no distant context, the attended vector of Eq. 10 is zero."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.gru = GRU(d, d)
+        self.query = nn.Linear(2 * d, d)
+        self.out = nn.Linear(2 * d, d)
+
+    def forward(self, H, mask):
+        # H: (B, L, d), mask: (B, L) -> P: (B, L + 1, d), P[:, j] for target j >= 2
+        B, L, d = H.shape
+        x = F.linear(H, self.gru.weight_ih, self.gru.bias_ih)  # (B, L, 3d): each utterance's input share
+        one = self.gru.cell(x.flatten(0, 1), H.new_zeros(B * L, d)).view(B, L, d)  # GRU(u_i), from zero
+        two = self.gru.cell(x[:, 1:].flatten(0, 1), one[:, :-1].flatten(0, 1)).view(B, L - 1, d)  # GRU(u_{i-1}, u_i)
+        pad = H.new_zeros(B, 2, d)
+        prev2 = torch.cat([pad, one], 1)[:, :L + 1]  # (B, L + 1, d): row j holds GRU(u_{j-2})
+        prev1 = torch.cat([pad, two], 1)[:, :L + 1]  # (B, L + 1, d): row j holds GRU(u_{j-2}, u_{j-1})
+        Q = self.query(torch.cat([prev2, prev1], -1))  # (B, L + 1, d), Eq. 9
+        return self.out(torch.cat([torch.zeros_like(Q), Q], -1))
 
 
 class TCMP(nn.Module):
@@ -427,7 +442,8 @@ class TCMP(nn.Module):
         if "m" in self.streams:
             self.fuse = nn.Linear(2 * c.d, c.d)  # Eq. 6
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's, Eq. 17-20
-        self.context = nn.ModuleDict({beta: ContextInteraction(c.d, c.distant) for beta in self.streams})
+        context = ContextInteraction if c.distant else NearbyContext  # Eq. 7-10, or w/o Dist
+        self.context = nn.ModuleDict({beta: context(c.d) for beta in self.streams})
         self.drop = nn.Dropout(c.dropout)
         self.head1 = nn.Linear(len(self.streams) * c.d, c.d)  # Eq. 22
         self.head2 = nn.Linear(c.d, c.n_labels)
