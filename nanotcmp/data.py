@@ -307,9 +307,13 @@ def window_targets(split, wins, k, rng, in_batch=True):
 
 
 def pretrain_batch(split, wins, k, rng, modalities, in_batch=True, max_padding=0.1, grid=True):
-    """Windows -> batch where every position j >= 2 of a window is a target (window_targets):
-    targets (N, 2) = (window, position), noise (N, k-1) rows of the batch's utterances."""
-    rows, targets, noise = window_targets(split, wins, k, rng, in_batch)
+    """Windows -> batch where every position j >= 2 of a window is a target (window_targets)"""
+    return targets_batch(split, *window_targets(split, wins, k, rng, in_batch), modalities, max_padding, grid)
+
+
+def targets_batch(split, rows, targets, noise, modalities, max_padding=0.1, grid=True):
+    """window_targets' windows, targets and noise -> batch with targets (N, 2) = (window, position)
+    and noise (N, k-1) rows of the batch's utterances"""
     batch, where = make_batch(split, rows, extra=noise.ravel(), modalities=modalities, max_padding=max_padding,
                               grid=grid)
     batch["targets"] = torch.tensor(targets)
