@@ -10,7 +10,6 @@ import contextlib
 import functools
 import io
 import json
-import math
 import os
 import resource
 import statistics
@@ -274,6 +273,30 @@ def epoch_shapes(make, n_steps, max_padding):
     return {key: (calls[key], len(shapes[key, True]), len(shapes[key, False])) for key in calls}
 
 
+def timed_steps(step, steps, device):
+    """-> (each call's seconds, the seconds each waited for its batch, the padding counts of its
+    micro-batches) of `steps` calls of step(), each waited for"""
+    sync(device)
+    times, waits, pads = [], [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        micro, waited = step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        waits.append(waited)
+        pads += [counts for _, _, counts in micro]
+    return times, waits, pads
+
+
+def count_flops(step):
+    """-> the floating-point operations of one call of step(), counted on the eager model: a CUDA
+    graph's replay goes past the counter"""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
 def count_ops(step):
     """-> the torch operations the host dispatches in one call of step(), backward included (a
     CUDA graph's replay dispatches only its input copies)"""
@@ -310,11 +333,9 @@ def train_one(data, size, mode, steps, device):
         train.attach_features(model, data, [split], device)
         cache_s = time.perf_counter() - t0
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    items = windows(split)
-    parts = math.ceil(n / train.MICRO_WINDOWS)
-    per_epoch = len(train.step_chunks("pretrain", items, split, n, np.random.default_rng(0), parts))
-    make = functools.partial(train.step_batches, "pretrain", items, split, n, parts, range(parts), per_epoch, args,
-                             model.config.modalities)
+    items, run = windows(split), train.plan_run("pretrain", args, device, batch_size=n)
+    per_epoch = len(train.step_chunks(run, items, split, np.random.default_rng(0)))
+    make = functools.partial(train.step_batches, run, items, split, args, model.config.modalities, per_epoch)
     shapes = epoch_shapes(make, per_epoch, args.max_padding)
     warm = per_epoch if device.type == "cuda" else 1
     batches = iter(train.ahead(make, warm + steps + 2, args, device))
@@ -328,11 +349,8 @@ def train_one(data, size, mode, steps, device):
         return micro, waited
 
     flops = None
-    if device.type == "cuda":  # counted on the eager model: graph replays go past the counter
-        from torch.utils.flop_counter import FlopCounterMode
-        with FlopCounterMode(display=False) as counter:
-            micro, _ = step()
-        flops = counter.get_total_flops()
+    if device.type == "cuda":
+        flops = count_flops(step)
         train.use_cuda_graphs(model, "context")  # train.py's default
     base = memory_mark(device)  # peak memory: what the steps need beyond the model, the optimiser and the batches
     try:
@@ -342,15 +360,7 @@ def train_one(data, size, mode, steps, device):
         if "memory" not in str(e) and not isinstance(e, MemoryError):
             raise
         return {"oom": True, "shapes": shapes}
-    sync(device)
-    times, waits, pads = [], [], []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        micro, waited = step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-        waits.append(waited)
-        pads += [counts for _, _, counts in micro]
+    times, waits, pads = timed_steps(step, steps, device)
     peak = memory_peak(device) - base
     ops = count_ops(step)
     padding = {k: sum(p[k][0] for p in pads) / sum(p[k][1] for p in pads) for k in pads[0]}

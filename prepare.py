@@ -235,11 +235,11 @@ def worker_pool(workers):
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
-def spans(parts, dtype):
-    """Concatenate variable-length arrays -> (data, (start, length) per part)"""
-    lengths = np.array([len(p) for p in parts], np.int64)
-    data = np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
-    return data, np.stack([np.cumsum(lengths) - lengths, lengths], axis=1).reshape(len(parts), 2)
+def spans(rows, dtype):
+    """Concatenate variable-length arrays, one per utterance -> (data, (start, length) of each)"""
+    lengths = np.array([len(r) for r in rows], np.int64)
+    data = np.concatenate(rows).astype(dtype) if rows else np.zeros(0, dtype)
+    return data, np.stack([np.cumsum(lengths) - lengths, lengths], axis=1).reshape(len(rows), 2)
 
 
 def pack_split(name, dialogues, label_index, tok, with_audio, args, problems, pool):
@@ -265,11 +265,11 @@ def pack_split(name, dialogues, label_index, tok, with_audio, args, problems, po
         "utt_dialogue": np.array([d_index[d] for d, _, _ in kept], np.int32),
         "utt_speaker": np.array([speakers.setdefault(u.speaker, len(speakers)) for _, u, _ in kept], np.int32),
         "utt_label": np.array([-1 if u.label is None else label_index[u.label] for _, u, _ in kept], np.int32)}
-    for key, parts, dtype in (
+    for key, rows, dtype in (
             ("tokens", [tok.encode(u.text, args.max_tokens) for _, u, _ in kept], np.int32),
             ("audio", [w for _, _, w in kept], np.int16),
             ("text", [np.frombuffer(u.text.encode("utf-8"), np.uint8) for _, u, _ in kept], np.uint8)):
-        arrays[key], arrays[f"utt_{key}"] = spans(parts, dtype)
+        arrays[key], arrays[f"utt_{key}"] = spans(rows, dtype)
     samples = []  # dialogue by dialogue, after the bad utterances are gone
     for s, e in dialogue_ranges(arrays["utt_dialogue"]):
         samples += [(s + a, s + t, y) for a, t, y in make_samples(

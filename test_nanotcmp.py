@@ -1422,7 +1422,7 @@ def test_training_refuses_bad_set_ups_before_starting(small_demo, tmp_path):
     with pytest.raises(SystemExit, match="has no audio .*use --modalities text"):
         train.main(["--data", str(tmp_path / "text"), "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
-    with pytest.raises(SystemExit, match="a batch of 4 cannot be split into 8 parts"):
+    with pytest.raises(SystemExit, match="a batch of 4 cannot be split into 8 micro-batches"):
         train.main(["--stage", "pretrain", "--data", str(small_demo), "--micro-batches", "8", "--out", str(tmp_path / "x")])
     # an --init run whose sizes do not fit
     train.main(["--stage", "pretrain", "--data", str(small_demo), "--out", str(tmp_path / "pre"), "--epochs", "1",

@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 
 import numpy as np
@@ -85,9 +85,9 @@ def parse_args(argv):
                    help="pad the encoder batches to shapes from a fixed grid, which a GPU plans once each (default: "
                         "on with CUDA, off on the CPU, where it only pads)")
     p.add_argument("--micro-batches", type=ranged(int, 1),
-                   help="parts each step's batch is split into, each with its own noise candidates and CLIP "
-                        "negatives, run on the processes in turn; more parts than processes accumulate gradients "
-                        "(default: one a process, or more to keep a part within 16 windows)")
+                   help="micro-batches each step's batch is split into, each with its own noise candidates and "
+                        "CLIP negatives, run on the processes in turn; more of them than processes accumulate "
+                        "gradients (default: one a process, or more to keep each within 16 windows)")
     p.add_argument("--freeze-encoders", action="store_true",
                    help="keep BERT and HuBERT fixed: their pooled outputs are computed once and cached beside "
                         "the dataset")
@@ -106,6 +106,8 @@ def parse_args(argv):
     cuda = device_from(args.device, "train.py").type == "cuda"
     args.shape_grid = args.shape_grid == "on" if args.shape_grid else cuda  # default: on where shapes cost
     args.k = args.k or (TINY_PRETRAIN["k"] if is_tiny(args) else AUTHORS_K)
+    if args.compile and args.cuda_graphs == "all":
+        raise SystemExit("train.py: --compile and --cuda-graphs all both take the encoders: choose one")
     return args
 
 
@@ -140,7 +142,9 @@ def modalities_of(args, meta):
     return modalities
 
 
-def build_model(args, meta, stage):
+def build_model(args, meta, stage, init=None):
+    """The TCMP model of the command line's settings, with the encoders' checkpoints loaded, and in
+    fine-tuning the pre-training run `init` (a folder) when given"""
     modalities = modalities_of(args, meta)
     vocab = os.path.join(args.data, meta["vocab"]["path"])
     if not os.path.isfile(vocab) or file_sha256(vocab) != meta["vocab"]["sha256"]:
@@ -165,8 +169,8 @@ def build_model(args, meta, stage):
         model.bert.load_state_dict(bert_w)
     if hubert_w:
         model.hubert.load_state_dict(hubert_w)
-    if stage == "finetune" and args.init:
-        load_init(model, args.init, meta)
+    if stage == "finetune" and init:
+        load_init(model, init, meta)
     return model
 
 
@@ -363,7 +367,270 @@ def ahead(make, n, args, device, start=0):
         generator=torch.Generator())  # the workers' seeds come from here: the global generator is dropout's
 
 # -----------------------------------------------------------------------------
-# training
+# a stage's settings
+
+
+@dataclass(frozen=True)
+class Run:
+    """One stage's settings, resolved from the command line and the device. args stays as parsed:
+    each stage of --stage all has a Run of its own (its folder, --init and batch size)."""
+    stage: str  # "pretrain" or "finetune"
+    out: str  # the run folder: model.safetensors, config.json, metrics.json, log.json, state.pt
+    init: str | None  # fine-tune from this pre-training run folder
+    batch_size: int  # windows (pre-training) or samples (fine-tuning) a step, over all processes
+    micro_batches: int  # a step's batch is split into these, each with its own noise candidates and CLIP negatives
+    epochs: int
+    lr: float  # everything but the encoders
+    lr_encoder: float
+
+    @property
+    def unit(self):
+        return "windows" if self.stage == "pretrain" else "samples"
+
+
+def plan_run(stage, args, device, out=None, init=None, batch_size=None):
+    """-> a stage's Run; out, init, batch_size: the command line's, None for the defaults"""
+    tiny = is_tiny(args)
+    batch_size = batch_size or (TINY_PRETRAIN["batch"] if tiny and stage == "pretrain" else
+                                BATCH["cuda" if device.type == "cuda" else "cpu"][stage])
+    # default: one micro-batch a process, or more where a process's share of windows exceeds MICRO_WINDOWS
+    micro = args.micro_batches or WORLD * (math.ceil(batch_size / WORLD / MICRO_WINDOWS) if stage == "pretrain" else 1)
+    if micro % WORLD:
+        raise SystemExit(f"train.py: --micro-batches {micro} does not divide among {WORLD} processes")
+    if batch_size < micro:
+        raise SystemExit(f"train.py: a batch of {batch_size} cannot be split into {micro} micro-batches "
+                         f"(--micro-batches or processes): use --batch-size {micro} or more")
+    if stage == "pretrain" and batch_size < 2 * micro:
+        print0(f"train.py: micro-batches of one window: their noise candidates come from the whole split and are "
+               f"each encoded on top (--batch-size {2 * micro} or more avoids it)")
+    # the paper's rates fine-tune pretrained encoders; tiny ones learn from scratch and need larger steps
+    lr = args.lr if args.lr is not None else TINY_LR if tiny else PAPER_LR[stage]
+    lr_encoder = args.lr_encoder if args.lr_encoder is not None else lr if tiny else PAPER_LR_ENCODER
+    out = out or os.path.join("out", f"{os.path.basename(os.path.normpath(args.data))}-{stage}")
+    return Run(stage, out, init, batch_size, micro, args.epochs or (8 if stage == "pretrain" else 12), lr, lr_encoder)
+
+# -----------------------------------------------------------------------------
+# a training step
+
+
+def set_up_model(run, args, device, meta, splits):
+    """-> (the model on the device, ready to train: encoders frozen, features cached, compiled or
+    graphed as asked, Eq. 23's class weights set; its optimiser)"""
+    torch.manual_seed(args.seed)
+    model = build_model(args, meta, run.stage, run.init).to(device)
+    if WORLD > 1:
+        torch.manual_seed(args.seed + RANK)  # the same initial weights, but each process its own dropout masks
+    if args.freeze_encoders:
+        model.freeze_encoders()
+    model.check_inputs = device.type == "cpu"  # prepare.py checked the dataset; a check is a sync on a GPU
+    if run.stage == "finetune":
+        model.class_weights.copy_(class_weights(splits[0], model.config.n_labels))
+    if args.freeze_encoders and not args.no_cache:
+        attach_features(model, args.data, splits, device)
+    if args.compile:
+        compile_encoders(model)
+    if device.type == "cuda" and args.cuda_graphs != "off":
+        use_cuda_graphs(model, args.cuda_graphs)
+    return model, optimizer(model, run)
+
+
+def optimizer(model, run):
+    """Adam with two learning rates, the encoders' and the rest's (paper §4.2)"""
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in trained if n.startswith(("bert.", "hubert.")) == enc], "lr": rate}
+              for enc, rate in ((True, run.lr_encoder), (False, run.lr))]
+    return torch.optim.Adam([g for g in groups if g["params"]], betas=(0.9, 0.999), fused=True)
+
+
+def class_weights(train, n_labels):
+    """Eq. 23: inversely proportional to each class's share of the training samples (mean weight 1)"""
+    counts = np.bincount(train.samples[:, 2], minlength=n_labels).astype(np.float64)
+    w = np.where(counts > 0, counts.sum() / (n_labels * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def step_chunks(run, items, split, rng):
+    """One epoch's global batches, in order: windows (pre-training) or dialogue-ordered samples
+    (fine-tuning). A batch too small to give each micro-batch an item is left out."""
+    if run.stage == "pretrain":
+        order = rng.permutation(len(items))
+        chunks = [[items[j] for j in order[i:i + run.batch_size]] for i in range(0, len(items), run.batch_size)]
+    else:
+        chunks = dialogue_batches(split, run.batch_size, rng)
+    return [c for c in chunks if len(c) >= run.micro_batches]
+
+
+def micro_batch(split, modalities, stage, items, rng, args):
+    """A micro-batch of items -> (batch, {modality: (padded, all) positions}). A pre-training
+    micro-batch draws its noise candidates, and so its CLIP negatives, from itself."""
+    if stage == "pretrain":
+        batch = pretrain_batch(split, items, args.k, rng, modalities, max_padding=args.max_padding,
+                               grid=args.shape_grid)
+    else:
+        batch = finetune_batch(split, items, modalities, max_padding=args.max_padding, grid=args.shape_grid)
+    return batch, {key: padding(batch, key) for key in ("text", "audio") if key + "_mask" in batch}
+
+
+def step_batches(run, items, split, args, modalities, steps_per_epoch, step):
+    """-> (the step's number of items, this process's micro-batches of them: [(share of the step's
+    items, batch, {modality: (padded, all) positions})]). The epoch's order and each micro-batch's
+    noise candidates are fixed by the seed, the epoch and the step, wherever and whenever the batch
+    is built."""
+    epoch, i = divmod(step, steps_per_epoch)
+    chunk = step_chunks(run, items, split, np.random.default_rng((args.seed, epoch)))[i]
+    shards = np.array_split(np.arange(len(chunk)), run.micro_batches)
+    mine = range(RANK * run.micro_batches // WORLD, (RANK + 1) * run.micro_batches // WORLD)  # this process's shards
+    return len(chunk), [(len(shards[g]) / len(chunk), *micro_batch(
+        split, modalities, run.stage, [chunk[j] for j in shards[g]], np.random.default_rng((args.seed, epoch, i, g)),
+        args)) for g in mine]
+
+
+def train_step(runner, opt, micro):
+    """One optimiser step over this process's micro-batches, [(share of the step's items, batch on
+    the device)]. The step's loss is the items' mean of the micro-batches' means, and DDP averages
+    the processes' gradients. -> (loss, {part: value}), left on the device: nothing here waits for it"""
+    runner.train()
+    step_loss, step_parts = 0.0, {}
+    for n, (share, batch) in enumerate(micro):
+        for uses in GRAPH_USES:  # a new forward: every CUDA graph is free again
+            uses.clear()
+        with runner.no_sync() if isinstance(runner, DDP) and n < len(micro) - 1 else contextlib.nullcontext():
+            with autocast(batch["ctx"].device):
+                _, loss, parts = runner(batch)  # Eq. 21 or Eq. 23
+            (loss * share * WORLD).backward()
+        step_loss = step_loss + loss.detach() * share
+        step_parts = {k: step_parts.get(k, 0.0) + v.detach() * share for k, v in parts.items()}
+    torch.nn.utils.clip_grad_norm_(runner.parameters(), 5.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return step_loss, step_parts
+
+# -----------------------------------------------------------------------------
+# bookkeeping: log lines, the state a run resumes from, files
+
+
+class Meter:
+    """The loop's bookkeeping: the loss and its parts summed over a log interval, the first
+    non-finite loss, the steps' time (less the time spent waiting for batches, or paused to
+    evaluate and save), padding shares and encoder shapes. The sums and the first non-finite loss
+    stay on the device, so that a step never waits for them: they are read at log lines and saves."""
+
+    def __init__(self, device, step, state_path):
+        self.device, self.state_path, self.first_step, self.last_log = device, state_path, step, step
+        self.t0 = self.t_epoch = time.time()
+        self.first_bad = torch.full((), math.inf, device=device)  # the first step with a non-finite loss
+        self.bad_parts = {}  # its loss's parts
+        self.shapes = {}  # modality -> the (rows, length) shapes its encoder has been called with
+        self.new_interval()
+
+    def new_interval(self):
+        self.sums, self.pad, self.items, self.waited, self.paused = {}, {}, 0, 0.0, 0.0
+        self.t_log = time.time()
+
+    def next(self, batches):
+        """-> the next step's micro-batches from the loader, counting the wait, items, padding and shapes"""
+        t = time.time()
+        n_items, micro = next(batches)
+        self.waited += time.time() - t
+        self.items += n_items
+        for _, batch, counts in micro:
+            for key, c in counts.items():
+                self.pad[key] = self.pad.get(key, np.zeros(2)) + c
+                self.shapes.setdefault(key, set()).update(shapes(batch, key))
+        return micro
+
+    def add(self, step, loss, parts):
+        """The loss of step `step` (counted from 1) and its parts, on the device"""
+        fresh = torch.isinf(self.first_bad) & ~torch.isfinite(loss)  # this step's loss is the first bad one
+        self.first_bad = torch.where(fresh, step, self.first_bad)
+        self.bad_parts = {k: torch.where(fresh, v, self.bad_parts.get(k, v)) for k, v in parts.items()}
+        for k, v in {"loss": loss, **parts}.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def check_finite(self):
+        """Waits for the device; a non-finite loss so far stops the run, naming its step and the last good state"""
+        bad = all_reduce(self.first_bad.clone(), dist.ReduceOp.MIN).item()
+        if math.isfinite(bad):
+            parts = ", ".join(f"{k} {v.item():.4g}" for k, v in self.bad_parts.items())
+            where = f": {parts}" if WORLD == 1 else ""  # the parts are one process's share: shown when alone
+            raise SystemExit(f"train.py: non-finite loss at step {int(bad)}{where}; "
+                             f"the last good state is {self.state_path}")
+
+    @contextlib.contextmanager
+    def pause(self, epoch_end):
+        """Evaluating or saving: once the steps so far are done and finite, timed apart from them"""
+        self.check_finite()
+        t = time.time()
+        yield
+        self.paused += time.time() - t
+        if epoch_end:
+            self.t_epoch = time.time()
+
+    def log(self, step, total, unit):
+        """Prints the interval's log line -> its record for log.json (means over its steps and the processes)"""
+        self.check_finite()  # waits for the device: the time below is the steps', not their dispatch's
+        n = step - self.last_log
+        means = {k: all_reduce(v / n).item() for k, v in self.sums.items()}
+        dt = (time.time() - self.t_log - self.paused) / n
+        shares = {k: float(c[0] / c[1]) for k, c in
+                  ((k, all_reduce(torch.tensor(v, device=self.device))) for k, v in self.pad.items())}
+        wait = self.waited / (dt * n)  # the share of the steps' time spent waiting for a batch
+        n_shapes = {k: len(v) for k, v in self.shapes.items()}  # (this process's)
+        print0(f"step {step}/{total} | loss {means['loss']:.4f} ("
+               + ", ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
+               + f") | {dt * 1000:.0f} ms/step | {self.items / (dt * n):.1f} {unit}/s | waits {wait:.0%}"
+               + "".join(f" | padding {k} {v:.0%}" for k, v in shares.items())
+               + "".join(f" | {k} shapes {v}" for k, v in n_shapes.items())
+               + f" | ETA {(total - step) * (time.time() - self.t0) / (step - self.first_step) / 60:.1f} min")
+        self.last_log = step
+        self.new_interval()
+        return {"step": step, **means, "ms_per_step": dt * 1000, "padding": shares, "wait": wait, "shapes": n_shapes}
+
+
+@dataclass
+class Progress:
+    """Where a run is: saved in state.pt with the model, the optimiser and the random states"""
+    step: int = 0  # steps done
+    best: dict | None = None  # the kept model's epoch and dev scores
+    history: list = field(default_factory=list)  # log.json: a record every --log-every steps
+    dev_by_epoch: list = field(default_factory=list)
+
+
+def save_state(path, model, opt, progress, device):
+    """state.pt, which --resume continues from, with every process's random state (dropout's)"""
+    rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    rngs = [rng] * WORLD
+    if WORLD > 1:
+        dist.all_gather_object(rngs, rng)
+    if RANK == 0:
+        write_atomic(path, lambda p: torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                                                 **asdict(progress), "rng": rngs}, p))
+    barrier()
+
+
+def load_state(path, model, opt, device):
+    """--resume: the model, the optimiser and this process's random state from state.pt -> its Progress"""
+    if not os.path.isfile(path):
+        raise SystemExit(f"train.py: --resume: no {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        missing = [k for k in ("model", "opt", "step", "best", "history", "rng") if k not in state]
+    except Exception as e:  # torch.load raises what the unpickler meets: EOFError, UnpicklingError, ...
+        raise SystemExit(f"train.py: --resume: {path} is unreadable or incomplete "
+                         f"({type(e).__name__}); start again without --resume") from None
+    if missing:
+        raise SystemExit(f"train.py: --resume: {path} has no {', '.join(missing)}: not a state of train.py")
+    if len(state["rng"]) != WORLD:
+        raise SystemExit(f"train.py: --resume: {path} was saved by {len(state['rng'])} processes, this run has {WORLD}")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    cpu_rng, cuda_rng = state["rng"][RANK]
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state(cuda_rng, device)
+    print0(f"resumed at step {state['step']}")
+    # (a state saved before train.py kept the dev scores of every epoch has none)
+    return Progress(state["step"], state["best"], state["history"], state.get("dev_by_epoch", []))
 
 
 def write_atomic(path, write):
@@ -381,32 +648,178 @@ def write_json(path, obj):
     write_atomic(path, write)
 
 
-def save_model(model, out, args, meta, stage):
-    write_atomic(os.path.join(out, "model.safetensors"),
+def save_model(model, run, args, meta):
+    """The kept model: model.safetensors, and config.json for sample.py and fine-tuning's --init"""
+    write_atomic(os.path.join(run.out, "model.safetensors"),
                  lambda p: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, p))
-    config = {"stage": stage, "model": asdict(model.config), "labels": meta["labels"],
+    config = {"stage": run.stage, "model": asdict(model.config), "labels": meta["labels"],
               "vocab": {**meta["vocab"], "path": os.path.abspath(os.path.join(args.data, meta["vocab"]["path"]))},
               "max_tokens": meta["settings"]["max_tokens"], "max_context": meta["settings"]["max_context"],
               "data": os.path.abspath(args.data)}
-    write_json(os.path.join(out, "config.json"), config)
+    write_json(os.path.join(run.out, "config.json"), config)
+
+# -----------------------------------------------------------------------------
+# a stage: set-up, the loop, the scores
 
 
-def class_weights(train, n_labels):
-    """Eq. 23: inversely proportional to each class's share of the training samples (mean weight 1)"""
-    counts = np.bincount(train.samples[:, 2], minlength=n_labels).astype(np.float64)
-    w = np.where(counts > 0, counts.sum() / (n_labels * np.maximum(counts, 1)), 0.0)
-    return torch.tensor(w, dtype=torch.float32)
+def open_splits(data, meta, stage):
+    """-> (the training split, its items: windows or samples, dev, test); a dataset that lacks one,
+    or whose split has nothing to train or evaluate on, is a one-line error"""
+    train_name = "pretrain" if stage == "pretrain" and "pretrain" in meta["splits"] else "train"
+    missing = [s for s in (train_name, "dev", "test") if s not in meta["splits"]]
+    if missing:
+        raise SystemExit(f"train.py: {data} has no {' or '.join(missing)} split (it has {', '.join(meta['splits'])}); "
+                         f"training needs {train_name}, dev and test: prepare.py dialogues --from a folder of "
+                         f"{train_name}.jsonl, dev.jsonl and test.jsonl")
+    if stage == "finetune" and not meta["splits"]["train"].get("labelled"):
+        raise SystemExit(f"train.py: {data} has no labelled train split to fine-tune on")
+    splits = [Split(os.path.join(data, f"{s}.safetensors")) for s in (train_name, "dev", "test")]
+    items = [windows(split) if stage == "pretrain" else split.samples for split in splits]
+    for split, its in zip(splits, items):
+        if not len(its):
+            what = "window of 3 utterances or more" if stage == "pretrain" else "sample"
+            raise SystemExit(f"train.py: {split.path} has no {what} to {stage} on")
+    train_split, dev, test = splits
+    return train_split, items[0], dev, test
 
 
-def step_chunks(stage, items, split, batch_size, rng, parts):
-    """One epoch's global batches, in order: windows (pre-training) or dialogue-ordered samples
-    (fine-tuning). A batch too small to give each of the parts an item is left out."""
+def train_stage(run, args, device):
+    """One stage, pre-training or fine-tuning -> its run folder (None when stopped by --max-steps).
+    A run that fails before writing anything leaves no empty folder behind."""
+    meta = load_meta(args.data)
+    modalities_of(args, meta)
+    splits = open_splits(args.data, meta, run.stage)
+    created = RANK == 0 and not os.path.isdir(run.out)
+    try:
+        return run_stage(run, args, device, meta, *splits)
+    except BaseException:
+        if created and os.path.isdir(run.out) and not os.listdir(run.out):
+            os.rmdir(run.out)
+        raise
+
+
+def run_stage(run, args, device, meta, train_split, items, dev, test):
+    """The set-up, then the loop: a step, a log line every --log-every steps, at each epoch's end an
+    evaluation on dev that keeps the best model, a resumable state every --save-every steps"""
+    model, opt = set_up_model(run, args, device, meta, (train_split, dev, test))
+    runner = DDP(model, find_unused_parameters=True) if WORLD > 1 else model
+    steps_per_epoch = len(step_chunks(run, items, train_split, np.random.default_rng(0)))
+    total = run.epochs * steps_per_epoch
+    print0(summary(run, model, len(items), steps_per_epoch, device))
+    if RANK == 0:
+        os.makedirs(run.out, exist_ok=True)
+    state_path = os.path.join(run.out, "state.pt")
+    progress = load_state(state_path, model, opt, device) if args.resume else Progress()
+    meter = Meter(device, progress.step, state_path)
+    batches = iter(ahead(functools.partial(step_batches, run, items, train_split, args, model.config.modalities,
+                                           steps_per_epoch), total, args, device, progress.step))
+    while progress.step < total and not out_of_patience(args, progress.best, progress.step // steps_per_epoch):
+        micro = meter.next(batches)
+        loss, parts = train_step(runner, opt, [(share, to_device(batch, device)) for share, batch, _ in micro])
+        progress.step += 1
+        meter.add(progress.step, loss, parts)
+        if progress.step % args.log_every == 0 or progress.step == total:
+            progress.history.append(meter.log(progress.step, total, run.unit))
+            if RANK == 0:
+                write_json(os.path.join(run.out, "log.json"), progress.history)
+        epoch_end = progress.step % steps_per_epoch == 0
+        stop = bool(args.max_steps) and args.max_steps <= progress.step < total
+        if epoch_end or stop or progress.step % args.save_every == 0:
+            with meter.pause(epoch_end):
+                if epoch_end:  # evaluate on dev, keep the best model
+                    end_epoch(progress.step // steps_per_epoch, progress, model, dev, run, args, meta, device,
+                              time.time() - meter.t_epoch)
+                save_state(state_path, model, opt, progress, device)
+        if stop:
+            print0(f"stopped at step {progress.step} (--max-steps); continue with --resume")
+            return None
+    if progress.step < total:
+        print0(f"stopped after epoch {progress.step // steps_per_epoch}: dev has not improved for {args.patience} "
+               f"epochs")
+    if RANK == 0:
+        final_scores(model, run, args, meta, progress, train_split, test, device)
+        print(f"{run.stage} done in {time.time() - meter.t0:.0f} s: {run.out}")
+    barrier()
+    return run.out
+
+
+def summary(run, model, n_items, steps_per_epoch, device):
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (f"{run.stage}: {n_params / 1e6:.2f} M parameters ({n_trained / 1e6:.2f} M trained), {n_items} {run.unit}, "
+            f"{run.epochs} epochs of {steps_per_epoch} steps, lr {run.lr:g} (encoders {run.lr_encoder:g}), {device}"
+            + (f" x {WORLD} processes" if WORLD > 1 else ""))
+
+
+def out_of_patience(args, best, epochs_done):
+    """--patience: the dev score has not improved for that many epochs"""
+    return bool(args.patience and best and epochs_done - best["epoch"] >= args.patience)
+
+
+def end_epoch(epoch, progress, model, dev, run, args, meta, device, seconds):
+    """The first process evaluates on dev and keeps the model if it is the best so far"""
+    if RANK == 0:
+        scores = evaluate(model, dev, run.stage, args, device)
+        print(f"epoch {epoch} ({seconds:.0f} s) dev: {describe(scores)}")
+        progress.dev_by_epoch.append({k: v for k, v in scores.items() if k != "confusion"})
+        if progress.best is None or selection_score(scores) > selection_score(progress.best["dev"]):
+            progress.best = {"epoch": epoch, "dev": progress.dev_by_epoch[-1]}
+            save_model(model, run, args, meta)
+    progress.best = broadcast(progress.best)
+
+
+def evaluate(model, split, stage, args, device):
+    """Dev or test scores: retrieval (pre-training) or WA, AA, macro-F1 and the confusion matrix"""
     if stage == "pretrain":
-        order = rng.permutation(len(items))
-        chunks = [[items[j] for j in order[i:i + batch_size]] for i in range(0, len(items), batch_size)]
+        return retrieval_scores(model, split, args, device)
+    y, p = predict(model, split, args, device)
+    return emotion_scores(y, p, model.config.n_labels)
+
+
+def selection_score(scores):
+    """What keeps a model: dev WA in fine-tuning; in pre-training the mean of the dev recalls
+    (R5@1, R5@2, R11@1, R11@2 of every retrieval the model does)"""
+    if "wa" in scores:
+        return scores["wa"]
+    return float(np.mean([v for s in scores.values() for v in s.values()]))
+
+
+def describe(scores):
+    """Scores as a log line: emotion scores, recalls, or recalls by retrieval (T2T, A2A, M2M)"""
+    if "wa" in scores:
+        return f"WA {scores['wa']:.2f} AA {scores['aa']:.2f} F1 {scores['f1']:.2f}"
+    if all(isinstance(v, float) for v in scores.values()):
+        return " ".join(f"{k} {v:.1f}" for k, v in scores.items())
+    return " | ".join(f"{b} {describe(s)}" for b, s in scores.items())
+
+
+def final_scores(model, run, args, meta, progress, train_split, test, device):
+    """The end of a stage: the kept model's scores on test, into metrics.json with the dev scores
+    of every epoch, and beside them references that need no model (README, "Results on P-MELD"):
+    word overlap in pre-training, the majority class and the last emotion in fine-tuning"""
+    model.load_state_dict(load_file(os.path.join(run.out, "model.safetensors")))
+    scores = evaluate(model, test, run.stage, args, device)
+    best = progress.best
+    metrics = {"stage": run.stage, "best_epoch": best["epoch"], "dev": best["dev"], "test": scores,
+               "dev_by_epoch": progress.dev_by_epoch}
+    print(f"test (best dev epoch {best['epoch']}): {describe(scores)}")
+    if run.stage == "pretrain":
+        metrics["test_word_overlap"] = word_overlap_scores(test, args)
+        print(f"  word overlap (no model): {describe(metrics['test_word_overlap'])}")
     else:
-        chunks = dialogue_batches(split, batch_size, rng)
-    return [c for c in chunks if len(c) >= parts]
+        n, y_train = model.config.n_labels, train_split.samples[:, 2]
+        metrics["test_majority"] = majority_scores(y_train, test.samples[:, 2], n)
+        metrics["test_last_emotion"] = last_emotion_scores(y_train, test.samples[:, 2], last_own_labels(test), n)
+        for name, key in (("majority class", "test_majority"), ("last emotion", "test_last_emotion")):
+            print(f"  {name}: {describe(metrics[key])}")
+            del metrics[key]["confusion"]
+        print("confusion (rows true, columns predicted; " + ", ".join(meta["labels"]) + "):")
+        for row in scores["confusion"]:
+            print("  " + " ".join(f"{v:6d}" for v in row))
+    write_json(os.path.join(run.out, "metrics.json"), metrics)
+
+# -----------------------------------------------------------------------------
+# speed: CUDA graphs and torch.compile
 
 
 GRAPH_USES = []  # each graphed module's uses of each shape in the current forward (cuda_graphs)
@@ -454,325 +867,6 @@ def compile_encoders(model):
     model.check_inputs = False  # prepare.py checked the dataset; a check would break the graph
     for enc in model.encoders():
         enc.compile(dynamic=True)
-
-
-def micro_batch(split, modalities, stage, items, rng, args):
-    """A micro-batch of items -> (batch, {modality: (padded, all) positions}). A pre-training
-    micro-batch draws its noise candidates, and so its CLIP negatives, from itself."""
-    if stage == "pretrain":
-        batch = pretrain_batch(split, items, args.k, rng, modalities, max_padding=args.max_padding,
-                               grid=args.shape_grid)
-    else:
-        batch = finetune_batch(split, items, modalities, max_padding=args.max_padding, grid=args.shape_grid)
-    return batch, {key: padding(batch, key) for key in ("text", "audio") if key + "_mask" in batch}
-
-
-def step_batches(stage, items, split, batch_size, parts, mine, steps_per_epoch, args, modalities, step):
-    """-> (the step's items, this process's micro-batches of it: [(share of the step's items, batch,
-    {modality: (padded, all) positions})]). The epoch's order and each part's noise candidates are
-    fixed by the seed, the epoch and the step, wherever and whenever the batch is built."""
-    epoch, i = divmod(step, steps_per_epoch)
-    chunk = step_chunks(stage, items, split, batch_size, np.random.default_rng((args.seed, epoch)), parts)[i]
-    shards = np.array_split(np.arange(len(chunk)), parts)
-    return len(chunk), [(len(shards[g]) / len(chunk), *micro_batch(
-        split, modalities, stage, [chunk[j] for j in shards[g]], np.random.default_rng((args.seed, epoch, i, g)), args))
-        for g in mine]
-
-
-def train_step(runner, opt, micro):
-    """One optimiser step over this process's micro-batches, [(share of the step's items, batch on
-    the device)]. The step's loss is the items' mean of the micro-batches' means, and DDP averages
-    the processes' gradients. -> (loss, {part: value}), left on the device: nothing here waits for it"""
-    step_loss, step_parts = 0.0, {}
-    for n, (share, batch) in enumerate(micro):
-        for uses in GRAPH_USES:  # a new forward: every CUDA graph is free again
-            uses.clear()
-        with runner.no_sync() if isinstance(runner, DDP) and n < len(micro) - 1 else contextlib.nullcontext():
-            with autocast(batch["ctx"].device):
-                _, loss, parts = runner(batch)  # Eq. 21 or Eq. 23
-            (loss * share * WORLD).backward()
-        step_loss = step_loss + loss.detach() * share
-        step_parts = {k: step_parts.get(k, 0.0) + v.detach() * share for k, v in parts.items()}
-    torch.nn.utils.clip_grad_norm_(runner.parameters(), 5.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return step_loss, step_parts
-
-
-def open_splits(data, meta, stage):
-    """-> (the training split, its items: windows or samples, dev, test); a dataset that lacks one,
-    or whose split has nothing to train or evaluate on, is a one-line error"""
-    train_name = "pretrain" if stage == "pretrain" and "pretrain" in meta["splits"] else "train"
-    missing = [s for s in (train_name, "dev", "test") if s not in meta["splits"]]
-    if missing:
-        raise SystemExit(f"train.py: {data} has no {' or '.join(missing)} split (it has {', '.join(meta['splits'])}); "
-                         f"training needs {train_name}, dev and test: prepare.py dialogues --from a folder of "
-                         f"{train_name}.jsonl, dev.jsonl and test.jsonl")
-    if stage == "finetune" and not meta["splits"]["train"].get("labelled"):
-        raise SystemExit(f"train.py: {data} has no labelled train split to fine-tune on")
-    splits = [Split(os.path.join(data, f"{s}.safetensors")) for s in (train_name, "dev", "test")]
-    items = [windows(split) if stage == "pretrain" else split.samples for split in splits]
-    for split, its in zip(splits, items):
-        if not len(its):
-            what = "window of 3 utterances or more" if stage == "pretrain" else "sample"
-            raise SystemExit(f"train.py: {split.path} has no {what} to {stage} on")
-    train_split, dev, test = splits
-    return train_split, items[0], dev, test
-
-
-def train_stage(stage, args, device):
-    """One stage, pre-training or fine-tuning -> its run folder (None when stopped by --max-steps).
-    A run that fails before writing anything leaves no empty folder behind."""
-    meta = load_meta(args.data)
-    modalities_of(args, meta)
-    splits = open_splits(args.data, meta, stage)
-    out = args.out or os.path.join("out", f"{os.path.basename(os.path.normpath(args.data))}-{stage}")
-    created = RANK == 0 and not os.path.isdir(out)
-    try:
-        return run_stage(stage, args, device, meta, out, *splits)
-    except BaseException:
-        if created and os.path.isdir(out) and not os.listdir(out):
-            os.rmdir(out)
-        raise
-
-
-def run_stage(stage, args, device, meta, out, train_split, items, dev, test):
-    torch.manual_seed(args.seed)
-    model = build_model(args, meta, stage).to(device)
-    if WORLD > 1:
-        torch.manual_seed(args.seed + RANK)  # the same initial weights, but each process its own dropout masks
-    if args.freeze_encoders:
-        model.freeze_encoders()
-    model.check_inputs = device.type == "cpu"  # prepare.py checked the dataset; a check is a sync on a GPU
-    if RANK == 0:
-        os.makedirs(out, exist_ok=True)
-    tiny = is_tiny(args)
-    # the paper's rates fine-tune pretrained encoders; tiny ones learn from scratch and need larger steps
-    lr = args.lr if args.lr is not None else TINY_LR if tiny else PAPER_LR[stage]
-    lr_enc = args.lr_encoder if args.lr_encoder is not None else lr if tiny else PAPER_LR_ENCODER
-    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in trained if n.startswith(("bert.", "hubert.")) == enc], "lr": rate}
-              for enc, rate in ((True, lr_enc), (False, lr))]
-    opt = torch.optim.Adam([g for g in groups if g["params"]], betas=(0.9, 0.999), fused=True)
-
-    batch_size = args.batch_size or (TINY_PRETRAIN["batch"] if tiny and stage == "pretrain" else
-                                     BATCH["cuda" if device.type == "cuda" else "cpu"][stage])
-    if stage == "finetune":
-        model.class_weights.copy_(class_weights(train_split, model.config.n_labels))
-    if args.freeze_encoders and not args.no_cache:
-        attach_features(model, args.data, (train_split, dev, test), device)
-    # default: one part a process, or more where a process's share of windows exceeds MICRO_WINDOWS
-    parts_per_step = args.micro_batches or WORLD * (math.ceil(batch_size / WORLD / MICRO_WINDOWS)
-                                                    if stage == "pretrain" else 1)
-    if parts_per_step % WORLD:
-        raise SystemExit(f"train.py: --micro-batches {parts_per_step} does not divide among {WORLD} processes")
-    if batch_size < parts_per_step:
-        raise SystemExit(f"train.py: a batch of {batch_size} cannot be split into {parts_per_step} parts "
-                         f"(--micro-batches or processes): use --batch-size {parts_per_step} or more")
-    if stage == "pretrain" and batch_size < 2 * parts_per_step:
-        print0(f"train.py: parts of one window: their noise candidates come from the whole split and are each "
-               f"encoded on top (--batch-size {2 * parts_per_step} or more avoids it)")
-    mine = range(RANK * parts_per_step // WORLD, (RANK + 1) * parts_per_step // WORLD)  # this process's shards
-    if args.compile:
-        compile_encoders(model)
-    if args.compile and args.cuda_graphs == "all":
-        raise SystemExit("train.py: --compile and --cuda-graphs all both take the encoders: choose one")
-    if device.type == "cuda" and args.cuda_graphs != "off":
-        use_cuda_graphs(model, args.cuda_graphs)
-    runner = DDP(model, find_unused_parameters=True) if WORLD > 1 else model
-    epochs = args.epochs or (8 if stage == "pretrain" else 12)
-    steps_per_epoch = len(step_chunks(stage, items, train_split, batch_size, np.random.default_rng(0), parts_per_step))
-    total = epochs * steps_per_epoch
-    print0(f"{stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
-           f"({sum(p.numel() for _, p in trained) / 1e6:.2f} M trained), {len(items)} "
-           f"{'windows' if stage == 'pretrain' else 'samples'}, {epochs} epochs of {steps_per_epoch} steps, "
-           f"lr {lr:g} (encoders {lr_enc:g}), {device}" + (f" x {WORLD} processes" if WORLD > 1 else ""))
-
-    state_path, log_path = os.path.join(out, "state.pt"), os.path.join(out, "log.json")
-    step, best, history, dev_by_epoch = 0, None, [], []
-    if args.resume:
-        if not os.path.isfile(state_path):
-            raise SystemExit(f"train.py: --resume: no {state_path}")
-        try:
-            state = torch.load(state_path, map_location="cpu", weights_only=False)
-            missing = [k for k in ("model", "opt", "step", "best", "history", "rng") if k not in state]
-        except Exception as e:  # torch.load raises what the unpickler meets: EOFError, UnpicklingError, ...
-            raise SystemExit(f"train.py: --resume: {state_path} is unreadable or incomplete "
-                             f"({type(e).__name__}); start again without --resume") from None
-        if missing:
-            raise SystemExit(f"train.py: --resume: {state_path} has no {', '.join(missing)}: not a state of train.py")
-        if len(state["rng"]) != WORLD:
-            raise SystemExit(f"train.py: --resume: {state_path} was saved by {len(state['rng'])} processes, "
-                             f"this run has {WORLD}")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, best, history = state["step"], state["best"], state["history"]
-        dev_by_epoch = state.get("dev_by_epoch", [])  # (a state saved before train.py kept them: none)
-        cpu_rng, cuda_rng = state["rng"][RANK]
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state(cuda_rng, device)
-        print0(f"resumed at step {step}")
-
-    def save_state():
-        check_finite()
-        rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-        rngs = [rng] * WORLD  # every process's dropout state
-        if WORLD > 1:
-            dist.all_gather_object(rngs, rng)
-        if RANK == 0:
-            write_atomic(state_path, lambda p: torch.save({
-                "model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
-                "history": history, "dev_by_epoch": dev_by_epoch, "rng": rngs}, p))
-
-    # kept on the device, so that a step never waits for it: read at log intervals and before saves
-    first_bad = torch.full((), math.inf, device=device)  # the first step with a non-finite loss
-    bad_parts = {}  # its loss's parts
-    interval = {}  # the loss and its parts, summed over the log interval's steps
-
-    def check_finite():
-        bad = all_reduce(first_bad.clone(), dist.ReduceOp.MIN)
-        if math.isfinite(bad.item()):
-            parts = ", ".join(f"{k} {v.item():.4g}" for k, v in bad_parts.items())
-            where = f": {parts}" if WORLD == 1 else ""  # the parts are one process's share: shown when alone
-            raise SystemExit(f"train.py: non-finite loss at step {int(bad.item())}{where}; "
-                             f"the last good state is {state_path}")
-
-    t0, seen, first_step, last_log = time.time(), 0, step, step
-    t_log, paused = t0, 0.0  # paused: seconds spent evaluating and saving since the last log line
-    pad = {}  # modality -> (padded, all) positions of its encoder inputs since the last log
-    seen_shapes = {}  # modality -> the (rows, length) shapes its encoder has been called with
-    waited = 0.0  # seconds the loop waited for its batches since the last log line
-    t_epoch = t0
-    batches = iter(ahead(functools.partial(step_batches, stage, items, train_split, batch_size, parts_per_step, mine,
-                                           steps_per_epoch, args, model.config.modalities), total, args, device, step))
-    while step < total and not out_of_patience(args, best, step // steps_per_epoch):
-        epoch = step // steps_per_epoch
-        t_wait = time.time()
-        n_items, built = next(batches)
-        waited += time.time() - t_wait
-        micro = [(share, to_device(batch, device)) for share, batch, _ in built]
-        for _, batch, counts in built:
-            for key, c in counts.items():
-                pad[key] = pad.get(key, np.zeros(2)) + c
-                seen_shapes.setdefault(key, set()).update(shapes(batch, key))
-        runner.train()
-        step_loss, step_parts = train_step(runner, opt, micro)
-        fresh = torch.isinf(first_bad) & ~torch.isfinite(step_loss)  # this step's loss is the first bad one
-        first_bad = torch.where(fresh, step + 1, first_bad)
-        bad_parts = {k: torch.where(fresh, v, bad_parts.get(k, v)) for k, v in step_parts.items()}
-        step += 1
-        seen += n_items
-        for k, v in {"loss": step_loss, **step_parts}.items():
-            interval[k] = interval.get(k, 0.0) + v
-        if step % args.log_every == 0 or step == total:
-            check_finite()  # waits for the device: the time below is the steps', not their dispatch's
-            n = step - last_log
-            means = {k: all_reduce(v / n).item() for k, v in interval.items()}  # over the steps and processes
-            dt = (time.time() - t_log - paused) / n
-            unit = "windows" if stage == "pretrain" else "samples"
-            shares = {k: float(c[0] / c[1]) for k, c in
-                       ((k, all_reduce(torch.tensor(v, device=device))) for k, v in pad.items())}
-            wait = waited / (dt * n)  # the share of the steps' time spent waiting for a batch
-            n_shapes = {k: len(v) for k, v in seen_shapes.items()}  # (this process's)
-            history.append({"step": step, **means, "ms_per_step": dt * 1000, "padding": shares, "wait": wait,
-                            "shapes": n_shapes})
-            print0(f"step {step}/{total} | loss {means['loss']:.4f} ("
-                   + ", ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
-                   + f") | {dt * 1000:.0f} ms/step | {seen / (dt * n):.1f} {unit}/s | waits {wait:.0%}"
-                   + "".join(f" | padding {k} {v:.0%}" for k, v in shares.items())
-                   + "".join(f" | {k} shapes {v}" for k, v in n_shapes.items())
-                   + f" | ETA {(total - step) * (time.time() - t0) / (step - first_step) / 60:.1f} min")
-            if RANK == 0:
-                write_json(log_path, history)
-            seen, last_log, t_log, paused, waited = 0, step, time.time(), 0.0, 0.0
-            interval, pad = {}, {}
-        if step % steps_per_epoch == 0 or step % args.save_every == 0:
-            check_finite()  # waits for the steps, so that the pause times only the evaluation and the save
-        t_pause = time.time()
-        if step % steps_per_epoch == 0:  # end of an epoch: evaluate on dev, keep the best model
-            if RANK == 0:
-                scores = evaluate(model, dev, stage, args, device)
-                print(f"epoch {epoch + 1} ({time.time() - t_epoch:.0f} s) dev: {describe(scores)}")
-                dev_by_epoch.append({k: v for k, v in scores.items() if k != "confusion"})
-                if best is None or selection_score(scores) > selection_score(best["dev"]):
-                    best = {"epoch": epoch + 1, "dev": dev_by_epoch[-1]}
-                    save_model(model, out, args, meta, stage)
-            best = broadcast(best)
-            save_state()
-            barrier()
-            t_epoch = time.time()
-        elif step % args.save_every == 0:
-            save_state()
-        paused += time.time() - t_pause
-        if args.max_steps and step >= args.max_steps and step < total:
-            save_state()
-            print0(f"stopped at step {step} (--max-steps); continue with --resume")
-            barrier()
-            return None
-
-    if step < total:
-        print0(f"stopped after epoch {step // steps_per_epoch}: dev has not improved for {args.patience} epochs")
-    if RANK == 0:
-        final_scores(model, out, args, meta, stage, best, dev_by_epoch, train_split, test, device)
-        print(f"{stage} done in {time.time() - t0:.0f} s: {out}")
-    barrier()
-    return out
-
-
-def out_of_patience(args, best, epochs_done):
-    """--patience: the dev score has not improved for that many epochs"""
-    return bool(args.patience and best and epochs_done - best["epoch"] >= args.patience)
-
-
-def evaluate(model, split, stage, args, device):
-    """Dev or test scores: retrieval (pre-training) or WA, AA, macro-F1 and the confusion matrix"""
-    if stage == "pretrain":
-        return retrieval_scores(model, split, args, device)
-    y, p = predict(model, split, args, device)
-    return emotion_scores(y, p, model.config.n_labels)
-
-
-def selection_score(scores):
-    """What keeps a model: dev WA in fine-tuning; in pre-training the mean of the dev recalls
-    (R5@1, R5@2, R11@1, R11@2 of every retrieval the model does)"""
-    if "wa" in scores:
-        return scores["wa"]
-    return float(np.mean([v for s in scores.values() for v in s.values()]))
-
-
-def describe(scores):
-    """Scores as a log line: emotion scores, recalls, or recalls by retrieval (T2T, A2A, M2M)"""
-    if "wa" in scores:
-        return f"WA {scores['wa']:.2f} AA {scores['aa']:.2f} F1 {scores['f1']:.2f}"
-    if all(isinstance(v, float) for v in scores.values()):
-        return " ".join(f"{k} {v:.1f}" for k, v in scores.items())
-    return " | ".join(f"{b} {describe(s)}" for b, s in scores.items())
-
-
-def final_scores(model, out, args, meta, stage, best, dev_by_epoch, train_split, test, device):
-    """The end of a stage: the kept model's scores on test, into metrics.json with the dev scores
-    of every epoch, and beside them references that need no model (README, "Results on P-MELD"):
-    word overlap in pre-training, the majority class and the last emotion in fine-tuning"""
-    model.load_state_dict(load_file(os.path.join(out, "model.safetensors")))
-    scores = evaluate(model, test, stage, args, device)
-    metrics = {"stage": stage, "best_epoch": best["epoch"], "dev": best["dev"], "test": scores,
-               "dev_by_epoch": dev_by_epoch}
-    print(f"test (best dev epoch {best['epoch']}): {describe(scores)}")
-    if stage == "pretrain":
-        metrics["test_word_overlap"] = word_overlap_scores(test, args)
-        print(f"  word overlap (no model): {describe(metrics['test_word_overlap'])}")
-    else:
-        n, y_train = model.config.n_labels, train_split.samples[:, 2]
-        metrics["test_majority"] = majority_scores(y_train, test.samples[:, 2], n)
-        metrics["test_last_emotion"] = last_emotion_scores(y_train, test.samples[:, 2], last_own_labels(test), n)
-        for name, key in (("majority class", "test_majority"), ("last emotion", "test_last_emotion")):
-            print(f"  {name}: {describe(metrics[key])}")
-            del metrics[key]["confusion"]
-        print("confusion (rows true, columns predicted; " + ", ".join(meta["labels"]) + "):")
-        for row in scores["confusion"]:
-            print("  " + " ".join(f"{v:6d}" for v in row))
-    write_json(os.path.join(out, "metrics.json"), metrics)
 
 # -----------------------------------------------------------------------------
 # processes: one, or one per GPU (or CPU share) under torchrun
@@ -831,14 +925,13 @@ def main(argv=None):
     set_up_device(device)
     try:
         if args.stage != "all":
-            return train_stage(args.stage, args, device)
-        out = args.out
-        args.out = out and os.path.join(out, "pretrain")
-        pretrained = train_stage("pretrain", args, device)
-        if pretrained is None:
+            return train_stage(plan_run(args.stage, args, device, args.out, args.init, args.batch_size), args, device)
+        out = {stage: args.out and os.path.join(args.out, stage) for stage in ("pretrain", "finetune")}
+        pretrain = plan_run("pretrain", args, device, out["pretrain"], batch_size=args.batch_size)
+        finetune = plan_run("finetune", args, device, out["finetune"], init=pretrain.out)  # the default batch size
+        if train_stage(pretrain, args, device) is None:  # stopped by --max-steps
             return None
-        args.out, args.init, args.batch_size = out and os.path.join(out, "finetune"), pretrained, None
-        return train_stage("finetune", args, device)
+        return train_stage(finetune, args, device)
     except DataError as e:  # a missing, damaged or truncated dataset file, named
         raise SystemExit(f"train.py: {e}") from None
     finally:
