@@ -45,9 +45,13 @@ from nanotcmp.metrics import (aa, confusion, emotion_scores, last_emotion_scores
 from nanotcmp.model import GRU, Bert, ContextInteraction, Hubert, NearbyContext, clip_loss, tus_loss
 from nanotcmp.tokenizer import WordPiece
 
+
 ROOT = Path(__file__).resolve().parent
 MELD = ROOT / "meld"  # the MELD transcripts the repository carries
 TOL = 1e-4
+
+# -----------------------------------------------------------------------------
+# helpers of several sections: references, files on disk, the small demo and its model
 
 
 def minilm_dir():
@@ -64,13 +68,86 @@ def max_diff(a, b):
     return (a - b).abs().max().item()
 
 
+def run_prepare(*argv):
+    prepare.main([str(a) for a in argv])
+
+
+def ffmpeg(*args):
+    # the project's CI installs ffmpeg, so a missing one fails these tests instead of skipping them
+    assert shutil.which("ffmpeg"), "these tests need ffmpeg on PATH (apt-get install ffmpeg)"
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", *map(str, args)], check=True)
+
+
+def write_jsonl(path, lines):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines), encoding="utf-8")
+    return path
+
+
+def write_sine_wav(path, seconds=0.5, freq=220.0, rate=16000):
+    t = np.arange(int(seconds * rate)) / rate
+    samples = (np.sin(2 * np.pi * freq * t) * 8000).astype("<i2")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
+        w.writeframes(samples.tobytes())
+    return samples
+
+
+def generic_dialogues(folder, audio=True, labels=True, mp4=False):
+    """Two dialogues in the generic format, with clips written beside the file."""
+    lines = []
+    for d, speakers in (("d1", "ABABA"), ("d2", "ABBA")):
+        for i, spk in enumerate(speakers):
+            line = {"dialogue": d, "speaker": spk, "text": f"Utterance {i} of {d}, by {spk}!"}
+            if audio:
+                clip = f"clips/{d}_{i}.wav"
+                write_sine_wav(folder / clip, seconds=0.2 + 0.1 * i, freq=200 + 50 * i)
+                line["audio"] = clip
+            if labels:
+                line["label"] = ["happy", "sad"][i % 2]
+            lines.append(line)
+    if mp4:
+        lines[0]["audio"] = "clips/d1_0.mp4"
+        ffmpeg("-i", folder / "clips/d1_0.wav", "-c:a", "aac", folder / "clips/d1_0.mp4")
+    return write_jsonl(folder / "train.jsonl", lines)
+
+
+SMALL_DEMO = {"pretrain": 6, "train": 8, "dev": 3, "test": 3}  # dialogues a split
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    """The demo dataset at SMALL_DEMO's size, prepared once"""
+    out = tmp_path_factory.mktemp("small-demo") / "demo"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prepare, "DEMO_DIALOGUES", SMALL_DEMO)
+        run_prepare("demo", "--out", out, "--workers", 1)
+    return out
+
+
+def small_model(data, *extra):
+    """train.py's fine-tuning model of the dataset, with train.py's options extra, in eval mode"""
+    args = train.parse_args(["--data", str(data), *extra])
+    torch.manual_seed(0)
+    return train.build_model(args, load_meta(data), "finetune").eval()
+
+
+def bad_option(capsys, main, argv, option):
+    """main(argv) stops in argparse, naming option and the value"""
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    assert e.value.code == 2 and f"argument {option}: " in capsys.readouterr().err
+
+# -----------------------------------------------------------------------------
+# nanotcmp/model.py: BERT (Eq. 2) and HuBERT (Eq. 3) against transformers, random weights saved under the old names
+
+
 def resave(folder, rename):
     """Rewrite folder/model.safetensors with every name passed through rename (legacy spellings)."""
     tensors = load_file(folder / "model.safetensors")
     save_file({rename(n): t.contiguous() for n, t in tensors.items()}, folder / "model.safetensors")
 
-# -----------------------------------------------------------------------------
-# reference models: random weights, saved by transformers, re-saved under the old names
 
 def make_bert_ref(folder):
     torch.manual_seed(0)
@@ -147,11 +224,10 @@ def padded_waves(lengths, seed=0):
     mask = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
     return wave * mask, mask
 
-# -----------------------------------------------------------------------------
-# BERT
 
 @torch.no_grad()
-def test_bert_matches_transformers_with_padding(bert_pair):
+def test_eq2_bert_matches_transformers_with_padding(bert_pair):
+    """Eq. 2: our BERT's outputs equal transformers' BertModel's on a padded batch"""
     ref, ours, _ = bert_pair
     ids, mask = padded_ids([17, 5, 30, 1], vocab=120)
     want = ref(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -233,11 +309,10 @@ def test_random_init_any_size():
     hidden, mask = hub(torch.randn(2, 16000))
     assert hidden.shape == (2, 49, 48) and mask.shape == (2, 49) and mask.all()
 
-# -----------------------------------------------------------------------------
-# HuBERT
 
 @torch.no_grad()
-def test_hubert_matches_transformers(hubert_pair):
+def test_eq3_hubert_matches_transformers(hubert_pair):
+    """Eq. 3: our HuBERT's outputs equal transformers' HubertModel's, both variants"""
     ref, ours, variant = hubert_pair
     if variant == "group":
         # the reference's GroupNorm takes its statistics over the padding too, so it is only
@@ -291,7 +366,286 @@ def test_hubert_waveform_normalisation(tmp_path, variant):
     assert max_diff(got[frames], want[frames]) <= TOL
 
 # -----------------------------------------------------------------------------
-# WordPiece tokenizer
+# nanotcmp/model.py: loading checkpoints, refusing bad ones and bad input
+
+
+def test_missing_checkpoint_path_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope"))):
+        Bert.from_pretrained(tmp_path / "nope")
+
+
+def test_wrong_shape_and_missing_tensor_are_listed(bert_pair, tmp_path):
+    _, _, folder = bert_pair
+    tensors = load_file(folder / "model.safetensors")
+    tensors["bert.encoder.layer.1.intermediate.dense.weight"] = torch.zeros(255, 128)
+    del tensors["bert.encoder.layer.0.attention.self.key.bias"]
+    tensors["bert.encoder.layer.0.surprise"] = torch.zeros(3)
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(ValueError) as e:
+        Bert.from_pretrained(tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path) in msg
+    assert "encoder.layer.1.intermediate.dense.weight: checkpoint (255, 128), model (256, 128)" in msg
+    assert "encoder.layer.0.attention.self.key.bias (128,)" in msg
+    assert "encoder.layer.0.surprise (3,)" in msg
+
+
+def test_corrupt_checkpoint_file_is_named(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "model.safetensors"))):
+        Hubert.from_pretrained(tmp_path)
+
+
+def test_short_waveform_is_refused(hubert_pair):
+    _, ours, _ = hubert_pair
+    wave, mask = padded_waves([5000, 399])
+    with pytest.raises(ValueError, match="399 samples .*receptive field \\(400 samples"):
+        ours(wave, mask)
+
+
+def test_token_id_outside_vocabulary_is_named(bert_pair):
+    _, ours, _ = bert_pair
+    ids = torch.tensor([[2, 5, 120, 7]])
+    with pytest.raises(ValueError, match="token id 120 is outside the vocabulary \\(size 120\\)"):
+        ours(ids, torch.ones_like(ids))
+
+
+def test_readme_bin_to_safetensors_recipe(tmp_path):
+    """The README's one-liner turns a pytorch_model.bin (tied weights included) into a file Bert loads."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=1, num_attention_heads=1,
+                                  intermediate_size=64, max_position_embeddings=32)
+    ref = transformers.BertForMaskedLM(cfg).eval()
+    state = {"bert." + k.removeprefix("bert."): v for k, v in ref.state_dict().items()}
+    # tied, as in the original
+    state["cls.predictions.decoder.weight"] = state["bert.embeddings.word_embeddings.weight"]
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    cfg.save_pretrained(tmp_path)
+    readme = (ROOT / "README.md").read_text()
+    recipe = re.search(r"```sh\n(python -c .*?)\n```", readme, re.S).group(1)
+    subprocess.run(recipe.replace("python", f'"{sys.executable}"', 1), shell=True, cwd=tmp_path, check=True)
+    ours = Bert.from_pretrained(tmp_path).eval()
+    ids, mask = padded_ids([10, 4], vocab=120)
+    with torch.no_grad():
+        want = ref.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        valid = mask.bool()
+        assert max_diff(ours(ids, mask)[valid], want[valid]) <= TOL
+
+
+def test_unsupported_config_setting_is_named(bert_pair, tmp_path):
+    _, _, folder = bert_pair
+    (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"hidden_act": "relu"}))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}: hidden_act='relu' is not supported")):
+        Bert.from_pretrained(tmp_path)
+
+
+def test_empty_sequence_is_refused(bert_pair):
+    _, ours, _ = bert_pair
+    ids, mask = padded_ids([4, 3], vocab=120)
+    mask[1] = 0
+    with pytest.raises(ValueError, match="sequence 1 of the batch has no real token"):
+        ours(ids, mask)
+
+# -----------------------------------------------------------------------------
+# nanotcmp/model.py: TCMP, equation by equation
+
+
+def test_eq4_pooling_is_max_plus_mean_over_the_valid_positions():
+    """Eq. 4: max plus mean over the valid positions, by hand"""
+    x = torch.tensor([[[1.0, -2.0], [3.0, 4.0], [100.0, 100.0]],
+                      [[-1.0, 0.0], [-5.0, 2.0], [7.0, -3.0]]])  # (U=2, T=3, D=2)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    # utterance 0 (its third position is padding): max (3, 4) + mean (2, 1); utterance 1: max (7, 2) + mean (1/3, -1/3)
+    assert max_diff(M.pool(x, mask), torch.tensor([[5.0, 5.0], [7 + 1 / 3, 2 - 1 / 3]])) < 1e-6
+
+
+def test_eq6_fusion_and_eq22_head_by_hand(small_demo):
+    """Eq. 6 and Eq. 22: the fused stream and the emotion logits, by hand"""
+    split = Split(small_demo / "train.safetensors")
+    model = small_model(small_demo)
+    batch = finetune_batch(split, split.samples[:3], model.config.modalities)
+    with torch.no_grad():
+        f, H = model.features(batch), model.encode(batch)
+        t = torch.tanh(f["text"] @ model.proj_t.weight.T + model.proj_t.bias)  # pooled BERT -> d
+        a = torch.tanh(f["audio"] @ model.proj_a.weight.T + model.proj_a.bias)  # pooled HuBERT -> d
+        m = torch.cat([t, a], 1) @ model.fuse.weight.T + model.fuse.bias  # Eq. 6: W_f [H^t ; H^a] + b_f
+        assert max(max_diff(H["t"], t), max_diff(H["a"], a), max_diff(H["m"], m)) < 1e-6
+        P = model.interact(H, batch["ctx"], batch["ctx_mask"])
+        rows, last = torch.arange(3), batch["ctx_mask"].sum(1)  # each sample's target position
+        p = torch.cat([P["t"][rows, last], P["a"][rows, last], P["m"][rows, last]], 1)
+        logits = torch.tanh(p @ model.head1.weight.T + model.head1.bias) @ model.head2.weight.T + model.head2.bias
+        assert max_diff(model.classify(batch), logits) < 1e-6  # Eq. 22 before its softmax
+
+
+def test_eq7_8_gru_matches_torch_gru():
+    """Eq. 7-8: our GRU equals torch.nn.GRU, and a padded step keeps the state"""
+    torch.manual_seed(0)
+    ours, ref = GRU(6, 8), torch.nn.GRU(6, 8, batch_first=True)
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(ref, f"{name}_l0").copy_(getattr(ours, name))
+    x, h0 = torch.randn(3, 7, 6), torch.randn(1, 3, 8)
+    assert max_diff(ours(x, h=h0[0]), ref(x, h0)[0]) <= 1e-5
+    # a masked (padded) step keeps the state: a padded sequence ends where the short one ends
+    mask = torch.arange(7)[None, :] < torch.tensor([7, 4, 1])[:, None]
+    out = ours(x, mask)
+    for b, n in enumerate((7, 4, 1)):
+        assert max_diff(out[b, n - 1], ref(x[b:b + 1, :n])[0][0, -1]) <= 1e-5
+        assert (out[b, n:] == out[b, n - 1]).all()
+
+
+@pytest.mark.parametrize("distant", [True, False])
+def test_eq7_10_all_targets_in_one_pass_equal_each_context_alone(distant):
+    """Eq. 7-10: every target of a window in one pass equals each target's context run alone"""
+    torch.manual_seed(0)
+    ci = (ContextInteraction if distant else NearbyContext)(16).eval()
+    H = torch.randn(2, 9, 16)
+    mask = torch.arange(9)[None, :] < torch.tensor([9, 6])[:, None]
+    P = ci(H, mask)  # (2, 10, 16): every target of both windows at once
+    for b, n in enumerate((9, 6)):
+        for j in range(2, n + 1):  # target j's context is u_0 .. u_{j-1}, computed on its own
+            alone = ci(H[b:b + 1, :j], torch.ones(1, j, dtype=torch.bool))[0, j]
+            assert max_diff(P[b, j], alone) <= 1e-5
+
+
+def test_eq10_empty_distant_context_attends_to_zero():
+    """Eq. 10: with no distant context the attended vector is zero; with one state all attention is on it"""
+    torch.manual_seed(0)
+    ci = ContextInteraction(8).eval()
+    H = torch.randn(1, 4, 8)
+    P = ci(H, torch.ones(1, 4, dtype=torch.bool))
+    Hh = ci.gru(H)
+    Q = ci.query(torch.cat([Hh[:, 0], Hh[:, 1]], -1))  # target 2: nearby u_0, u_1, no distant context
+    assert max_diff(P[0, 2], ci.out(torch.cat([torch.zeros_like(Q), Q], -1))[0]) <= 1e-6
+    C = ci.gru_d(Hh)  # target 3: one distant state, so all attention on it
+    Q3 = ci.query(torch.cat([Hh[:, 1], Hh[:, 2]], -1))
+    assert max_diff(P[0, 3], ci.out(torch.cat([C[:, 0], Q3], -1))[0]) <= 1e-6
+    P.sum().backward()  # and the gradients stay finite
+    assert all(torch.isfinite(p.grad).all() for p in ci.parameters() if p.grad is not None)
+
+
+def test_wo_dist_ignores_distant_utterances(small_demo):
+    """w/o Dist: changing a distant utterance changes nothing; with the distant context it does"""
+    split = Split(small_demo / "train.safetensors")
+    model = small_model(small_demo, "--no-distant")
+    long = [s for s in split.samples if s[1] - s[0] >= 5][:3]
+    batch = finetune_batch(split, long, model.config.modalities)
+    with torch.no_grad():
+        H = model.encode(batch)
+        first = model.interact(H, batch["ctx"], batch["ctx_mask"])
+        far = batch["ctx"][:, 0]  # the first utterance of each context: distant
+        for beta in H:
+            H[beta][far] = torch.randn_like(H[beta][far])
+        second = model.interact(H, batch["ctx"], batch["ctx_mask"])
+        last = batch["ctx_mask"].sum(1)
+        for beta in model.streams:
+            rows = torch.arange(len(last))
+            assert max_diff(first[beta][rows, last], second[beta][rows, last]) == 0
+    # with the distant context on, the same change does change the prediction
+    model = small_model(small_demo)
+    with torch.no_grad():
+        H = model.encode(batch)
+        before = model.interact(H, batch["ctx"], batch["ctx_mask"])["m"][rows, last]
+        H["m"][far] = torch.randn_like(H["m"][far])
+        assert max_diff(before, model.interact(H, batch["ctx"], batch["ctx_mask"])["m"][rows, last]) > 1e-3
+
+
+def test_eq14_15_tus_losses_on_hand_computed_scores():
+    """Eq. 14-15: the intra and inter TUS losses, BCE and softmax, by hand"""
+    logit = lambda p: math.log(p / (1 - p))
+    st = torch.tensor([[logit(0.8), logit(0.3), logit(0.1)]])  # T2T scores s^t: the true candidate first
+    sa = torch.tensor([[logit(0.5), logit(0.6), logit(0.2)]])  # A2A scores s^a
+    # intra, BCE: -log(0.8 * 0.5) - log(1 - 0.3 * 0.6) - log(1 - 0.1 * 0.2)
+    want = -math.log(0.4) - math.log(1 - 0.18) - math.log(1 - 0.02)
+    assert abs(tus_loss([st, sa], "bce").item() - want) < 1e-5
+    # inter, BCE: one modality
+    assert abs(tus_loss([st], "bce").item() - (-math.log(0.8) - math.log(0.7) - math.log(0.9))) < 1e-5
+    # softmax (the authors' code): cross-entropy over the k logits of each modality, summed
+    ce = lambda x: -(x[0] - torch.logsumexp(x, 0)).item()
+    assert abs(tus_loss([st, sa], "softmax").item() - (ce(st[0]) + ce(sa[0]))) < 1e-5
+
+
+def test_eq17_20_clip_loss_symmetric_and_minimal_when_aligned():
+    """Eq. 17-20: the CLIP loss is symmetric, lower when aligned, the softmax floor when orthogonal"""
+    torch.manual_seed(0)
+    ht, ha, scale = torch.randn(6, 8), torch.randn(6, 8), torch.tensor(math.log(1 / 0.07))
+    assert abs(clip_loss(ht, ha, scale).item() - clip_loss(ha, ht, scale).item()) < 1e-6
+    aligned = clip_loss(ht, ht * 3, scale).item()  # the same directions: the diagonal wins
+    assert aligned < clip_loss(ht, ha, scale).item() and aligned < clip_loss(ht, ht[torch.randperm(6)], scale).item()
+    eye = torch.eye(6, 8)  # orthogonal and aligned: the loss is the softmax floor at this temperature
+    floor = -math.log(math.exp(1 / 0.07) / (math.exp(1 / 0.07) + 5))
+    assert abs(clip_loss(eye, eye, scale).item() - floor) < 1e-5
+
+
+def test_eq21_total_weighs_tus_by_zeta_and_clip_by_eta(small_demo):
+    """Eq. 21: the total weighs TUS by ζ and CLIP by η (ζ ≠ η, so a swap would show)"""
+    split = Split(small_demo / "pretrain.safetensors")
+    batch = pretrain_batch(split, windows(split)[:3], 5, np.random.default_rng(0), ("text", "audio"))
+    torch.manual_seed(0)
+    model = M.TCMP(dataclasses.replace(small_model(small_demo).config, zeta=0.3, eta=0.7)).eval()
+    with torch.no_grad():
+        total, parts, _ = model.pretrain_loss(batch)
+    want = 0.3 * (parts["intra"] + parts["inter"]) + 0.7 * parts["clip"]
+    swapped = 0.7 * (parts["intra"] + parts["inter"]) + 0.3 * parts["clip"]
+    assert abs(total - want) < 1e-5 and abs(total - swapped) > 1e-3
+
+
+def test_eq21_tus_switch_picks_the_losses(small_demo):
+    """Eq. 21: --tus intra, inter or both picks the TUS terms of the total"""
+    split = Split(small_demo / "pretrain.safetensors")
+    batch = pretrain_batch(split, windows(split)[:3], 5, np.random.default_rng(0), ("text", "audio"))
+    for tus, want in (("intra", {"intra", "clip"}), ("inter", {"inter", "clip"}), ("both", {"intra", "inter", "clip"})):
+        with torch.no_grad():
+            total, parts, scores = small_model(small_demo, "--tus", tus).pretrain_loss(batch)
+        assert set(parts) == want and set(scores) == {"t", "a", "m"}
+        want = 0.5 * sum(v for k, v in parts.items() if k != "clip") + 0.5 * parts["clip"]
+        assert abs(total.item() - want.item()) < 1e-5
+
+
+def test_eq23_weighted_cross_entropy_by_hand():
+    """Eq. 23: the weighted cross-entropy, by hand"""
+    logits, labels = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]]), torch.tensor([0, 2])
+    w = torch.tensor([0.5, 1.0, 3.0])
+    nll0 = -(2.0 - math.log(math.exp(2.0) + math.exp(0.0) + math.exp(-1.0)))
+    nll1 = -(0.0 - math.log(math.exp(0.5) + math.exp(1.5) + math.exp(0.0)))
+    assert abs(M.weighted_cross_entropy(logits, labels, w).item() - (0.5 * nll0 + 3.0 * nll1) / 2) < 1e-6
+
+
+def test_forward_returns_output_loss_and_parts_in_both_stages(small_demo):
+    """TCMP.forward returns (output, loss, parts) in both stages"""
+    split, model = Split(small_demo / "train.safetensors"), small_model(small_demo)
+    model.class_weights.copy_(train.class_weights(split, 3))
+    batch = finetune_batch(split, split.samples[:4], model.config.modalities)
+    with torch.no_grad():
+        logits, loss, parts = model(batch)
+        assert logits.shape == (4, 3) and parts == {"wce": loss}
+        assert abs(loss - M.weighted_cross_entropy(logits, batch["labels"], model.class_weights)) < 1e-6
+        assert loss != M.weighted_cross_entropy(logits, batch["labels"], torch.ones(3))  # the weights count
+        unlabelled = Split(small_demo / "pretrain.safetensors")
+        batch = pretrain_batch(unlabelled, windows(unlabelled)[:2], 5, np.random.default_rng(0),
+                               model.config.modalities)
+        scores, loss, parts = model(batch)
+        assert set(scores) == {"t", "a", "m"} and set(parts) == {"intra", "inter", "clip"}
+
+
+def test_text_only_never_runs_hubert(small_demo, tmp_path, monkeypatch):
+    model = small_model(small_demo, "--modalities", "text")
+    assert not hasattr(model, "hubert") and model.streams == ["t"]
+    monkeypatch.setattr(Hubert, "forward", lambda *a: pytest.fail("HuBERT ran"))
+    monkeypatch.setattr(Hubert, "__init__", lambda *a: pytest.fail("HuBERT was built"))
+    train.main(["--data", str(small_demo), "--modalities", "text", "--out", str(tmp_path / "run"),
+                "--epochs", "1", "--log-every", "100"])
+    metrics = json.loads((tmp_path / "run/finetune/metrics.json").read_text())
+    assert set(metrics["test"]) == {"wa", "aa", "f1", "confusion"}
+    pre = json.loads((tmp_path / "run/pretrain/metrics.json").read_text())
+    assert set(pre["test"]) == {"T2T"} and set(pre["test"]["T2T"]) == {"R5@1", "R5@2", "R11@1", "R11@2"}
+
+# -----------------------------------------------------------------------------
+# nanotcmp/tokenizer.py: WordPiece against transformers' BertTokenizer
+
 
 @functools.lru_cache
 def reference():
@@ -417,89 +771,8 @@ def test_tokenizer_rejects_max_len_below_two(max_len):
         tokenizer().encode("hello", max_len=max_len)
 
 # -----------------------------------------------------------------------------
-# loading: bad checkpoints and bad input
+# nanotcmp/audio.py: any media as 16 kHz mono, the demo's synthesiser
 
-def test_missing_checkpoint_path_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope"))):
-        Bert.from_pretrained(tmp_path / "nope")
-
-
-def test_wrong_shape_and_missing_tensor_are_listed(bert_pair, tmp_path):
-    _, _, folder = bert_pair
-    tensors = load_file(folder / "model.safetensors")
-    tensors["bert.encoder.layer.1.intermediate.dense.weight"] = torch.zeros(255, 128)
-    del tensors["bert.encoder.layer.0.attention.self.key.bias"]
-    tensors["bert.encoder.layer.0.surprise"] = torch.zeros(3)
-    save_file(tensors, tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
-    with pytest.raises(ValueError) as e:
-        Bert.from_pretrained(tmp_path)
-    msg = str(e.value)
-    assert str(tmp_path) in msg
-    assert "encoder.layer.1.intermediate.dense.weight: checkpoint (255, 128), model (256, 128)" in msg
-    assert "encoder.layer.0.attention.self.key.bias (128,)" in msg
-    assert "encoder.layer.0.surprise (3,)" in msg
-
-
-def test_corrupt_checkpoint_file_is_named(tmp_path):
-    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "model.safetensors"))):
-        Hubert.from_pretrained(tmp_path)
-
-
-def test_short_waveform_is_refused(hubert_pair):
-    _, ours, _ = hubert_pair
-    wave, mask = padded_waves([5000, 399])
-    with pytest.raises(ValueError, match="399 samples .*receptive field \\(400 samples"):
-        ours(wave, mask)
-
-
-def test_token_id_outside_vocabulary_is_named(bert_pair):
-    _, ours, _ = bert_pair
-    ids = torch.tensor([[2, 5, 120, 7]])
-    with pytest.raises(ValueError, match="token id 120 is outside the vocabulary \\(size 120\\)"):
-        ours(ids, torch.ones_like(ids))
-
-
-def test_readme_bin_to_safetensors_recipe(tmp_path):
-    """The README's one-liner turns a pytorch_model.bin (tied weights included) into a file Bert loads."""
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=1, num_attention_heads=1,
-                                  intermediate_size=64, max_position_embeddings=32)
-    ref = transformers.BertForMaskedLM(cfg).eval()
-    state = {"bert." + k.removeprefix("bert."): v for k, v in ref.state_dict().items()}
-    state["cls.predictions.decoder.weight"] = state["bert.embeddings.word_embeddings.weight"]  # tied, as in the original
-    torch.save(state, tmp_path / "pytorch_model.bin")
-    cfg.save_pretrained(tmp_path)
-    readme = (ROOT / "README.md").read_text()
-    recipe = re.search(r"```sh\n(python -c .*?)\n```", readme, re.S).group(1)
-    subprocess.run(recipe.replace("python", f'"{sys.executable}"', 1), shell=True, cwd=tmp_path, check=True)
-    ours = Bert.from_pretrained(tmp_path).eval()
-    ids, mask = padded_ids([10, 4], vocab=120)
-    with torch.no_grad():
-        want = ref.bert(input_ids=ids, attention_mask=mask).last_hidden_state
-        valid = mask.bool()
-        assert max_diff(ours(ids, mask)[valid], want[valid]) <= TOL
-
-
-def test_unsupported_config_setting_is_named(bert_pair, tmp_path):
-    _, _, folder = bert_pair
-    (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
-    config = json.loads((folder / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps(config | {"hidden_act": "relu"}))
-    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}: hidden_act='relu' is not supported")):
-        Bert.from_pretrained(tmp_path)
-
-
-def test_empty_sequence_is_refused(bert_pair):
-    _, ours, _ = bert_pair
-    ids, mask = padded_ids([4, 3], vocab=120)
-    mask[1] = 0
-    with pytest.raises(ValueError, match="sequence 1 of the batch has no real token"):
-        ours(ids, mask)
-
-# -----------------------------------------------------------------------------
-# audio: reading any media as 16 kHz mono, the demo synthesiser
 
 def write_wav(path, raw, channels, width, rate):
     with wave.open(str(path), "wb") as w:
@@ -507,12 +780,6 @@ def write_wav(path, raw, channels, width, rate):
         w.setsampwidth(width)
         w.setframerate(rate)
         w.writeframes(raw)
-
-
-def ffmpeg(*args):
-    # the project's CI installs ffmpeg, so a missing one fails these tests instead of skipping them
-    assert shutil.which("ffmpeg"), "these tests need ffmpeg on PATH (apt-get install ffmpeg)"
-    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", *map(str, args)], check=True)
 
 
 def test_wav_round_trip(tmp_path):
@@ -620,9 +887,6 @@ def test_bad_files(tmp_path, kind, says):
     assert str(path) in str(e.value)
 
 
-# -----------------------------------------------------------------------------
-# synthesize
-
 def synth(seed=0, n=8, pitch=140.0, energy=0.6, tempo=1.0, timbre=(1.0, 1.0, 1.0)):
     return synthesize(n, pitch, energy, tempo, timbre, np.random.default_rng(seed)).astype(np.float64)
 
@@ -658,304 +922,8 @@ def test_synthesize_pitch_energy_tempo():
     assert lengths[0] > lengths[1] > lengths[2]
     assert 1.5 * SAMPLE_RATE < lengths[1] < 4.5 * SAMPLE_RATE  # 12 syllables at tempo 1: 2-4 s
 
-
 # -----------------------------------------------------------------------------
-# prepare.py: packed datasets
-
-
-def run_prepare(*argv):
-    prepare.main([str(a) for a in argv])
-
-
-@pytest.fixture(scope="module")
-def p_meld(tmp_path_factory):
-    out = tmp_path_factory.mktemp("p-meld") / "p-meld"
-    run_prepare("meld", "--csv-dir", MELD, "--vocab", minilm_dir() / "vocab.txt", "--out", out)
-    return out
-
-
-def meld_rows(split):
-    with open(MELD / f"{split}_sent_emo.csv", newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def test_p_meld_hand_checked_dialogues(p_meld):
-    train = Split(p_meld / "train.safetensors")
-    labels = load_meta(p_meld)["labels"]
-    by_dialogue = {}
-    for first, target, label in train.samples:
-        by_dialogue.setdefault(train.dialogue_of(target), []).append((first, target, labels[label]))
-    # dia0: Chandler and the interviewer alternate for 14 utterances: every t >= 2 is a sample,
-    # and from t = 11 on the context is capped at 11 utterances
-    d0 = by_dialogue["dia0"]
-    start = d0[0][1] - 2
-    assert [t - start for _, t, _ in d0] == list(range(2, 14))
-    assert [t - f for f, t, _ in d0] == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 11, 11]
-    assert [y for _, _, y in d0][:3] == ["neutral", "neutral", "positive"]  # utterances 2, 3, 4
-    assert d0[2][2] == "positive" and train.text_of(d0[2][1]) == "My duties?  All right."
-    assert d0[10][2] == "positive" and train.text_of(d0[10][1]) == "Really?!"
-    # dia1: Joey Rachel Joey Rachel Joey Joey Rachel (utterance ids 0-5, 8): t = 2, 3, 4 only
-    d1 = by_dialogue["dia1"]
-    s1 = d1[0][1] - 2
-    assert [(f - s1, t - s1, y) for f, t, y in d1] == [(0, 2, "negative"), (0, 3, "negative"), (0, 4, "neutral")]
-    assert train.speaker_of(s1 + 5) == "Joey" and train.text_of(s1 + 6) == "Yeah, sure!"
-    # the target is never in its own context, and every context lies in the target's dialogue
-    for first, target, _ in train.samples[:500]:
-        assert first < target and train.utt_dialogue[first] == train.utt_dialogue[target]
-
-
-def independent_meld_counts(split):
-    """The sample rule (README, "Data") written out again, directly on the CSV rows."""
-    dialogues = {}
-    for r in meld_rows(split):
-        dialogues.setdefault(int(r["Dialogue_ID"]), []).append((int(r["Utterance_ID"]), r["Speaker"], r["Sentiment"]))
-    counts = {"negative": 0, "neutral": 0, "positive": 0}
-    for rows in dialogues.values():
-        rows.sort()
-        for t in range(2, len(rows)):
-            if rows[t][1] == rows[t - 2][1]:
-                counts[rows[t][2]] += 1
-    return len(dialogues), counts
-
-
-@pytest.mark.parametrize("split", ["train", "dev", "test"])
-def test_p_meld_counts_match_an_independent_count(p_meld, split):
-    meta = load_meta(p_meld)
-    n_dialogues, counts = independent_meld_counts(split)
-    s = meta["splits"][split]
-    assert s["dialogues"] == n_dialogues and s["class_counts"] == counts
-    assert s["samples"] == sum(counts.values()) and s["utterances"] == len(meld_rows(split))
-    assert meta["modalities"] == ["text"] and meta["labels"] == ["negative", "neutral", "positive"]
-    packed = Split(p_meld / f"{split}.safetensors")
-    assert len(packed.audio) == 0 and (packed.utt_audio[:, 1] == 0).all()
-    assert (packed.samples[:, 1] - packed.samples[:, 0]).max() == 11  # contexts capped at --max-context
-
-
-def test_p_meld_tokens_and_text_round_trip(p_meld):
-    tok = WordPiece.from_file(minilm_dir() / "vocab.txt")
-    dev = Split(p_meld / "dev.safetensors")
-    rows = meld_rows("dev")
-    texts = {(int(r["Dialogue_ID"]), int(r["Utterance_ID"])): r["Utterance"] for r in rows}
-    ordered = [texts[k] for k in sorted(texts)]
-    assert [dev.text_of(i) for i in range(len(dev))] == ordered
-    for i in range(0, len(dev), 37):
-        assert dev.tokens_of(i).tolist() == tok.encode(ordered[i], max_len=60)
-    meta = load_meta(p_meld)
-    assert meta["vocab"]["sha256"] == hashlib.sha256((minilm_dir() / "vocab.txt").read_bytes()).hexdigest()
-    assert meta["settings"] == {"max_tokens": 60, "max_context": 11, "max_seconds": 15.0}
-
-
-def write_sine_wav(path, seconds=0.5, freq=220.0, rate=16000):
-    t = np.arange(int(seconds * rate)) / rate
-    samples = (np.sin(2 * np.pi * freq * t) * 8000).astype("<i2")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
-        w.writeframes(samples.tobytes())
-    return samples
-
-
-def write_iemocap(root, sessions=(1, 2, 3, 4, 5)):
-    """A miniature IEMOCAP_full_release: transcripts out of time order, a speaker-note line, xxx,
-    labels merged into oth, overlapping turns, a dialogue name with underscores."""
-    dialogues = {
-        1: ("Ses01F_impro01", [  # (utterance, start, end, text, label), written out of order
-            ("F000", 6.2901, 8.2357, "Excuse me.", "neu"), ("M000", 7.5712, 10.4750, "Do you have your forms?", "xxx"),
-            ("M002", 16.16, 17.65, "Who told you to get in this line?", "xxx"),
-            ("F002", 14.8872, 18.0175, "Is there a problem?", "ang"), ("F001", 10.01, 11.3925, "Yeah.", "fru"),
-            ("M001", 10.96, 12.6, "Let me see them.", "sur"), ("F003", 19.2, 20.0, "You did.", "fea")]),
-        2: ("Ses02M_script01_1", [("M000", 1.0, 2.0, "Hello there.", "hap"), ("F000", 2.5, 3.5, "Hi!", "exc"),
-                                  ("M001", 4.0, 5.0, "Nice day.", "exc"), ("F001", 5.5, 6.5, "It is.", "dis")]),
-    }
-    for s in sessions:
-        name, utts = dialogues.get(s, (f"Ses0{s}F_impro02", [
-            ("F000", 1.0, 2.0, "One.", "neu"), ("M000", 2.0, 3.0, "Two.", "sad"), ("F001", 3.0, 4.0, "Three.", "neu")]))
-        session = root / f"Session{s}"
-        (session / "dialog" / "transcriptions").mkdir(parents=True)
-        (session / "dialog" / "EmoEvaluation").mkdir(parents=True)
-        lines = [f"{name}_{u} [{a:08.4f}-{b:08.4f}]: {text}" for u, a, b, text, _ in utts]
-        lines.insert(2, "M: [BREATHING]")
-        (session / "dialog" / "transcriptions" / f"{name}.txt").write_text("\n".join(lines) + "\n")
-        evals = ["% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]", ""]
-        for u, a, b, _, label in utts:
-            evals += [f"[{a:.4f} - {b:.4f}]\t{name}_{u}\t{label}\t[2.5000, 2.5000, 2.5000]", f"C-E1:\tNeutral;\t()", ""]
-        (session / "dialog" / "EmoEvaluation" / f"{name}.txt").write_text("\n".join(evals))
-        for i, (u, *_rest) in enumerate(utts):
-            write_sine_wav(session / "sentences" / "wav" / name / f"{name}_{u}.wav", seconds=0.1 + 0.05 * i)
-    return root / "IEMOCAP_full_release"
-
-
-def test_p_iem_from_a_miniature_tree(tmp_path):
-    root = tmp_path / "IEMOCAP_full_release"
-    write_iemocap(root)
-    out = tmp_path / "p-iem"
-    run_prepare("iemocap", "--root", root, "--vocab", minilm_dir() / "vocab.txt", "--out", out)
-    meta = load_meta(out)
-    assert meta["labels"] == ["fru", "exc", "neu", "ang", "sad", "hap", "oth"]
-    assert meta["modalities"] == ["text", "audio"]
-    train = Split(out / "train.safetensors")
-    # session 1 in start-time order: F000 M000 F001 M001 F002 M002 F003; M002 is xxx: context only
-    texts = [train.text_of(i) for i in range(7)]
-    assert texts == ["Excuse me.", "Do you have your forms?", "Yeah.", "Let me see them.", "Is there a problem?",
-                     "Who told you to get in this line?", "You did."]
-    assert [train.speaker_of(i) for i in range(7)] == list("FMFMFMF")
-    labels = meta["labels"]
-    assert [(f, t, labels[y]) for f, t, y in train.samples[:4].tolist()] == [
-        (0, 2, "fru"), (0, 3, "oth"), (0, 4, "ang"), (0, 6, "oth")]
-    assert train.utt_label[1] == -1 and train.utt_label[5] == -1  # xxx
-    # session 2 (a name with underscores): F000 at t=1, M001 exc at t=2, F001 dis -> oth at t=3
-    assert train.dialogues[:2] == ["Ses01F_impro01", "Ses02M_script01_1"]
-    assert [(labels[y]) for _, _, y in train.samples[4:6].tolist()] == ["exc", "oth"]
-    assert meta["splits"]["train"]["class_counts"] == {"fru": 1, "exc": 1, "neu": 1, "ang": 1, "sad": 0, "hap": 0,
-                                                      "oth": 3}
-    assert meta["splits"]["dev"]["samples"] == meta["splits"]["test"]["samples"] == 1
-    # audio: each clip as written, 0.1 s + 0.05 s per position
-    assert train.utt_audio[0, 1] == 1600 and train.utt_audio[2, 1] == int((0.1 + 0.05 * 4) * 16000)
-
-
-def test_p_iem_missing_session_is_named(tmp_path):
-    root = tmp_path / "IEMOCAP_full_release"
-    write_iemocap(root, sessions=(1, 2, 4, 5))
-    with pytest.raises(SystemExit, match=re.escape(str(root / "Session3"))):
-        run_prepare("iemocap", "--root", root, "--vocab", minilm_dir() / "vocab.txt", "--out", tmp_path / "x")
-    assert not (tmp_path / "x").exists() and not list(tmp_path.glob("x.tmp-*"))
-
-
-def write_jsonl(path, lines):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines), encoding="utf-8")
-    return path
-
-
-def generic_dialogues(folder, audio=True, labels=True, mp4=False):
-    """Two dialogues in the generic format, with clips written beside the file."""
-    lines = []
-    for d, speakers in (("d1", "ABABA"), ("d2", "ABBA")):
-        for i, spk in enumerate(speakers):
-            line = {"dialogue": d, "speaker": spk, "text": f"Utterance {i} of {d}, by {spk}!"}
-            if audio:
-                clip = f"clips/{d}_{i}.wav"
-                write_sine_wav(folder / clip, seconds=0.2 + 0.1 * i, freq=200 + 50 * i)
-                line["audio"] = clip
-            if labels:
-                line["label"] = ["happy", "sad"][i % 2]
-            lines.append(line)
-    if mp4:
-        lines[0]["audio"] = "clips/d1_0.mp4"
-        ffmpeg("-i", folder / "clips/d1_0.wav", "-c:a", "aac", folder / "clips/d1_0.mp4")
-    return write_jsonl(folder / "train.jsonl", lines)
-
-
-@pytest.mark.parametrize("max_context, want", [(11, [0, 2, 0]), (2, [0, 2, -1])])
-def test_last_own_labels_reads_the_target_speakers_last_label_in_the_context(tmp_path, max_context, want):
-    # samples at t = 2, 4, 5 (t = 3 is unlabelled); labels sorted: neg 0, neu 1, pos 2. At t = 5, B's
-    # only labelled utterance (t = 1) is outside a context of 2 utterances
-    turns = [("A", "neg"), ("B", "neg"), ("A", "pos"), ("B", None), ("A", "neu"), ("B", "pos")]
-    src = write_jsonl(tmp_path / "train.jsonl", [{"dialogue": "d", "speaker": spk, "text": f"turn {i}", "label": lab}
-                                                 for i, (spk, lab) in enumerate(turns)])
-    run_prepare("dialogues", "--from", src, "--vocab", minilm_dir() / "vocab.txt", "--out", tmp_path / "out",
-                "--max-context", max_context)
-    split = Split(tmp_path / "out/train.safetensors")
-    assert split.samples[:, 1].tolist() == [2, 4, 5]
-    assert last_own_labels(split).tolist() == want
-
-
-@pytest.mark.parametrize("audio, labels", [(True, True), (False, True), (True, False), (False, False)])
-def test_generic_jsonl(tmp_path, audio, labels):
-    src = generic_dialogues(tmp_path, audio, labels)
-    out = tmp_path / "out"
-    run_prepare("dialogues", "--from", src, "--vocab", minilm_dir() / "vocab.txt", "--out", out)
-    meta = load_meta(out)
-    split = Split(out / "train.safetensors")
-    assert meta["modalities"] == (["text", "audio"] if audio else ["text"])
-    assert split.dialogues == ["d1", "d2"] and len(split) == 9
-    assert split.text_of(6) == "Utterance 1 of d2, by B!" and split.speaker_of(6) == "B"
-    if labels:
-        assert meta["labels"] == ["happy", "sad"]
-        # d1 ABABA: t = 2, 3, 4; d2 ABBA: t = 2 (B vs A) no, t = 3 (A vs B) no
-        assert split.samples.tolist() == [[0, 2, 0], [0, 3, 1], [0, 4, 0]]
-    else:
-        assert meta["labels"] == [] and len(split.samples) == 0 and not meta["splits"]["train"]["labelled"]
-    if audio:
-        assert split.utt_audio[:, 1].tolist() == [int((0.2 + 0.1 * i) * 16000) for i in range(5)] + \
-            [int((0.2 + 0.1 * i) * 16000) for i in range(4)]
-        np.testing.assert_array_equal(split.audio_of(3), write_sine_wav(tmp_path / "x.wav", 0.5, 350)[:8000])
-
-
-def test_generic_jsonl_mp4_through_ffmpeg(tmp_path):
-    src = generic_dialogues(tmp_path, mp4=True)
-    out = tmp_path / "out"
-    run_prepare("dialogues", "--from", src, "--vocab", minilm_dir() / "vocab.txt", "--out", out)
-    split = Split(out / "train.safetensors")
-    assert abs(int(split.utt_audio[0, 1]) - 3200) < 1200  # 0.2 s, give or take the codec's priming
-    assert split.utt_audio[1, 1] == 4800
-
-
-def test_bad_media_named_and_skip_bad_drops(tmp_path):
-    src = generic_dialogues(tmp_path)
-    (tmp_path / "clips/d1_1.wav").write_bytes(b"RIFF\x00\x00garbage")  # corrupt
-    (tmp_path / "clips/d2_0.wav").unlink()  # missing
-    vocab = minilm_dir() / "vocab.txt"
-    with pytest.raises(SystemExit, match=re.escape(f"{src}:2: {tmp_path / 'clips/d1_1.wav'}: corrupt WAV")):
-        run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-    run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", tmp_path / "out", "--skip-bad")
-    meta = load_meta(tmp_path / "out")
-    split = Split(tmp_path / "out/train.safetensors")
-    assert meta["splits"]["train"]["dropped"] == 2 and len(split) == 7
-    # d1 is now A A B A (the corrupt B turn gone): t = 3 only (A vs A); its context skips the dropped turn
-    assert [split.text_of(i) for i in range(4)] == [f"Utterance {i} of d1, by {s}!" for i, s in
-                                                    ((0, "A"), (2, "A"), (3, "B"), (4, "A"))]
-    assert split.samples.tolist() == [[0, 3, 0]]
-
-
-@pytest.mark.parametrize("line, says", [
-    ('{"dialogue": "d", "speaker": "A", "text": "hi"', ":3: not valid JSON"),
-    ('{"dialogue": "d", "text": "hi"}', ":3: missing field speaker"),
-    ('{"dialogue": "d", "speaker": "A", "text": "hi", "label": "angry"}', ":3: unknown label 'angry'"),
-])
-def test_bad_jsonl_lines_are_named(tmp_path, line, says):
-    good = {"dialogue": "d", "speaker": "A", "text": "hi", "label": "sad"}
-    src = write_jsonl(tmp_path / "x.jsonl", [good, good | {"label": "happy"}, line])
-    with pytest.raises(SystemExit, match=re.escape(f"{src}{says}")):
-        run_prepare("dialogues", "--from", src, "--vocab", minilm_dir() / "vocab.txt", "--out", tmp_path / "o",
-                    "--labels", "happy,sad")
-
-
-def test_bad_meld_csv(tmp_path):
-    rows = (MELD / "dev_sent_emo.csv").read_bytes().split(b"\n")
-    for name in ("train", "test"):
-        shutil.copy(MELD / f"{name}_sent_emo.csv", tmp_path)
-    vocab = minilm_dir() / "vocab.txt"
-    dev = tmp_path / "dev_sent_emo.csv"
-    dev.write_bytes(b"\n".join(rows[:5] + [rows[5].replace(b"Joey", b"Jo\xe9y")] + rows[6:]))
-    with pytest.raises(SystemExit, match=re.escape(f"{dev}:6: text is not UTF-8")):
-        run_prepare("meld", "--csv-dir", tmp_path, "--vocab", vocab, "--out", tmp_path / "o")
-    dev.write_bytes(b"\n".join([rows[0].replace(b"Sentiment", b"Feeling")] + rows[1:]))
-    with pytest.raises(SystemExit, match=re.escape(f"{dev}: no column Sentiment")):
-        run_prepare("meld", "--csv-dir", tmp_path, "--vocab", vocab, "--out", tmp_path / "o")
-    dev.write_bytes(b"\n".join(rows[:3] + [rows[3].replace(b",neutral,neutral,", b",neutral,meh,")] + rows[4:]))
-    with pytest.raises(SystemExit, match=re.escape(f"{dev}:4: unknown label 'meh'")):
-        run_prepare("meld", "--csv-dir", tmp_path, "--vocab", vocab, "--out", tmp_path / "o")
-    run_prepare("meld", "--csv-dir", tmp_path, "--vocab", vocab, "--out", tmp_path / "o", "--skip-bad")
-    assert load_meta(tmp_path / "o")["splits"]["dev"]["dropped"] == 1
-
-
-def test_failed_rerun_keeps_the_old_dataset_and_rerun_is_idempotent(tmp_path):
-    src = generic_dialogues(tmp_path)
-    vocab, out = minilm_dir() / "vocab.txt", tmp_path / "out"
-    run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", out)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", out)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    (tmp_path / "clips/d2_3.wav").write_bytes(b"")
-    with pytest.raises(SystemExit, match="d2_3.wav"):
-        run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", out)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["clips", "out", "train.jsonl"]
-
-
-SMALL_DEMO = {"pretrain": 3, "train": 4, "dev": 2, "test": 2}
+# nanotcmp/demo.py: the embedded demo's dialogues
 
 
 def test_demo_is_deterministic_and_complete(tmp_path, monkeypatch):
@@ -1024,37 +992,102 @@ def test_demo_next_emotion_is_predictable_and_distant_context_helps():
     distant = accuracy(lambda c: (*c[-2:], mood(c[:-2])))
     assert nearby > majority + 0.15 and distant > nearby + 0.02 and distant < 0.9
 
+# -----------------------------------------------------------------------------
+# nanotcmp/data.py: the sample rule, length buckets, batches
 
-def test_p_meld_with_media_and_unlabelled(tmp_path):
-    """MELD's media layout, with only the first three clips of dialogue 0 present: --skip-bad
-    drops every utterance without its clip, and counts it."""
-    media = tmp_path / "MELD.Raw"
-    (media / "train_splits").mkdir(parents=True)
-    for u, seconds in enumerate((0.5, 0.7, 20.0)):
-        write_sine_wav(tmp_path / f"{u}.wav", seconds)
-        ffmpeg("-i", tmp_path / f"{u}.wav", "-c:a", "aac", media / f"train_splits/dia0_utt{u}.mp4")
-    vocab = minilm_dir() / "vocab.txt"
-    with pytest.raises(SystemExit, match=re.escape(f"{media / 'train_splits/dia0_utt3.mp4'}: no such file")):
-        run_prepare("meld", "--csv-dir", MELD, "--media-dir", media, "--vocab", vocab, "--out", tmp_path / "o")
-    run_prepare("meld", "--csv-dir", MELD, "--media-dir", media, "--vocab", vocab, "--out", tmp_path / "o",
-                "--skip-bad", "--max-seconds", 10)
-    meta = load_meta(tmp_path / "o")
-    assert meta["modalities"] == ["text", "audio"]
-    train = meta["splits"]["train"]
-    assert train["utterances"] == 3 and train["dropped"] == 9989 - 3 and train["audio_cut"] == 1
-    assert meta["splits"]["dev"]["utterances"] == 0 and meta["splits"]["dev"]["dropped"] == 1109
-    split = Split(tmp_path / "o/train.safetensors")
-    assert split.samples.tolist() == [[0, 2, 1]]  # Chandler, the interviewer, Chandler: neutral
-    lengths = split.utt_audio[:, 1].tolist()
-    assert abs(lengths[0] - 8000) < 1200 and abs(lengths[1] - 11200) < 1200 and lengths[2] == 160000
-    run_prepare("meld", "--csv-dir", MELD, "--vocab", vocab, "--unlabelled", "--out", tmp_path / "u")
-    meta = load_meta(tmp_path / "u")
-    assert meta["source"] == "meld (unlabelled)" and meta["splits"]["train"]["utterances"] == 9989
-    assert all(not s["labelled"] and s["samples"] == 0 for s in meta["splits"].values())
-    assert (Split(tmp_path / "u/train.safetensors").utt_label == -1).all()
+
+@pytest.mark.parametrize("max_context, want", [(11, [0, 2, 0]), (2, [0, 2, -1])])
+def test_last_own_labels_reads_the_target_speakers_last_label_in_the_context(tmp_path, max_context, want):
+    # samples at t = 2, 4, 5 (t = 3 is unlabelled); labels sorted: neg 0, neu 1, pos 2. At t = 5, B's
+    # only labelled utterance (t = 1) is outside a context of 2 utterances
+    turns = [("A", "neg"), ("B", "neg"), ("A", "pos"), ("B", None), ("A", "neu"), ("B", "pos")]
+    src = write_jsonl(tmp_path / "train.jsonl", [{"dialogue": "d", "speaker": spk, "text": f"turn {i}", "label": lab}
+                                                 for i, (spk, lab) in enumerate(turns)])
+    run_prepare("dialogues", "--from", src, "--vocab", minilm_dir() / "vocab.txt", "--out", tmp_path / "out",
+                "--max-context", max_context)
+    split = Split(tmp_path / "out/train.safetensors")
+    assert split.samples[:, 1].tolist() == [2, 4, 5]
+    assert last_own_labels(split).tolist() == want
+
+
+def test_buckets_bound_the_padding_share_on_a_grid_of_shapes():
+    rng = np.random.default_rng(0)
+    seconds = np.clip(rng.lognormal(math.log(3), 0.6, 300), 1, 15)  # MELD-like: 1-15 s, median 3 s
+    lengths = (seconds * SAMPLE_RATE).astype(np.int64)
+    for max_padding in (0.1, 0.3):
+        groups = buckets(lengths, max_padding)
+        assert sorted(np.concatenate([g for g, _, _ in groups]).tolist()) == list(range(len(lengths)))
+        for g, R, T in groups:
+            assert T in LENGTH_GRID and R in ROW_GRID and R >= len(g) and T >= lengths[g].max()
+            assert not (LENGTH_GRID[LENGTH_GRID >= lengths[g].max()] < T).any()  # the smallest grid length
+            assert R * T - lengths[g].sum() <= max(max_padding, 1 - lengths[g].max() / T) * R * T + 1e-6
+        assert len(groups) <= len(lengths) / 4  # not one bucket a sequence
+    assert len(buckets(lengths, 1)) == 1
+    # a sequence of 64 or more is padded by 16% at most (shorter ones by a few positions), and the powers of two are
+    # on the grid
+    n = np.arange(64, 100_000)
+    assert (1 - n / LENGTH_GRID[np.searchsorted(LENGTH_GRID, n)]).max() <= 0.16
+    assert {64, 128, 512, 2 ** 20} <= set(LENGTH_GRID.tolist())
+    waves = [np.zeros(n, np.int16) for n in lengths[:40]]
+    for max_padding in (0.1, 1):
+        batch = encoder_inputs(waves=waves, max_padding=max_padding)
+        padded, total = padding(batch, "audio")
+        assert total == sum(x.numel() for x in batch["audio"]) and padded == total - lengths[:40].sum()
+        assert (padded / total <= 0.1) == (max_padding == 0.1)
+        assert shapes(batch, "audio") <= {(int(R), int(T)) for R in ROW_GRID for T in LENGTH_GRID}
+    # a run sees a bounded set of shapes: after a while, a new batch seldom brings a new one
+    lengths = (np.clip(rng.lognormal(math.log(3), 0.6, 6000), 1, 15) * SAMPLE_RATE).astype(np.int64)
+    calls, seen, new = 0, set(), []
+    for i in range(0, len(lengths), 20):
+        groups = buckets(lengths[i:i + 20])
+        calls += len(groups)
+        new.append(len({(R, T) for _, R, T in groups} - seen))
+        seen |= {(R, T) for _, R, T in groups}
+    assert len(seen) < calls / 10 and sum(new[len(new) // 2:]) < 0.1 * len(seen)
+
+
+def test_bucketed_encoding_equals_one_padded_batch(small_demo):
+    split = Split(small_demo / "pretrain.safetensors")
+    model = small_model(small_demo)
+    rows = [list(range(a, e)) for a, e in windows(split)[:4]]
+    (tight, _), (whole, _) = (make_batch(split, rows, max_padding=m) for m in (0.1, 1))
+    assert len(tight["audio"]) > 1 and len(tight["text"]) > 1 and len(whole["audio"]) == len(whole["text"]) == 1
+    with torch.no_grad():
+        a, b = model.features(tight), model.features(whole)
+    assert max_diff(a["text"], b["text"]) <= 1e-5 and max_diff(a["audio"], b["audio"]) <= 1e-5
+
+
+def test_batches_encode_each_utterance_once_and_noise_comes_from_other_dialogues(small_demo):
+    split = Split(small_demo / "pretrain.safetensors")
+    rows = [list(range(a, e)) for a, e in windows(split)[:4]]  # overlapping windows share utterances
+    targets = [row[j] for row in rows for j in range(2, len(row))]
+    pool = [u for row in rows for u in row]
+    for candidates_from in (None, pool):
+        noise = draw_noise(split, targets, 5, np.random.default_rng(0), candidates_from)
+        assert noise.shape == (len(targets), 4)
+        assert (split.utt_dialogue[noise] != split.utt_dialogue[targets][:, None]).all()
+    assert set(noise.ravel().tolist()) <= set(pool)
+    batch, where = make_batch(split, rows, extra=noise.ravel())
+    distinct = set(pool) | set(noise.ravel().tolist())
+    assert len(batch["text_index"]) == len(batch["audio_index"]) == len(where) == len(distinct) < len(pool) + noise.size
+    for b, row in enumerate(rows):
+        assert batch["ctx"][b, :len(row)].tolist() == [where[u] for u in row]
+    for u in distinct:
+        assert unpadded(batch, "text", where[u]).tolist() == split.tokens_of(u).tolist()
+        assert unpadded(batch, "audio", where[u]).mul(2 ** 15).round().tolist() == split.audio_of(u).tolist()
+
+
+def unpadded(batch, key, i):
+    """The batch's i-th utterance as given to the encoder, its padding cut off"""
+    row = int(batch[key + "_index"][i])
+    for x, mask in zip(batch[key], batch[key + "_mask"]):
+        if row < len(x):
+            return x[row][mask[row]]
+        row -= len(x)
 
 # -----------------------------------------------------------------------------
-# metrics
+# nanotcmp/metrics.py: R@k, WA, AA, macro-F1, the confusion matrix
+
 
 def test_confusion_rows_are_true_classes():
     # two samples of true class 0 predicted as 1, one of class 1 predicted as 1
@@ -1142,6 +1175,8 @@ SCORES = [[0.9, 0.1, 0.2, 0.3, 0.4],  # true 0: nothing scores >= 0.9 besides it
           [0.5, 0.8, 0.1, 0.2, 0.3],  # true 0: 0.8 is above                     -> rank 2
           [0.1, 0.2, 0.3, 0.9, 0.8],  # true 2: 0.9 and 0.8 are above            -> rank 3
           [0.7, 0.7, 0.1, 0.2, 0.3]]  # true 1: ties with candidate 0, loses it   -> rank 2
+
+
 TRUE = [0, 0, 2, 1]
 
 
@@ -1206,136 +1241,407 @@ def test_aa_f1_against_reference_loop():
         assert wa(t, p) == pytest.approx(100 * sum(a == b for a, b in zip(t, p)) / n)
 
 # -----------------------------------------------------------------------------
-# the TCMP model, equation by equation
+# prepare.py: P-MELD, P-IEM, JSONL dialogues; bad input named, nothing of a user's deleted
 
 
 @pytest.fixture(scope="module")
-def small_demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("small-demo") / "demo"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(prepare, "DEMO_DIALOGUES", {"pretrain": 6, "train": 8, "dev": 3, "test": 3})
-        run_prepare("demo", "--out", out, "--workers", 1)
+def p_meld(tmp_path_factory):
+    out = tmp_path_factory.mktemp("p-meld") / "p-meld"
+    run_prepare("meld", "--csv-dir", MELD, "--vocab", minilm_dir() / "vocab.txt", "--out", out)
     return out
 
 
-def test_gru_matches_torch_gru():
-    torch.manual_seed(0)
-    ours, ref = GRU(6, 8), torch.nn.GRU(6, 8, batch_first=True)
-    with torch.no_grad():
-        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            getattr(ref, f"{name}_l0").copy_(getattr(ours, name))
-    x, h0 = torch.randn(3, 7, 6), torch.randn(1, 3, 8)
-    assert max_diff(ours(x, h=h0[0]), ref(x, h0)[0]) <= 1e-5
-    # a masked (padded) step keeps the state: a padded sequence ends where the short one ends
-    mask = torch.arange(7)[None, :] < torch.tensor([7, 4, 1])[:, None]
-    out = ours(x, mask)
-    for b, n in enumerate((7, 4, 1)):
-        assert max_diff(out[b, n - 1], ref(x[b:b + 1, :n])[0][0, -1]) <= 1e-5
-        assert (out[b, n:] == out[b, n - 1]).all()
+def meld_rows(split):
+    with open(MELD / f"{split}_sent_emo.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("distant", [True, False])
-def test_all_targets_in_one_pass_equal_each_context_alone(distant):
-    torch.manual_seed(0)
-    ci = (ContextInteraction if distant else NearbyContext)(16).eval()
-    H = torch.randn(2, 9, 16)
-    mask = torch.arange(9)[None, :] < torch.tensor([9, 6])[:, None]
-    P = ci(H, mask)  # (2, 10, 16): every target of both windows at once
-    for b, n in enumerate((9, 6)):
-        for j in range(2, n + 1):  # target j's context is u_0 .. u_{j-1}, computed on its own
-            alone = ci(H[b:b + 1, :j], torch.ones(1, j, dtype=torch.bool))[0, j]
-            assert max_diff(P[b, j], alone) <= 1e-5
+def test_p_meld_hand_checked_dialogues(p_meld):
+    train = Split(p_meld / "train.safetensors")
+    labels = load_meta(p_meld)["labels"]
+    by_dialogue = {}
+    for first, target, label in train.samples:
+        by_dialogue.setdefault(train.dialogue_of(target), []).append((first, target, labels[label]))
+    # dia0: Chandler and the interviewer alternate for 14 utterances: every t >= 2 is a sample,
+    # and from t = 11 on the context is capped at 11 utterances
+    d0 = by_dialogue["dia0"]
+    start = d0[0][1] - 2
+    assert [t - start for _, t, _ in d0] == list(range(2, 14))
+    assert [t - f for f, t, _ in d0] == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 11, 11]
+    assert [y for _, _, y in d0][:3] == ["neutral", "neutral", "positive"]  # utterances 2, 3, 4
+    assert d0[2][2] == "positive" and train.text_of(d0[2][1]) == "My duties?  All right."
+    assert d0[10][2] == "positive" and train.text_of(d0[10][1]) == "Really?!"
+    # dia1: Joey Rachel Joey Rachel Joey Joey Rachel (utterance ids 0-5, 8): t = 2, 3, 4 only
+    d1 = by_dialogue["dia1"]
+    s1 = d1[0][1] - 2
+    assert [(f - s1, t - s1, y) for f, t, y in d1] == [(0, 2, "negative"), (0, 3, "negative"), (0, 4, "neutral")]
+    assert train.speaker_of(s1 + 5) == "Joey" and train.text_of(s1 + 6) == "Yeah, sure!"
+    # the target is never in its own context, and every context lies in the target's dialogue
+    for first, target, _ in train.samples[:500]:
+        assert first < target and train.utt_dialogue[first] == train.utt_dialogue[target]
 
 
-def test_empty_distant_context_attends_to_zero():
-    torch.manual_seed(0)
-    ci = ContextInteraction(8).eval()
-    H = torch.randn(1, 4, 8)
-    P = ci(H, torch.ones(1, 4, dtype=torch.bool))
-    Hh = ci.gru(H)
-    Q = ci.query(torch.cat([Hh[:, 0], Hh[:, 1]], -1))  # target 2: nearby u_0, u_1, no distant context
-    assert max_diff(P[0, 2], ci.out(torch.cat([torch.zeros_like(Q), Q], -1))[0]) <= 1e-6
-    C = ci.gru_d(Hh)  # target 3: one distant state, so all attention on it
-    Q3 = ci.query(torch.cat([Hh[:, 1], Hh[:, 2]], -1))
-    assert max_diff(P[0, 3], ci.out(torch.cat([C[:, 0], Q3], -1))[0]) <= 1e-6
-    P.sum().backward()  # and the gradients stay finite
-    assert all(torch.isfinite(p.grad).all() for p in ci.parameters() if p.grad is not None)
+def independent_meld_counts(split):
+    """The sample rule (README, "Data") written out again, directly on the CSV rows."""
+    dialogues = {}
+    for r in meld_rows(split):
+        dialogues.setdefault(int(r["Dialogue_ID"]), []).append((int(r["Utterance_ID"]), r["Speaker"], r["Sentiment"]))
+    counts = {"negative": 0, "neutral": 0, "positive": 0}
+    for rows in dialogues.values():
+        rows.sort()
+        for t in range(2, len(rows)):
+            if rows[t][1] == rows[t - 2][1]:
+                counts[rows[t][2]] += 1
+    return len(dialogues), counts
 
 
-def test_tus_losses_on_hand_computed_scores():
-    logit = lambda p: math.log(p / (1 - p))
-    st = torch.tensor([[logit(0.8), logit(0.3), logit(0.1)]])  # T2T scores s^t: the true candidate first
-    sa = torch.tensor([[logit(0.5), logit(0.6), logit(0.2)]])  # A2A scores s^a
-    # intra, BCE: -log(0.8 * 0.5) - log(1 - 0.3 * 0.6) - log(1 - 0.1 * 0.2)
-    want = -math.log(0.4) - math.log(1 - 0.18) - math.log(1 - 0.02)
-    assert abs(tus_loss([st, sa], "bce").item() - want) < 1e-5
-    # inter, BCE: one modality
-    assert abs(tus_loss([st], "bce").item() - (-math.log(0.8) - math.log(0.7) - math.log(0.9))) < 1e-5
-    # softmax (the authors' code): cross-entropy over the k logits of each modality, summed
-    ce = lambda x: -(x[0] - torch.logsumexp(x, 0)).item()
-    assert abs(tus_loss([st, sa], "softmax").item() - (ce(st[0]) + ce(sa[0]))) < 1e-5
+@pytest.mark.parametrize("split", ["train", "dev", "test"])
+def test_p_meld_counts_match_an_independent_count(p_meld, split):
+    meta = load_meta(p_meld)
+    n_dialogues, counts = independent_meld_counts(split)
+    s = meta["splits"][split]
+    assert s["dialogues"] == n_dialogues and s["class_counts"] == counts
+    assert s["samples"] == sum(counts.values()) and s["utterances"] == len(meld_rows(split))
+    assert meta["modalities"] == ["text"] and meta["labels"] == ["negative", "neutral", "positive"]
+    packed = Split(p_meld / f"{split}.safetensors")
+    assert len(packed.audio) == 0 and (packed.utt_audio[:, 1] == 0).all()
+    assert (packed.samples[:, 1] - packed.samples[:, 0]).max() == 11  # contexts capped at --max-context
 
 
-def test_clip_loss_symmetric_and_minimal_when_aligned():
-    torch.manual_seed(0)
-    ht, ha, scale = torch.randn(6, 8), torch.randn(6, 8), torch.tensor(math.log(1 / 0.07))
-    assert abs(clip_loss(ht, ha, scale).item() - clip_loss(ha, ht, scale).item()) < 1e-6
-    aligned = clip_loss(ht, ht * 3, scale).item()  # the same directions: the diagonal wins
-    assert aligned < clip_loss(ht, ha, scale).item() and aligned < clip_loss(ht, ht[torch.randperm(6)], scale).item()
-    eye = torch.eye(6, 8)  # orthogonal and aligned: the loss is the softmax floor at this temperature
-    floor = -math.log(math.exp(1 / 0.07) / (math.exp(1 / 0.07) + 5))
-    assert abs(clip_loss(eye, eye, scale).item() - floor) < 1e-5
+def test_p_meld_tokens_and_text_round_trip(p_meld):
+    tok = WordPiece.from_file(minilm_dir() / "vocab.txt")
+    dev = Split(p_meld / "dev.safetensors")
+    rows = meld_rows("dev")
+    texts = {(int(r["Dialogue_ID"]), int(r["Utterance_ID"])): r["Utterance"] for r in rows}
+    ordered = [texts[k] for k in sorted(texts)]
+    assert [dev.text_of(i) for i in range(len(dev))] == ordered
+    for i in range(0, len(dev), 37):
+        assert dev.tokens_of(i).tolist() == tok.encode(ordered[i], max_len=60)
+    meta = load_meta(p_meld)
+    assert meta["vocab"]["sha256"] == hashlib.sha256((minilm_dir() / "vocab.txt").read_bytes()).hexdigest()
+    assert meta["settings"] == {"max_tokens": 60, "max_context": 11, "max_seconds": 15.0}
 
 
-def test_class_weights_inverse_to_frequency(small_demo):
+def test_p_meld_with_media_and_unlabelled(tmp_path):
+    """MELD's media layout, with only the first three clips of dialogue 0 present: --skip-bad
+    drops every utterance without its clip, and counts it."""
+    media = tmp_path / "MELD.Raw"
+    (media / "train_splits").mkdir(parents=True)
+    for u, seconds in enumerate((0.5, 0.7, 20.0)):
+        write_sine_wav(tmp_path / f"{u}.wav", seconds)
+        ffmpeg("-i", tmp_path / f"{u}.wav", "-c:a", "aac", media / f"train_splits/dia0_utt{u}.mp4")
+    vocab = minilm_dir() / "vocab.txt"
+    with pytest.raises(SystemExit, match=re.escape(f"{media / 'train_splits/dia0_utt3.mp4'}: no such file")):
+        run_prepare("meld", "--csv-dir", MELD, "--media-dir", media, "--vocab", vocab, "--out", tmp_path / "o")
+    run_prepare("meld", "--csv-dir", MELD, "--media-dir", media, "--vocab", vocab, "--out", tmp_path / "o",
+                "--skip-bad", "--max-seconds", 10)
+    meta = load_meta(tmp_path / "o")
+    assert meta["modalities"] == ["text", "audio"]
+    train = meta["splits"]["train"]
+    assert train["utterances"] == 3 and train["dropped"] == 9989 - 3 and train["audio_cut"] == 1
+    assert meta["splits"]["dev"]["utterances"] == 0 and meta["splits"]["dev"]["dropped"] == 1109
+    split = Split(tmp_path / "o/train.safetensors")
+    assert split.samples.tolist() == [[0, 2, 1]]  # Chandler, the interviewer, Chandler: neutral
+    lengths = split.utt_audio[:, 1].tolist()
+    assert abs(lengths[0] - 8000) < 1200 and abs(lengths[1] - 11200) < 1200 and lengths[2] == 160000
+    run_prepare("meld", "--csv-dir", MELD, "--vocab", vocab, "--unlabelled", "--out", tmp_path / "u")
+    meta = load_meta(tmp_path / "u")
+    assert meta["source"] == "meld (unlabelled)" and meta["splits"]["train"]["utterances"] == 9989
+    assert all(not s["labelled"] and s["samples"] == 0 for s in meta["splits"].values())
+    assert (Split(tmp_path / "u/train.safetensors").utt_label == -1).all()
+
+
+def test_meld_reads_the_shipped_transcripts_by_default(tmp_path, p_meld):
+    run_prepare("meld", "--vocab", minilm_dir() / "vocab.txt", "--out", tmp_path / "o")
+    assert [p.read_bytes() for p in sorted((tmp_path / "o").glob("*.safetensors"))] == \
+        [p.read_bytes() for p in sorted(p_meld.glob("*.safetensors"))]
+    assert {p.name for p in MELD.iterdir()} == {"README.md", "train_sent_emo.csv", "dev_sent_emo.csv",
+                                                "test_sent_emo.csv"}
+    notes = (MELD / "README.md").read_text()
+    assert "GPL-3.0" in notes and "Poria" in notes  # the licence and the citation travel with the data
+
+
+def test_bad_meld_csv(tmp_path):
+    rows = (MELD / "dev_sent_emo.csv").read_bytes().split(b"\n")
+    for name in ("train", "test"):
+        shutil.copy(MELD / f"{name}_sent_emo.csv", tmp_path)
+    vocab = minilm_dir() / "vocab.txt"
+    dev = tmp_path / "dev_sent_emo.csv"
+    dev.write_bytes(b"\n".join(rows[:5] + [rows[5].replace(b"Joey", b"Jo\xe9y")] + rows[6:]))
+    with pytest.raises(SystemExit, match=re.escape(f"{dev}:6: text is not UTF-8")):
+        run_prepare("meld", "--csv-dir", tmp_path, "--vocab", vocab, "--out", tmp_path / "o")
+    dev.write_bytes(b"\n".join([rows[0].replace(b"Sentiment", b"Feeling")] + rows[1:]))
+    with pytest.raises(SystemExit, match=re.escape(f"{dev}: no column Sentiment")):
+        run_prepare("meld", "--csv-dir", tmp_path, "--vocab", vocab, "--out", tmp_path / "o")
+    dev.write_bytes(b"\n".join(rows[:3] + [rows[3].replace(b",neutral,neutral,", b",neutral,meh,")] + rows[4:]))
+    with pytest.raises(SystemExit, match=re.escape(f"{dev}:4: unknown label 'meh'")):
+        run_prepare("meld", "--csv-dir", tmp_path, "--vocab", vocab, "--out", tmp_path / "o")
+    run_prepare("meld", "--csv-dir", tmp_path, "--vocab", vocab, "--out", tmp_path / "o", "--skip-bad")
+    assert load_meta(tmp_path / "o")["splits"]["dev"]["dropped"] == 1
+
+
+def write_iemocap(root, sessions=(1, 2, 3, 4, 5)):
+    """A miniature IEMOCAP_full_release: transcripts out of time order, a speaker-note line, xxx,
+    labels merged into oth, overlapping turns, a dialogue name with underscores."""
+    dialogues = {
+        1: ("Ses01F_impro01", [  # (utterance, start, end, text, label), written out of order
+            ("F000", 6.2901, 8.2357, "Excuse me.", "neu"), ("M000", 7.5712, 10.4750, "Do you have your forms?", "xxx"),
+            ("M002", 16.16, 17.65, "Who told you to get in this line?", "xxx"),
+            ("F002", 14.8872, 18.0175, "Is there a problem?", "ang"), ("F001", 10.01, 11.3925, "Yeah.", "fru"),
+            ("M001", 10.96, 12.6, "Let me see them.", "sur"), ("F003", 19.2, 20.0, "You did.", "fea")]),
+        2: ("Ses02M_script01_1", [("M000", 1.0, 2.0, "Hello there.", "hap"), ("F000", 2.5, 3.5, "Hi!", "exc"),
+                                  ("M001", 4.0, 5.0, "Nice day.", "exc"), ("F001", 5.5, 6.5, "It is.", "dis")]),
+    }
+    for s in sessions:
+        name, utts = dialogues.get(s, (f"Ses0{s}F_impro02", [
+            ("F000", 1.0, 2.0, "One.", "neu"), ("M000", 2.0, 3.0, "Two.", "sad"), ("F001", 3.0, 4.0, "Three.", "neu")]))
+        session = root / f"Session{s}"
+        (session / "dialog" / "transcriptions").mkdir(parents=True)
+        (session / "dialog" / "EmoEvaluation").mkdir(parents=True)
+        lines = [f"{name}_{u} [{a:08.4f}-{b:08.4f}]: {text}" for u, a, b, text, _ in utts]
+        lines.insert(2, "M: [BREATHING]")
+        (session / "dialog" / "transcriptions" / f"{name}.txt").write_text("\n".join(lines) + "\n")
+        evals = ["% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]", ""]
+        for u, a, b, _, label in utts:
+            evals += [f"[{a:.4f} - {b:.4f}]\t{name}_{u}\t{label}\t[2.5000, 2.5000, 2.5000]", "C-E1:\tNeutral;\t()", ""]
+        (session / "dialog" / "EmoEvaluation" / f"{name}.txt").write_text("\n".join(evals))
+        for i, (u, *_rest) in enumerate(utts):
+            write_sine_wav(session / "sentences" / "wav" / name / f"{name}_{u}.wav", seconds=0.1 + 0.05 * i)
+    return root / "IEMOCAP_full_release"
+
+
+def test_p_iem_from_a_miniature_tree(tmp_path):
+    root = tmp_path / "IEMOCAP_full_release"
+    write_iemocap(root)
+    out = tmp_path / "p-iem"
+    run_prepare("iemocap", "--root", root, "--vocab", minilm_dir() / "vocab.txt", "--out", out)
+    meta = load_meta(out)
+    assert meta["labels"] == ["fru", "exc", "neu", "ang", "sad", "hap", "oth"]
+    assert meta["modalities"] == ["text", "audio"]
+    train = Split(out / "train.safetensors")
+    # session 1 in start-time order: F000 M000 F001 M001 F002 M002 F003; M002 is xxx: context only
+    texts = [train.text_of(i) for i in range(7)]
+    assert texts == ["Excuse me.", "Do you have your forms?", "Yeah.", "Let me see them.", "Is there a problem?",
+                     "Who told you to get in this line?", "You did."]
+    assert [train.speaker_of(i) for i in range(7)] == list("FMFMFMF")
+    labels = meta["labels"]
+    assert [(f, t, labels[y]) for f, t, y in train.samples[:4].tolist()] == [
+        (0, 2, "fru"), (0, 3, "oth"), (0, 4, "ang"), (0, 6, "oth")]
+    assert train.utt_label[1] == -1 and train.utt_label[5] == -1  # xxx
+    # session 2 (a name with underscores): F000 at t=1, M001 exc at t=2, F001 dis -> oth at t=3
+    assert train.dialogues[:2] == ["Ses01F_impro01", "Ses02M_script01_1"]
+    assert [(labels[y]) for _, _, y in train.samples[4:6].tolist()] == ["exc", "oth"]
+    assert meta["splits"]["train"]["class_counts"] == {"fru": 1, "exc": 1, "neu": 1, "ang": 1, "sad": 0, "hap": 0,
+                                                      "oth": 3}
+    assert meta["splits"]["dev"]["samples"] == meta["splits"]["test"]["samples"] == 1
+    # audio: each clip as written, 0.1 s + 0.05 s per position
+    assert train.utt_audio[0, 1] == 1600 and train.utt_audio[2, 1] == int((0.1 + 0.05 * 4) * 16000)
+
+
+def test_p_iem_missing_session_is_named(tmp_path):
+    root = tmp_path / "IEMOCAP_full_release"
+    write_iemocap(root, sessions=(1, 2, 4, 5))
+    with pytest.raises(SystemExit, match=re.escape(str(root / "Session3"))):
+        run_prepare("iemocap", "--root", root, "--vocab", minilm_dir() / "vocab.txt", "--out", tmp_path / "x")
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob("x.tmp-*"))
+
+
+@pytest.mark.parametrize("audio, labels", [(True, True), (False, True), (True, False), (False, False)])
+def test_generic_jsonl(tmp_path, audio, labels):
+    src = generic_dialogues(tmp_path, audio, labels)
+    out = tmp_path / "out"
+    run_prepare("dialogues", "--from", src, "--vocab", minilm_dir() / "vocab.txt", "--out", out)
+    meta = load_meta(out)
+    split = Split(out / "train.safetensors")
+    assert meta["modalities"] == (["text", "audio"] if audio else ["text"])
+    assert split.dialogues == ["d1", "d2"] and len(split) == 9
+    assert split.text_of(6) == "Utterance 1 of d2, by B!" and split.speaker_of(6) == "B"
+    if labels:
+        assert meta["labels"] == ["happy", "sad"]
+        # d1 ABABA: t = 2, 3, 4; d2 ABBA: t = 2 (B vs A) no, t = 3 (A vs B) no
+        assert split.samples.tolist() == [[0, 2, 0], [0, 3, 1], [0, 4, 0]]
+    else:
+        assert meta["labels"] == [] and len(split.samples) == 0 and not meta["splits"]["train"]["labelled"]
+    if audio:
+        assert split.utt_audio[:, 1].tolist() == [int((0.2 + 0.1 * i) * 16000) for i in range(5)] + \
+            [int((0.2 + 0.1 * i) * 16000) for i in range(4)]
+        np.testing.assert_array_equal(split.audio_of(3), write_sine_wav(tmp_path / "x.wav", 0.5, 350)[:8000])
+
+
+def test_generic_jsonl_mp4_through_ffmpeg(tmp_path):
+    src = generic_dialogues(tmp_path, mp4=True)
+    out = tmp_path / "out"
+    run_prepare("dialogues", "--from", src, "--vocab", minilm_dir() / "vocab.txt", "--out", out)
+    split = Split(out / "train.safetensors")
+    assert abs(int(split.utt_audio[0, 1]) - 3200) < 1200  # 0.2 s, give or take the codec's priming
+    assert split.utt_audio[1, 1] == 4800
+
+
+def test_bad_media_named_and_skip_bad_drops(tmp_path):
+    src = generic_dialogues(tmp_path)
+    (tmp_path / "clips/d1_1.wav").write_bytes(b"RIFF\x00\x00garbage")  # corrupt
+    (tmp_path / "clips/d2_0.wav").unlink()  # missing
+    vocab = minilm_dir() / "vocab.txt"
+    with pytest.raises(SystemExit, match=re.escape(f"{src}:2: {tmp_path / 'clips/d1_1.wav'}: corrupt WAV")):
+        run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", tmp_path / "out", "--skip-bad")
+    meta = load_meta(tmp_path / "out")
+    split = Split(tmp_path / "out/train.safetensors")
+    assert meta["splits"]["train"]["dropped"] == 2 and len(split) == 7
+    # d1 is now A A B A (the corrupt B turn gone): t = 3 only (A vs A); its context skips the dropped turn
+    assert [split.text_of(i) for i in range(4)] == [f"Utterance {i} of d1, by {s}!" for i, s in
+                                                    ((0, "A"), (2, "A"), (3, "B"), (4, "A"))]
+    assert split.samples.tolist() == [[0, 3, 0]]
+
+
+@pytest.mark.parametrize("line, says", [
+    ('{"dialogue": "d", "speaker": "A", "text": "hi"', ":3: not valid JSON"),
+    ('{"dialogue": "d", "text": "hi"}', ":3: missing field speaker"),
+    ('{"dialogue": "d", "speaker": "A", "text": "hi", "label": "angry"}', ":3: unknown label 'angry'"),
+])
+def test_bad_jsonl_lines_are_named(tmp_path, line, says):
+    good = {"dialogue": "d", "speaker": "A", "text": "hi", "label": "sad"}
+    src = write_jsonl(tmp_path / "x.jsonl", [good, good | {"label": "happy"}, line])
+    with pytest.raises(SystemExit, match=re.escape(f"{src}{says}")):
+        run_prepare("dialogues", "--from", src, "--vocab", minilm_dir() / "vocab.txt", "--out", tmp_path / "o",
+                    "--labels", "happy,sad")
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("label", 1, "field 'label' must be a string or null, not 1"),
+    ("label", True, "field 'label' must be a string or null, not true"),
+    ("label", {"a": 1}, "field 'label' must be a string or null"),
+    ("speaker", None, "field 'speaker' must be a string, not null"),
+    ("text", None, "field 'text' must be a string, not null"),
+    ("text", " ", "field 'text' is empty"),
+    ("dialogue", 5, "field 'dialogue' must be a string, not 5"),
+    ("audio", 3, "field 'audio' must be a string or null, not 3"),
+])
+def test_jsonl_fields_are_typed(tmp_path, field, value, says):
+    lines = [{"dialogue": "d", "speaker": s, "text": f"turn {i}", "label": "happy"} for i, s in enumerate("ABABABA")]
+    lines[2][field] = value
+    src = write_jsonl(tmp_path / "train.jsonl", lines)
+    vocab = minilm_dir() / "vocab.txt"
+    with pytest.raises(SystemExit, match=re.escape(f"{src}:3: {says}")):
+        run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", tmp_path / "o")
+    run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", tmp_path / "o", "--skip-bad")
+    assert load_meta(tmp_path / "o")["splits"]["train"]["dropped"] == 1
+
+
+def test_a_dialogue_in_two_splits_is_refused(tmp_path):
+    line = {"dialogue": "d7", "speaker": "A", "text": "hi", "label": "happy"}
+    write_jsonl(tmp_path / "src/train.jsonl", [line, line | {"speaker": "B"}, line])
+    write_jsonl(tmp_path / "src/dev.jsonl", [line | {"dialogue": "d8"}, line | {"dialogue": "d8"}])
+    write_jsonl(tmp_path / "src/test.jsonl", [line | {"dialogue": "d9"}, line])
+    with pytest.raises(SystemExit, match=re.escape(f"{tmp_path / 'src/train.jsonl'}:1: dialogue 'd7' is also in "
+                                                   f"{tmp_path / 'src/test.jsonl'}")):
+        run_prepare("dialogues", "--from", tmp_path / "src", "--vocab", minilm_dir() / "vocab.txt", "--out",
+                    tmp_path / "o")
+
+
+def test_skip_bad_counts_lines_that_are_not_utf8(tmp_path):
+    good = [json.dumps({"dialogue": "d", "speaker": s, "text": f"turn {i}"}).encode() for i, s in enumerate("ABAB")]
+    src = tmp_path / "pretrain.jsonl"
+    src.write_bytes(b"\n".join(good[:2] + [b'{"dialogue": "d", "speaker": "A", "text": "caf\xe9"}'] + good[2:]))
+    run_prepare("dialogues", "--from", src, "--vocab", minilm_dir() / "vocab.txt", "--out", tmp_path / "o",
+                "--skip-bad")
+    assert load_meta(tmp_path / "o")["splits"]["pretrain"]["dropped"] == 1
+    assert len(Split(tmp_path / "o/pretrain.safetensors")) == 4
+
+
+def test_a_bad_vocabulary_is_named(tmp_path):
+    src = generic_dialogues(tmp_path, audio=False)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nhi\nhi\n")
+    with pytest.raises(SystemExit, match=re.escape(f"prepare.py: --vocab: {vocab}: line 6 repeats the token 'hi'")):
+        run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", tmp_path / "o")
+    vocab.write_bytes(b"[PAD]\n[UNK]\n[CLS]\n[SEP]\n\xff\n")
+    with pytest.raises(SystemExit, match="prepare.py: --vocab: 'utf-8' codec can't decode"):
+        run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", tmp_path / "o")
+
+
+def test_failed_rerun_keeps_the_old_dataset_and_rerun_is_idempotent(tmp_path):
+    src = generic_dialogues(tmp_path)
+    vocab, out = minilm_dir() / "vocab.txt", tmp_path / "out"
+    run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (tmp_path / "clips/d2_3.wav").write_bytes(b"")
+    with pytest.raises(SystemExit, match="d2_3.wav"):
+        run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clips", "out", "train.jsonl"]
+
+
+def test_prepare_replaces_only_its_own_datasets(tmp_path):
+    src = generic_dialogues(tmp_path / "src", audio=False)
+    vocab = tmp_path / "vocab.txt"
+    shutil.copy(minilm_dir() / "vocab.txt", vocab)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("x")
+    with pytest.raises(SystemExit, match=f"--out {re.escape(str(precious))} exists and is not a dataset made by "
+                                         f"prepare.py"):
+        run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", precious)
+    assert [p.name for p in precious.iterdir()] == ["notes.txt"]
+    with pytest.raises(SystemExit, match="is not a dataset made by prepare.py"):  # --out is the source folder
+        run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", src.parent)
+    run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", tmp_path / "d")  # a dataset of ours...
+    shutil.copy(vocab, tmp_path / "d/vocab.txt")
+    shutil.copy(src, tmp_path / "d/train.jsonl")
+    with pytest.raises(SystemExit, match=re.escape(f"--out {tmp_path / 'd'} holds --vocab")):  # ...holding inputs
+        run_prepare("dialogues", "--from", src, "--vocab", tmp_path / "d/vocab.txt", "--out", tmp_path / "d")
+    with pytest.raises(SystemExit, match=re.escape(f"--out {tmp_path / 'd'} holds --from")):
+        run_prepare("dialogues", "--from", tmp_path / "d/train.jsonl", "--vocab", vocab, "--out", tmp_path / "d")
+    assert src.exists() and (tmp_path / "d/vocab.txt").exists() and (tmp_path / "d/train.jsonl").exists()
+    out = tmp_path / "d"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    empty = write_jsonl(tmp_path / "empty/train.jsonl", [])
+    with pytest.raises(SystemExit, match="no utterances to write"):
+        run_prepare("dialogues", "--from", empty, "--vocab", vocab, "--out", out)
+    unsampled = write_jsonl(tmp_path / "one/train.jsonl", [{"dialogue": "d", "speaker": "A", "text": "hi",
+                                                             "label": "x"}])
+    with pytest.raises(SystemExit, match="split train has labels but no sample"):
+        run_prepare("dialogues", "--from", unsampled, "--vocab", vocab, "--out", out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the good dataset is still there
+    file = tmp_path / "file"
+    file.write_text("x")
+    with pytest.raises(SystemExit, match="exists and is not a folder"):
+        run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", file)
+
+
+@pytest.mark.parametrize("option, value", [("--max-tokens", 0), ("--max-tokens", 2), ("--max-context", 0),
+                                           ("--max-context", 1), ("--max-seconds", -1), ("--max-seconds", 0.01),
+                                           ("--workers", 0), ("--max-tokens", "x")])
+def test_prepare_options_are_checked_where_parsed(tmp_path, capsys, option, value):
+    bad_option(capsys, prepare.main, ["demo", "--out", tmp_path / "o", option, value], option)
+    assert not (tmp_path / "o").exists()
+
+# -----------------------------------------------------------------------------
+# train.py: the two stages, checkpoint selection, resuming, bad set-ups
+
+
+def test_the_demo_learns(tmp_path):
+    """python train.py with its defaults, on the demo: pre-training finds the next utterance well
+    above chance (R5@1 20, R5@2 40), fine-tuning beats the majority class by far."""
+    run_prepare("demo", "--out", tmp_path / "demo")
+    train.main(["--data", str(tmp_path / "demo"), "--out", str(tmp_path / "run")])
+    pre = json.loads((tmp_path / "run/pretrain/metrics.json").read_text())
+    fine = json.loads((tmp_path / "run/finetune/metrics.json").read_text())
+    print(json.dumps({"pretrain": pre, "finetune": fine}))
+    assert pre["test"]["M2M"]["R5@1"] >= 27 and pre["test"]["M2M"]["R5@2"] >= 50
+    assert fine["test"]["f1"] >= fine["test_majority"]["f1"] + 15
+    assert fine["test"]["wa"] >= fine["test_majority"]["wa"] + 10
+
+
+def test_eq23_class_weights_inverse_to_frequency(small_demo):
+    """Eq. 23: each class's weight times its count is the same for every class, and the weights average 1"""
     split = Split(small_demo / "train.safetensors")
     counts = np.bincount(split.samples[:, 2], minlength=3)
     w = train.class_weights(split, 3).numpy()
     assert np.allclose(w * counts, (w * counts)[0]) and np.isclose((w * counts).sum(), counts.sum())
-
-
-def small_model(data, *extra):
-    args = train.parse_args(["--data", str(data), *extra])
-    torch.manual_seed(0)
-    return train.build_model(args, load_meta(data), "finetune").eval()
-
-
-def test_no_distant_ignores_distant_utterances(small_demo):
-    split = Split(small_demo / "train.safetensors")
-    model = small_model(small_demo, "--no-distant")
-    long = [s for s in split.samples if s[1] - s[0] >= 5][:3]
-    batch = finetune_batch(split, long, model.config.modalities)
-    with torch.no_grad():
-        H = model.encode(batch)
-        first = model.interact(H, batch["ctx"], batch["ctx_mask"])
-        far = batch["ctx"][:, 0]  # the first utterance of each context: distant
-        for beta in H:
-            H[beta][far] = torch.randn_like(H[beta][far])
-        second = model.interact(H, batch["ctx"], batch["ctx_mask"])
-        last = batch["ctx_mask"].sum(1)
-        for beta in model.streams:
-            rows = torch.arange(len(last))
-            assert max_diff(first[beta][rows, last], second[beta][rows, last]) == 0
-    # with the distant context on, the same change does change the prediction
-    model = small_model(small_demo)
-    with torch.no_grad():
-        H = model.encode(batch)
-        before = model.interact(H, batch["ctx"], batch["ctx_mask"])["m"][rows, last]
-        H["m"][far] = torch.randn_like(H["m"][far])
-        assert max_diff(before, model.interact(H, batch["ctx"], batch["ctx_mask"])["m"][rows, last]) > 1e-3
-
-
-def test_text_only_never_runs_hubert(small_demo, tmp_path, monkeypatch):
-    model = small_model(small_demo, "--modalities", "text")
-    assert not hasattr(model, "hubert") and model.streams == ["t"]
-    monkeypatch.setattr(Hubert, "forward", lambda *a: pytest.fail("HuBERT ran"))
-    monkeypatch.setattr(Hubert, "__init__", lambda *a: pytest.fail("HuBERT was built"))
-    train.main(["--data", str(small_demo), "--modalities", "text", "--out", str(tmp_path / "run"),
-                "--epochs", "1", "--log-every", "100"])
-    metrics = json.loads((tmp_path / "run/finetune/metrics.json").read_text())
-    assert set(metrics["test"]) == {"wa", "aa", "f1", "confusion"}
-    pre = json.loads((tmp_path / "run/pretrain/metrics.json").read_text())
-    assert set(pre["test"]) == {"T2T"} and set(pre["test"]["T2T"]) == {"R5@1", "R5@2", "R11@1", "R11@2"}
 
 
 def test_resume_continues_to_the_same_weights(small_demo, tmp_path):
@@ -1415,6 +1721,26 @@ def test_non_finite_loss_stops_with_the_step_and_parts(small_demo, tmp_path, mon
     assert torch.load(tmp_path / "r/state.pt", weights_only=False)["step"] == 3
 
 
+def test_zero_means_zero(small_demo, tmp_path, capsys):
+    train.main(["--stage", "finetune", "--data", str(small_demo), "--out", str(tmp_path / "r"), "--lr", "0",
+                "--lr-encoder", "0", "--max-steps", "2", "--dropout", "0"])
+    assert "lr 0 (encoders 0)" in capsys.readouterr().out
+    torch.manual_seed(0)
+    initial = train.build_model(train.parse_args(["--data", str(small_demo)]), load_meta(small_demo), "finetune")
+    trained = torch.load(tmp_path / "r/state.pt", weights_only=False)["model"]
+    assert all(torch.equal(trained[k], v) for k, v in initial.state_dict().items())  # a rate of 0 moves nothing
+
+
+@pytest.mark.parametrize("option, value", [("--epochs", 0), ("--batch-size", 0), ("--lr", -1), ("--lr-encoder", -1),
+                                           ("--k", 1), ("--d", 0), ("--dropout", 1), ("--encoder-dropout", -0.1),
+                                           ("--max-padding", 1.5), ("--micro-batches", 0), ("--workers", -1),
+                                           ("--log-every", 0), ("--save-every", 0), ("--max-steps", 0),
+                                           ("--lr", "nan")])
+def test_train_options_are_checked_where_parsed(small_demo, tmp_path, capsys, option, value):
+    bad_option(capsys, train.main, ["--data", small_demo, "--out", tmp_path / "o", option, value], option)
+    assert not (tmp_path / "o").exists()
+
+
 def test_training_refuses_bad_set_ups_before_starting(small_demo, tmp_path):
     src = generic_dialogues(tmp_path, audio=False)
     run_prepare("dialogues", "--from", src, "--vocab", small_demo / "vocab.txt", "--out", tmp_path / "text",
@@ -1423,7 +1749,8 @@ def test_training_refuses_bad_set_ups_before_starting(small_demo, tmp_path):
         train.main(["--data", str(tmp_path / "text"), "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
     with pytest.raises(SystemExit, match="a batch of 4 cannot be split into 8 micro-batches"):
-        train.main(["--stage", "pretrain", "--data", str(small_demo), "--micro-batches", "8", "--out", str(tmp_path / "x")])
+        train.main(["--stage", "pretrain", "--data", str(small_demo), "--micro-batches", "8",
+                    "--out", str(tmp_path / "x")])
     # an --init run whose sizes do not fit
     train.main(["--stage", "pretrain", "--data", str(small_demo), "--out", str(tmp_path / "pre"), "--epochs", "1",
                 "--d", "32", "--log-every", "100"])
@@ -1433,44 +1760,50 @@ def test_training_refuses_bad_set_ups_before_starting(small_demo, tmp_path):
                     "--out", str(tmp_path / "fine")])
 
 
+def test_training_names_what_is_wrong_with_the_dataset(small_demo, tmp_path):
+    def refused(data, says, *extra):
+        with pytest.raises(SystemExit, match=says):
+            train.main(["--data", str(data), "--out", str(tmp_path / "o"), *extra])
+        assert not (tmp_path / "o").exists()  # a failed run leaves no empty folder
+    refused(tmp_path / "nothing", re.escape(f"train.py: {tmp_path / 'nothing/meta.json'} not found"))
+    refused(small_demo, "--device cuda: this machine has no CUDA device", "--device", "cuda")
+    for name, edit, says in (
+            ("truncated", lambda d: (d / "dev.safetensors").write_bytes((d / "dev.safetensors").read_bytes()[:5000]),
+             re.escape(str(tmp_path / "truncated/dev.safetensors")) + ": truncated"),
+            ("garbage", lambda d: (d / "test.safetensors").write_bytes(b"\x00" * 3),
+             re.escape(str(tmp_path / "garbage/test.safetensors")) + ": not a packed nanotcmp split"),
+            ("meta", lambda d: (d / "meta.json").write_text("{"), "meta.json: not valid JSON"),
+            ("nodev", lambda d: (d / "meta.json").write_text(json.dumps(
+                {k: v if k != "splits" else {s: x for s, x in v.items() if s != "dev"}
+                 for k, v in load_meta(d).items()})), "has no dev split"),
+            ("vocab", lambda d: (d / "vocab.txt").write_text("[PAD]\n"), "vocab.txt, the vocabulary .* is changed")):
+        data = tmp_path / name
+        shutil.copytree(small_demo, data)
+        edit(data)
+        refused(data, says)
+    # a training split with nothing to train on: dialogues too short for a pre-training window
+    line = {"dialogue": "d", "speaker": "A", "text": "hi"}
+    for split, n in (("train", 2), ("dev", 3), ("test", 3)):
+        write_jsonl(tmp_path / f"src/{split}.jsonl", [line | {"dialogue": split, "speaker": "AB"[i % 2]}
+                                                      for i in range(n)])
+    run_prepare("dialogues", "--from", tmp_path / "src", "--vocab", small_demo / "vocab.txt", "--out",
+                tmp_path / "short")
+    refused(tmp_path / "short", "train.safetensors has no window of 3 utterances or more to pretrain on",
+            "--stage", "pretrain", "--modalities", "text")
+
+
+def test_training_names_a_bad_encoder_or_state(small_demo, tmp_path):
+    with pytest.raises(SystemExit, match=re.escape(f"train.py: --text-encoder: no checkpoint at {tmp_path / 'none'}")):
+        train.main(["--data", str(small_demo), "--text-encoder", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
+    common = ["--stage", "finetune", "--data", str(small_demo), "--out", str(tmp_path / "r"), "--max-steps", "2"]
+    train.main(common)
+    state = tmp_path / "r/state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(SystemExit, match=re.escape(f"--resume: {state} is unreadable or incomplete")):
+        train.main(common + ["--resume"])
+
 # -----------------------------------------------------------------------------
-# speed and scale: length buckets, the feature cache, torchrun, a step that never waits
-
-
-def test_buckets_bound_the_padding_share_on_a_grid_of_shapes():
-    rng = np.random.default_rng(0)
-    seconds = np.clip(rng.lognormal(math.log(3), 0.6, 300), 1, 15)  # MELD-like: 1-15 s, median 3 s
-    lengths = (seconds * SAMPLE_RATE).astype(np.int64)
-    for max_padding in (0.1, 0.3):
-        groups = buckets(lengths, max_padding)
-        assert sorted(np.concatenate([g for g, _, _ in groups]).tolist()) == list(range(len(lengths)))
-        for g, R, T in groups:
-            assert T in LENGTH_GRID and R in ROW_GRID and R >= len(g) and T >= lengths[g].max()
-            assert not (LENGTH_GRID[LENGTH_GRID >= lengths[g].max()] < T).any()  # the smallest grid length
-            assert R * T - lengths[g].sum() <= max(max_padding, 1 - lengths[g].max() / T) * R * T + 1e-6
-        assert len(groups) <= len(lengths) / 4  # not one bucket a sequence
-    assert len(buckets(lengths, 1)) == 1
-    # a sequence of 64 or more is padded by 16% at most (shorter ones by a few positions), and the powers of two are
-    # on the grid
-    n = np.arange(64, 100_000)
-    assert (1 - n / LENGTH_GRID[np.searchsorted(LENGTH_GRID, n)]).max() <= 0.16
-    assert {64, 128, 512, 2 ** 20} <= set(LENGTH_GRID.tolist())
-    waves = [np.zeros(n, np.int16) for n in lengths[:40]]
-    for max_padding in (0.1, 1):
-        batch = encoder_inputs(waves=waves, max_padding=max_padding)
-        padded, total = padding(batch, "audio")
-        assert total == sum(x.numel() for x in batch["audio"]) and padded == total - lengths[:40].sum()
-        assert (padded / total <= 0.1) == (max_padding == 0.1)
-        assert shapes(batch, "audio") <= {(int(R), int(T)) for R in ROW_GRID for T in LENGTH_GRID}
-    # a run sees a bounded set of shapes: after a while, a new batch seldom brings a new one
-    lengths = (np.clip(rng.lognormal(math.log(3), 0.6, 6000), 1, 15) * SAMPLE_RATE).astype(np.int64)
-    calls, seen, new = 0, set(), []
-    for i in range(0, len(lengths), 20):
-        groups = buckets(lengths[i:i + 20])
-        calls += len(groups)
-        new.append(len({(R, T) for _, R, T in groups} - seen))
-        seen |= {(R, T) for _, R, T in groups}
-    assert len(seen) < calls / 10 and sum(new[len(new) // 2:]) < 0.1 * len(seen)
+# train.py: speed and scale, each path equal to the plain one
 
 
 def test_training_on_the_grid_equals_training_without(small_demo, tmp_path):
@@ -1483,17 +1816,6 @@ def test_training_on_the_grid_equals_training_without(small_demo, tmp_path):
     for x, y in zip(a["history"], b["history"]):
         assert abs(x["loss"] - y["loss"]) <= 1e-5
     assert train.parse_args([]).shape_grid is torch.cuda.is_available()  # the default: on where shapes cost
-
-
-def test_bucketed_encoding_equals_one_padded_batch(small_demo):
-    split = Split(small_demo / "pretrain.safetensors")
-    model = small_model(small_demo)
-    rows = [list(range(a, e)) for a, e in windows(split)[:4]]
-    (tight, _), (whole, _) = (make_batch(split, rows, max_padding=m) for m in (0.1, 1))
-    assert len(tight["audio"]) > 1 and len(tight["text"]) > 1 and len(whole["audio"]) == len(whole["text"]) == 1
-    with torch.no_grad():
-        a, b = model.features(tight), model.features(whole)
-    assert max_diff(a["text"], b["text"]) <= 1e-5 and max_diff(a["audio"], b["audio"]) <= 1e-5
 
 
 def test_feature_cache_trains_as_frozen_encoders_do(small_demo, tmp_path, capsys):
@@ -1628,119 +1950,6 @@ def test_a_training_step_never_waits_for_the_device(small_demo):
     with pytest.raises(NotImplementedError, match=r"torch\.nonzero\(\)"):
         train.train_step(model, opt, micro)
 
-
-def test_the_demo_learns(tmp_path):
-    """python train.py with its defaults, on the demo: pre-training finds the next utterance well
-    above chance (R5@1 20, R5@2 40), fine-tuning beats the majority class by far."""
-    run_prepare("demo", "--out", tmp_path / "demo")
-    train.main(["--data", str(tmp_path / "demo"), "--out", str(tmp_path / "run")])
-    pre = json.loads((tmp_path / "run/pretrain/metrics.json").read_text())
-    fine = json.loads((tmp_path / "run/finetune/metrics.json").read_text())
-    print(json.dumps({"pretrain": pre, "finetune": fine}))
-    assert pre["test"]["M2M"]["R5@1"] >= 27 and pre["test"]["M2M"]["R5@2"] >= 50
-    assert fine["test"]["f1"] >= fine["test_majority"]["f1"] + 15
-    assert fine["test"]["wa"] >= fine["test_majority"]["wa"] + 10
-
-
-def test_batches_encode_each_utterance_once_and_noise_comes_from_other_dialogues(small_demo):
-    split = Split(small_demo / "pretrain.safetensors")
-    rows = [list(range(a, e)) for a, e in windows(split)[:4]]  # overlapping windows share utterances
-    targets = [row[j] for row in rows for j in range(2, len(row))]
-    pool = [u for row in rows for u in row]
-    for candidates_from in (None, pool):
-        noise = draw_noise(split, targets, 5, np.random.default_rng(0), candidates_from)
-        assert noise.shape == (len(targets), 4)
-        assert (split.utt_dialogue[noise] != split.utt_dialogue[targets][:, None]).all()
-    assert set(noise.ravel().tolist()) <= set(pool)
-    batch, where = make_batch(split, rows, extra=noise.ravel())
-    distinct = set(pool) | set(noise.ravel().tolist())
-    assert len(batch["text_index"]) == len(batch["audio_index"]) == len(where) == len(distinct) < len(pool) + noise.size
-    for b, row in enumerate(rows):
-        assert batch["ctx"][b, :len(row)].tolist() == [where[u] for u in row]
-    for u in distinct:
-        assert unpadded(batch, "text", where[u]).tolist() == split.tokens_of(u).tolist()
-        assert unpadded(batch, "audio", where[u]).mul(2 ** 15).round().tolist() == split.audio_of(u).tolist()
-
-
-def unpadded(batch, key, i):
-    """The batch's i-th utterance as given to the encoder, its padding cut off"""
-    row = int(batch[key + "_index"][i])
-    for x, mask in zip(batch[key], batch[key + "_mask"]):
-        if row < len(x):
-            return x[row][mask[row]]
-        row -= len(x)
-
-
-def test_eq21_total_weighs_tus_by_zeta_and_clip_by_eta(small_demo):
-    split = Split(small_demo / "pretrain.safetensors")
-    batch = pretrain_batch(split, windows(split)[:3], 5, np.random.default_rng(0), ("text", "audio"))
-    torch.manual_seed(0)
-    model = M.TCMP(dataclasses.replace(small_model(small_demo).config, zeta=0.3, eta=0.7)).eval()
-    with torch.no_grad():
-        total, parts, _ = model.pretrain_loss(batch)
-    want = 0.3 * (parts["intra"] + parts["inter"]) + 0.7 * parts["clip"]
-    swapped = 0.7 * (parts["intra"] + parts["inter"]) + 0.3 * parts["clip"]
-    assert abs(total - want) < 1e-5 and abs(total - swapped) > 1e-3
-
-
-def test_eq23_weighted_cross_entropy_by_hand():
-    logits, labels = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]]), torch.tensor([0, 2])
-    w = torch.tensor([0.5, 1.0, 3.0])
-    nll0 = -(2.0 - math.log(math.exp(2.0) + math.exp(0.0) + math.exp(-1.0)))
-    nll1 = -(0.0 - math.log(math.exp(0.5) + math.exp(1.5) + math.exp(0.0)))
-    assert abs(M.weighted_cross_entropy(logits, labels, w).item() - (0.5 * nll0 + 3.0 * nll1) / 2) < 1e-6
-
-
-def test_forward_returns_output_loss_and_parts_in_both_stages(small_demo):
-    split, model = Split(small_demo / "train.safetensors"), small_model(small_demo)
-    model.class_weights.copy_(train.class_weights(split, 3))
-    batch = finetune_batch(split, split.samples[:4], model.config.modalities)
-    with torch.no_grad():
-        logits, loss, parts = model(batch)
-        assert logits.shape == (4, 3) and parts == {"wce": loss}
-        assert abs(loss - M.weighted_cross_entropy(logits, batch["labels"], model.class_weights)) < 1e-6
-        assert loss != M.weighted_cross_entropy(logits, batch["labels"], torch.ones(3))  # the weights count
-        unlabelled = Split(small_demo / "pretrain.safetensors")
-        batch = pretrain_batch(unlabelled, windows(unlabelled)[:2], 5, np.random.default_rng(0),
-                               model.config.modalities)
-        scores, loss, parts = model(batch)
-        assert set(scores) == {"t", "a", "m"} and set(parts) == {"intra", "inter", "clip"}
-
-
-def test_eq4_pooling_is_max_plus_mean_over_the_valid_positions():
-    x = torch.tensor([[[1.0, -2.0], [3.0, 4.0], [100.0, 100.0]],
-                      [[-1.0, 0.0], [-5.0, 2.0], [7.0, -3.0]]])  # (U=2, T=3, D=2)
-    mask = torch.tensor([[True, True, False], [True, True, True]])
-    # utterance 0 (its third position is padding): max (3, 4) + mean (2, 1); utterance 1: max (7, 2) + mean (1/3, -1/3)
-    assert max_diff(M.pool(x, mask), torch.tensor([[5.0, 5.0], [7 + 1 / 3, 2 - 1 / 3]])) < 1e-6
-
-
-def test_eq6_fusion_and_eq22_head_by_hand(small_demo):
-    split = Split(small_demo / "train.safetensors")
-    model = small_model(small_demo)
-    batch = finetune_batch(split, split.samples[:3], model.config.modalities)
-    with torch.no_grad():
-        f, H = model.features(batch), model.encode(batch)
-        t = torch.tanh(f["text"] @ model.proj_t.weight.T + model.proj_t.bias)  # pooled BERT -> d
-        a = torch.tanh(f["audio"] @ model.proj_a.weight.T + model.proj_a.bias)  # pooled HuBERT -> d
-        m = torch.cat([t, a], 1) @ model.fuse.weight.T + model.fuse.bias  # Eq. 6: W_f [H^t ; H^a] + b_f
-        assert max(max_diff(H["t"], t), max_diff(H["a"], a), max_diff(H["m"], m)) < 1e-6
-        P = model.interact(H, batch["ctx"], batch["ctx_mask"])
-        rows, last = torch.arange(3), batch["ctx_mask"].sum(1)  # each sample's target position
-        p = torch.cat([P["t"][rows, last], P["a"][rows, last], P["m"][rows, last]], 1)
-        logits = torch.tanh(p @ model.head1.weight.T + model.head1.bias) @ model.head2.weight.T + model.head2.bias
-        assert max_diff(model.classify(batch), logits) < 1e-6  # Eq. 22 before its softmax
-
-
-def test_tus_switch_picks_the_losses(small_demo):
-    split = Split(small_demo / "pretrain.safetensors")
-    batch = pretrain_batch(split, windows(split)[:3], 5, np.random.default_rng(0), ("text", "audio"))
-    for tus, want in (("intra", {"intra", "clip"}), ("inter", {"inter", "clip"}), ("both", {"intra", "inter", "clip"})):
-        with torch.no_grad():
-            total, parts, scores = small_model(small_demo, "--tus", tus).pretrain_loss(batch)
-        assert set(parts) == want and set(scores) == {"t", "a", "m"}
-        assert abs(total.item() - (0.5 * sum(v for k, v in parts.items() if k != "clip") + 0.5 * parts["clip"]).item()) < 1e-5
-
 # -----------------------------------------------------------------------------
 # sample.py: real-time pre-recognition
 
@@ -1846,229 +2055,6 @@ def test_bad_checkpoints_are_named(demo_ckpt, small_demo, tmp_path, capsys):
         run_sample(capsys, small_demo / "example_dialogue.jsonl", "--ckpt", tmp_path / "old")
 
 
-def test_a_reader_that_goes_away_stops_sample_quietly(small_demo, demo_ckpt):
-    """python sample.py --json | head -2: no traceback when the pipe closes"""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), str(small_demo / "example_dialogue.jsonl"),
-                             "--ckpt", str(demo_ckpt / "all"), "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc.stdout.close()  # before the first answer is written
-    err = proc.stderr.read().decode()
-    assert proc.wait(60) == 141 and err == ""
-
-
-def test_stdin_answers_each_turn_as_soon_as_it_is_read(small_demo, demo_ckpt):
-    """A live front-end: the answer to turn 2 comes back while standard input is still open."""
-    import select
-    lines = (small_demo / "example_dialogue.jsonl").read_text().splitlines()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "-", "--ckpt", str(demo_ckpt / "all"), "--json"],
-                            cwd=small_demo, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        for turns, n in ((lines[:2], 2), (lines[2:3], 3)):  # turns 1 and 2, then turn 3
-            proc.stdin.write("".join(t + "\n" for t in turns))
-            proc.stdin.flush()
-            ready, _, _ = select.select([proc.stdout], [], [], 120)
-            assert ready, f"no answer to turn {n} while the conversation goes on"
-            assert json.loads(proc.stdout.readline())["turn"] == n
-    finally:
-        proc.stdin.close()
-        proc.wait(60)
-
-
-# -----------------------------------------------------------------------------
-# what a user can get wrong: each is refused with one line naming what is at fault, and nothing of
-# theirs is deleted
-
-
-def bad_option(capsys, main, argv, option):
-    """main(argv) stops in argparse, naming option and the value"""
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in argv])
-    assert e.value.code == 2 and f"argument {option}: " in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("option, value", [("--max-tokens", 0), ("--max-tokens", 2), ("--max-context", 0),
-                                           ("--max-context", 1), ("--max-seconds", -1), ("--max-seconds", 0.01),
-                                           ("--workers", 0), ("--max-tokens", "x")])
-def test_prepare_options_are_checked_where_parsed(tmp_path, capsys, option, value):
-    bad_option(capsys, prepare.main, ["demo", "--out", tmp_path / "o", option, value], option)
-    assert not (tmp_path / "o").exists()
-
-
-@pytest.mark.parametrize("option, value", [("--epochs", 0), ("--batch-size", 0), ("--lr", -1), ("--lr-encoder", -1),
-                                           ("--k", 1), ("--d", 0), ("--dropout", 1), ("--encoder-dropout", -0.1),
-                                           ("--max-padding", 1.5), ("--micro-batches", 0), ("--workers", -1),
-                                           ("--log-every", 0), ("--save-every", 0), ("--max-steps", 0),
-                                           ("--lr", "nan")])
-def test_train_options_are_checked_where_parsed(small_demo, tmp_path, capsys, option, value):
-    bad_option(capsys, train.main, ["--data", small_demo, "--out", tmp_path / "o", option, value], option)
-    assert not (tmp_path / "o").exists()
-
-
-def test_zero_means_zero(small_demo, tmp_path, capsys):
-    train.main(["--stage", "finetune", "--data", str(small_demo), "--out", str(tmp_path / "r"), "--lr", "0",
-                "--lr-encoder", "0", "--max-steps", "2", "--dropout", "0"])
-    assert "lr 0 (encoders 0)" in capsys.readouterr().out
-    torch.manual_seed(0)
-    initial = train.build_model(train.parse_args(["--data", str(small_demo)]), load_meta(small_demo), "finetune")
-    trained = torch.load(tmp_path / "r/state.pt", weights_only=False)["model"]
-    assert all(torch.equal(trained[k], v) for k, v in initial.state_dict().items())  # a rate of 0 moves nothing
-
-
-def test_prepare_replaces_only_its_own_datasets(tmp_path):
-    src = generic_dialogues(tmp_path / "src", audio=False)
-    vocab = tmp_path / "vocab.txt"
-    shutil.copy(minilm_dir() / "vocab.txt", vocab)
-    precious = tmp_path / "precious"
-    precious.mkdir()
-    (precious / "notes.txt").write_text("x")
-    with pytest.raises(SystemExit, match=f"--out {re.escape(str(precious))} exists and is not a dataset made by "
-                                         f"prepare.py"):
-        run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", precious)
-    assert [p.name for p in precious.iterdir()] == ["notes.txt"]
-    with pytest.raises(SystemExit, match="is not a dataset made by prepare.py"):  # --out is the source folder
-        run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", src.parent)
-    run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", tmp_path / "d")  # a dataset of ours...
-    shutil.copy(vocab, tmp_path / "d/vocab.txt")
-    shutil.copy(src, tmp_path / "d/train.jsonl")
-    with pytest.raises(SystemExit, match=re.escape(f"--out {tmp_path / 'd'} holds --vocab")):  # ...holding inputs
-        run_prepare("dialogues", "--from", src, "--vocab", tmp_path / "d/vocab.txt", "--out", tmp_path / "d")
-    with pytest.raises(SystemExit, match=re.escape(f"--out {tmp_path / 'd'} holds --from")):
-        run_prepare("dialogues", "--from", tmp_path / "d/train.jsonl", "--vocab", vocab, "--out", tmp_path / "d")
-    assert src.exists() and (tmp_path / "d/vocab.txt").exists() and (tmp_path / "d/train.jsonl").exists()
-    out = tmp_path / "d"
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    empty = write_jsonl(tmp_path / "empty/train.jsonl", [])
-    with pytest.raises(SystemExit, match="no utterances to write"):
-        run_prepare("dialogues", "--from", empty, "--vocab", vocab, "--out", out)
-    unsampled = write_jsonl(tmp_path / "one/train.jsonl", [{"dialogue": "d", "speaker": "A", "text": "hi",
-                                                             "label": "x"}])
-    with pytest.raises(SystemExit, match="split train has labels but no sample"):
-        run_prepare("dialogues", "--from", unsampled, "--vocab", vocab, "--out", out)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the good dataset is still there
-    file = tmp_path / "file"
-    file.write_text("x")
-    with pytest.raises(SystemExit, match="exists and is not a folder"):
-        run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", file)
-
-
-@pytest.mark.parametrize("field, value, says", [
-    ("label", 1, "field 'label' must be a string or null, not 1"),
-    ("label", True, "field 'label' must be a string or null, not true"),
-    ("label", {"a": 1}, "field 'label' must be a string or null"),
-    ("speaker", None, "field 'speaker' must be a string, not null"),
-    ("text", None, "field 'text' must be a string, not null"),
-    ("text", " ", "field 'text' is empty"),
-    ("dialogue", 5, "field 'dialogue' must be a string, not 5"),
-    ("audio", 3, "field 'audio' must be a string or null, not 3"),
-])
-def test_jsonl_fields_are_typed(tmp_path, field, value, says):
-    lines = [{"dialogue": "d", "speaker": s, "text": f"turn {i}", "label": "happy"} for i, s in enumerate("ABABABA")]
-    lines[2][field] = value
-    src = write_jsonl(tmp_path / "train.jsonl", lines)
-    vocab = minilm_dir() / "vocab.txt"
-    with pytest.raises(SystemExit, match=re.escape(f"{src}:3: {says}")):
-        run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", tmp_path / "o")
-    run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", tmp_path / "o", "--skip-bad")
-    assert load_meta(tmp_path / "o")["splits"]["train"]["dropped"] == 1
-
-
-def test_a_dialogue_in_two_splits_is_refused(tmp_path):
-    line = {"dialogue": "d7", "speaker": "A", "text": "hi", "label": "happy"}
-    write_jsonl(tmp_path / "src/train.jsonl", [line, line | {"speaker": "B"}, line])
-    write_jsonl(tmp_path / "src/dev.jsonl", [line | {"dialogue": "d8"}, line | {"dialogue": "d8"}])
-    write_jsonl(tmp_path / "src/test.jsonl", [line | {"dialogue": "d9"}, line])
-    with pytest.raises(SystemExit, match=re.escape(f"{tmp_path / 'src/train.jsonl'}:1: dialogue 'd7' is also in "
-                                                   f"{tmp_path / 'src/test.jsonl'}")):
-        run_prepare("dialogues", "--from", tmp_path / "src", "--vocab", minilm_dir() / "vocab.txt", "--out",
-                    tmp_path / "o")
-
-
-def test_skip_bad_counts_lines_that_are_not_utf8(tmp_path):
-    good = [json.dumps({"dialogue": "d", "speaker": s, "text": f"turn {i}"}).encode() for i, s in enumerate("ABAB")]
-    src = tmp_path / "pretrain.jsonl"
-    src.write_bytes(b"\n".join(good[:2] + [b'{"dialogue": "d", "speaker": "A", "text": "caf\xe9"}'] + good[2:]))
-    run_prepare("dialogues", "--from", src, "--vocab", minilm_dir() / "vocab.txt", "--out", tmp_path / "o",
-                "--skip-bad")
-    assert load_meta(tmp_path / "o")["splits"]["pretrain"]["dropped"] == 1
-    assert len(Split(tmp_path / "o/pretrain.safetensors")) == 4
-
-
-def test_missing_ffmpeg_is_named_and_not_skipped(tmp_path, monkeypatch, demo_ckpt, small_demo, capsys):
-    src = generic_dialogues(tmp_path, mp4=True)
-    monkeypatch.setattr(shutil, "which", lambda name: None)
-    for skip in ([], ["--skip-bad"]):
-        with pytest.raises(SystemExit, match="needs the ffmpeg command-line tool, which is not on PATH"):
-            run_prepare("dialogues", "--from", src, "--vocab", minilm_dir() / "vocab.txt", "--out", tmp_path / "o",
-                        "--workers", 1, *skip)
-    turns = write_jsonl(tmp_path / "turns.jsonl", [{"speaker": "A", "text": "hi", "audio": "clips/d1_0.mp4"}])
-    with pytest.raises(SystemExit, match="sample.py: .*needs the ffmpeg command-line tool"):
-        run_sample(capsys, turns, "--ckpt", demo_ckpt / "all")
-
-
-def test_a_bad_vocabulary_is_named(tmp_path):
-    src = generic_dialogues(tmp_path, audio=False)
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nhi\nhi\n")
-    with pytest.raises(SystemExit, match=re.escape(f"prepare.py: --vocab: {vocab}: line 6 repeats the token 'hi'")):
-        run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", tmp_path / "o")
-    vocab.write_bytes(b"[PAD]\n[UNK]\n[CLS]\n[SEP]\n\xff\n")
-    with pytest.raises(SystemExit, match="prepare.py: --vocab: 'utf-8' codec can't decode"):
-        run_prepare("dialogues", "--from", src, "--vocab", vocab, "--out", tmp_path / "o")
-
-
-def test_meld_reads_the_shipped_transcripts_by_default(tmp_path, p_meld):
-    run_prepare("meld", "--vocab", minilm_dir() / "vocab.txt", "--out", tmp_path / "o")
-    assert [p.read_bytes() for p in sorted((tmp_path / "o").glob("*.safetensors"))] == \
-        [p.read_bytes() for p in sorted(p_meld.glob("*.safetensors"))]
-    assert {p.name for p in MELD.iterdir()} == {"README.md", "train_sent_emo.csv", "dev_sent_emo.csv",
-                                                "test_sent_emo.csv"}
-    notes = (MELD / "README.md").read_text()
-    assert "GPL-3.0" in notes and "Poria" in notes  # the licence and the citation travel with the data
-
-
-def test_training_names_what_is_wrong_with_the_dataset(small_demo, tmp_path):
-    def refused(data, says, *extra):
-        with pytest.raises(SystemExit, match=says):
-            train.main(["--data", str(data), "--out", str(tmp_path / "o"), *extra])
-        assert not (tmp_path / "o").exists()  # a failed run leaves no empty folder
-    refused(tmp_path / "nothing", re.escape(f"train.py: {tmp_path / 'nothing/meta.json'} not found"))
-    refused(small_demo, "--device cuda: this machine has no CUDA device", "--device", "cuda")
-    for name, edit, says in (
-            ("truncated", lambda d: (d / "dev.safetensors").write_bytes((d / "dev.safetensors").read_bytes()[:5000]),
-             re.escape(str(tmp_path / "truncated/dev.safetensors")) + ": truncated"),
-            ("garbage", lambda d: (d / "test.safetensors").write_bytes(b"\x00" * 3),
-             re.escape(str(tmp_path / "garbage/test.safetensors")) + ": not a packed nanotcmp split"),
-            ("meta", lambda d: (d / "meta.json").write_text("{"), "meta.json: not valid JSON"),
-            ("nodev", lambda d: (d / "meta.json").write_text(json.dumps(
-                {k: v if k != "splits" else {s: x for s, x in v.items() if s != "dev"}
-                 for k, v in load_meta(d).items()})), "has no dev split"),
-            ("vocab", lambda d: (d / "vocab.txt").write_text("[PAD]\n"), "vocab.txt, the vocabulary .* is changed")):
-        data = tmp_path / name
-        shutil.copytree(small_demo, data)
-        edit(data)
-        refused(data, says)
-    # a training split with nothing to train on: dialogues too short for a pre-training window
-    line = {"dialogue": "d", "speaker": "A", "text": "hi"}
-    for split, n in (("train", 2), ("dev", 3), ("test", 3)):
-        write_jsonl(tmp_path / f"src/{split}.jsonl", [line | {"dialogue": split, "speaker": "AB"[i % 2]}
-                                                      for i in range(n)])
-    run_prepare("dialogues", "--from", tmp_path / "src", "--vocab", small_demo / "vocab.txt", "--out",
-                tmp_path / "short")
-    refused(tmp_path / "short", "train.safetensors has no window of 3 utterances or more to pretrain on",
-            "--stage", "pretrain", "--modalities", "text")
-
-
-def test_training_names_a_bad_encoder_or_state(small_demo, tmp_path):
-    with pytest.raises(SystemExit, match=re.escape(f"train.py: --text-encoder: no checkpoint at {tmp_path / 'none'}")):
-        train.main(["--data", str(small_demo), "--text-encoder", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
-    common = ["--stage", "finetune", "--data", str(small_demo), "--out", str(tmp_path / "r"), "--max-steps", "2"]
-    train.main(common)
-    state = tmp_path / "r/state.pt"
-    state.write_bytes(state.read_bytes()[:100])
-    with pytest.raises(SystemExit, match=re.escape(f"--resume: {state} is unreadable or incomplete")):
-        train.main(common + ["--resume"])
-
-
 def test_checkpoints_are_checked_on_load(demo_ckpt, small_demo, tmp_path, capsys):
     example = small_demo / "example_dialogue.jsonl"
 
@@ -2118,6 +2104,46 @@ def test_sample_names_a_line_that_is_not_utf8(demo_ckpt, tmp_path, capsys):
         run_sample(capsys, turns, "--ckpt", demo_ckpt / "text")
     with pytest.raises(SystemExit, match="sample.py: --device gpu: not a device"):
         run_sample(capsys, turns, "--ckpt", demo_ckpt / "text", "--device", "gpu")
+
+
+def test_missing_ffmpeg_is_named_and_not_skipped(tmp_path, monkeypatch, demo_ckpt, small_demo, capsys):
+    src = generic_dialogues(tmp_path, mp4=True)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    for skip in ([], ["--skip-bad"]):
+        with pytest.raises(SystemExit, match="needs the ffmpeg command-line tool, which is not on PATH"):
+            run_prepare("dialogues", "--from", src, "--vocab", minilm_dir() / "vocab.txt", "--out", tmp_path / "o",
+                        "--workers", 1, *skip)
+    turns = write_jsonl(tmp_path / "turns.jsonl", [{"speaker": "A", "text": "hi", "audio": "clips/d1_0.mp4"}])
+    with pytest.raises(SystemExit, match="sample.py: .*needs the ffmpeg command-line tool"):
+        run_sample(capsys, turns, "--ckpt", demo_ckpt / "all")
+
+
+def test_a_reader_that_goes_away_stops_sample_quietly(small_demo, demo_ckpt):
+    """python sample.py --json | head -2: no traceback when the pipe closes"""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), str(small_demo / "example_dialogue.jsonl"),
+                             "--ckpt", str(demo_ckpt / "all"), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the first answer is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 141 and err == ""
+
+
+def test_stdin_answers_each_turn_as_soon_as_it_is_read(small_demo, demo_ckpt):
+    """A live front-end: the answer to turn 2 comes back while standard input is still open."""
+    import select
+    lines = (small_demo / "example_dialogue.jsonl").read_text().splitlines()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "-", "--ckpt", str(demo_ckpt / "all"), "--json"],
+                            cwd=small_demo, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        for turns, n in ((lines[:2], 2), (lines[2:3], 3)):  # turns 1 and 2, then turn 3
+            proc.stdin.write("".join(t + "\n" for t in turns))
+            proc.stdin.flush()
+            ready, _, _ = select.select([proc.stdout], [], [], 120)
+            assert ready, f"no answer to turn {n} while the conversation goes on"
+            assert json.loads(proc.stdout.readline())["turn"] == n
+    finally:
+        proc.stdin.close()
+        proc.wait(60)
 
 # -----------------------------------------------------------------------------
 # experiments/pmeld.py: the README's P-MELD table
