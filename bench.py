@@ -324,7 +324,7 @@ def train_one(data, size, mode, steps, device):
     model.check_inputs = device.type == "cpu"
     split = Split(os.path.join(data, "pretrain.safetensors"))
     n = WINDOWS[device.type][size]
-    args = train.parse_args(["--data", data, "--max-padding", "1" if mode == "whole" else "0.1", "--batch-size", str(n),
+    args = train.parse_args(["--data", data, "--max-padding", "1" if mode == "whole" else "0.1",
                              "--device", device.type])  # train.py's defaults for this device
     cache_s = None
     if mode == "cache":

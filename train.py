@@ -373,7 +373,8 @@ def ahead(make, n, args, device, start=0):
 @dataclass(frozen=True)
 class Run:
     """One stage's settings, resolved from the command line and the device. args stays as parsed:
-    each stage of --stage all has a Run of its own (its folder, --init and batch size)."""
+    each stage of --stage all has a Run of its own (its folder, --init and batch size), and past
+    plan_run the code reads these settings from the Run, never from args."""
     stage: str  # "pretrain" or "finetune"
     out: str  # the run folder: model.safetensors, config.json, metrics.json, log.json, state.pt
     init: str | None  # fine-tune from this pre-training run folder
@@ -389,28 +390,30 @@ class Run:
 
 
 def plan_run(stage, args, device, out=None, init=None, batch_size=None):
-    """-> a stage's Run; out, init, batch_size: the command line's, None for the defaults"""
+    """-> a stage's Run; out, init, batch_size: this stage's (--out, --init, --batch-size when it runs
+    alone), None for the defaults"""
     tiny = is_tiny(args)
     batch_size = batch_size or (TINY_PRETRAIN["batch"] if tiny and stage == "pretrain" else
                                 BATCH["cuda" if device.type == "cuda" else "cpu"][stage])
     # default: one micro-batch a process, or more where a process's share of windows exceeds MICRO_WINDOWS
-    micro = args.micro_batches or WORLD * (math.ceil(batch_size / WORLD / MICRO_WINDOWS) if stage == "pretrain" else 1)
-    if micro % WORLD:
-        raise SystemExit(f"train.py: --micro-batches {micro} does not divide among {WORLD} processes")
-    if batch_size < micro:
-        raise SystemExit(f"train.py: a batch of {batch_size} cannot be split into {micro} micro-batches "
-                         f"(--micro-batches or processes): use --batch-size {micro} or more")
-    if stage == "pretrain" and batch_size < 2 * micro:
+    n_micro = (args.micro_batches or
+               WORLD * (math.ceil(batch_size / WORLD / MICRO_WINDOWS) if stage == "pretrain" else 1))
+    if n_micro % WORLD:
+        raise SystemExit(f"train.py: --micro-batches {n_micro} does not divide among {WORLD} processes")
+    if batch_size < n_micro:
+        raise SystemExit(f"train.py: a batch of {batch_size} cannot be split into {n_micro} micro-batches "
+                         f"(--micro-batches or processes): use --batch-size {n_micro} or more")
+    if stage == "pretrain" and batch_size < 2 * n_micro:
         print0(f"train.py: micro-batches of one window: their noise candidates come from the whole split and are "
-               f"each encoded on top (--batch-size {2 * micro} or more avoids it)")
+               f"each encoded on top (--batch-size {2 * n_micro} or more avoids it)")
     # the paper's rates fine-tune pretrained encoders; tiny ones learn from scratch and need larger steps
     lr = args.lr if args.lr is not None else TINY_LR if tiny else PAPER_LR[stage]
     lr_encoder = args.lr_encoder if args.lr_encoder is not None else lr if tiny else PAPER_LR_ENCODER
     out = out or os.path.join("out", f"{os.path.basename(os.path.normpath(args.data))}-{stage}")
-    return Run(stage, out, init, batch_size, micro, args.epochs or (8 if stage == "pretrain" else 12), lr, lr_encoder)
+    return Run(stage, out, init, batch_size, n_micro, args.epochs or (8 if stage == "pretrain" else 12), lr, lr_encoder)
 
 # -----------------------------------------------------------------------------
-# a training step
+# the model to train, and a training step
 
 
 def set_up_model(run, args, device, meta, splits):
@@ -424,7 +427,7 @@ def set_up_model(run, args, device, meta, splits):
         model.freeze_encoders()
     model.check_inputs = device.type == "cpu"  # prepare.py checked the dataset; a check is a sync on a GPU
     if run.stage == "finetune":
-        model.class_weights.copy_(class_weights(splits[0], model.config.n_labels))
+        model.class_weights.copy_(class_weights(splits[0], model.config.n_labels))  # the training split's
     if args.freeze_encoders and not args.no_cache:
         attach_features(model, args.data, splits, device)
     if args.compile:
@@ -511,32 +514,33 @@ def train_step(runner, opt, micro):
 
 class Meter:
     """The loop's bookkeeping: the loss and its parts summed over a log interval, the first
-    non-finite loss, the steps' time (less the time spent waiting for batches, or paused to
-    evaluate and save), padding shares and encoder shapes. The sums and the first non-finite loss
-    stay on the device, so that a step never waits for them: they are read at log lines and saves."""
+    non-finite loss, the steps' time (less the pauses to evaluate and save) and the share of it
+    spent waiting for batches, padding shares and encoder shapes. The sums and the first non-finite
+    loss stay on the device, so that a step never waits for them: they are read at log lines and
+    saves."""
 
     def __init__(self, device, step, state_path):
         self.device, self.state_path, self.first_step, self.last_log = device, state_path, step, step
-        self.t0 = self.t_epoch = time.time()
+        self.t0 = self.t_epoch = time.time()  # t_epoch: when the current epoch started
         self.first_bad = torch.full((), math.inf, device=device)  # the first step with a non-finite loss
         self.bad_parts = {}  # its loss's parts
-        self.shapes = {}  # modality -> the (rows, length) shapes its encoder has been called with
+        self.seen_shapes = {}  # modality -> the (rows, length) shapes its encoder has been called with
         self.new_interval()
 
     def new_interval(self):
-        self.sums, self.pad, self.items, self.waited, self.paused = {}, {}, 0, 0.0, 0.0
+        self.sums, self.pad, self.n_items, self.waited, self.paused = {}, {}, 0, 0.0, 0.0
         self.t_log = time.time()
 
-    def next(self, batches):
+    def fetch(self, batches):
         """-> the next step's micro-batches from the loader, counting the wait, items, padding and shapes"""
         t = time.time()
         n_items, micro = next(batches)
         self.waited += time.time() - t
-        self.items += n_items
+        self.n_items += n_items
         for _, batch, counts in micro:
             for key, c in counts.items():
                 self.pad[key] = self.pad.get(key, np.zeros(2)) + c
-                self.shapes.setdefault(key, set()).update(shapes(batch, key))
+                self.seen_shapes.setdefault(key, set()).update(shapes(batch, key))
         return micro
 
     def add(self, step, loss, parts):
@@ -558,7 +562,8 @@ class Meter:
 
     @contextlib.contextmanager
     def pause(self, epoch_end):
-        """Evaluating or saving: once the steps so far are done and finite, timed apart from them"""
+        """Evaluating or saving: once the steps so far are done and finite, timed apart from them; at
+        an epoch's end the next epoch starts after it"""
         self.check_finite()
         t = time.time()
         yield
@@ -566,25 +571,30 @@ class Meter:
         if epoch_end:
             self.t_epoch = time.time()
 
-    def log(self, step, total, unit):
-        """Prints the interval's log line -> its record for log.json (means over its steps and the processes)"""
+    def log(self, progress, total, run):
+        """The interval's log line, printed, and its record (means over its steps and the processes)
+        added to the history and log.json"""
         self.check_finite()  # waits for the device: the time below is the steps', not their dispatch's
+        step = progress.step
         n = step - self.last_log
         means = {k: all_reduce(v / n).item() for k, v in self.sums.items()}
         dt = (time.time() - self.t_log - self.paused) / n
         shares = {k: float(c[0] / c[1]) for k, c in
                   ((k, all_reduce(torch.tensor(v, device=self.device))) for k, v in self.pad.items())}
         wait = self.waited / (dt * n)  # the share of the steps' time spent waiting for a batch
-        n_shapes = {k: len(v) for k, v in self.shapes.items()}  # (this process's)
+        n_shapes = {k: len(v) for k, v in self.seen_shapes.items()}  # (this process's)
         print0(f"step {step}/{total} | loss {means['loss']:.4f} ("
                + ", ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
-               + f") | {dt * 1000:.0f} ms/step | {self.items / (dt * n):.1f} {unit}/s | waits {wait:.0%}"
+               + f") | {dt * 1000:.0f} ms/step | {self.n_items / (dt * n):.1f} {run.unit}/s | waits {wait:.0%}"
                + "".join(f" | padding {k} {v:.0%}" for k, v in shares.items())
                + "".join(f" | {k} shapes {v}" for k, v in n_shapes.items())
                + f" | ETA {(total - step) * (time.time() - self.t0) / (step - self.first_step) / 60:.1f} min")
+        progress.history.append({"step": step, **means, "ms_per_step": dt * 1000, "padding": shares, "wait": wait,
+                                 "shapes": n_shapes})
+        if RANK == 0:
+            write_json(os.path.join(run.out, "log.json"), progress.history)
         self.last_log = step
         self.new_interval()
-        return {"step": step, **means, "ms_per_step": dt * 1000, "padding": shares, "wait": wait, "shapes": n_shapes}
 
 
 @dataclass
@@ -608,7 +618,7 @@ def save_state(path, model, opt, progress, device):
     barrier()
 
 
-def load_state(path, model, opt, device):
+def resume(path, model, opt, device):
     """--resume: the model, the optimiser and this process's random state from state.pt -> its Progress"""
     if not os.path.isfile(path):
         raise SystemExit(f"train.py: --resume: no {path}")
@@ -700,7 +710,8 @@ def train_stage(run, args, device):
 
 def run_stage(run, args, device, meta, train_split, items, dev, test):
     """The set-up, then the loop: a step, a log line every --log-every steps, at each epoch's end an
-    evaluation on dev that keeps the best model, a resumable state every --save-every steps"""
+    evaluation on dev that keeps the best model; a resumable state at each epoch's end, every
+    --save-every steps and at --max-steps"""
     model, opt = set_up_model(run, args, device, meta, (train_split, dev, test))
     runner = DDP(model, find_unused_parameters=True) if WORLD > 1 else model
     steps_per_epoch = len(step_chunks(run, items, train_split, np.random.default_rng(0)))
@@ -709,26 +720,24 @@ def run_stage(run, args, device, meta, train_split, items, dev, test):
     if RANK == 0:
         os.makedirs(run.out, exist_ok=True)
     state_path = os.path.join(run.out, "state.pt")
-    progress = load_state(state_path, model, opt, device) if args.resume else Progress()
+    progress = resume(state_path, model, opt, device) if args.resume else Progress()
     meter = Meter(device, progress.step, state_path)
     batches = iter(ahead(functools.partial(step_batches, run, items, train_split, args, model.config.modalities,
                                            steps_per_epoch), total, args, device, progress.step))
     while progress.step < total and not out_of_patience(args, progress.best, progress.step // steps_per_epoch):
-        micro = meter.next(batches)
+        micro = meter.fetch(batches)
         loss, parts = train_step(runner, opt, [(share, to_device(batch, device)) for share, batch, _ in micro])
         progress.step += 1
         meter.add(progress.step, loss, parts)
         if progress.step % args.log_every == 0 or progress.step == total:
-            progress.history.append(meter.log(progress.step, total, run.unit))
-            if RANK == 0:
-                write_json(os.path.join(run.out, "log.json"), progress.history)
+            meter.log(progress, total, run)
         epoch_end = progress.step % steps_per_epoch == 0
         stop = bool(args.max_steps) and args.max_steps <= progress.step < total
         if epoch_end or stop or progress.step % args.save_every == 0:
             with meter.pause(epoch_end):
                 if epoch_end:  # evaluate on dev, keep the best model
                     end_epoch(progress.step // steps_per_epoch, progress, model, dev, run, args, meta, device,
-                              time.time() - meter.t_epoch)
+                              meter.t_epoch)
                 save_state(state_path, model, opt, progress, device)
         if stop:
             print0(f"stopped at step {progress.step} (--max-steps); continue with --resume")
@@ -756,11 +765,12 @@ def out_of_patience(args, best, epochs_done):
     return bool(args.patience and best and epochs_done - best["epoch"] >= args.patience)
 
 
-def end_epoch(epoch, progress, model, dev, run, args, meta, device, seconds):
-    """The first process evaluates on dev and keeps the model if it is the best so far"""
+def end_epoch(epoch, progress, model, dev, run, args, meta, device, t_start):
+    """The first process evaluates on dev and keeps the model if it is the best so far; t_start:
+    when the epoch started"""
     if RANK == 0:
         scores = evaluate(model, dev, run.stage, args, device)
-        print(f"epoch {epoch} ({seconds:.0f} s) dev: {describe(scores)}")
+        print(f"epoch {epoch} ({time.time() - t_start:.0f} s) dev: {describe(scores)}")
         progress.dev_by_epoch.append({k: v for k, v in scores.items() if k != "confusion"})
         if progress.best is None or selection_score(scores) > selection_score(progress.best["dev"]):
             progress.best = {"epoch": epoch, "dev": progress.dev_by_epoch[-1]}
