@@ -274,8 +274,7 @@ def predict(model, split, args, device):
     """-> (true labels, predicted labels) of every sample of a labelled split"""
     model.eval()
     preds = []
-    for batch in ahead(functools.partial(eval_batch, split, "finetune", split.samples, model.config.modalities, args),
-                       math.ceil(len(split.samples) / EVAL_BATCH), args, device):
+    for batch in eval_batches(split, "finetune", split.samples, model.config.modalities, args, device):
         with autocast(device):
             preds.append(model.classify(to_device(batch, device)).argmax(-1).cpu())
     return split.samples[:, 2], torch.cat(preds).numpy()
@@ -287,9 +286,7 @@ def retrieval_scores(model, split, args, device):
     (percent) for T2T, A2A and M2M. The 5 candidates are the true one and the first 4 of 10 noise."""
     model.eval()
     scores = {beta: [] for beta in model.streams}
-    wins = windows(split)
-    for batch in ahead(functools.partial(eval_batch, split, "pretrain", wins, model.config.modalities, args),
-                       math.ceil(len(wins) / EVAL_BATCH), args, device):
+    for batch in eval_batches(split, "pretrain", windows(split), model.config.modalities, args, device):
         batch = to_device(batch, device)
         with autocast(device):
             H = model.encode(batch)
@@ -321,6 +318,12 @@ def word_overlap_scores(split, args):
 
 
 EVAL_BATCH = 64  # samples or windows; without gradients, large batches are cheap
+
+
+def eval_batches(split, stage, items, modalities, args, device):
+    """A split's evaluation batches, EVAL_BATCH items each, built ahead of use"""
+    return ahead(functools.partial(eval_batch, split, stage, items, modalities, args),
+                 math.ceil(len(items) / EVAL_BATCH), args, device)
 
 
 def eval_batch(split, stage, items, modalities, args, i):
@@ -651,11 +654,15 @@ def write_atomic(path, write):
     os.replace(tmp, path)
 
 
-def write_json(path, obj):
+def write_text(path, text):
     def write(tmp):
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
+            f.write(text)
     write_atomic(path, write)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=1))
 
 
 def save_model(model, run, args, meta):

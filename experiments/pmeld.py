@@ -27,7 +27,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from nanotcmp.data import DataError, file_sha256, load_meta, ranged  # noqa: E402 (the repository's modules)
-from train import write_atomic, write_json  # noqa: E402
+from train import write_json, write_text  # noqa: E402
 
 # row -> (its folder, pre-training options or None for none, fine-tuning options)
 ROWS = {
@@ -200,11 +200,7 @@ def main(argv=None):
         for done in [pool.submit(run_chain, cmds, threads) for cmds in chains]:
             done.result()
     text = table(args, encoder, datasets, settings)
-
-    def write(path):
-        with open(path, "w") as f:
-            f.write(text)
-    write_atomic(os.path.join(ROOT, args.out, "table.md"), write)
+    write_text(os.path.join(ROOT, args.out, "table.md"), text)
     print(text + f"\n{(time.time() - t0) / 60:.1f} min: {os.path.join(args.out, 'table.md')}")
 
 
