@@ -952,7 +952,7 @@ def test_demo_is_deterministic_and_complete(tmp_path, monkeypatch):
         np.testing.assert_array_equal(load_audio(tmp_path / "a" / line["audio"])[0], test.audio_of(i))
 
 
-def test_demo_voices_carry_emotion_and_speaker():
+def test_demo_voices_carry_emotion_and_the_speakers_sex_only():
     rng = np.random.default_rng(0)
     utts = [u for d in demo.generate_dialogues(40, rng) for u in d]
     rms = {label: [] for label in demo.DEMO_LABELS}
@@ -961,11 +961,42 @@ def test_demo_voices_carry_emotion_and_speaker():
         rms[u["label"]].append(np.sqrt(np.mean(wave ** 2)))
     louder = 1.15 * np.mean(rms["neutral"])
     assert np.mean(rms["negative"]) > louder and np.mean(rms["positive"]) > louder
-    pitch = {label: np.mean([np.log(u["prosody"]["pitch_hz"] / demo.VOICES[u["speaker"]][1])
+    pitch = {label: np.mean([np.log(u["prosody"]["pitch_hz"] / demo.VOICES[u["sex"]][1])
                              for u in utts if u["label"] == label]) for label in demo.DEMO_LABELS}
     assert pitch["positive"] > pitch["neutral"] > pitch["negative"]
-    # a speaker has one voice in every dialogue
-    assert all(u["timbre"] == demo.VOICES[u["speaker"]][0] for u in utts)
+    # every dialogue is a woman and a man, and everyone of a sex has the same voice: it tells whose
+    # turn it is, not which dialogue
+    assert all(u["timbre"] == demo.VOICES[u["sex"]][0] for u in utts)
+    assert all(sorted({u["sex"] for u in d}) == ["man", "woman"] for d in demo.generate_dialogues(40, rng)
+               if len({u["speaker"] for u in d}) == 2)
+
+
+def test_demo_words_say_nothing_of_their_dialogue_but_reply_to_the_partner():
+    """Nobody says a name; a reply's words follow the partner's last emotion and one's own; and the
+    word-overlap reference of pre-training (each candidate scored by the share of its words found in
+    the context, noise from other dialogues) stays near chance: 20% for 1 of 5"""
+    dialogues = demo.generate_dialogues(300, np.random.default_rng(0))
+    names = {n.lower() for n in demo.WOMEN + demo.MEN}
+    words = lambda text: set(re.findall(r"[a-z0-9]+|[^a-z0-9\s]", text.lower()))
+    assert not any(words(u["text"]) & names for d in dialogues for u in d)
+    replies = {r: (p, o) for p, row in enumerate(demo.REPLIES) for o, cell in enumerate(row) for r in cell}
+    seen = 0
+    for d in dialogues:
+        for t, u in enumerate(d):
+            partner = next((v for v in reversed(d[:t]) if v["speaker"] != u["speaker"]), None)
+            reply = next((r for r in replies if u["text"].startswith(r + " ")), None)
+            if reply:
+                seen += 1
+                assert replies[reply] == (demo.DEMO_LABELS.index(partner["label"]), demo.DEMO_LABELS.index(u["label"]))
+    assert seen > 0.45 * sum(map(len, dialogues))
+    rng, utts, hits = np.random.default_rng(1), [(i, u) for i, d in enumerate(dialogues) for u in d], []
+    for i, d in enumerate(dialogues):
+        for j in range(2, min(len(d), 11)):
+            context = set().union(*(words(u["text"]) for u in d[:j]))
+            noise = [u for k, u in (utts[n] for n in rng.integers(len(utts), size=12)) if k != i][:4]
+            share = [len(words(u["text"]) & context) / len(words(u["text"])) for u in [d[j]] + noise]
+            hits.append(share[0] > max(share[1:]))
+    assert 0.15 < np.mean(hits) < 0.25
 
 
 def test_demo_next_emotion_is_predictable_and_distant_context_helps():
@@ -2201,3 +2232,60 @@ def test_pmeld_table_is_the_mean_and_standard_deviation_of_the_runs(tmp_path):
         "| Text-Pre | 44.0 ± 4.0 | 31.0 ± 1.0 | 20.0 ± 0.0 | 44.0 ± 4.0 | 1, 2, 3 | 4.0 |",
         "| Text-Pre | 32.0 ± 2.0 | 20.0 ± 0.0 | 32.0 ± 2.0 | 20.0 ± 0.0 | 4, 4, 4 |"]
     assert "| word overlap with the context (no model) | – | – | 26.0 ± 1.0 | 15.0 ± 0.0 | – |" in lines
+
+# -----------------------------------------------------------------------------
+# experiments/demo.py: the README's demo table
+
+
+def load_demo_table():
+    spec = importlib.util.spec_from_file_location("demo_table", ROOT / "experiments/demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_table_runs_train_py_as_a_reader_would(capsys):
+    load_demo_table().main(["--dry-run", "--seeds", "7", "8", "--out", "o", "--data", "d"])
+    lines = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[0][1:] == ["prepare.py", "--out", "d"]
+    runs = [line[1:] for line in lines[1:]]
+    common = lambda row, seed: ["train.py", "--data", "d", "--out", f"o/{row}/seed{seed}", "--seed", str(seed)]
+    assert runs == [common("tcmp", 7), common("tcmp", 8),
+                    common("scratch", 7) + ["--stage", "finetune"], common("scratch", 8) + ["--stage", "finetune"],
+                    common("wo-dist", 7) + ["--no-distant"], common("wo-dist", 8) + ["--no-distant"],
+                    common("tcmp-one-thread", 7)]
+
+
+def test_demo_table_is_the_mean_and_standard_deviation_of_the_runs(tmp_path):
+    table = load_demo_table()
+    args = SimpleNamespace(out=str(tmp_path), seeds=[0, 1, 2], threads=2, data="d")
+
+    def write(run, metrics, seconds=None):
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        if seconds is not None:
+            (run / "seconds.json").write_text(json.dumps(seconds))
+    reference = {"wa": 40.0, "aa": 33.3, "f1": 19.0}
+    recalls = {"T2T": {"R5@1": 40.0}, "A2A": {"R5@1": 30.0}, "M2M": {"R5@1": 50.0, "R5@2": 70.0}}
+    for seed in args.seeds:
+        for row, f1 in (("tcmp", 60.0 + seed), ("scratch", 50.0 + 2 * seed), ("wo-dist", 55.0), ("tcmp-one-thread", 61.0)):
+            if row == "tcmp-one-thread" and seed:
+                continue
+            scores = {"wa": 50.0, "aa": 50.0, "f1": f1}
+            pretrains = row != "scratch"
+            write(tmp_path / row / f"seed{seed}" / ("finetune" if pretrains else ""),
+                  {"best_epoch": seed + 1, "dev": scores, "test": scores, "test_majority": reference,
+                   "test_last_emotion": reference}, 60.0 * (seed + 1))
+            if pretrains:
+                write(tmp_path / row / f"seed{seed}" / "pretrain", {"best_epoch": 4, "test": recalls,
+                      "test_word_overlap": {"R5@1": 21.0 + seed, "R5@2": 41.0}})
+    lines = table.table(args, 12.0).splitlines()
+    assert "| TCMP: pre-trained, then fine-tuned | 50.0 ± 0.0 | 50.0 ± 0.0 | 61.0 ± 1.0 | 60.0, 61.0, 62.0 | " \
+           "50.0 ± 0.0 | 1, 2, 3 | 2.0 |" in lines
+    assert "| TCMP on one thread (seed 0) | 50.0 ± 0.0 | 50.0 ± 0.0 | 61.0 ± 0.0 | 61.0 | 50.0 ± 0.0 | 1 | 1.0 |" in lines
+    # the gain of each seed: 60 - 50, 61 - 52, 62 - 54
+    assert any(line.startswith("Pre-trained minus from scratch, macro-F1 of each seed: +10.0, +9.0, +8.0 "
+                               "(mean ± sd 9.0 ± 1.0)") for line in lines)
+    assert "| w/o Dist (both stages) | 40.0 ± 0.0 | 30.0 ± 0.0 | 50.0 ± 0.0 | 70.0 ± 0.0 | 4, 4, 4 |" in lines
+    assert "| word overlap with the context (no model) | – | – | 22.0 ± 1.0 | 41.0 ± 0.0 | – |" in lines
+    assert "| majority class | 40.0 | 33.3 | 19.0 | – | – | – | – |" in lines

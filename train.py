@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanotcmp.data import (DataError, Split, device_from, dialogue_batches, encoder_inputs, file_sha256, finetune_batch,
                            last_own_labels, load_meta, load_run, padding, pretrain_batch, ranged, shapes, targets_batch,
-                           to_device, window_targets, windows)
+                           to_device, window_targets, windows, write_atomic, write_json)
 from nanotcmp.metrics import emotion_scores, last_emotion_scores, majority_scores, recall_at
 from nanotcmp.model import Bert, Hubert, TCMP, TCMPConfig, autocast, tiny_bert_config, tiny_hubert_config
 
@@ -644,25 +644,6 @@ def resume(path, model, opt, device):
     print0(f"resumed at step {state['step']}")
     # (a state saved before train.py kept the dev scores of every epoch has none)
     return Progress(state["step"], state["best"], state["history"], state.get("dev_by_epoch", []))
-
-
-def write_atomic(path, write):
-    """write(tmp_path), then rename: a killed run never leaves a half-written file, and runs
-    writing the same file (a shared feature cache) never write into each other's"""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    write_atomic(path, write)
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=1))
 
 
 def save_model(model, run, args, meta):

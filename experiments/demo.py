@@ -1,0 +1,120 @@
+"""
+The demo's table of the README ("Training", on the demo): what pre-training brings on the embedded
+demo, over seeds 0, 1 and 2, with the references that need no model.
+
+python experiments/demo.py            # about 25 minutes on 2 CPU cores
+python experiments/demo.py --dry-run  # print each run's command, run nothing
+
+It prepares the demo (python prepare.py, timed), then runs, for each seed S, train.py as a reader
+would: both stages (python train.py --seed S), fine-tuning alone from scratch (--stage finetune),
+both stages without the distant context (--no-distant), and the first seed once more on one thread
+(the same command: its scores may differ only by float rounding). A run with a metrics.json is not
+run again, so a table cut short continues where it stopped. The table goes to <out>/table.md.
+Every choice is made on dev: each stage keeps its best dev epoch.
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nanotcmp.data import ranged, write_text  # noqa: E402 (the repository's modules)
+from nanotcmp.tables import ROOT, mean_std, read_metrics, run_chain  # noqa: E402
+
+# row -> (its folder, train.py's options beyond --seed, whether it pre-trains)
+ROWS = {
+    "TCMP: pre-trained, then fine-tuned": ("tcmp", [], True),
+    "from scratch (no pre-training)": ("scratch", ["--stage", "finetune"], False),
+    "w/o Dist (both stages)": ("wo-dist", ["--no-distant"], True),
+}
+ONE_THREAD = "TCMP on one thread"
+
+
+def chain(row, seed, args):
+    """The one train.py command of a row and seed: [(stage, command, the folder of its fine-tuning)]"""
+    folder, options, pretrains = ROWS[row] if row != ONE_THREAD else ("tcmp-one-thread", [], True)
+    out = os.path.join(args.out, folder, f"seed{seed}")
+    cmd = [sys.executable, "train.py", "--data", args.data, "--out", out, "--seed", str(seed)] + options
+    return [("all" if pretrains else "finetune", cmd, os.path.join(out, "finetune") if pretrains else out)]
+
+
+def pretraining(out):
+    """metrics.json of the pre-training beside a fine-tuning folder"""
+    with open(os.path.join(ROOT, os.path.dirname(out), "pretrain", "metrics.json")) as f:
+        return json.load(f)
+
+
+def table(args, prepare_seconds):
+    """The Markdown tables, from the runs' metrics.json"""
+    def runs(row, seeds):
+        return [read_metrics(chain(row, seed, args)[0][2]) for seed in seeds]
+
+    lines = [f"Demo test scores, percent, mean ± standard deviation over seeds {', '.join(map(str, args.seeds))}; "
+             f"minutes: one run of train.py (both stages where it pre-trains), on {args.threads} threads "
+             f"(python prepare.py: {prepare_seconds:.0f} s)", "",
+             "| row | WA | AA | macro-F1 | F1 of each seed | dev WA | epochs kept | minutes a run |",
+             "|---|---|---|---|---|---|---|---|"]
+    first = runs(next(iter(ROWS)), args.seeds)
+    for name, key in (("majority class", "test_majority"),
+                      ("last emotion of the target speaker (reads the context's labels)", "test_last_emotion")):
+        s = first[0][key]
+        lines.append(f"| {name} | {s['wa']:.1f} | {s['aa']:.1f} | {s['f1']:.1f} | – | – | – | – |")
+    fine = {row: runs(row, args.seeds) for row in ROWS}
+    fine[ONE_THREAD] = runs(ONE_THREAD, args.seeds[:1])
+    for row, ms in fine.items():
+        lines.append(f"| {row}{' (seed %d)' % args.seeds[0] if row == ONE_THREAD else ''} | "
+                     + " | ".join(mean_std([m["test"][k] for m in ms]) for k in ("wa", "aa", "f1"))
+                     + " | " + ", ".join(f"{m['test']['f1']:.1f}" for m in ms) + f" | {mean_std([m['dev']['wa'] for m in ms])}"
+                     + f" | {', '.join(str(m['best_epoch']) for m in ms)} | {np.mean([m['seconds'] for m in ms]) / 60:.1f} |")
+    gain = [a["test"]["f1"] - b["test"]["f1"] for a, b in zip(*(fine[row] for row in list(ROWS)[:2]))]
+    lines += ["", f"Pre-trained minus from scratch, macro-F1 of each seed: {', '.join(f'{g:+.1f}' for g in gain)} "
+              f"(mean ± sd {mean_std(gain)})", "",
+              "Pre-training: target utterance searching on the test split (chance: R5@1 20, R5@2 40), beside "
+              "the word-overlap reference (no model: each candidate scored by the share of its word pieces "
+              "found in the context, on the same candidate sets)", "",
+              "| pre-training of | T2T R5@1 | A2A R5@1 | M2M R5@1 | M2M R5@2 | epochs kept |", "|---|---|---|---|---|---|"]
+    pre = {row: [pretraining(chain(row, seed, args)[0][2]) for seed in args.seeds]
+           for row, (_, _, pretrains) in ROWS.items() if pretrains}
+    for row, ms in pre.items():
+        lines.append(f"| {row} | " + " | ".join(mean_std([m["test"][s][k] for m in ms])
+                                                for s, k in (("T2T", "R5@1"), ("A2A", "R5@1"), ("M2M", "R5@1"),
+                                                             ("M2M", "R5@2")))
+                     + f" | {', '.join(str(m['best_epoch']) for m in ms)} |")
+    overlap = [m["test_word_overlap"] for m in next(iter(pre.values()))]
+    lines.append("| word overlap with the context (no model) | – | – | "
+                 + " | ".join(mean_std([o[k] for o in overlap]) for k in ("R5@1", "R5@2")) + " | – |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--threads", type=ranged(int, 1), default=os.cpu_count() or 1,
+                   help="threads of each run (default: every core); the one-thread row has one")
+    p.add_argument("--data", default="data/demo")
+    p.add_argument("--out", default="out/demo-table")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = p.parse_args(argv)
+    prepare = [sys.executable, "prepare.py", "--out", args.data]
+    chains = [chain(row, seed, args) for row in ROWS for seed in args.seeds] + [chain(ONE_THREAD, args.seeds[0], args)]
+    if args.dry_run:
+        for cmd in [prepare] + [cmd for c in chains for _, cmd, _ in c]:
+            print(shlex.join(cmd))
+        return
+    t0 = time.time()
+    subprocess.run(prepare, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    prepare_seconds = time.time() - t0
+    for cmds in chains:
+        run_chain(cmds, 1 if cmds is chains[-1] else args.threads)
+    text = table(args, prepare_seconds)
+    write_text(os.path.join(ROOT, args.out, "table.md"), text)
+    print(text + f"\n{(time.time() - t0) / 60:.1f} min: {os.path.join(args.out, 'table.md')}")
+
+
+if __name__ == "__main__":
+    main()
