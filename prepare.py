@@ -368,7 +368,7 @@ def write_meta(folder, meta):
 
 # -----------------------------------------------------------------------------
 # the embedded demo: its dialogues come from nanotcmp/demo.py
-DEMO_DIALOGUES = {"pretrain": 200, "train": 40, "dev": 50, "test": 50}  # pretrain: unlabelled
+DEMO_DIALOGUES = {"pretrain": 200, "train": 20, "dev": 52, "test": 52}  # pretrain: unlabelled
 
 
 def build_demo(args, folder, problems):

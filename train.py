@@ -42,7 +42,12 @@ TINY_LR = 1e-3  # everything, with tiny randomly initialised encoders
 # tiny encoders pre-train with 4 windows a step and k = 5 (not the authors' 11) on every device:
 # they learn by their number of steps, and their dev retrieval is better so (README, "Results on P-MELD").
 BATCH = {"cuda": {"pretrain": 64, "finetune": 64}, "cpu": {"pretrain": 64, "finetune": 16}}
-TINY_PRETRAIN = {"batch": 4, "k": 5}
+EPOCHS = {"pretrain": 8, "finetune": 12}
+# The demo's tiny encoders pre-train for 3 epochs of its 200 unlabelled dialogues, and stop fine-tuning
+# after 3 epochs without a better dev score: on its 20 labelled dialogues a pre-trained model is best
+# after an epoch or two and then fits the training samples (README, "Training")
+TINY_PRETRAIN = {"batch": 4, "k": 5, "epochs": 3}
+TINY_PATIENCE = 3
 AUTHORS_K = 11
 MICRO_WINDOWS = 16
 
@@ -56,10 +61,12 @@ def parse_args(argv):
     p.add_argument("--modalities", choices=["text", "audio", "all"], default="all")
     p.add_argument("--init", help="fine-tune from this pre-training run's folder")
     p.add_argument("--out", help="default: out/<data>-<stage>")
-    p.add_argument("--epochs", type=ranged(int, 1), help="default: 8 pre-training, 12 fine-tuning")
+    p.add_argument("--epochs", type=ranged(int, 1),
+                   help="default: 8 pre-training (3 with tiny encoders), 12 fine-tuning")
     p.add_argument("--max-steps", type=ranged(int, 1), help="stop (with a resumable state) after this many steps")
-    p.add_argument("--patience", type=ranged(int, 1),
-                   help="stop a stage after this many epochs without a better dev score (default: run every epoch)")
+    p.add_argument("--patience", type=ranged(int, 0),
+                   help="stop a stage after this many epochs without a better dev score; 0: run every epoch (default: "
+                        "0, or 3 fine-tuning tiny encoders)")
     p.add_argument("--batch-size", type=ranged(int, 1),
                    help="windows (pre-training) or samples (fine-tuning); default: README, \"Speed and scale\"")
     p.add_argument("--k", type=ranged(int, 2),
@@ -384,6 +391,7 @@ class Run:
     batch_size: int  # windows (pre-training) or samples (fine-tuning) a step, over all processes
     micro_batches: int  # a step's batch is split into these, each with its own noise candidates and CLIP negatives
     epochs: int
+    patience: int  # stop after this many epochs without a better dev score; 0: never
     lr: float  # everything but the encoders
     lr_encoder: float
 
@@ -413,7 +421,9 @@ def plan_run(stage, args, device, out=None, init=None, batch_size=None):
     lr = args.lr if args.lr is not None else TINY_LR if tiny else PAPER_LR[stage]
     lr_encoder = args.lr_encoder if args.lr_encoder is not None else lr if tiny else PAPER_LR_ENCODER
     out = out or os.path.join("out", f"{os.path.basename(os.path.normpath(args.data))}-{stage}")
-    return Run(stage, out, init, batch_size, n_micro, args.epochs or (8 if stage == "pretrain" else 12), lr, lr_encoder)
+    epochs = args.epochs or (TINY_PRETRAIN["epochs"] if tiny and stage == "pretrain" else EPOCHS[stage])
+    patience = args.patience if args.patience is not None else TINY_PATIENCE if tiny and stage == "finetune" else 0
+    return Run(stage, out, init, batch_size, n_micro, epochs, patience, lr, lr_encoder)
 
 # -----------------------------------------------------------------------------
 # the model to train, and a training step
@@ -712,7 +722,7 @@ def run_stage(run, args, device, meta, train_split, items, dev, test):
     meter = Meter(device, progress.step, state_path)
     batches = iter(ahead(functools.partial(step_batches, run, items, train_split, args, model.config.modalities,
                                            steps_per_epoch), total, args, device, progress.step))
-    while progress.step < total and not out_of_patience(args, progress.best, progress.step // steps_per_epoch):
+    while progress.step < total and not out_of_patience(run, progress.best, progress.step // steps_per_epoch):
         micro = meter.fetch(batches)
         loss, parts = train_step(runner, opt, [(share, to_device(batch, device)) for share, batch, _ in micro])
         progress.step += 1
@@ -731,7 +741,7 @@ def run_stage(run, args, device, meta, train_split, items, dev, test):
             print0(f"stopped at step {progress.step} (--max-steps); continue with --resume")
             return None
     if progress.step < total:
-        print0(f"stopped after epoch {progress.step // steps_per_epoch}: dev has not improved for {args.patience} "
+        print0(f"stopped after epoch {progress.step // steps_per_epoch}: dev has not improved for {run.patience} "
                f"epochs")
     if RANK == 0:
         final_scores(model, run, args, meta, progress, train_split, test, device)
@@ -748,9 +758,9 @@ def summary(run, model, n_items, steps_per_epoch, device):
             + (f" x {WORLD} processes" if WORLD > 1 else ""))
 
 
-def out_of_patience(args, best, epochs_done):
+def out_of_patience(run, best, epochs_done):
     """--patience: the dev score has not improved for that many epochs"""
-    return bool(args.patience and best and epochs_done - best["epoch"] >= args.patience)
+    return bool(run.patience and best and epochs_done - best["epoch"] >= run.patience)
 
 
 def end_epoch(epoch, progress, model, dev, run, args, meta, device, t_start):

@@ -43,8 +43,8 @@ CONTAGION = 0.1  # when an emotion changes: chance it becomes the partner's last
 ALTERNATE = 0.85  # chance the next turn goes to the other speaker
 FILLER, REPLY = 0.2, 0.85  # chance of a neutral-worded filler; of a reply before one's own sentence
 # prosody per label (negative, neutral, positive): log-pitch shift and spread, energy, tempo
-PITCH_SHIFT, PITCH_SD = (-0.06, 0.0, 0.1), (0.05, 0.04, 0.07)
-ENERGY, TEMPO = (0.7, 0.45, 0.66), (0.9, 1.0, 1.12)
+PITCH_SHIFT, PITCH_SD = (-0.15, 0.0, 0.18), (0.06, 0.04, 0.08)
+ENERGY, TEMPO = (0.7, 0.45, 0.66), (0.85, 1.0, 1.18)
 
 # the words: slot fillers, sentences of each emotion, replies, neutral-worded fillers
 TOPICS = ("the wedding | the new job | the move | the exam | the party | the trip | the apartment | "
