@@ -1655,16 +1655,19 @@ def test_prepare_options_are_checked_where_parsed(tmp_path, capsys, option, valu
 
 
 def test_the_demo_learns(tmp_path):
-    """python train.py with its defaults, on the demo: pre-training finds the next utterance well
-    above chance (R5@1 20, R5@2 40), fine-tuning beats the majority class by far."""
+    """python train.py with its defaults, on the demo: pre-training finds the next utterance by what
+    the conversation says of it (M2M R5@1 far above chance, 20, while the word-overlap reference
+    stays near chance), and fine-tuning from it beats the majority class by far and reaches the
+    last-emotion reference, which reads the context's labels."""
     run_prepare("demo", "--out", tmp_path / "demo")
     train.main(["--data", str(tmp_path / "demo"), "--out", str(tmp_path / "run")])
     pre = json.loads((tmp_path / "run/pretrain/metrics.json").read_text())
     fine = json.loads((tmp_path / "run/finetune/metrics.json").read_text())
     print(json.dumps({"pretrain": pre, "finetune": fine}))
-    assert pre["test"]["M2M"]["R5@1"] >= 27 and pre["test"]["M2M"]["R5@2"] >= 50
-    assert fine["test"]["f1"] >= fine["test_majority"]["f1"] + 15
-    assert fine["test"]["wa"] >= fine["test_majority"]["wa"] + 10
+    assert pre["test"]["M2M"]["R5@1"] >= 45 and pre["test"]["M2M"]["R5@2"] >= 70
+    assert pre["test_word_overlap"]["R5@1"] <= 25
+    assert fine["test"]["f1"] >= fine["test_majority"]["f1"] + 40
+    assert fine["test"]["f1"] >= fine["test_last_emotion"]["f1"] - 3
 
 
 def test_eq23_class_weights_inverse_to_frequency(small_demo):
@@ -2180,15 +2183,24 @@ def test_stdin_answers_each_turn_as_soon_as_it_is_read(small_demo, demo_ckpt):
 # experiments/pmeld.py: the README's P-MELD table
 
 
-def load_pmeld():
-    spec = importlib.util.spec_from_file_location("pmeld", ROOT / "experiments/pmeld.py")
+def load_experiment(name):
+    """experiments/<name>.py as a module"""
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"experiments/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+def write_run(run, metrics, seconds=None):
+    """A run folder as a table reads it: metrics.json, and seconds.json where given"""
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    if seconds is not None:
+        (run / "seconds.json").write_text(json.dumps(seconds))
+
+
 def test_pmeld_rows_chain_pretraining_into_fine_tuning(capsys):
-    pmeld = load_pmeld()
+    pmeld = load_experiment("pmeld")
     pmeld.main(["--dry-run", "--seeds", "7", "--encoder", str(minilm_dir()), "--out", "o"])
     lines = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
     assert [line[2] for line in lines[:2]] == ["meld", "meld"] and lines[1][-1] == "--unlabelled"
@@ -2208,22 +2220,17 @@ def test_pmeld_rows_chain_pretraining_into_fine_tuning(capsys):
 
 
 def test_pmeld_table_is_the_mean_and_standard_deviation_of_the_runs(tmp_path):
-    pmeld = load_pmeld()
+    pmeld = load_experiment("pmeld")
     args = SimpleNamespace(out=str(tmp_path), seeds=[0, 1, 2], rows=["Text", "Text-Pre"], end_to_end=False,
                            paper=False)
-
-    def write(run, metrics, seconds):
-        run.mkdir(parents=True)
-        (run / "metrics.json").write_text(json.dumps(metrics))
-        (run / "seconds.json").write_text(json.dumps(seconds))
     reference = {"wa": 46.2, "aa": 33.3, "f1": 21.1}
     for seed, w in zip(args.seeds, [40.0, 44.0, 48.0]):
         scores = {"wa": w, "aa": 30.0 + seed, "f1": 20.0}
         for row in ("text", "text-pre"):
-            write(tmp_path / f"{row}/seed{seed}/finetune", {"best_epoch": seed + 1, "dev": scores, "test": scores,
+            write_run(tmp_path / f"{row}/seed{seed}/finetune", {"best_epoch": seed + 1, "dev": scores, "test": scores,
                   "test_majority": reference, "test_last_emotion": reference}, 60.0 * (seed + 1))
         recalls = {"T2T": {"R5@1": 30.0 + 2 * seed, "R11@1": 20.0}}
-        write(tmp_path / f"text-pre/seed{seed}/pretrain", {"best_epoch": 4, "dev": recalls, "test": recalls,
+        write_run(tmp_path / f"text-pre/seed{seed}/pretrain", {"best_epoch": 4, "dev": recalls, "test": recalls,
               "test_word_overlap": {"R5@1": 25.0 + seed, "R11@1": 15.0}}, 120.0)
     lines = pmeld.table(args, "enc", ["p", "u"], pmeld.FROZEN).splitlines()
     # WA 40, 44, 48: mean 44, sample standard deviation 4; 1, 2 and 3 minutes: 2 a run, 2 more pre-training
@@ -2237,15 +2244,8 @@ def test_pmeld_table_is_the_mean_and_standard_deviation_of_the_runs(tmp_path):
 # experiments/demo.py: the README's demo table
 
 
-def load_demo_table():
-    spec = importlib.util.spec_from_file_location("demo_table", ROOT / "experiments/demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_demo_table_runs_train_py_as_a_reader_would(capsys):
-    load_demo_table().main(["--dry-run", "--seeds", "7", "8", "--out", "o", "--data", "d"])
+    load_experiment("demo").main(["--dry-run", "--seeds", "7", "8", "--out", "o", "--data", "d"])
     lines = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
     assert lines[0][1:] == ["prepare.py", "--out", "d"]
     runs = [line[1:] for line in lines[1:]]
@@ -2257,14 +2257,8 @@ def test_demo_table_runs_train_py_as_a_reader_would(capsys):
 
 
 def test_demo_table_is_the_mean_and_standard_deviation_of_the_runs(tmp_path):
-    table = load_demo_table()
+    table = load_experiment("demo")
     args = SimpleNamespace(out=str(tmp_path), seeds=[0, 1, 2], threads=2, data="d")
-
-    def write(run, metrics, seconds=None):
-        run.mkdir(parents=True)
-        (run / "metrics.json").write_text(json.dumps(metrics))
-        if seconds is not None:
-            (run / "seconds.json").write_text(json.dumps(seconds))
     reference = {"wa": 40.0, "aa": 33.3, "f1": 19.0}
     recalls = {"T2T": {"R5@1": 40.0}, "A2A": {"R5@1": 30.0}, "M2M": {"R5@1": 50.0, "R5@2": 70.0}}
     for seed in args.seeds:
@@ -2273,11 +2267,11 @@ def test_demo_table_is_the_mean_and_standard_deviation_of_the_runs(tmp_path):
                 continue
             scores = {"wa": 50.0, "aa": 50.0, "f1": f1}
             pretrains = row != "scratch"
-            write(tmp_path / row / f"seed{seed}" / ("finetune" if pretrains else ""),
+            write_run(tmp_path / row / f"seed{seed}" / ("finetune" if pretrains else ""),
                   {"best_epoch": seed + 1, "dev": scores, "test": scores, "test_majority": reference,
                    "test_last_emotion": reference}, 60.0 * (seed + 1))
             if pretrains:
-                write(tmp_path / row / f"seed{seed}" / "pretrain", {"best_epoch": 4, "test": recalls,
+                write_run(tmp_path / row / f"seed{seed}" / "pretrain", {"best_epoch": 4, "test": recalls,
                       "test_word_overlap": {"R5@1": 21.0 + seed, "R5@2": 41.0}})
     lines = table.table(args, 12.0).splitlines()
     assert "| TCMP: pre-trained, then fine-tuned | 50.0 ± 0.0 | 50.0 ± 0.0 | 61.0 ± 1.0 | 60.0, 61.0, 62.0 | " \

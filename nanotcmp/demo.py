@@ -11,10 +11,10 @@ The generative story of a dialogue:
    it stays (PERSISTENCE), or catches the emotion the partner last expressed (CONTAGION), or is
    drawn from the mood. The utterance's label is the new emotion.
 4. Words: a reply to the partner's last utterance, whose words depend on the partner's emotion and
-   one's own ("Calm down." to an upset partner when one is calm), then a sentence of one's own
-   emotion, its slots (topic, thing, person, place, time) drawn afresh for each utterance from
-   lists every dialogue shares. One utterance in five (FILLER) is a neutral-worded question with
-   no reply, whatever the emotion: the text is no perfect oracle.
+   one's own ("Calm down." to an upset partner when one is calm; never one the dialogue has had
+   before), then a sentence of one's own emotion, its slots (topic, thing, person, place, time)
+   drawn afresh for each utterance from lists every dialogue shares. One utterance in five (FILLER)
+   is a neutral-worded question with no reply, whatever the emotion: the text is no perfect oracle.
 5. Voice: prosody follows the emotion, with noise, on top of the speaker's voice: positive is
    higher, more variable and faster; negative lower, louder and slower; neutral quiet and even.
 So nothing in an utterance says which dialogue it belongs to: what links it to its history is its
@@ -115,17 +115,18 @@ def draw(odds, rng):
 
 
 def fresh(choices, said, rng):
-    """One of choices that the dialogue has not said yet (said: its sentences and replies so far,
-    which the choice joins); None when it has said them all. Nobody repeats themselves."""
+    """One of choices that is not in said (the replies a dialogue has made so far), which it joins;
+    None when every one was said: nobody repeats a reply, so its words do not tie it to its dialogue."""
     left = [c for c in choices if c not in said]
-    choice = pick(left, rng) if left else None
-    said.add(choice)
+    if not left:
+        return None
+    said.add(choice := pick(left, rng))
     return choice
 
 
 def utterance(sex, label, partner_label, said, rng):
     """One utterance of emotion label (an index), in the voice of sex; partner_label: the emotion of
-    the partner's last utterance, None at the dialogue's start"""
+    the partner's last utterance, None at the dialogue's start; said: the dialogue's replies so far"""
     coin = rng.random(2).tolist()  # filler?, reply?
     z = rng.standard_normal(4).tolist()  # noise of syllables, pitch, energy, tempo
     filler = coin[0] < FILLER
