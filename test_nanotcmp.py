@@ -1937,7 +1937,7 @@ def test_torchrun_with_two_processes_equals_one(small_demo, tmp_path):
                        cwd=ROOT, env=env, check=True, capture_output=True)
         train.main(args + ["--micro-batches", "2", "--out", str(tmp_path / "one" / stage)])
         a, b = (torch.load(tmp_path / run / stage / "state.pt", weights_only=False) for run in ("two", "one"))
-        assert a["step"] == b["step"] == 3 and len(a["history"]) == 3
+        assert a["step"] == b["step"] >= 3 and len(a["history"]) == a["step"]  # a log line a step
         assert max(max_diff(a["model"][k], b["model"][k]) for k in a["model"]) <= 1e-4
         for x, y in zip(a["history"], b["history"]):
             assert x.keys() == y.keys() and all(abs(x[k] - y[k]) <= 1e-4 for k in x  # timings, and this process's
@@ -2251,7 +2251,8 @@ def test_demo_table_runs_train_py_as_a_reader_would(capsys):
     runs = [line[1:] for line in lines[1:]]
     common = lambda row, seed: ["train.py", "--data", "d", "--out", f"o/{row}/seed{seed}", "--seed", str(seed)]
     assert runs == [common("tcmp", 7), common("tcmp", 8),
-                    common("scratch", 7) + ["--stage", "finetune"], common("scratch", 8) + ["--stage", "finetune"],
+                    common("scratch", 7) + ["--stage", "finetune", "--patience", "0"],
+                    common("scratch", 8) + ["--stage", "finetune", "--patience", "0"],
                     common("wo-dist", 7) + ["--no-distant"], common("wo-dist", 8) + ["--no-distant"],
                     common("tcmp-one-thread", 7)]
 

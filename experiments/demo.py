@@ -2,13 +2,14 @@
 The demo's table of the README ("Training", on the demo): what pre-training brings on the embedded
 demo, over seeds 0, 1 and 2, with the references that need no model.
 
-python experiments/demo.py            # about 25 minutes on 2 CPU cores
+python experiments/demo.py            # about 22 minutes on 2 CPU cores
 python experiments/demo.py --dry-run  # print each run's command, run nothing
 
 It prepares the demo (python prepare.py, timed), then runs, for each seed S, train.py as a reader
-would: both stages (python train.py --seed S), fine-tuning alone from scratch (--stage finetune),
-both stages without the distant context (--no-distant), and the first seed once more on one thread
-(the same command: its scores may differ only by float rounding). A run with a metrics.json is not
+would: both stages (python train.py --seed S), fine-tuning alone from scratch (--stage finetune,
+for all its 12 epochs: --patience 0, so that no early stop cuts it short), both stages without the
+distant context (--no-distant), and the first seed once more on one thread (the same command: its
+scores may differ only by float rounding). A run with a metrics.json is not
 run again, so a table cut short continues where it stopped. The table goes to <out>/table.md.
 Every choice is made on dev: each stage keeps its best dev epoch.
 """
@@ -29,7 +30,7 @@ from nanotcmp.tables import ROOT, mean_std, read_metrics, run_chain  # noqa: E40
 # row -> (its folder, train.py's options beyond --seed, whether it pre-trains)
 ROWS = {
     "TCMP: pre-trained, then fine-tuned": ("tcmp", [], True),
-    "from scratch (no pre-training)": ("scratch", ["--stage", "finetune"], False),
+    "from scratch (no pre-training, every epoch)": ("scratch", ["--stage", "finetune", "--patience", "0"], False),
     "w/o Dist (both stages)": ("wo-dist", ["--no-distant"], True),
 }
 ONE_THREAD = "TCMP on one thread"
@@ -67,24 +68,25 @@ def table(args, prepare_seconds):
     fine = {row: runs(row, args.seeds) for row in ROWS}
     fine[ONE_THREAD] = runs(ONE_THREAD, args.seeds[:1])
     for row, ms in fine.items():
-        lines.append(f"| {row}{' (seed %d)' % args.seeds[0] if row == ONE_THREAD else ''} | "
-                     + " | ".join(mean_std([m["test"][k] for m in ms]) for k in ("wa", "aa", "f1"))
-                     + " | " + ", ".join(f"{m['test']['f1']:.1f}" for m in ms) + f" | {mean_std([m['dev']['wa'] for m in ms])}"
-                     + f" | {', '.join(str(m['best_epoch']) for m in ms)} | {np.mean([m['seconds'] for m in ms]) / 60:.1f} |")
+        cells = [mean_std([m["test"][k] for m in ms]) for k in ("wa", "aa", "f1")]
+        cells += [", ".join(f"{m['test']['f1']:.1f}" for m in ms), mean_std([m["dev"]["wa"] for m in ms]),
+                  ", ".join(str(m["best_epoch"]) for m in ms), f"{np.mean([m['seconds'] for m in ms]) / 60:.1f}"]
+        name = f"{row} (seed {args.seeds[0]})" if row == ONE_THREAD else row
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     gain = [a["test"]["f1"] - b["test"]["f1"] for a, b in zip(*(fine[row] for row in list(ROWS)[:2]))]
     lines += ["", f"Pre-trained minus from scratch, macro-F1 of each seed: {', '.join(f'{g:+.1f}' for g in gain)} "
               f"(mean ± sd {mean_std(gain)})", "",
               "Pre-training: target utterance searching on the test split (chance: R5@1 20, R5@2 40), beside "
               "the word-overlap reference (no model: each candidate scored by the share of its word pieces "
               "found in the context, on the same candidate sets)", "",
-              "| pre-training of | T2T R5@1 | A2A R5@1 | M2M R5@1 | M2M R5@2 | epochs kept |", "|---|---|---|---|---|---|"]
+              "| pre-training of | T2T R5@1 | A2A R5@1 | M2M R5@1 | M2M R5@2 | epochs kept |",
+              "|---|---|---|---|---|---|"]
     pre = {row: [pretraining(chain(row, seed, args)[0][2]) for seed in args.seeds]
            for row, (_, _, pretrains) in ROWS.items() if pretrains}
     for row, ms in pre.items():
-        lines.append(f"| {row} | " + " | ".join(mean_std([m["test"][s][k] for m in ms])
-                                                for s, k in (("T2T", "R5@1"), ("A2A", "R5@1"), ("M2M", "R5@1"),
-                                                             ("M2M", "R5@2")))
-                     + f" | {', '.join(str(m['best_epoch']) for m in ms)} |")
+        cells = [mean_std([m["test"][beta][k] for m in ms])
+                 for beta, k in (("T2T", "R5@1"), ("A2A", "R5@1"), ("M2M", "R5@1"), ("M2M", "R5@2"))]
+        lines.append(f"| {row} | " + " | ".join(cells + [", ".join(str(m["best_epoch"]) for m in ms)]) + " |")
     overlap = [m["test_word_overlap"] for m in next(iter(pre.values()))]
     lines.append("| word overlap with the context (no model) | – | – | "
                  + " | ".join(mean_std([o[k] for o in overlap]) for k in ("R5@1", "R5@2")) + " | – |")

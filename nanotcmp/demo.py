@@ -80,7 +80,8 @@ POSITIVE = (
     "I'm so excited about {topic}! | That's so sweet of {person}! | We should celebrate {time} at {place}! | "
     "Everything about {topic} feels right. | You're the best, seriously. | I can't stop smiling about the {thing}. | "
     "That sounds like so much fun! | Finally some good news about {topic}! | I'm so proud of you. | "
-    "The {thing} is perfect, I love it. | This is the nicest thing {person} has done. | I can't wait to tell {person}! | "
+    "The {thing} is perfect, I love it. | This is the nicest thing {person} has done. | "
+    "I can't wait to tell {person}! | "
     "Great idea, let's go to {place}! | That's hilarious! | {topic} is going better than I hoped. | "
     "Thank you so much for the {thing}! | What a lovely surprise! | You always cheer me up.").split(" | ")
 FILLERS = (

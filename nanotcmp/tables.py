@@ -26,7 +26,8 @@ def run(cmd, log, env=None):
     if done.returncode:
         with open(log) as f:
             tail = f.read()[-2000:]
-        raise SystemExit(f"{os.path.basename(sys.argv[0])}: {shlex.join(cmd)} failed (exit {done.returncode}); {log} ends:\n{tail}")
+        raise SystemExit(f"{os.path.basename(sys.argv[0])}: {shlex.join(cmd)} failed (exit {done.returncode}); "
+                         f"{log} ends:\n{tail}")
     return time.time() - t0
 
 
