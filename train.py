@@ -61,12 +61,10 @@ def parse_args(argv):
     p.add_argument("--modalities", choices=["text", "audio", "all"], default="all")
     p.add_argument("--init", help="fine-tune from this pre-training run's folder")
     p.add_argument("--out", help="default: out/<data>-<stage>")
-    p.add_argument("--epochs", type=ranged(int, 1),
-                   help="default: 8 pre-training (3 with tiny encoders), 12 fine-tuning")
+    p.add_argument("--epochs", type=ranged(int, 1), help="default: 8 pre-training (3 tiny encoders), 12 fine-tuning")
     p.add_argument("--max-steps", type=ranged(int, 1), help="stop (with a resumable state) after this many steps")
-    p.add_argument("--patience", type=ranged(int, 0),
-                   help="stop a stage after this many epochs without a better dev score; 0: run every epoch (default: "
-                        "0, or 3 fine-tuning tiny encoders)")
+    p.add_argument("--patience", type=ranged(int, 0), help="stop a stage after this many epochs without a better dev "
+                   "score (default: 0, run every epoch; 3 fine-tuning tiny encoders)")
     p.add_argument("--batch-size", type=ranged(int, 1),
                    help="windows (pre-training) or samples (fine-tuning); default: README, \"Speed and scale\"")
     p.add_argument("--k", type=ranged(int, 2),
