@@ -9,9 +9,9 @@ It prepares the demo (python prepare.py, timed), then runs, for each seed S, tra
 would: both stages (python train.py --seed S), fine-tuning alone from scratch (--stage finetune,
 for all its 12 epochs: --patience 0, so that no early stop cuts it short), both stages without the
 distant context (--no-distant), and the first seed once more on one thread (the same command: its
-scores may differ only by float rounding). A run with a metrics.json is not
-run again, so a table cut short continues where it stopped. The table goes to <out>/table.md.
-Every choice is made on dev: each stage keeps its best dev epoch.
+scores may differ only by float rounding). A run with a metrics.json is not run again, so a table
+cut short continues where it stopped. The table goes to <out>/table.md. Every choice is made on
+dev: each stage keeps its best dev epoch.
 """
 import argparse
 import json
@@ -103,16 +103,18 @@ def main(argv=None):
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = p.parse_args(argv)
     prepare = [sys.executable, "prepare.py", "--out", args.data]
-    chains = [chain(row, seed, args) for row in ROWS for seed in args.seeds] + [chain(ONE_THREAD, args.seeds[0], args)]
+    chains = [chain(row, seed, args) for row in ROWS for seed in args.seeds]
+    one_thread = chain(ONE_THREAD, args.seeds[0], args)
     if args.dry_run:
-        for cmd in [prepare] + [cmd for c in chains for _, cmd, _ in c]:
+        for cmd in [prepare] + [cmd for c in chains + [one_thread] for _, cmd, _ in c]:
             print(shlex.join(cmd))
         return
     t0 = time.time()
     subprocess.run(prepare, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     prepare_seconds = time.time() - t0
     for cmds in chains:
-        run_chain(cmds, 1 if cmds is chains[-1] else args.threads)
+        run_chain(cmds, args.threads)
+    run_chain(one_thread, 1)
     text = table(args, prepare_seconds)
     write_text(os.path.join(ROOT, args.out, "table.md"), text)
     print(text + f"\n{(time.time() - t0) / 60:.1f} min: {os.path.join(args.out, 'table.md')}")

@@ -131,8 +131,7 @@ def utterance(sex, label, partner_label, said, rng):
     coin = rng.random(2).tolist()  # filler?, reply?
     z = rng.standard_normal(4).tolist()  # noise of syllables, pitch, energy, tempo
     filler = coin[0] < FILLER
-    sentences = FILLERS if filler else TEMPLATES[label]
-    text = pick(sentences, rng).format(
+    text = pick(FILLERS if filler else TEMPLATES[label], rng).format(
         topic=pick(TOPICS, rng), thing=pick(THINGS, rng), person=pick(PEOPLE, rng), place=pick(PLACES, rng),
         time=pick(TIMES, rng))
     text = text[0].upper() + text[1:]
