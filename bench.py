@@ -6,9 +6,7 @@ python bench.py stream     # sample.py's per-turn latency vs re-encoding the who
 python bench.py train      # training steps: tiny and base, with and without length buckets and the feature cache
 """
 import argparse
-import contextlib
 import functools
-import io
 import json
 import os
 import resource
@@ -24,14 +22,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-import prepare
-import train
 from nanotcmp.audio import SAMPLE_RATE, save_wav
+from nanotcmp.cuda_graphs import CudaGraphs
 from nanotcmp.data import Split, buckets, encoder_inputs, load_meta, ranged, to_device, windows
-from nanotcmp.model import (Bert, BertConfig, Hubert, HubertConfig, TCMP, TCMPConfig, tiny_bert_config,
+from nanotcmp.features import attach_features
+from nanotcmp.loader import Batching, ahead, step_batches, steps_per_epoch
+from nanotcmp.model import (Bert, BertConfig, Hubert, HubertConfig, TCMP, TCMPConfig, autocast, tiny_bert_config,
                             tiny_hubert_config)
+from nanotcmp.processes import set_up_device
+from nanotcmp.stream import Stream
 from nanotcmp.tokenizer import WordPiece
-from sample import Stream
 
 # -----------------------------------------------------------------------------
 # encoders: BERT-base on 32 x 24 tokens, HuBERT-base on 4 x 3 s of audio, fp32, random weights
@@ -222,9 +222,7 @@ def meld_like(folder, n_dialogues=12, seed=0):
                 text = " ".join(rng.choice(words, rng.integers(5, 26)))
                 f.write(json.dumps({"dialogue": f"d{d}", "speaker": "AB"[t % 2], "text": text, "audio": clip}) + "\n")
     out = os.path.join(folder, "data")
-    with contextlib.redirect_stdout(io.StringIO()):  # its statistics table
-        prepare.main(["dialogues", "--from", os.path.join(folder, "pretrain.jsonl"), "--vocab",
-                      os.path.join(folder, "vocab.txt"), "--out", out])
+    run_script("prepare.py", folder, "dialogues", "--from", "pretrain.jsonl", "--vocab", "vocab.txt", "--out", out)
     return out
 
 
@@ -254,6 +252,27 @@ def mem_limit(device):
 # a step's windows: train.py's defaults on CUDA (tiny: 4, base: the authors' 64 in micro-batches of
 # 16); on the CPU, base end-to-end steps of 4 windows need more than 24 GiB
 WINDOWS = {"cuda": {"tiny": 4, "base": 64}, "cpu": {"tiny": 4, "base": 2}}
+MICRO_WINDOWS = 16  # train.py's: a step's windows are split into micro-batches of at most 16
+
+
+def batching(device, n, max_padding):
+    """The batches train.py's defaults make on this device for pre-training steps of n windows, but
+    k = 5 candidates a target (train.py's for tiny encoders) at every size"""
+    cuda = device.type == "cuda"
+    return Batching("pretrain", n, -(-n // MICRO_WINDOWS), k=5, max_padding=max_padding, grid=cuda, seed=0,
+                    workers=4 if cuda else 0)
+
+
+def train_step(model, opt, micro):
+    """A training step as train.py takes it in one process: [(share of the step's items, batch on
+    the device)], their gradients added up, then clipped"""
+    for share, batch in micro:
+        with autocast(batch["ctx"].device):
+            _, loss, _ = model(batch)
+        (loss * share).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def epoch_shapes(make, n_steps, max_padding):
@@ -319,39 +338,38 @@ def train_one(data, size, mode, steps, device):
     call), "buckets" or "cache"; batches built ahead by train.py's loader. The timed steps follow an
     epoch of warm-up on CUDA (its new shapes are planned or captured once), a step on the CPU.
     -> {ms, items_s, mib, padding, shapes, wait, ops, flops, cache_s}"""
-    train.set_up_device(device)
+    set_up_device(device)
     model = train_model(size, data).to(device)
     model.check_inputs = device.type == "cpu"
     split = Split(os.path.join(data, "pretrain.safetensors"))
     n = WINDOWS[device.type][size]
-    args = train.parse_args(["--data", data, "--max-padding", "1" if mode == "whole" else "0.1",
-                             "--device", device.type])  # train.py's defaults for this device
+    b = batching(device, n, 1.0 if mode == "whole" else 0.1)
     cache_s = None
     if mode == "cache":
         model.freeze_encoders()
         t0 = time.perf_counter()
-        train.attach_features(model, data, [split], device)
+        attach_features(model, data, [split], device)
         cache_s = time.perf_counter() - t0
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    items, run = windows(split), train.plan_run("pretrain", args, device, batch_size=n)
-    per_epoch = len(train.step_chunks(run, items, split, np.random.default_rng(0)))
-    make = functools.partial(train.step_batches, run, items, split, args, model.config.modalities, per_epoch)
-    shapes = epoch_shapes(make, per_epoch, args.max_padding)
+    items = windows(split)
+    per_epoch = steps_per_epoch(b, items, split)
+    make = functools.partial(step_batches, b, items, split, model.config.modalities, per_epoch)
+    shapes = epoch_shapes(make, per_epoch, b.max_padding)
     warm = per_epoch if device.type == "cuda" else 1
-    batches = iter(train.ahead(make, warm + steps + 2, args, device))
+    batches = iter(ahead(make, warm + steps + 2, b.workers))
     model.train()
 
     def step():
         t0 = time.perf_counter()
         _, micro = next(batches)
         waited = time.perf_counter() - t0
-        train.train_step(model, opt, [(share, to_device(b, device)) for share, b, _ in micro])
+        train_step(model, opt, [(share, to_device(batch, device)) for share, batch, _ in micro])
         return micro, waited
 
     flops = None
     if device.type == "cuda":
         flops = count_flops(step)
-        train.use_cuda_graphs(model, "context")  # train.py's default
+        CudaGraphs(model, "context")  # train.py's default
     base = memory_mark(device)  # peak memory: what the steps need beyond the model, the optimiser and the batches
     try:
         for _ in range(warm):

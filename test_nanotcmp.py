@@ -4,6 +4,7 @@ Hugging Face transformers (random weights saved the way real checkpoints are, an
 all-MiniLM-L6-v2), the tokenizer against transformers' BertTokenizer on real MELD text.
 Run: python -m pytest -q
 """
+import ast
 import csv
 import dataclasses
 import functools
@@ -38,8 +39,10 @@ import prepare
 import sample
 import train
 from nanotcmp.audio import SAMPLE_RATE, AudioError, load_audio, save_wav, synthesize
+from nanotcmp.cuda_graphs import CudaGraphs, compile_encoders
 from nanotcmp.data import (LENGTH_GRID, ROW_GRID, Split, buckets, draw_noise, encoder_inputs, finetune_batch,
-                           last_own_labels, load_meta, make_batch, padding, pretrain_batch, shapes, windows)
+                           last_own_labels, load_meta, make_batch, padding, pretrain_batch, shapes, to_device, windows)
+from nanotcmp.evaluate import word_overlap_scores
 from nanotcmp.metrics import (aa, confusion, emotion_scores, last_emotion_scores, macro_f1, majority_scores, recall_at,
                               wa)
 from nanotcmp.model import GRU, Bert, ContextInteraction, Hubert, NearbyContext, clip_loss, tus_loss
@@ -1736,7 +1739,7 @@ def test_word_overlap_reference(tmp_path, shared, recall):
              for d in range(4) for i in range(6)]
     run_prepare("dialogues", "--from", write_jsonl(tmp_path / "test.jsonl", lines), "--vocab",
                 minilm_dir() / "vocab.txt", "--out", tmp_path / "out")
-    scores = train.word_overlap_scores(Split(tmp_path / "out/test.safetensors"), SimpleNamespace(seed=0))
+    scores = word_overlap_scores(Split(tmp_path / "out/test.safetensors"), seed=0)
     assert scores == {"R5@1": recall, "R5@2": recall, "R11@1": recall, "R11@2": recall}
 
 
@@ -1895,7 +1898,7 @@ def test_batches_built_by_worker_processes_equal_the_direct_path(small_demo, tmp
 
 
 def test_cuda_graphs_one_per_shape_and_use(small_demo, monkeypatch):
-    """train.cuda_graphs' book-keeping, on the CPU: the capture (torch.cuda.make_graphed_callables)
+    """CudaGraphs' book-keeping, on the CPU: the capture (torch.cuda.make_graphed_callables)
     is replaced by one that records what it is given and runs the module as it is."""
     captured = []
 
@@ -1903,11 +1906,10 @@ def test_cuda_graphs_one_per_shape_and_use(small_demo, monkeypatch):
         captured.append((type(module).__name__, tuple(tuple(x.shape) for x in samples)))
         return SimpleNamespace(forward=module.forward)  # what the capture would run: eager, fixed keywords
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", capture)
-    monkeypatch.setattr(train, "GRAPH_USES", [])
     split = Split(small_demo / "pretrain.safetensors")
     model = small_model(small_demo)
     model.check_inputs = False  # as train.py runs it on CUDA: the graphs are for calls without the checks
-    train.use_cuda_graphs(model, "all")
+    CudaGraphs(model, "all")
     batch = pretrain_batch(split, windows(split)[:3], 5, np.random.default_rng(0), model.config.modalities)
     with torch.no_grad():
         model.pretrain_loss(batch)
@@ -1956,7 +1958,7 @@ def test_compiled_encoders_equal_eager_ones(small_demo, monkeypatch):
         if compiled:
             compile = torch.nn.Module.compile
             monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile(self, **kw, backend="eager"))
-            train.compile_encoders(model)
+            compile_encoders(model)
         torch.manual_seed(0)  # the same dropout masks
         f = model.features(batch)
         (f["text"].square().sum() + f["audio"].square().sum()).backward()
@@ -1977,7 +1979,7 @@ def test_a_training_step_never_waits_for_the_device(small_demo):
     rng = np.random.default_rng(0)
     for batch in (pretrain_batch(split, windows(split)[:2], 5, rng, model.config.modalities),
                   finetune_batch(split, split.samples[:4], model.config.modalities)):
-        micro = [(0.5, train.to_device(batch, torch.device("meta")))] * 2
+        micro = [(0.5, to_device(batch, torch.device("meta")))] * 2
         loss, parts = train.train_step(model, opt, micro)
         assert loss.device.type == "meta" and all(v.device.type == "meta" for v in parts.values())
     model.check_inputs = True  # the encoders' input checks do wait (finding ids out of the vocabulary)
@@ -2180,7 +2182,7 @@ def test_stdin_answers_each_turn_as_soon_as_it_is_read(small_demo, demo_ckpt):
         proc.wait(60)
 
 # -----------------------------------------------------------------------------
-# experiments/pmeld.py: the README's P-MELD table
+# experiments/pmeld.py: the P-MELD table of docs/results.md
 
 
 def load_experiment(name):
@@ -2241,7 +2243,7 @@ def test_pmeld_table_is_the_mean_and_standard_deviation_of_the_runs(tmp_path):
     assert "| word overlap with the context (no model) | – | – | 26.0 ± 1.0 | 15.0 ± 0.0 | – |" in lines
 
 # -----------------------------------------------------------------------------
-# experiments/demo.py: the README's demo table
+# experiments/demo.py: the demo's table of docs/results.md
 
 
 def test_demo_table_runs_train_py_as_a_reader_would(capsys):
@@ -2284,3 +2286,39 @@ def test_demo_table_is_the_mean_and_standard_deviation_of_the_runs(tmp_path):
     assert "| w/o Dist (both stages) | 40.0 ± 0.0 | 30.0 ± 0.0 | 50.0 ± 0.0 | 70.0 ± 0.0 | 4, 4, 4 |" in lines
     assert "| word overlap with the context (no model) | – | – | 22.0 ± 1.0 | 41.0 ± 0.0 | – |" in lines
     assert "| majority class | 40.0 | 33.3 | 19.0 | – | – | – | – |" in lines
+
+# -----------------------------------------------------------------------------
+# the layout: the scripts tell the story, nanotcmp/ holds the machinery
+
+SCRIPTS = ("prepare", "train", "sample", "bench")
+
+
+def imported_modules(path):
+    """The top-level names of the modules a Python file imports (import x.y, from x.y import z -> x)"""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_no_script_imports_another_script():
+    """bench.py, experiments/ and the package import nanotcmp, never a script (they run one instead)"""
+    files = [ROOT / "bench.py", ROOT / "prepare.py", ROOT / "train.py", ROOT / "sample.py",
+             *(ROOT / "experiments").glob("*.py"), *(ROOT / "nanotcmp").glob("*.py")]
+    assert len(files) > 12
+    found = {f.relative_to(ROOT).as_posix(): sorted(imported_modules(f) & set(SCRIPTS)) for f in files}
+    assert {f: s for f, s in found.items() if s} == {}
+
+
+def test_no_module_state_rebound_at_run_time():
+    """No global statement anywhere, and no empty module-level list or dict for code to fill in as
+    it runs: a process's rank comes from the process group, a CUDA graph's bookkeeping from its object"""
+    for f in [*(ROOT / "nanotcmp").glob("*.py"), *(ROOT / f"{s}.py" for s in SCRIPTS)]:
+        tree = ast.parse(f.read_text())
+        assert not [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Global)], f
+        empty = [n.lineno for n in tree.body if isinstance(n, ast.Assign) and isinstance(n.value, (ast.List, ast.Dict))
+                 and not (n.value.elts if isinstance(n.value, ast.List) else n.value.keys)]
+        assert empty == [], f

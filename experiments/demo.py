@@ -1,5 +1,5 @@
 """
-The demo's table of the README ("Training", on the demo): what pre-training brings on the embedded
+The demo's table of docs/results.md ("The demo"): what pre-training brings on the embedded
 demo, over seeds 0, 1 and 2, with the references that need no model.
 
 python experiments/demo.py            # about 22 minutes on 2 CPU cores

@@ -1,6 +1,6 @@
 """
-The P-MELD table of the README ("Results on P-MELD"): the paper's text rows, with
-all-MiniLM-L6-v2 in place of BERT-base, each over 3 seeds, and two references that need no model.
+The P-MELD table of docs/results.md ("P-MELD"): the paper's text rows, with all-MiniLM-L6-v2
+in place of BERT-base, each over 3 seeds, and two references that need no model.
 
 python experiments/pmeld.py --jobs 2      # frozen MiniLM and the feature cache: the CPU's table
 python experiments/pmeld.py --end-to-end  # MiniLM fine-tuned with the rest (a GPU)
@@ -36,8 +36,8 @@ ROWS = {
 }
 # The authors' pre-training: 10 noise candidates, 64 windows a step, 30 epochs at most, stopped
 # after 10 without a better dev score. Fine-tuning frozen MiniLM: only the TCMP layers learn, at a
-# rate and for a number of epochs chosen on dev (README, "Results on P-MELD"); end to end, at the
-# paper's rates (train.py's defaults with a checkpoint).
+# rate and for a number of epochs chosen on dev (docs/results.md, "How the settings were chosen");
+# end to end, at the paper's rates (train.py's defaults with a checkpoint).
 AUTHORS_PRETRAINING = ["--k", "11", "--batch-size", "64", "--epochs", "30", "--patience", "10"]
 FROZEN = {"pretrain": ["--freeze-encoders"] + AUTHORS_PRETRAINING,
           "finetune": ["--freeze-encoders", "--batch-size", "64", "--lr", "3e-4", "--epochs", "8"]}

@@ -142,11 +142,11 @@ def load_meta(folder):
 
 
 # Every encoder call gets a shape (rows x length) from a fixed grid, so that a whole run sees a
-# bounded set of shapes: the GPU libraries plan their kernels, and train.py captures its CUDA
-# graphs, once per shape, and a new shape every step costs more than the step (README, "Speed and
-# scale"). Lengths: 4 steps an octave, every power of two among them (so a model's max_positions
-# of 128 or 512 is never overrun). Rows: the powers of two, the missing rows filled with copies of
-# the bucket's first sequence, whose outputs are dropped.
+# bounded set of shapes: the GPU libraries plan their kernels, and cuda_graphs.py captures its
+# graphs, once per shape, and a new shape every step costs more than the step (docs/speed.md,
+# "Length buckets on a grid of shapes"). Lengths: 4 steps an octave, every power of two among them
+# (so a model's max_positions of 128 or 512 is never overrun). Rows: the powers of two, the missing
+# rows filled with copies of the bucket's first sequence, whose outputs are dropped.
 LENGTH_GRID = np.unique(np.round(2 ** (np.arange(4 * 30 + 1) / 4))).astype(np.int64)
 ROW_GRID = 2 ** np.arange(17)
 
@@ -418,18 +418,3 @@ def ranged(kind, low=None, high=None, above=False, below=False):
             raise argparse.ArgumentTypeError(f"{text} is outside {interval}")
         return x
     return parse
-
-
-def device_from(name, script):
-    """--device auto | cpu | cuda[:N] -> torch.device, or the script's one-line error"""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SystemExit(f"{script}: --device {name}: not a device (auto, cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"{script}: --device {name}: this machine has no CUDA device torch can use")
-    if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"{script}: --device {name}: only cpu and cuda are supported")
-    return device

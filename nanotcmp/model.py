@@ -104,7 +104,7 @@ class Bert(nn.Module):
 
     def forward(self, input_ids, attention_mask, check=True):
         # input_ids: (B, T) long, attention_mask: (B, T) 1/True at real tokens -> (B, T, D)
-        # check: validate the input values (a host-device sync on an accelerator)
+        # check: validate the input values
         B, T = input_ids.shape
         if check:
             check_ids(input_ids, self.config.vocab_size)
@@ -247,7 +247,7 @@ class Hubert(nn.Module):
 
     def forward(self, wave, wave_mask=None, check=True):
         # wave: (B, S) float at 16 kHz, wave_mask: (B, S) bool or None -> (B, T', D), (B, T')
-        # check: validate the lengths (a host-device sync on an accelerator)
+        # check: validate the lengths
         if wave_mask is None:
             wave_mask = torch.ones_like(wave, dtype=torch.bool)
         wave_mask = wave_mask.bool()
@@ -325,7 +325,7 @@ class TCMPConfig:
 
 def autocast(device):
     """The precision the model runs in: bf16 on CUDA (float32 weights, bf16 matrix products),
-    float32 elsewhere. No cast cache, so that CUDA graphs can capture the model (train.py)."""
+    float32 elsewhere. No cast cache, so that the model can be captured as CUDA graphs (cuda_graphs.py)."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False)
 
 
@@ -447,10 +447,9 @@ class TCMP(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.head1 = nn.Linear(len(self.streams) * c.d, c.d)  # Eq. 22
         self.head2 = nn.Linear(c.d, c.n_labels)
-        # Eq. 23's class weights ω, set by train.py from the training split (not saved with the model)
+        # Eq. 23's class weights ω, from the training split (not saved with the model)
         self.register_buffer("class_weights", torch.ones(c.n_labels), persistent=False)
-        # the encoders check their inputs (ids in the vocabulary, waveforms long enough), which costs
-        # a host-device sync on an accelerator; train.py turns it off there for prepared datasets
+        # the encoders check their inputs: ids in the vocabulary, waveforms long enough
         self.check_inputs = True
         self.frozen = False
 

@@ -1,0 +1,112 @@
+"""
+Evaluation on dev and test, and the references that need no model. Pre-training is scored by
+target utterance searching (R5@1, R5@2, R11@1, R11@2 of T2T, A2A and M2M) beside a word-overlap
+reference; fine-tuning by WA, AA and macro-F1 beside the majority class and the last emotion of
+the target speaker (README, "Training").
+"""
+import math
+
+import numpy as np
+import torch
+
+from nanotcmp.data import last_own_labels, to_device, windows
+from nanotcmp.loader import EVAL_BATCH, eval_batches, eval_targets
+from nanotcmp.metrics import emotion_scores, last_emotion_scores, majority_scores, recall_at
+from nanotcmp.model import autocast
+
+
+def evaluate(model, split, b, device):
+    """Dev or test scores of stage b.stage: retrieval (pre-training) or WA, AA, macro-F1 and the
+    confusion matrix"""
+    if b.stage == "pretrain":
+        return retrieval_scores(model, split, b, device)
+    y, p = predict(model, split, b, device)
+    return emotion_scores(y, p, model.config.n_labels)
+
+
+@torch.no_grad()
+def predict(model, split, b, device):
+    """-> (true labels, predicted labels) of every sample of a labelled split"""
+    model.eval()
+    preds = []
+    for batch in eval_batches(b, split, "finetune", split.samples, model.config.modalities):
+        with autocast(device):
+            preds.append(model.classify(to_device(batch, device)).argmax(-1).cpu())
+    return split.samples[:, 2], torch.cat(preds).numpy()
+
+
+@torch.no_grad()
+def retrieval_scores(model, split, b, device):
+    """TUS on a split's windows with candidate sets fixed by the seed: R5@1, R5@2, R11@1, R11@2
+    (percent) for T2T, A2A and M2M. The 5 candidates are the true one and the first 4 of 10 noise."""
+    model.eval()
+    scores = {beta: [] for beta in model.streams}
+    for batch in eval_batches(b, split, "pretrain", windows(split), model.config.modalities):
+        batch = to_device(batch, device)
+        with autocast(device):
+            H = model.encode(batch)
+            s = model.tus_scores(H, model.interact(H, batch["ctx"], batch["ctx_mask"]), batch)
+        for beta in model.streams:
+            scores[beta].append(s[beta].float().cpu())
+    names = {"t": "T2T", "a": "A2A", "m": "M2M"}
+    return {names[beta]: recalls(torch.cat(batches).numpy()) for beta, batches in scores.items()}
+
+
+def recalls(scores):
+    """(N, 11) scores of each target's candidates, the true one first -> R5@1, R5@2, R11@1, R11@2"""
+    true = np.zeros(len(scores), dtype=np.int64)
+    return {f"R{k}@{m}": recall_at(scores[:, :k], true, m) for k in (5, 11) for m in (1, 2)}
+
+
+def word_overlap_scores(split, seed):
+    """Target utterance searching without a model, on retrieval_scores' candidate sets (fixed by
+    the seed): each candidate scored by the share of its word pieces that occur in the target's
+    context. What words shared within a dialogue (names, topics) give away -> R5@1, R5@2, R11@1, R11@2"""
+    wins, scores = windows(split), []
+    for i in range(math.ceil(len(wins) / EVAL_BATCH)):
+        rows, targets, noise = eval_targets(split, wins, seed, i)
+        for (b, j), others in zip(targets, noise):
+            context = set(np.concatenate([split.tokens_of(u)[1:-1] for u in rows[b][:j]]).tolist())
+            words = [set(split.tokens_of(u)[1:-1].tolist()) for u in [rows[b][j], *others]]  # without [CLS], [SEP]
+            scores.append([len(w & context) / max(len(w), 1) for w in words])
+    return recalls(np.array(scores))
+
+
+def selection_score(scores):
+    """What keeps a model: dev WA in fine-tuning; in pre-training the mean of the dev recalls
+    (R5@1, R5@2, R11@1, R11@2 of every retrieval the model does)"""
+    if "wa" in scores:
+        return scores["wa"]
+    return float(np.mean([v for s in scores.values() for v in s.values()]))
+
+
+def describe(scores):
+    """Scores as a log line: emotion scores, recalls, or recalls by retrieval (T2T, A2A, M2M)"""
+    if "wa" in scores:
+        return f"WA {scores['wa']:.2f} AA {scores['aa']:.2f} F1 {scores['f1']:.2f}"
+    if all(isinstance(v, float) for v in scores.values()):
+        return " ".join(f"{k} {v:.1f}" for k, v in scores.items())
+    return " | ".join(f"{b} {describe(s)}" for b, s in scores.items())
+
+
+def final_scores(model, b, epoch, train_split, test, labels, device):
+    """The kept model's scores on test (of dev's best epoch) and the references beside them,
+    printed -> {"test": scores, "test_word_overlap" | "test_majority", "test_last_emotion": the
+    references' scores}"""
+    scores = evaluate(model, test, b, device)
+    report = {"test": scores}
+    print(f"test (best dev epoch {epoch}): {describe(scores)}")
+    if b.stage == "pretrain":
+        report["test_word_overlap"] = word_overlap_scores(test, b.seed)
+        print(f"  word overlap (no model): {describe(report['test_word_overlap'])}")
+        return report
+    n, y_train, y_test = model.config.n_labels, train_split.samples[:, 2], test.samples[:, 2]
+    report["test_majority"] = majority_scores(y_train, y_test, n)
+    report["test_last_emotion"] = last_emotion_scores(y_train, y_test, last_own_labels(test), n)
+    for name, key in (("majority class", "test_majority"), ("last emotion", "test_last_emotion")):
+        print(f"  {name}: {describe(report[key])}")
+        del report[key]["confusion"]
+    print("confusion (rows true, columns predicted; " + ", ".join(labels) + "):")
+    for row in scores["confusion"]:
+        print("  " + " ".join(f"{v:6d}" for v in row))
+    return report
