@@ -530,6 +530,25 @@ def test_eq10_empty_distant_context_attends_to_zero():
     assert all(torch.isfinite(p.grad).all() for p in ci.parameters() if p.grad is not None)
 
 
+def test_eq10_attention_over_the_distant_states_by_hand():
+    """Eq. 7-10 by hand for every target of two windows, one padded: Q_j from Ĥ_{j-2}, Ĥ_{j-1}, softmax
+    attention over the distant states C_0 .. C_{j-3}, P_j = W_o [attended ; Q_j]"""
+    torch.manual_seed(0)
+    ci = ContextInteraction(8).eval()
+    H, lengths = torch.randn(2, 7, 8), (7, 5)
+    mask = torch.arange(7)[None, :] < torch.tensor(lengths)[:, None]
+    with torch.no_grad():
+        P = ci(H, mask)  # (2, 8, 8)
+        for b, n in enumerate(lengths):
+            Hh = ci.gru(H[b:b + 1, :n])[0]  # (n, 8), Eq. 7 over the real utterances only
+            C = ci.gru_d(Hh[None])[0]  # (n, 8), Eq. 8
+            for j in range(2, n + 1):
+                Q = ci.query(torch.cat([Hh[j - 2], Hh[j - 1]]))  # Eq. 9
+                distant = C[:j - 2]  # C_0 .. C_{j-3}, none for j = 2
+                attended = torch.softmax(distant @ Q, 0) @ distant if j > 2 else torch.zeros(8)
+                assert max_diff(P[b, j], ci.out(torch.cat([attended, Q]))) <= 1e-5  # Eq. 10
+
+
 def test_wo_dist_ignores_distant_utterances(small_demo):
     """w/o Dist: changing a distant utterance changes nothing; with the distant context it does"""
     split = Split(small_demo / "train.safetensors")
@@ -581,6 +600,19 @@ def test_eq17_20_clip_loss_symmetric_and_minimal_when_aligned():
     eye = torch.eye(6, 8)  # orthogonal and aligned: the loss is the softmax floor at this temperature
     floor = -math.log(math.exp(1 / 0.07) / (math.exp(1 / 0.07) + 5))
     assert abs(clip_loss(eye, eye, scale).item() - floor) < 1e-5
+
+
+def test_eq17_20_clip_loss_by_hand():
+    """Eq. 17-20 on two pairs by hand: cosines times exp(logit_scale) (capped at 100), the cross-entropy
+    of each text over the audios and of each audio over the texts, their mean"""
+    ht, ha = torch.tensor([[3.0, 0.0], [1.0, 1.0]]), torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    c = 1 / math.sqrt(2)  # cosines: text 0 with audio 0 and 1: 1, 0; text 1: c, c
+    ce = lambda row, i: -(row[i] - math.log(sum(math.exp(v) for v in row)))
+    for logit_scale, s in ((math.log(2.0), 2.0), (math.log(1000.0), 100.0)):
+        sim = [[s, 0.0], [s * c, s * c]]  # (texts, audios)
+        l_h = (ce(sim[0], 0) + ce(sim[1], 1)) / 2  # each text against every audio
+        l_v = (ce([sim[0][0], sim[1][0]], 0) + ce([sim[0][1], sim[1][1]], 1)) / 2  # each audio against every text
+        assert abs(clip_loss(ht, ha, torch.tensor(logit_scale)).item() - (l_h + l_v) / 2) < 1e-5
 
 
 def test_eq21_total_weighs_tus_by_zeta_and_clip_by_eta(small_demo):
@@ -2322,3 +2354,91 @@ def test_no_module_state_rebound_at_run_time():
         empty = [n.lineno for n in tree.body if isinstance(n, ast.Assign) and isinstance(n.value, (ast.List, ast.Dict))
                  and not (n.value.elts if isinstance(n.value, ast.List) else n.value.keys)]
         assert empty == [], f
+
+# -----------------------------------------------------------------------------
+# exercise.md: each step's tests fail while its function is blank and pass with the repository's code.
+
+
+def exercise_steps(path):
+    """exercise.md's steps -> [(the function of nanotcmp/model.py the step replaces, its -k key)]"""
+    steps = []
+    for text in re.split(r"^## Step \d+", path.read_text(encoding="utf-8"), flags=re.M)[1:]:
+        names = re.findall(r"Replaces\*\* `([\w.]+)`", text)
+        keys = re.findall(r"`python -m pytest -q -k (\w+)`", text)
+        assert len(names) == len(keys) == 1, f"{path.name}: a step names one function and one command: {text[:80]!r}"
+        steps.append((names[0], keys[0]))
+    return steps
+
+
+EXERCISE_STEPS = exercise_steps(ROOT / "exercise.md")
+
+
+def step_tests(key, test_name):
+    """Is test_name one of the step's tests? `-k key` as pytest reads a plain name: a part of it, any case"""
+    return key.lower() in test_name.lower()
+
+
+def pytest_generate_tests(metafunc):
+    # NANOTCMP_EXERCISE=1 (test_exercise_step_fails_blank_and_passes_written's run): each step's test
+    # runs once with the repository's code and once with that step's function blank (exercise_blank)
+    if os.environ.get("NANOTCMP_EXERCISE"):
+        blanks = [name for name, key in EXERCISE_STEPS if step_tests(key, metafunc.function.__name__)]
+        if blanks:
+            metafunc.parametrize("exercise_blank", ["repository"] + blanks, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def exercise_blank(request, monkeypatch):
+    """The function of nanotcmp/model.py named by the parameter (a module function or Class.method)
+    raises NotImplementedError, as a body replaced by `raise NotImplementedError` does; without a
+    parameter (every ordinary run) nothing changes"""
+    name = getattr(request, "param", "repository")
+    if name == "repository":
+        return
+
+    def blank(*args, **kwargs):
+        raise NotImplementedError(f"{name} is blank (exercise.md)")
+
+    owner, _, attr = name.rpartition(".")
+    if owner:
+        monkeypatch.setattr(getattr(M, owner), attr, blank)
+        return
+    original = getattr(M, attr)
+    monkeypatch.setattr(M, attr, blank)
+    names = request.function.__globals__  # the test's own `from nanotcmp.model import ...` names
+    if names.get(attr) is original:
+        monkeypatch.setitem(names, attr, blank)
+
+
+@pytest.fixture(scope="module")
+def exercise_run():
+    """Every step's tests in one pytest run of this file, each with the repository's code and with
+    its step's function blank -> {test name [parameters]: (outcome, message)}"""
+    assert not os.environ.get("NANOTCMP_EXERCISE"), "the exercise run does not run itself"
+    keys = " or ".join(key for _, key in EXERCISE_STEPS)
+    env = {**os.environ, "NANOTCMP_EXERCISE": "1", "COLUMNS": "1000"}  # wide: the summary keeps the messages
+    # __file__ is test_nanotcmp.py, which holds the step tests, pytest_generate_tests and exercise_blank
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "--tb=no", "-p", "no:cacheprovider",
+                          "-k", keys, __file__], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode in (0, 1), run.stdout[-3000:] + run.stderr[-3000:]  # 1: some test failed
+    summary = re.findall(r"^(PASSED|FAILED|ERROR) \S+?::(\S+)(?: - (.*))?$", run.stdout, re.M)
+    return {test: (outcome, message) for outcome, test, message in summary}
+
+
+@pytest.mark.parametrize("name, key", EXERCISE_STEPS, ids=[name for name, _ in EXERCISE_STEPS])
+def test_exercise_step_fails_blank_and_passes_written(exercise_run, name, key):
+    """exercise.md's step: `-k key` selects tests, each of which fails with NotImplementedError while the
+    step's function is blank and passes with the repository's code"""
+    owner, _, attr = name.rpartition(".")
+    assert callable(getattr(getattr(M, owner) if owner else M, attr, None)), f"no {name} in nanotcmp/model.py"
+    ran = {test: result for test, result in exercise_run.items() if step_tests(key, test.split("[")[0])}
+    assert ran, f"-k {key} selects no test"
+    for base in {test.split("[")[0] for test in ran}:
+        for param, want in (("repository", "PASSED"), (name, "FAILED")):
+            # base's runs with param among their parameters (one for each of base's own parameters)
+            runs = [(test, *ran[test]) for test in ran
+                    if test.split("[")[0] == base and param in test.split("[")[1][:-1].split("-")]
+            assert runs, f"{base} did not run with {param}"
+            for test, outcome, message in runs:
+                assert outcome == want, f"{test}: {outcome} {message}"
+                assert want == "PASSED" or message.startswith("NotImplementedError"), f"{test}: {message}"
