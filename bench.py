@@ -29,7 +29,7 @@ from nanotcmp.features import attach_features
 from nanotcmp.loader import Batching, ahead, step_batches, steps_per_epoch
 from nanotcmp.model import (Bert, BertConfig, Hubert, HubertConfig, TCMP, TCMPConfig, autocast, tiny_bert_config,
                             tiny_hubert_config)
-from nanotcmp.processes import set_up_device
+from nanotcmp.processes import set_up_device, world
 from nanotcmp.stream import Stream
 from nanotcmp.tokenizer import WordPiece
 
@@ -221,9 +221,8 @@ def meld_like(folder, n_dialogues=12, seed=0):
                          .astype(np.int16))
                 text = " ".join(rng.choice(words, rng.integers(5, 26)))
                 f.write(json.dumps({"dialogue": f"d{d}", "speaker": "AB"[t % 2], "text": text, "audio": clip}) + "\n")
-    out = os.path.join(folder, "data")
-    run_script("prepare.py", folder, "dialogues", "--from", "pretrain.jsonl", "--vocab", "vocab.txt", "--out", out)
-    return out
+    run_script("prepare.py", folder, "dialogues", "--from", "pretrain.jsonl", "--vocab", "vocab.txt", "--out", "data")
+    return os.path.join(folder, "data")
 
 
 def train_model(size, data):
@@ -264,15 +263,21 @@ def batching(device, n, max_padding):
 
 
 def train_step(model, opt, micro):
-    """A training step as train.py takes it in one process: [(share of the step's items, batch on
-    the device)], their gradients added up, then clipped"""
+    """train.py's training step in one process, the same work (a script imports no other script;
+    a test holds the two equal): [(share of the step's items, batch on the device)] -> (loss,
+    {part: value}), left on the device"""
+    model.train()
+    step_loss, step_parts = 0.0, {}
     for share, batch in micro:
         with autocast(batch["ctx"].device):
-            _, loss, _ = model(batch)
-        (loss * share).backward()
+            _, loss, parts = model(batch)
+        (loss * share * world()).backward()
+        step_loss = step_loss + loss.detach() * share
+        step_parts = {k: step_parts.get(k, 0.0) + v.detach() * share for k, v in parts.items()}
     torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    return step_loss, step_parts
 
 
 def epoch_shapes(make, n_steps, max_padding):
@@ -335,8 +340,9 @@ def count_ops(step):
 
 def train_one(data, size, mode, steps, device):
     """One set-up in this process, as train.py runs it: mode "whole" (one padded batch an encoder
-    call), "buckets" or "cache"; batches built ahead by train.py's loader. The timed steps follow an
-    epoch of warm-up on CUDA (its new shapes are planned or captured once), a step on the CPU.
+    call), "buckets" or "cache"; batches built ahead by nanotcmp/loader.py, as in train.py. The
+    timed steps follow an epoch of warm-up on CUDA (its new shapes are planned or captured once), a
+    step on the CPU.
     -> {ms, items_s, mib, padding, shapes, wait, ops, flops, cache_s}"""
     set_up_device(device)
     model = train_model(size, data).to(device)

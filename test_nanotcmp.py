@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 import nanotcmp.model as M
 from nanotcmp import demo
+import bench
 import prepare
 import sample
 import train
@@ -1733,7 +1734,8 @@ def raised(scores):
 
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 def test_each_stage_keeps_its_best_dev_epoch(small_demo, tmp_path, monkeypatch, stage):
-    """Epoch 2 of 3 is made the best on dev: the run keeps its weights, not the last epoch's"""
+    """Epoch 2 of 3 is made the best on dev (train.py's evaluate, which scores dev at each epoch's
+    end): the run keeps its weights, not the last epoch's"""
     weights, evaluate = [], train.evaluate
 
     def second_best(model, split, *args):
@@ -2017,6 +2019,27 @@ def test_a_training_step_never_waits_for_the_device(small_demo):
     model.check_inputs = True  # the encoders' input checks do wait (finding ids out of the vocabulary)
     with pytest.raises(NotImplementedError, match=r"torch\.nonzero\(\)"):
         train.train_step(model, opt, micro)
+
+
+def test_bench_times_the_step_train_py_takes(small_demo):
+    """bench.py's copy of train.py's step (a script imports no other) does the same: the same loss,
+    parts and updated weights, bit for bit"""
+    split = Split(small_demo / "pretrain.safetensors")
+    batches = [pretrain_batch(split, windows(split)[i:i + 2], 5, np.random.default_rng(i), ("text", "audio"))
+               for i in (0, 2)]
+    results = []
+    for step in (train.train_step, bench.train_step):
+        torch.manual_seed(0)
+        model = small_model(small_demo)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        opt = torch.optim.Adam(model.parameters())
+        torch.manual_seed(1)  # the same dropout masks
+        loss, parts = step(model, opt, [(0.25, batches[0]), (0.75, batches[1])])
+        results.append((loss, parts, model.state_dict()))
+    (l1, p1, w1), (l2, p2, w2) = results
+    assert torch.equal(l1, l2) and p1.keys() == p2.keys() and all(torch.equal(p1[k], p2[k]) for k in p1)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert not all(torch.equal(w1[k], before[k]) for k in w1)  # the step did change the weights
 
 # -----------------------------------------------------------------------------
 # sample.py: real-time pre-recognition

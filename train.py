@@ -30,7 +30,7 @@ from nanotcmp.data import DataError, Split, file_sha256, load_meta, ranged, to_d
 from nanotcmp.evaluate import describe, evaluate, final_scores, selection_score
 from nanotcmp.features import attach_features
 from nanotcmp.loader import Batching, ahead, step_batches, steps_per_epoch
-from nanotcmp.meter import Meter
+from nanotcmp.meter import Meter, NonFiniteLoss
 from nanotcmp.model import Bert, Hubert, TCMP, TCMPConfig, autocast, tiny_bert_config, tiny_hubert_config
 from nanotcmp.processes import barrier, broadcast, device_from, print0, rank, world
 
@@ -122,6 +122,59 @@ def is_tiny(args):
     return args.text_encoder == "tiny" and args.audio_encoder == "tiny"
 
 # -----------------------------------------------------------------------------
+# a stage's settings
+
+
+@dataclass(frozen=True)
+class Run:
+    """One stage's settings, resolved from the command line and the device. args stays as parsed:
+    each stage of --stage all has a Run of its own (its folder, --init and batch size), and past
+    plan_run the code reads these settings from the Run, never from args."""
+    out: str  # the run folder: model.safetensors, config.json, metrics.json, log.json, state.pt
+    init: str | None  # fine-tune from this pre-training run folder
+    batching: Batching  # the stage ("pretrain" or "finetune"), its batch size and micro-batches, ...
+    epochs: int
+    patience: int  # stop after this many epochs without a better dev score; 0: never
+    lr: float  # everything but the encoders
+    lr_encoder: float
+
+    @property
+    def stage(self):
+        return self.batching.stage
+
+    @property
+    def unit(self):
+        return "windows" if self.stage == "pretrain" else "samples"
+
+
+def plan_run(stage, args, device, out=None, init=None, batch_size=None):
+    """-> a stage's Run; out, init, batch_size: this stage's (--out, --init, --batch-size when it runs
+    alone), None for the defaults"""
+    tiny, n_proc = is_tiny(args), world()
+    batch_size = batch_size or (TINY_PRETRAIN["batch"] if tiny and stage == "pretrain" else
+                                BATCH["cuda" if device.type == "cuda" else "cpu"][stage])
+    # default: one micro-batch a process, or more where a process's share of windows exceeds MICRO_WINDOWS
+    n_micro = (args.micro_batches or
+               n_proc * (math.ceil(batch_size / n_proc / MICRO_WINDOWS) if stage == "pretrain" else 1))
+    if n_micro % n_proc:
+        raise SystemExit(f"train.py: --micro-batches {n_micro} does not divide among {n_proc} processes")
+    if batch_size < n_micro:
+        raise SystemExit(f"train.py: a batch of {batch_size} cannot be split into {n_micro} micro-batches "
+                         f"(--micro-batches or processes): use --batch-size {n_micro} or more")
+    if stage == "pretrain" and batch_size < 2 * n_micro:
+        print0(f"train.py: micro-batches of one window: their noise candidates come from the whole split and are "
+               f"each encoded on top (--batch-size {2 * n_micro} or more avoids it)")
+    workers = args.workers if args.workers is not None else 4 if device.type == "cuda" else 0
+    batching = Batching(stage, batch_size, n_micro, args.k, args.max_padding, args.shape_grid, args.seed, workers)
+    # the paper's rates fine-tune pretrained encoders; tiny ones learn from scratch and need larger steps
+    lr = args.lr if args.lr is not None else TINY_LR if tiny else PAPER_LR[stage]
+    lr_encoder = args.lr_encoder if args.lr_encoder is not None else lr if tiny else PAPER_LR_ENCODER
+    out = out or os.path.join("out", f"{os.path.basename(os.path.normpath(args.data))}-{stage}")
+    epochs = args.epochs or (TINY_PRETRAIN["epochs"] if tiny and stage == "pretrain" else EPOCHS[stage])
+    patience = args.patience if args.patience is not None else TINY_PATIENCE if tiny and stage == "finetune" else 0
+    return Run(out, init, batching, epochs, patience, lr, lr_encoder)
+
+# -----------------------------------------------------------------------------
 # building the model
 
 
@@ -198,7 +251,7 @@ def set_up_model(run, args, device, meta, splits):
     if args.compile:
         compile_encoders(model)
     if device.type == "cuda" and args.cuda_graphs != "off":
-        CudaGraphs(model, args.cuda_graphs)
+        CudaGraphs(model, args.cuda_graphs)  # (installs itself on the model)
     return model, optimizer(model, run)
 
 
@@ -215,61 +268,6 @@ def class_weights(train, n_labels):
     counts = np.bincount(train.samples[:, 2], minlength=n_labels).astype(np.float64)
     w = np.where(counts > 0, counts.sum() / (n_labels * np.maximum(counts, 1)), 0.0)
     return torch.tensor(w, dtype=torch.float32)
-
-
-# -----------------------------------------------------------------------------
-# a stage's settings
-
-
-@dataclass(frozen=True)
-class Run:
-    """One stage's settings, resolved from the command line and the device. args stays as parsed:
-    each stage of --stage all has a Run of its own (its folder, --init and batch size), and past
-    plan_run the code reads these settings from the Run, never from args."""
-    out: str  # the run folder: model.safetensors, config.json, metrics.json, log.json, state.pt
-    init: str | None  # fine-tune from this pre-training run folder
-    batching: Batching  # the stage ("pretrain" or "finetune"), its batch size and micro-batches, ...
-    epochs: int
-    patience: int  # stop after this many epochs without a better dev score; 0: never
-    lr: float  # everything but the encoders
-    lr_encoder: float
-
-    @property
-    def stage(self):
-        return self.batching.stage
-
-    @property
-    def unit(self):
-        return "windows" if self.stage == "pretrain" else "samples"
-
-
-def plan_run(stage, args, device, out=None, init=None, batch_size=None):
-    """-> a stage's Run; out, init, batch_size: this stage's (--out, --init, --batch-size when it runs
-    alone), None for the defaults"""
-    tiny, n_proc = is_tiny(args), world()
-    batch_size = batch_size or (TINY_PRETRAIN["batch"] if tiny and stage == "pretrain" else
-                                BATCH["cuda" if device.type == "cuda" else "cpu"][stage])
-    # default: one micro-batch a process, or more where a process's share of windows exceeds MICRO_WINDOWS
-    n_micro = (args.micro_batches or
-               n_proc * (math.ceil(batch_size / n_proc / MICRO_WINDOWS) if stage == "pretrain" else 1))
-    if n_micro % n_proc:
-        raise SystemExit(f"train.py: --micro-batches {n_micro} does not divide among {n_proc} processes")
-    if batch_size < n_micro:
-        raise SystemExit(f"train.py: a batch of {batch_size} cannot be split into {n_micro} micro-batches "
-                         f"(--micro-batches or processes): use --batch-size {n_micro} or more")
-    if stage == "pretrain" and batch_size < 2 * n_micro:
-        print0(f"train.py: micro-batches of one window: their noise candidates come from the whole split and are "
-               f"each encoded on top (--batch-size {2 * n_micro} or more avoids it)")
-    workers = args.workers if args.workers is not None else 4 if device.type == "cuda" else 0
-    batching = Batching(stage, batch_size, n_micro, args.k, args.max_padding, args.shape_grid, args.seed, workers)
-    # the paper's rates fine-tune pretrained encoders; tiny ones learn from scratch and need larger steps
-    lr = args.lr if args.lr is not None else TINY_LR if tiny else PAPER_LR[stage]
-    lr_encoder = args.lr_encoder if args.lr_encoder is not None else lr if tiny else PAPER_LR_ENCODER
-    out = out or os.path.join("out", f"{os.path.basename(os.path.normpath(args.data))}-{stage}")
-    epochs = args.epochs or (TINY_PRETRAIN["epochs"] if tiny and stage == "pretrain" else EPOCHS[stage])
-    patience = args.patience if args.patience is not None else TINY_PATIENCE if tiny and stage == "finetune" else 0
-    return Run(out, init, batching, epochs, patience, lr, lr_encoder)
-
 
 # -----------------------------------------------------------------------------
 # a stage: its data, a step, the loop
@@ -305,9 +303,10 @@ def train_step(runner, opt, micro):
     for n, (share, batch) in enumerate(micro):
         # DDP averages the gradients at the last micro-batch's backward; the others only add up
         last = n == len(micro) - 1
-        with contextlib.nullcontext() if last or not isinstance(runner, DDP) else runner.no_sync():
+        with runner.no_sync() if isinstance(runner, DDP) and not last else contextlib.nullcontext():
             with autocast(batch["ctx"].device):
                 _, loss, parts = runner(batch)  # Eq. 21 or Eq. 23
+            # the shares of all processes' micro-batches sum to 1, and DDP divides by the processes
             (loss * share * world()).backward()
         step_loss = step_loss + loss.detach() * share
         step_parts = {k: step_parts.get(k, 0.0) + v.detach() * share for k, v in parts.items()}
@@ -321,7 +320,7 @@ def train_stage(run, args, device):
     """One stage, pre-training or fine-tuning -> its run folder (None when stopped by --max-steps).
     A run that fails before writing anything leaves no empty folder behind."""
     meta = load_meta(args.data)
-    modalities_of(args, meta)
+    modalities_of(args, meta)  # a modality the dataset lacks fails before anything is opened
     splits = open_splits(args.data, meta, run.stage)
     created = rank() == 0 and not os.path.isdir(run.out)
     try:
@@ -337,6 +336,7 @@ def run_stage(run, args, device, meta, train_split, items, dev, test):
     evaluation on dev that keeps the best model; a resumable state at each epoch's end, every
     --save-every steps and at --max-steps"""
     model, opt = set_up_model(run, args, device, meta, (train_split, dev, test))
+    # each stage leaves parameters unused (the emotion head in pre-training, TUS and CLIP's in fine-tuning)
     runner = DDP(model, find_unused_parameters=True) if world() > 1 else model
     per_epoch = steps_per_epoch(run.batching, items, train_split)
     total = run.epochs * per_epoch
@@ -373,8 +373,8 @@ def run_stage(run, args, device, meta, train_split, items, dev, test):
         best = progress.best
         report = final_scores(model, run.batching, best["epoch"], train_split, test, meta["labels"], device)
         write_json(os.path.join(run.out, "metrics.json"), {"stage": run.stage, "best_epoch": best["epoch"],
-                                                           "dev": best["dev"], **report,
-                                                           "dev_by_epoch": progress.dev_by_epoch})
+                                                           "dev": best["dev"], "test": report.pop("test"),
+                                                           "dev_by_epoch": progress.dev_by_epoch, **report})
         print(f"{run.stage} done in {time.time() - meter.t0:.0f} s: {run.out}")
     barrier()
     return run.out
@@ -418,7 +418,7 @@ def main(argv=None):
         if train_stage(pretrain, args, device) is None:  # stopped by --max-steps
             return None
         return train_stage(finetune, args, device)
-    except DataError as e:  # a missing, damaged or truncated dataset file, named
+    except (DataError, NonFiniteLoss) as e:  # a missing, damaged or unfitting file, or a diverged run, named
         raise SystemExit(f"train.py: {e}") from None
     finally:
         processes.stop()

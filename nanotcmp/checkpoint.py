@@ -31,9 +31,9 @@ def load_init(model, folder, meta):
     try:
         config, ckpt = load_run(folder)
     except DataError as e:
-        raise SystemExit(f"train.py: --init: {e}") from None
+        raise DataError(f"--init: {e}") from None
     if config["vocab"]["sha256"] != meta["vocab"]["sha256"]:
-        raise SystemExit(f"train.py: --init {folder} was trained with the vocabulary {config['vocab']['path']}, "
+        raise DataError(f"--init {folder} was trained with the vocabulary {config['vocab']['path']}, "
                          f"the dataset is prepared with another ({meta['vocab']['path']}): their ids differ")
     path, state = os.path.join(folder, "model.safetensors"), model.state_dict()
     wanted = [n for n in state if not n.startswith(("head1.", "head2."))]
@@ -41,7 +41,7 @@ def load_init(model, folder, meta):
            f"{tuple(ckpt[n].shape) if n in ckpt else 'missing'}" for n in wanted
            if n not in ckpt or ckpt[n].shape != state[n].shape]
     if bad:
-        raise SystemExit(f"train.py: --init {path} does not fit this model:\n  " + "\n  ".join(bad))
+        raise DataError(f"--init {path} does not fit this model:\n  " + "\n  ".join(bad))
     model.load_state_dict({n: ckpt[n] for n in wanted}, strict=False)
 
 
@@ -66,17 +66,17 @@ def save_state(path, model, opt, progress, device):
 def resume(path, model, opt, device):
     """--resume: the model, the optimiser and this process's random state from state.pt -> its Progress"""
     if not os.path.isfile(path):
-        raise SystemExit(f"train.py: --resume: no {path}")
+        raise DataError(f"--resume: no {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
         missing = [k for k in ("model", "opt", "step", "best", "history", "rng") if k not in state]
     except Exception as e:  # torch.load raises what the unpickler meets: EOFError, UnpicklingError, ...
-        raise SystemExit(f"train.py: --resume: {path} is unreadable or incomplete "
+        raise DataError(f"--resume: {path} is unreadable or incomplete "
                          f"({type(e).__name__}); start again without --resume") from None
     if missing:
-        raise SystemExit(f"train.py: --resume: {path} has no {', '.join(missing)}: not a state of train.py")
+        raise DataError(f"--resume: {path} has no {', '.join(missing)}: not a state of train.py")
     if len(state["rng"]) != world():
-        raise SystemExit(f"train.py: --resume: {path} was saved by {len(state['rng'])} processes, "
+        raise DataError(f"--resume: {path} was saved by {len(state['rng'])} processes, "
                          f"this run has {world()}")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])

@@ -16,7 +16,9 @@ class CudaGraphs:
 
     A graph's activations live in it until its backward: a shape met again in the same forward of
     the model (two buckets of one shape) needs a graph of its own. So each graphed module counts
-    its uses of each shape, and every forward of the model starts the counts again."""
+    its uses of each shape, and every call of the model, model(batch), starts the counts again:
+    training goes through it (a training call that bypassed it would capture new graphs). The
+    object installs itself on the model; nothing else needs to keep it."""
 
     def __init__(self, model, which):
         self.uses = []  # each graphed module's {input key: uses in the current forward of the model}

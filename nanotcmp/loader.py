@@ -42,7 +42,7 @@ def step_chunks(b, items, split, rng):
 
 
 def steps_per_epoch(b, items, split):
-    return len(step_chunks(b, items, split, np.random.default_rng(0)))
+    return len(step_chunks(b, items, split, np.random.default_rng(0)))  # the same for every epoch's order
 
 
 def micro_batch(b, split, modalities, items, rng):

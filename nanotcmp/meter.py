@@ -1,8 +1,6 @@
 """
-The log meter: what the training loop measures between two log lines (the loss and its parts,
-time a step, items a second, the share of time spent waiting for batches, padding, encoder
-shapes) and the check that every loss so far is finite. Sums stay on the device, so that a step
-never waits for them: they are read at log lines and saves.
+The log meter: what the training loop measures between two log lines, and the check that every
+loss so far is finite.
 """
 import contextlib
 import math
@@ -15,6 +13,10 @@ import torch.distributed as dist
 
 from nanotcmp.data import shapes, write_json
 from nanotcmp.processes import all_reduce, print0, rank, world
+
+
+class NonFiniteLoss(ArithmeticError):
+    pass
 
 
 class Meter:
@@ -64,8 +66,8 @@ class Meter:
         if math.isfinite(bad):
             parts = ", ".join(f"{k} {v.item():.4g}" for k, v in self.bad_parts.items())
             where = f": {parts}" if world() == 1 else ""  # the parts are one process's share: shown when alone
-            raise SystemExit(f"train.py: non-finite loss at step {int(bad)}{where}; "
-                             f"the last good state is {os.path.join(self.out, 'state.pt')}")
+            raise NonFiniteLoss(f"non-finite loss at step {int(bad)}{where}; "
+                                f"the last good state is {os.path.join(self.out, 'state.pt')}")
 
     @contextlib.contextmanager
     def pause(self, epoch_end):

@@ -104,7 +104,7 @@ class Bert(nn.Module):
 
     def forward(self, input_ids, attention_mask, check=True):
         # input_ids: (B, T) long, attention_mask: (B, T) 1/True at real tokens -> (B, T, D)
-        # check: validate the input values
+        # check: validate the input values (a host-device sync on an accelerator)
         B, T = input_ids.shape
         if check:
             check_ids(input_ids, self.config.vocab_size)
@@ -247,7 +247,7 @@ class Hubert(nn.Module):
 
     def forward(self, wave, wave_mask=None, check=True):
         # wave: (B, S) float at 16 kHz, wave_mask: (B, S) bool or None -> (B, T', D), (B, T')
-        # check: validate the lengths
+        # check: validate the lengths (a host-device sync on an accelerator)
         if wave_mask is None:
             wave_mask = torch.ones_like(wave, dtype=torch.bool)
         wave_mask = wave_mask.bool()
@@ -449,7 +449,8 @@ class TCMP(nn.Module):
         self.head2 = nn.Linear(c.d, c.n_labels)
         # Eq. 23's class weights ω, from the training split (not saved with the model)
         self.register_buffer("class_weights", torch.ones(c.n_labels), persistent=False)
-        # the encoders check their inputs: ids in the vocabulary, waveforms long enough
+        # the encoders check their inputs (ids in the vocabulary, waveforms long enough), a host-device
+        # sync on an accelerator: a caller whose data is already checked may turn it off
         self.check_inputs = True
         self.frozen = False
 
