@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from nanotcmp.features import attach_features
 from nanotcmp.loader import Batching, ahead, step_batches, steps_per_epoch
 from nanotcmp.model import (Bert, BertConfig, Hubert, HubertConfig, TCMP, TCMPConfig, autocast, tiny_bert_config,
                             tiny_hubert_config)
-from nanotcmp.processes import set_up_device, world
+from nanotcmp.processes import device_from, set_up_device, world
 from nanotcmp.stream import Stream
 from nanotcmp.tokenizer import WordPiece
 
@@ -479,16 +480,33 @@ def bench_train(device, steps, tmp, timeout):
                  + (" (target >= 30%)" if size == "base" else "") if peak else ""))
 
 
-if __name__ == "__main__":
+INNER_ARGS = {"_memory": 3, "_train": 4}  # the arguments of the processes encoders and train start
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["encoders", "stream", "train", "_memory", "_train"])
     parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto (cuda when there is one) | cpu | cuda")
     parser.add_argument("--reps", type=ranged(int, 1), help="repetitions (default: 15 encoders, 3 stream, 3 train)")
     parser.add_argument("--timeout", type=ranged(float, 0, above=True), default=3600,
                         help="train: seconds a set-up may take")
-    a = parser.parse_args()
-    device = torch.device(a.device)
+    a = parser.parse_args(argv)
+    if len(a.args) != INNER_ARGS.get(a.what, 0):
+        parser.error(f"{a.what} takes {INNER_ARGS.get(a.what, 'no')} arguments, not {len(a.args)}: {' '.join(a.args)}")
+    device = device_from(a.device, "bench.py")
+    try:
+        measure(a, device)
+    except KeyboardInterrupt:  # Ctrl-C: subprocess.run ends its command, the temporary folder goes
+        print("bench.py: interrupted; the measurements printed so far stand, nothing else was kept", file=sys.stderr)
+        raise SystemExit(130) from None
+    except subprocess.CalledProcessError as e:  # a measurement's own process failed
+        last = (e.stderr or "").strip().splitlines() or [f"exit status {e.returncode}"]
+        raise SystemExit(f"bench.py: {shlex.join(map(str, e.cmd))} failed (exit {e.returncode}): {last[-1]}") from None
+
+
+def measure(a, device):
+    """Run the benchmark the command line asks for, on device"""
     if a.what == "_memory":  # one measurement in a fresh process, so earlier runs' memory does not hide it
         print(peak_memory_mib(*a.args, device))
     elif a.what == "_train":
@@ -504,3 +522,7 @@ if __name__ == "__main__":
                 bench_encoders(device, a.reps or 15, tmp)
             else:
                 bench_train(device, a.reps or 3, tmp, a.timeout)
+
+
+if __name__ == "__main__":
+    main()

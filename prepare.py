@@ -9,19 +9,24 @@ python prepare.py dialogues --from FILE.jsonl|DIR --vocab VOCAB --out DIR [--lab
 """
 import argparse
 import csv
+import errno
 import json
 import multiprocessing
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
 from nanotcmp.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, NoFFmpeg, load_audio, save_wav
@@ -94,18 +99,26 @@ def read_meld(csv_dir, media_dir, labelled, problems):
         missing = [c for c in MELD_COLUMNS if c not in (rows.fieldnames or [])]
         if missing:
             raise BadInput(f"{path}: no column {', '.join(missing)} (columns: {rows.fieldnames})")
-        dialogues = {}
-        for row in rows:
-            where = f"{path}:{rows.line_num}"
-            try:
-                d, u = int(row["Dialogue_ID"]), int(row["Utterance_ID"])
-            except (TypeError, ValueError):
-                problems(f"{where}: Dialogue_ID/Utterance_ID {row['Dialogue_ID']!r}/{row['Utterance_ID']!r} "
-                         f"are not integers")
-                continue
-            media = os.path.join(media_dir, media_folder, f"dia{d}_utt{u}.mp4") if media_dir else None
-            label = row["Sentiment"] if labelled else None
-            dialogues.setdefault(d, []).append((u, Utt(row["Speaker"], row["Utterance"], label, media, where)))
+        dialogues, start = {}, 2  # start: the line the next row starts on
+        try:
+            for row in rows:
+                where, start = f"{path}:{rows.line_num}", rows.line_num + 1
+                if any(row[c] is None for c in MELD_COLUMNS):
+                    got = sum(row[k] is not None for k in rows.fieldnames)
+                    problems(f"{where}: {got} fields, fewer than the header's {len(rows.fieldnames)} "
+                             f"(a line cut short?)")
+                    continue
+                try:
+                    d, u = int(row["Dialogue_ID"]), int(row["Utterance_ID"])
+                except ValueError:
+                    problems(f"{where}: Dialogue_ID/Utterance_ID {row['Dialogue_ID']!r}/{row['Utterance_ID']!r} "
+                             f"are not integers")
+                    continue
+                media = os.path.join(media_dir, media_folder, f"dia{d}_utt{u}.mp4") if media_dir else None
+                label = row["Sentiment"] if labelled else None
+                dialogues.setdefault(d, []).append((u, Utt(row["Speaker"], row["Utterance"], label, media, where)))
+        except csv.Error as e:  # a quote left open makes the rest of the file one field, too long
+            raise BadInput(f"{path}:{start}: not valid CSV from this line on ({e}): a quote left open?") from None
         corpus[split] = [(f"dia{d}", [utt for _, utt in sorted(utts, key=lambda x: x[0])])
                          for d, utts in sorted(dialogues.items())]
     return corpus
@@ -181,21 +194,64 @@ def read_jsonl(path, problems):
 
 @contextmanager
 def staging(out):
-    """Build the dataset in a temporary folder beside out, then swap it in: an interrupted run
-    never leaves a half dataset, and the old one stays until the new one is complete."""
-    tmp = f"{out}.tmp-{os.getpid()}"
+    """Build the dataset in a temporary folder beside out (a real path, no link), then swap it in:
+    a stopped run never leaves a half dataset, and the old one stays until the new one is complete.
+    A run killed outright leaves its folder, out.tmp-PID, for the next run to remove."""
+    tmp, old = f"{out}.tmp-{os.getpid()}", f"{out}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     try:
+        os.makedirs(tmp)
         yield tmp
+        had = os.path.exists(out)
+        if had:
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if had:
+                os.replace(old, out)
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = f"{out}.old-{os.getpid()}"
-    if os.path.exists(out):
-        os.replace(out, old)
-    os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+LEFTOVER_FILES = re.compile(r".*\.safetensors|\.tmp\w*|meta\.json|vocab\.txt|example_dialogue\.jsonl|clips")
+
+
+def remove_leftovers(out):
+    """Remove what runs killed outright (kill -9, a power cut) left beside out: out.tmp-PID, a half
+    dataset, and out.old-PID, the dataset a run killed mid-swap was replacing (put back when out is
+    gone). Only folders of files prepare.py writes, and only of a process no longer running."""
+    parent, name = os.path.split(out)
+    for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        m = re.fullmatch(re.escape(name) + r"\.(tmp|old)-(\d+)", entry)
+        path = os.path.join(parent, entry)
+        if not m or running(int(m[2])) or os.path.islink(path) or not os.path.isdir(path) or \
+                not all(LEFTOVER_FILES.fullmatch(f) for f in os.listdir(path)):
+            continue
+        if m[1] == "old" and not os.path.exists(out):
+            os.replace(path, out)
+            print(f"prepare.py: put {path} back as {out}: a run (process {m[2]}) was killed while replacing it")
+        else:
+            shutil.rmtree(path)
+            print(f"prepare.py: removed {path}, left by a run (process {m[2]}) that was killed")
+
+
+def running(pid):
+    """Whether process pid, another than this one, is running"""
+    if os.name == "nt":
+        return True  # there, os.kill(pid, 0) would end it
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def decode(u, max_seconds):
@@ -228,11 +284,41 @@ class Serial:
         return map(fn, *iterables)
 
 
+class Workers(ProcessPoolExecutor):
+    """Processes decoding audio, spawned, not forked: torch (used by resampling) does not survive a
+    fork. Ctrl-C, which the terminal sends them too, is this process's to handle: stopping early, it
+    drops what is still to decode, and they end once their current chunk is done (killed, one could
+    leave the pool waiting forever for a result cut in half). Each ends itself if this process dies
+    (killed with -9, say)."""
+
+    def __init__(self, workers):
+        super().__init__(workers, mp_context=multiprocessing.get_context("spawn"), initializer=exit_with,
+                         initargs=(os.getpid(),))
+
+    def map(self, *args, **kwargs):
+        # map starts the workers: started while this process ignores Ctrl-C, they ignore it from birth
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            return super().map(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def __exit__(self, kind, *exc):
+        self.shutdown(wait=True, cancel_futures=kind is not None)
+        return False
+
+
+def exit_with(parent):
+    """A worker's thread ends it once its parent has died (an orphan is adopted: its parent changes)"""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def worker_pool(workers):
-    # spawned, not forked: torch (used by resampling) does not survive a fork
-    if workers <= 1:
-        return Serial()
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    return Workers(workers) if workers > 1 else Serial()
 
 
 def spans(rows, dtype):
@@ -285,7 +371,9 @@ def pack(corpus, labels, label_index, vocab, folder, args, problems, text_only):
     label_index: label name -> class index in labels, or -1 for a label that is never a target."""
     try:
         tok = WordPiece.from_file(vocab)
-    except (OSError, ValueError) as e:  # missing, not UTF-8, a token twice, no [CLS]...
+    except OSError as e:  # missing, a folder...
+        raise BadInput(f"--vocab: {cannot_read(e)}") from None
+    except ValueError as e:  # not UTF-8, a token twice, no [CLS]...
         raise BadInput(f"--vocab: {e}") from None
     splits = {}
     with worker_pool(args.workers if not text_only else 1) as pool:
@@ -293,7 +381,7 @@ def pack(corpus, labels, label_index, vocab, folder, args, problems, text_only):
                   for split, dialogues in corpus.items()}
     check_packed(packed, labels)
     for split, (arrays, metadata, cut, names, dropped) in packed.items():
-        save_file(arrays, os.path.join(folder, f"{split}.safetensors"), metadata=metadata)
+        write_split(os.path.join(folder, f"{split}.safetensors"), arrays, metadata)
         u, samples = len(arrays["utt_label"]), arrays["samples"]
         words = sum(len(bytes(arrays["text"][a:a + n]).split()) for a, n in arrays["utt_text"])
         splits[split] = {
@@ -314,6 +402,18 @@ def pack(corpus, labels, label_index, vocab, folder, args, problems, text_only):
             "splits": splits}
 
 
+def write_split(path, arrays, metadata):
+    try:
+        save_file(arrays, path, metadata=metadata)
+    except SafetensorError as e:  # an I/O error ("No space left on device (os error 28)") is an OSError
+        if not (code := re.search(r"\(os error (\d+)\)", str(e))):
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), path) from None
+    # save_file writes a private temporary file (mode 600) and renames it: give the split the mode
+    # any file written here gets, its folder's (made under the umask) without the execute bits
+    os.chmod(path, os.stat(os.path.dirname(path)).st_mode & 0o666)
+
+
 def check_packed(packed, labels):
     """Refuse, before anything is written, a dataset nothing can be trained on: no utterances at
     all, or a labelled split without one sample"""
@@ -330,17 +430,18 @@ def is_dataset(folder):
     try:
         read_json(os.path.join(folder, "meta.json"), ("labels", "modalities", "vocab", "settings", "splits", "source"),
                   "a dataset")
-    except DataError:
+    except (DataError, OSError):
         return False
     return True
 
 
-def check_out(args):
-    """--out is replaced as a whole: refuse a folder that is not a dataset of ours, or that holds the
-    inputs or the vocabulary (they would be deleted with it)"""
-    out = os.path.realpath(args.out)
+def check_out(args, out):
+    """--out (out: its real path) is replaced as a whole: refuse a folder that is not a dataset of
+    ours, or that holds the inputs or the vocabulary (they would be deleted with it)"""
     if os.path.exists(out) and not os.path.isdir(out):
         raise BadInput(f"--out {args.out} exists and is not a folder")
+    if blocker := file_in_the_way(out):  # a folder above it is a file
+        raise BadInput(f"--out {args.out}: {blocker} is a file, not a folder; choose another --out")
     if os.path.isdir(out) and os.listdir(out) and not is_dataset(out):
         raise BadInput(f"--out {args.out} exists and is not a dataset made by prepare.py (no meta.json of one): "
                        f"it would be replaced; choose another folder, or empty it yourself")
@@ -349,6 +450,52 @@ def check_out(args):
         if path and (os.path.realpath(path) + os.sep).startswith(out + os.sep):
             name = "--from" if option == "src" else "--" + option.replace("_", "-")
             raise BadInput(f"--out {args.out} holds {name} {path}, which replacing it would delete")
+
+
+def file_in_the_way(path):
+    """The file that stands where path, or a folder above it, should be a folder (None if none)"""
+    up = os.path.abspath(path)
+    while not os.path.exists(up):
+        up = os.path.dirname(up)
+    return None if os.path.isdir(up) else up
+
+
+def cannot_read(e):
+    """An OSError reading an input -> what went wrong, naming the path"""
+    path = e.filename
+    if e.errno == errno.ENOENT:
+        return f"{path} not found"
+    why = {errno.EISDIR: "it is a folder, not a file", errno.EACCES: "permission denied",
+           errno.ENOTDIR: f"{file_in_the_way(path)} is a file, not a folder"}.get(e.errno, e.strerror)
+    return f"cannot read {path}: {why}"
+
+
+def cannot_write(e, out, shown, kept):
+    """An OSError writing out -> one line naming the path (the dataset's own path, not the staging
+    folder's) and what to do. shown: --out as given; kept: what is left as it was."""
+    path = e.filename or shown
+    real, tmp = os.path.realpath(path), f"{out}.tmp-{os.getpid()}"
+    if real == tmp:
+        path = shown
+    elif real.startswith(tmp + os.sep):
+        path = os.path.join(shown, os.path.relpath(real, tmp))
+    why = {errno.ENOSPC: "no space left on the device; free some space or choose another --out",
+           errno.EDQUOT: "the disk quota is used up; free some space or choose another --out",
+           errno.EROFS: "the file system is read-only; choose another --out",
+           errno.EACCES: "permission denied; choose a folder you may write to as --out",
+           errno.EPERM: "permission denied; choose a folder you may write to as --out",
+           errno.ENOTDIR: f"{file_in_the_way(real)} is a file, not a folder; choose another --out",
+           }.get(e.errno, f"{e.strerror}; choose another --out")
+    return f"cannot write {path}: {why} ({kept})"
+
+
+def writes_out(e, out):
+    """Whether the OSError e came writing out: out itself, its staging folders, or a folder above it"""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or not e.filename:
+        return True
+    real = os.path.realpath(e.filename)
+    return real == out or real.startswith((out + os.sep, out + ".tmp-", out + ".old-")) or \
+        out.startswith(real.rstrip(os.sep) + os.sep) and not os.path.exists(real)  # os.makedirs making it
 
 
 def print_stats(meta):
@@ -429,6 +576,15 @@ def build_iemocap(args, folder, problems):
     return pack(corpus, IEMOCAP_LABELS, label_index, args.vocab, folder, args, problems, text_only=args.text_only)
 
 
+def check_folders(args):
+    """The options that name a folder: each one is"""
+    for option in ("csv_dir", "media_dir", "root"):
+        path = getattr(args, option, None)
+        if path is not None and not os.path.isdir(path):
+            raise BadInput(f"--{option.replace('_', '-')} {path} "
+                           f"{'is a file, not a folder' if os.path.exists(path) else 'not found'}")
+
+
 def build_dialogues(args, folder, problems):
     src = args.src
     if os.path.isdir(src):
@@ -437,6 +593,8 @@ def build_dialogues(args, folder, problems):
             raise BadInput(f"{src} holds no .jsonl file")
     elif os.path.isfile(src):
         files = [src]
+    elif os.path.isfile(src.rstrip(os.sep)):
+        raise BadInput(f"--from {src}: {src.rstrip(os.sep)} is a file, not a folder")
     else:
         raise BadInput(f"{src} not found")
     corpus, seen = {}, {}  # seen: dialogue id -> the file it is in
@@ -454,6 +612,9 @@ def build_dialogues(args, folder, problems):
         raise BadInput(f"{first.where}: no audio, while other utterances have some "
                        f"(a dataset is text-only or has audio for every utterance)")
     labels = args.labels.split(",") if args.labels else sorted({u.label for u in utts if u.label is not None})
+    if args.labels and (bad := [l for l in labels if not l.strip() or labels.count(l) > 1]):
+        raise BadInput(f"--labels {args.labels}: " + (f"{bad[0]!r} is there twice" if bad[0].strip() else
+                                                      "an empty class name (a comma too many?)"))
     return pack(corpus, labels, indexed(labels), args.vocab, folder, args, problems, text_only=not all(with_media))
 
 
@@ -499,19 +660,34 @@ def main(argv):
     build = {"demo": build_demo, "meld": build_meld, "iemocap": build_iemocap, "dialogues": build_dialogues}
     t0 = time.time()
     problems = Problems(args.skip_bad)
+    if not args.out:
+        sys.exit("prepare.py: --out is empty: give the folder to write the dataset in")
+    out = os.path.realpath(args.out)  # data/x/, ./x, x/. name one folder; a link, the folder it points to
+    kept = (f"the dataset already at {args.out} is untouched, " if is_dataset(out) else "") + \
+        "nothing half-written is left"
     try:
-        check_out(args)
-        with staging(args.out) as folder:
+        check_out(args, out)
+        check_folders(args)
+        remove_leftovers(out)
+        with staging(out) as folder:
             meta = build[args.command](args, folder, problems)
             meta["source"] = args.command + (" (unlabelled)" if getattr(args, "unlabelled", False) else "")
             write_meta(folder, meta)
-    except (BadInput, AudioError, NoFFmpeg, FileNotFoundError) as e:
+    except (BadInput, AudioError, NoFFmpeg) as e:
         sys.exit(f"prepare.py: {e}")
+    except OSError as e:  # a full disk, a read-only one, an input that cannot be read...
+        sys.exit(f"prepare.py: {cannot_write(e, out, args.out, kept) if writes_out(e, out) else cannot_read(e)}")
+    except BrokenProcessPool:
+        sys.exit(f"prepare.py: a process decoding audio died (out of memory?): try fewer --workers ({kept})")
+    except KeyboardInterrupt:
+        print(f"prepare.py: interrupted; {kept}", file=sys.stderr)
+        raise SystemExit(130) from None
     print_stats(meta)
     if problems.dropped:
         print(f"--skip-bad dropped {len(problems.dropped)} utterances, e.g.:")
         print("\n".join("  " + m for _, m in problems.dropped[:10]))
-    print(f"wrote {args.out} in {time.time() - t0:.1f} s")
+    link = os.path.islink(os.path.normpath(args.out))
+    print(f"wrote {args.out}{f' (a link: the dataset is in {out})' if link else ''} in {time.time() - t0:.1f} s")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ python sample.py - --ckpt DIR [--keep-going]   # turns on standard input, each a
 
 A turn is one JSON line: {"speaker": "Ross", "text": "Hi.", "audio": "clips/d1_0.wav"}, the audio
 path relative to the file (to the working directory on standard input), needed only by a model
-that uses audio. Each utterance is encoded once; a turn costs its own encoding plus the GRUs and
-the attention over the cached vectors of at most max_context utterances.
+that uses audio, and cut at the run's max_seconds as prepare.py cut the clips it learnt from (a
+note on standard error says so). Each utterance is encoded once; a turn costs its own encoding
+plus the GRUs and the attention over the cached vectors of at most max_context utterances.
 """
 import argparse
 import json
@@ -17,12 +18,15 @@ import os
 import sys
 import time
 
-from nanotcmp.audio import MIN_SAMPLES, AudioError, NoFFmpeg, load_audio
+from nanotcmp.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, NoFFmpeg, load_audio
 from nanotcmp.data import DataError, line_problem, load_run
 from nanotcmp.model import TCMP, TCMPConfig
 from nanotcmp.processes import device_from
 from nanotcmp.stream import Stream
 from nanotcmp.tokenizer import WordPiece
+
+
+PREPARE_MAX_SECONDS = 15.0  # prepare.py's --max-seconds default: the cut of a run that did not record its own
 
 
 class BadTurn(ValueError):
@@ -31,6 +35,8 @@ class BadTurn(ValueError):
 
 def load_checkpoint(folder, device):
     """-> (model, tokenizer, checkpoint config) of a fine-tuning run made by train.py"""
+    if os.path.isfile(folder):
+        raise SystemExit(f"sample.py: --ckpt {folder} is a file; give a run's folder (config.json, model.safetensors)")
     if not os.path.isdir(folder):
         raise SystemExit(f"sample.py: no checkpoint at {folder}; train one with: python train.py")
     try:
@@ -45,13 +51,34 @@ def load_checkpoint(folder, device):
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0]
         raise SystemExit(f"sample.py: {folder} does not match this code's TCMP ({first})") from None
+    labels = config["labels"]
+    if not (isinstance(labels, list) and len(labels) == model.config.n_labels
+            and all(isinstance(name, str) for name in labels)):
+        raise SystemExit(f"sample.py: {os.path.join(folder, 'config.json')}: labels must be a list of "
+                         f"{model.config.n_labels} names, not {json.dumps(labels)}")
     tok = WordPiece.from_file(config["vocab"]["path"])
     return model.to(device).eval(), tok, config
 
 
-def parse_turn(line, where, base, needs_audio, dialogue):
-    """A JSON line (bytes, or text) -> (speaker, text, int16 samples or None, its dialogue id or
-    None); dialogue: the id the conversation's first turn gave, if any"""
+def audio_cut(config, folder):
+    """The seconds of audio a turn keeps: the run's max_seconds, the cut prepare.py made of the clips
+    it learnt from (a run from before config.json recorded it: prepare.py's default, said once)"""
+    seconds = config.get("max_seconds")
+    if seconds is None:
+        print(f"sample.py: {os.path.join(folder, 'config.json')} does not record the audio's max_seconds (a run "
+              f"from before it did): cutting audio at prepare.py's default, {PREPARE_MAX_SECONDS:g} s",
+              file=sys.stderr, flush=True)
+        return PREPARE_MAX_SECONDS
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= MIN_SAMPLES / SAMPLE_RATE:
+        raise SystemExit(f"sample.py: {os.path.join(folder, 'config.json')}: max_seconds must be a number of "
+                         f"seconds, at least {MIN_SAMPLES / SAMPLE_RATE}, not {json.dumps(seconds)}")
+    return seconds
+
+
+def parse_turn(line, where, base, max_seconds, dialogue):
+    """A JSON line (bytes, or text) -> (speaker, text, int16 samples or None, whether they were cut,
+    its dialogue id or None); max_seconds: where the audio is cut, None for a model without audio;
+    dialogue: the id the conversation's first turn gave, if any"""
     try:
         turn = json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
     except UnicodeDecodeError as e:
@@ -62,17 +89,20 @@ def parse_turn(line, where, base, needs_audio, dialogue):
         raise BadTurn(f"{where}: {bad}")
     if dialogue is not None and turn.get("dialogue", dialogue) != dialogue:
         raise BadTurn(f"{where}: dialogue {turn['dialogue']!r}, while this conversation is {dialogue!r}")
-    wave = None
-    if needs_audio:
+    wave, cut = None, False
+    if max_seconds is not None:
         if not turn.get("audio"):
             raise BadTurn(f"{where}: this turn has no audio, and the model uses audio")
+        path = os.path.join(base, turn["audio"])
+        if os.path.isdir(path):
+            raise BadTurn(f"{where}: {path} is a folder, not an audio file")
         try:
-            wave, _ = load_audio(os.path.join(base, turn["audio"]))
+            wave, cut = load_audio(path, max_seconds)  # cut as prepare.py cuts: the same samples kept
         except AudioError as e:
             raise BadTurn(f"{where}: {e}") from None
         if len(wave) < MIN_SAMPLES:
             raise BadTurn(f"{where}: audio of {len(wave)} samples, fewer than {MIN_SAMPLES} (25 ms)")
-    return turn["speaker"], turn["text"], wave, turn.get("dialogue")
+    return turn["speaker"], turn["text"], wave, cut, turn.get("dialogue")
 
 
 def report(turn, speaker, text, target, probs, labels, ms, as_json):
@@ -90,6 +120,23 @@ def report(turn, speaker, text, target, probs, labels, ms, as_json):
         print(f"  ({ms:.0f} ms)")
 
 
+def open_turns(dialogue):
+    """-> (the lines of the turns, as bytes where it can, the folder audio paths are relative to, the
+    name that errors give)"""
+    if dialogue == "-":
+        if sys.stdin is None:  # started with standard input closed (sample.py - <&-)
+            raise SystemExit("sample.py: standard input is closed; give the turns on it, or a file")
+        return getattr(sys.stdin, "buffer", sys.stdin), os.getcwd(), "stdin"
+    if os.path.isdir(dialogue):
+        raise SystemExit(f"sample.py: {dialogue} is a folder; give a JSONL file of turns, or - for standard input")
+    if not os.path.isfile(dialogue):
+        raise SystemExit(f"sample.py: {dialogue} not found")
+    try:
+        return open(dialogue, "rb"), os.path.dirname(dialogue), dialogue
+    except OSError as e:
+        raise SystemExit(f"sample.py: cannot read {dialogue} ({e.strerror})") from None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dialogue", nargs="?", default="data/demo/example_dialogue.jsonl",
@@ -99,22 +146,30 @@ def main(argv=None):
     p.add_argument("--keep-going", action="store_true", help="on standard input: report a bad turn, then go on")
     p.add_argument("--device", default="auto", help="auto (cuda when there is one) | cpu | cuda")
     args = p.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # what the terminal cannot show is written \x.. escaped, not a crash
+        sys.stdout.reconfigure(errors="backslashreplace")
+    answered = []  # the speaker of each turn answered
+    try:
+        converse(args, answered)
+    except KeyboardInterrupt:  # Ctrl-C
+        print(f"sample.py: interrupted; the turns answered so far ({len(answered)}) were printed", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def converse(args, speakers):
+    """Answer each turn of args.dialogue as it is read; speakers: the speaker of each turn answered"""
     device = device_from(args.device, "sample.py")
     model, tok, config = load_checkpoint(args.ckpt, device)
+    max_seconds = audio_cut(config, args.ckpt) if model.audio else None
     stream = Stream(model, tok, config["max_tokens"], config["max_context"], device)
-    if args.dialogue == "-":
-        lines, base, name = getattr(sys.stdin, "buffer", sys.stdin), os.getcwd(), "stdin"  # bytes, where it can
-    else:
-        if not os.path.isfile(args.dialogue):
-            raise SystemExit(f"sample.py: {args.dialogue} not found")
-        lines, base, name = open(args.dialogue, "rb"), os.path.dirname(args.dialogue), args.dialogue
-    speakers, dialogue = [], None
+    lines, base, name = open_turns(args.dialogue)
+    dialogue = None
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         t0 = time.perf_counter()
         try:
-            speaker, text, wave, this_dialogue = parse_turn(line, f"{name}:{i}", base, model.audio, dialogue)
+            speaker, text, wave, cut, this_dialogue = parse_turn(line, f"{name}:{i}", base, max_seconds, dialogue)
         except NoFFmpeg as e:  # the machine's problem, not the turn's: no use going on
             raise SystemExit(f"sample.py: {e}") from None
         except BadTurn as e:
@@ -122,13 +177,18 @@ def main(argv=None):
                 print(f"sample.py: {e} (skipped)", file=sys.stderr, flush=True)
                 continue
             raise SystemExit(f"sample.py: {e}") from None
+        if cut:
+            print(f"sample.py: {name}:{i}: audio longer than {max_seconds:g} s, cut to its first {max_seconds:g} s "
+                  f"(the run's max_seconds, as prepare.py cut the clips it learnt from)", file=sys.stderr, flush=True)
         dialogue = dialogue or this_dialogue
         probs = stream.add(text, wave)
-        speakers.append(speaker)
-        target = speakers[-2] if len(speakers) >= 2 else None  # the source: the speaker of turn N-1
-        report(len(speakers), speaker, text, target, probs, config["labels"],
+        target = speakers[-1] if speakers else None  # the source: the speaker of turn N-1
+        report(len(speakers) + 1, speaker, text, target, probs, config["labels"],
                (time.perf_counter() - t0) * 1000, args.json)
         sys.stdout.flush()
+        speakers.append(speaker)
+    if not speakers and args.dialogue != "-":
+        raise SystemExit(f"sample.py: {name} has no turns")
 
 
 if __name__ == "__main__":

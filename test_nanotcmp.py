@@ -7,6 +7,7 @@ Run: python -m pytest -q
 import ast
 import csv
 import dataclasses
+import errno
 import functools
 import hashlib
 import importlib.util
@@ -18,9 +19,14 @@ import random
 import re
 import shlex
 import shutil
+import signal
+import struct
 import subprocess
 import sys
+import threading
+import time
 import wave
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,18 +37,20 @@ import pytest
 import torch
 import torchaudio.functional as AF
 import transformers
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import nanotcmp.model as M
-from nanotcmp import demo
+from nanotcmp import demo, tables
 import bench
 import prepare
 import sample
 import train
 from nanotcmp.audio import SAMPLE_RATE, AudioError, load_audio, save_wav, synthesize
 from nanotcmp.cuda_graphs import CudaGraphs, compile_encoders
-from nanotcmp.data import (LENGTH_GRID, ROW_GRID, Split, buckets, draw_noise, encoder_inputs, finetune_batch,
-                           last_own_labels, load_meta, make_batch, padding, pretrain_batch, shapes, to_device, windows)
+from nanotcmp.data import (LENGTH_GRID, ROW_GRID, DataError, Split, buckets, draw_noise, encoder_inputs,
+                           finetune_batch, last_own_labels, line_problem, load_meta, make_batch, padding,
+                           pretrain_batch, shapes, to_device, windows)
 from nanotcmp.evaluate import word_overlap_scores
 from nanotcmp.metrics import (aa, confusion, emotion_scores, last_emotion_scores, macro_f1, majority_scores, recall_at,
                               wa)
@@ -1687,6 +1695,380 @@ def test_prepare_options_are_checked_where_parsed(tmp_path, capsys, option, valu
     assert not (tmp_path / "o").exists()
 
 # -----------------------------------------------------------------------------
+# prepare.py: any --out path, write errors, Ctrl-C, kill -9, links; text UTF-8 cannot write; float
+# and streamed WAV
+
+
+def text_dialogue(tmp_path, n=6, name="src/train.jsonl"):
+    """A small labelled text-only dialogue, ABAB..., in the generic format"""
+    return write_jsonl(tmp_path / name, [{"dialogue": "d", "speaker": "AB"[i % 2], "text": f"turn {i}",
+                                          "label": ["happy", "sad"][i % 3 % 2]} for i in range(n)])
+
+
+def prepare_text(src, out, *extra):
+    run_prepare("dialogues", "--from", src, "--vocab", minilm_dir() / "vocab.txt", "--out", out, *extra)
+
+
+def files_of(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_prepare_out_any_path_form(tmp_path, monkeypatch):
+    src = text_dialogue(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for form in ("x/", "./x", "x/.", f"{tmp_path}/x/", "x//"):
+        prepare_text(src, form)
+        assert sorted(os.listdir(tmp_path)) == ["src", "x"], form  # no x.tmp-PID, nothing inside x either
+        assert load_meta(tmp_path / "x")["splits"]["train"]["utterances"] == 6
+        assert sorted(os.listdir(tmp_path / "x")) == ["meta.json", "train.safetensors"]
+
+
+def test_dataset_files_are_readable_as_its_other_files_are(tmp_path):
+    prepare_text(text_dialogue(tmp_path), tmp_path / "out")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert modes["train.safetensors"] == modes["meta.json"], modes
+
+
+def safetensors_error(code):
+    def save_file(*args, **kwargs):  # what safetensors raises on a full disk: the error number in its message
+        raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")
+    return save_file
+
+
+@pytest.mark.parametrize("case", ["ENOSPC", "EDQUOT", "EROFS", "EACCES", "EIO"])
+def test_prepare_write_errors_are_one_line_and_keep_the_old_dataset(tmp_path, monkeypatch, case):
+    src, out = text_dialogue(tmp_path), tmp_path / "out"
+    prepare_text(src, out)
+    before = files_of(out)
+    kept = f"the dataset already at {out} is untouched, nothing half-written is left"
+    if case == "EROFS":  # the staging folder cannot be made
+        makedirs = os.makedirs
+
+        def read_only(path, *args, **kwargs):
+            if ".tmp-" in str(path):
+                raise OSError(errno.EROFS, "Read-only file system", path)
+            return makedirs(path, *args, **kwargs)
+        monkeypatch.setattr(os, "makedirs", read_only)
+        says = f"cannot write {out}: the file system is read-only; choose another --out ({kept})"
+    elif case == "EACCES":
+        def denied(arrays, path, metadata=None):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        monkeypatch.setattr(prepare, "save_file", denied)
+        says = f"cannot write {out}/train.safetensors: permission denied; choose a folder you may write to as --out " \
+               f"({kept})"
+    else:
+        monkeypatch.setattr(prepare, "save_file", safetensors_error(getattr(errno, case)))
+        says = f"cannot write {out}/train.safetensors: " + {
+            "ENOSPC": "no space left on the device; free some space or choose another --out",
+            "EDQUOT": "the disk quota is used up; free some space or choose another --out",
+            "EIO": f"{os.strerror(errno.EIO)}; choose another --out"}[case] + f" ({kept})"
+    with pytest.raises(SystemExit) as e:
+        prepare_text(src, out)
+    assert e.value.code == f"prepare.py: {says}"
+    assert files_of(out) == before and sorted(os.listdir(tmp_path)) == ["out", "src"]
+
+
+def test_prepare_out_under_a_file_is_one_line(tmp_path):
+    src, file = text_dialogue(tmp_path), tmp_path / "file"
+    file.write_text("x")
+    for out in (file / "sub", file / "a/b/"):
+        with pytest.raises(SystemExit) as e:
+            prepare_text(src, out)
+        assert e.value.code == f"prepare.py: --out {out}: {file} is a file, not a folder; choose another --out"
+    assert file.read_text() == "x" and sorted(os.listdir(tmp_path)) == ["file", "src"]
+
+
+def test_prepare_ctrl_c_stops_cleanly(tmp_path, monkeypatch, capsys):
+    src, out = text_dialogue(tmp_path), tmp_path / "out"
+    prepare_text(src, out)
+    before = files_of(out)
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prepare, "make_samples", interrupt)  # mid-run: the staging folder is being filled
+    for target, says in ((out, f"the dataset already at {out} is untouched, nothing half-written is left"),
+                         (tmp_path / "new", "nothing half-written is left")):
+        capsys.readouterr()
+        try:
+            with pytest.raises(SystemExit) as e:
+                prepare_text(src, target)
+        except KeyboardInterrupt:
+            pytest.fail("Ctrl-C came out as a KeyboardInterrupt")
+        assert e.value.code == 130
+        assert capsys.readouterr().err.strip().splitlines() == [f"prepare.py: interrupted; {says}"]
+    assert files_of(out) == before and sorted(os.listdir(tmp_path)) == ["out", "src"]
+
+
+def test_prepare_ctrl_c_ends_the_decoding_workers(tmp_path, monkeypatch, capsys):
+    src = generic_dialogues(tmp_path)
+    workers = []
+    submit = prepare.ProcessPoolExecutor.map
+
+    def interrupted(self, *args, **kwargs):
+        submit(self, *args, **kwargs)  # the decoding has started
+        workers.extend(self._processes.values())
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prepare.ProcessPoolExecutor, "map", interrupted)
+    try:
+        with pytest.raises(SystemExit) as e:
+            prepare_text(src, tmp_path / "out", "--workers", 2)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C came out as a KeyboardInterrupt")
+    assert e.value.code == 130 and capsys.readouterr().err.startswith("prepare.py: interrupted; ")
+    assert workers and not any(p.is_alive() for p in workers)
+    assert sorted(os.listdir(tmp_path)) == ["clips", "train.jsonl"]
+
+
+def test_prepare_a_worker_dying_is_one_line(tmp_path, monkeypatch):
+    def broken(*args):
+        raise BrokenProcessPool("A process in the process pool was terminated abruptly")
+    monkeypatch.setattr(prepare, "pack_split", broken)
+    with pytest.raises(SystemExit) as e:
+        prepare_text(text_dialogue(tmp_path), tmp_path / "out")
+    assert e.value.code == ("prepare.py: a process decoding audio died (out of memory?): try fewer --workers "
+                            "(nothing half-written is left)")
+
+
+def test_lone_surrogates_are_bad_lines(tmp_path):
+    # sample.py reads its turns with line_problem too
+    turn = {"speaker": "A", "text": "hi \ud83d!"}
+    assert line_problem(turn, ("speaker", "text"), ("dialogue", "audio", "label")) == \
+        "field 'text' is not valid Unicode (a lone surrogate '\\ud83d' at character 3)"
+    assert line_problem(json.loads('{"speaker": "A", "text": "ok \\ud83d\\ude00"}'), ("speaker", "text"), ()) is None
+    for field in ("text", "speaker", "dialogue", "label", "audio"):
+        lines = [{"dialogue": "d", "speaker": "AB"[i % 2], "text": f"turn {i}", "label": "happy"} for i in range(6)]
+        lines[2][field] = "x\udc00y"  # JSON's "\udc00": json.dumps writes it as that escape
+        src = write_jsonl(tmp_path / "train.jsonl", lines)
+        assert "\\udc00" in src.read_text()
+        with pytest.raises(SystemExit) as e:
+            prepare_text(src, tmp_path / "o")
+        assert e.value.code == (f"prepare.py: {src}:3: field {field!r} is not valid Unicode "
+                                f"(a lone surrogate '\\udc00' at character 1)")
+    prepare_text(src, tmp_path / "o", "--skip-bad")
+    assert load_meta(tmp_path / "o")["splits"]["train"]["dropped"] == 1
+
+
+def float_wav(path, samples, rate=SAMPLE_RATE, dtype="<f4"):
+    """A mono IEEE float WAV (format tag 3) of samples, as written"""
+    raw = np.asarray(samples, dtype).tobytes()
+    width = np.dtype(dtype).itemsize
+    fmt = struct.pack("<HHIIHH", 3, 1, rate, rate * width, width, 8 * width)
+    path.write_bytes(b"RIFF" + struct.pack("<I", 36 + len(raw)) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt
+                     + b"data" + struct.pack("<I", len(raw)) + raw)
+    return path
+
+
+def test_float_wav_with_nan_or_inf_is_bad_audio(tmp_path):
+    x = 0.5 * np.sin(np.arange(4000) / 7)
+    for bad in (np.nan, np.inf, -np.inf):
+        z = x.copy()
+        z[1234] = bad
+        path = float_wav(tmp_path / "bad.wav", z)
+        with pytest.raises(AudioError) as e:
+            load_audio(path)
+        assert str(e.value) == f"{path}: has non-finite samples (NaN or inf)"
+    for dtype in ("<f4", "<f8"):  # finite float samples are read as they are
+        y, _ = load_audio(float_wav(tmp_path / "ok.wav", x, dtype=dtype))
+        np.testing.assert_array_equal(y, (x.astype(dtype).astype(np.float32) * 2**15).round().astype(np.int16))
+    ffmpeg("-i", path, "-c:a", "pcm_f32le", tmp_path / "bad.mkv")  # float media that only ffmpeg reads
+    with pytest.raises(AudioError, match=re.escape(f"{tmp_path / 'bad.mkv'}: has non-finite samples (NaN or inf)")):
+        load_audio(tmp_path / "bad.mkv")
+    src = generic_dialogues(tmp_path)
+    shutil.copy(path, tmp_path / "clips/d1_1.wav")
+    with pytest.raises(SystemExit) as e:
+        prepare_text(src, tmp_path / "out", "--workers", 1)
+    assert e.value.code == f"prepare.py: {src}:2: {tmp_path / 'clips/d1_1.wav'}: has non-finite samples (NaN or inf)"
+    prepare_text(src, tmp_path / "out", "--skip-bad", "--workers", 1)
+    assert load_meta(tmp_path / "out")["splits"]["train"]["dropped"] == 1
+
+
+def test_wav_streamed_to_a_pipe_is_read_to_its_end(tmp_path):
+    want = write_sine_wav(tmp_path / "in.wav", seconds=0.3)
+    for codec in ("pcm_s16le", "pcm_f32le"):
+        with open(tmp_path / "piped.wav", "wb") as f:  # ffmpeg ... pipe:1 > piped.wav
+            subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", tmp_path / "in.wav", "-c:a", codec, "-f", "wav",
+                            "pipe:1"], stdout=f, check=True)
+        data = (tmp_path / "piped.wav").read_bytes()
+        assert data[4:8] == b"\xff\xff\xff\xff" and data[data.index(b"data") + 4:][:4] == b"\xff\xff\xff\xff"
+        np.testing.assert_array_equal(load_audio(tmp_path / "piped.wav")[0], want)
+    good = (tmp_path / "in.wav").read_bytes()
+    i = good.index(b"data") + 4
+    for riff, size in ((b"\xff\xff\xff\xff", 10**6), (good[4:8], 0xFFFFFFFF)):  # a size past the end, streamed
+        (tmp_path / "s.wav").write_bytes(good[:4] + riff + good[8:i] + struct.pack("<I", size) + good[i + 4:])
+        np.testing.assert_array_equal(load_audio(tmp_path / "s.wav")[0], want)
+    (tmp_path / "s.wav").write_bytes(good[:i] + struct.pack("<I", 10**6) + good[i + 4:])  # not streamed: cut short
+    with pytest.raises(AudioError, match="truncated WAV file"):
+        load_audio(tmp_path / "s.wav")
+
+
+def test_prepare_out_a_link_writes_where_it_points(tmp_path, capsys):
+    src, real, link = text_dialogue(tmp_path), tmp_path / "real", tmp_path / "link"
+    prepare_text(src, real)
+    link.symlink_to(real)
+    src = text_dialogue(tmp_path, n=8)
+    for form in (link, f"{link}/"):
+        capsys.readouterr()
+        prepare_text(src, form)
+        assert link.is_symlink() and os.readlink(link) == str(real)
+        assert load_meta(real)["splits"]["train"]["utterances"] == 8
+        last = capsys.readouterr().out.splitlines()[-1]
+        assert last.startswith(f"wrote {form} (a link: the dataset is in {real}) in ")
+    assert sorted(os.listdir(tmp_path)) == ["link", "real", "src"]
+
+
+def test_leftovers_of_a_killed_run_are_removed_by_the_next(tmp_path, capsys):
+    src, out = text_dialogue(tmp_path), tmp_path / "out"
+    prepare_text(src, out)
+    dead, alive = dead_pid(), os.getppid()
+    for name, files in ((f"out.tmp-{dead}", {"train.safetensors": b"half", ".tmpAbC12": b""}),
+                        (f"out.old-{dead}", {"meta.json": b"{}", "train.safetensors": b"old"}),
+                        (f"out.tmp-{alive}", {"meta.json": b""}),           # a run still going: kept
+                        (f"out.tmp-{dead + 1}x", {"train.safetensors": b""}),  # not a name of ours: kept
+                        (f"out.tmp-{dead}0", {"notes.txt": b"mine"})):      # not a folder of ours: kept
+        for f, data in files.items():
+            (tmp_path / name / f).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / f).write_bytes(data)
+    if os.path.exists(f"/proc/{dead}0"):
+        pytest.skip("the made-up pid is running")
+    capsys.readouterr()
+    prepare_text(src, out)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:2] == [f"prepare.py: removed {tmp_path}/out.old-{dead}, left by a run (process {dead}) that was "
+                           f"killed", f"prepare.py: removed {tmp_path}/out.tmp-{dead}, left by a run (process {dead}) "
+                           f"that was killed"]
+    assert sorted(os.listdir(tmp_path)) == sorted(["out", "src", f"out.tmp-{alive}", f"out.tmp-{dead + 1}x",
+                                                   f"out.tmp-{dead}0"])
+    # killed mid-swap: out moved aside as out.old-PID, the new one not yet in; the next run puts it back
+    shutil.rmtree(tmp_path / f"out.tmp-{alive}")
+    before = files_of(out)
+    os.replace(out, tmp_path / f"out.old-{dead}")
+    with pytest.raises(SystemExit, match="unknown label"):
+        prepare_text(src, out, "--labels", "sad,angry")
+    assert files_of(out) == before
+    assert f"prepare.py: put {tmp_path}/out.old-{dead} back as {out}" in capsys.readouterr().out
+
+
+KILLED_RUN = """
+import multiprocessing, os, sys, time
+sys.path.insert(0, sys.argv[3])
+import prepare
+from nanotcmp.demo import synthesize_clip
+
+
+def slow_clip(*args):
+    if multiprocessing.parent_process() is not None:  # in a worker: say which, then decode (nearly) forever
+        open(os.path.join(sys.argv[2], str(os.getpid())), "w").close()
+        time.sleep(300)
+    return synthesize_clip(*args)
+
+
+if __name__ == "__main__":
+    prepare.synthesize_clip = slow_clip
+    prepare.DEMO_DIALOGUES = {"pretrain": 1, "train": 1, "dev": 1, "test": 1}
+    prepare.main(["demo", "--out", sys.argv[1], "--workers", "2"])
+"""
+
+
+def running_pid(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_kill_9_ends_the_workers_and_the_next_run_cleans_up(tmp_path, capsys):
+    script, pids, out = tmp_path / "killed_run.py", tmp_path / "pids", tmp_path / "out"
+    script.write_text(KILLED_RUN)
+    pids.mkdir()
+    run = subprocess.Popen([sys.executable, script, out, pids, ROOT], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not os.listdir(pids) and time.time() < deadline and run.poll() is None:
+            time.sleep(0.1)
+        workers = [int(p) for p in os.listdir(pids)]
+        assert workers, "no worker started"
+    finally:
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+    deadline = time.time() + 10
+    while any(map(running_pid, workers)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(map(running_pid, workers))
+    assert os.path.isdir(f"{out}.tmp-{run.pid}")  # what kill -9 leaves, until the next run
+    capsys.readouterr()
+    prepare_text(text_dialogue(tmp_path), out)
+    assert f"prepare.py: removed {out}.tmp-{run.pid}, left by a run (process {run.pid}) that was killed" in \
+        capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["killed_run.py", "out", "pids", "src"]
+
+
+def test_prepare_paths_of_the_wrong_kind_are_one_line(tmp_path, monkeypatch):
+    src = text_dialogue(tmp_path)
+    file = tmp_path / "file"
+    file.write_text("x")
+    vocab = minilm_dir() / "vocab.txt"
+    cases = [
+        (["meld", "--media-dir", file, "--vocab", vocab], f"--media-dir {file} is a file, not a folder"),
+        (["meld", "--media-dir", tmp_path / "none", "--vocab", vocab], f"--media-dir {tmp_path / 'none'} not found"),
+        (["meld", "--csv-dir", file, "--vocab", vocab], f"--csv-dir {file} is a file, not a folder"),
+        (["iemocap", "--root", file, "--vocab", vocab], f"--root {file} is a file, not a folder"),
+        (["dialogues", "--from", src, "--vocab", tmp_path], f"--vocab: cannot read {tmp_path}: it is a folder, "
+                                                             f"not a file"),
+        (["dialogues", "--from", src, "--vocab", f"{vocab}/"], f"--vocab: cannot read {vocab}/: {vocab} is a file, "
+                                                                f"not a folder"),
+        (["dialogues", "--from", f"{src}/", "--vocab", vocab], f"--from {src}/: {src} is a file, not a folder"),
+        (["dialogues", "--from", src, "--vocab", vocab, "--labels", "happy,sad,"],
+         "--labels happy,sad,: an empty class name (a comma too many?)"),
+        (["dialogues", "--from", src, "--vocab", vocab, "--labels", "happy,sad,happy"],
+         "--labels happy,sad,happy: 'happy' is there twice"),
+    ]
+    for argv, says in cases:
+        with pytest.raises(SystemExit) as e:
+            run_prepare(*argv, "--out", tmp_path / "o")
+        assert e.value.code == f"prepare.py: {says}", argv
+    (tmp_path / "src/dev.jsonl").mkdir()  # a folder where a split file is expected
+    with pytest.raises(SystemExit) as e:
+        prepare_text(tmp_path / "src", tmp_path / "o")
+    assert e.value.code == f"prepare.py: cannot read {tmp_path / 'src/dev.jsonl'}: it is a folder, not a file"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        prepare_text(src, "")
+    assert e.value.code == "prepare.py: --out is empty: give the folder to write the dataset in"
+    assert sorted(os.listdir(tmp_path)) == ["file", "src"]
+
+
+MELD_HEADER = "Sr No.,Utterance,Speaker,Emotion,Sentiment,Dialogue_ID,Utterance_ID"
+
+
+def test_meld_csv_cut_short_or_with_an_open_quote(tmp_path):
+    rows = [f"{i + 1},turn {i},{'AB'[i % 2]},neutral,{['neutral', 'positive'][i % 2]},0,{i}" for i in range(6)]
+    for name in ("train", "test"):
+        (tmp_path / f"{name}_sent_emo.csv").write_text("\n".join([MELD_HEADER] + rows) + "\n")
+    dev = tmp_path / "dev_sent_emo.csv"
+    vocab = minilm_dir() / "vocab.txt"
+    dev.write_text("\n".join([MELD_HEADER] + rows[:2] + ["3,turn 2,A,neutral"] + rows[3:]) + "\n")
+    with pytest.raises(SystemExit) as e:
+        run_prepare("meld", "--csv-dir", tmp_path, "--vocab", vocab, "--out", tmp_path / "o")
+    assert e.value.code == f"prepare.py: {dev}:4: 4 fields, fewer than the header's 7 (a line cut short?)"
+    run_prepare("meld", "--csv-dir", tmp_path, "--vocab", vocab, "--out", tmp_path / "o", "--skip-bad")
+    assert load_meta(tmp_path / "o")["splits"]["dev"]["dropped"] == 1
+    dev.write_text("\n".join([MELD_HEADER] + rows[:2] + ['3,"turn 2,A,neutral,neutral,0,2']
+                             + [f"{i},{'long ' * 40},A,neutral,neutral,0,{i}" for i in range(4, 1000)]) + "\n")
+    with pytest.raises(SystemExit) as e:
+        run_prepare("meld", "--csv-dir", tmp_path, "--vocab", vocab, "--out", tmp_path / "o")
+    assert e.value.code == (f"prepare.py: {dev}:4: not valid CSV from this line on (field larger than field limit "
+                            f"(131072)): a quote left open?")
+
+
+# -----------------------------------------------------------------------------
 # train.py: the two stages, checkpoint selection, resuming, bad set-ups
 
 
@@ -1822,11 +2204,11 @@ def test_training_refuses_bad_set_ups_before_starting(small_demo, tmp_path):
     with pytest.raises(SystemExit, match="a batch of 4 cannot be split into 8 micro-batches"):
         train.main(["--stage", "pretrain", "--data", str(small_demo), "--micro-batches", "8",
                     "--out", str(tmp_path / "x")])
-    # an --init run whose sizes do not fit
+    # an --init run whose sizes do not fit: the setting named, in one line
     train.main(["--stage", "pretrain", "--data", str(small_demo), "--out", str(tmp_path / "pre"), "--epochs", "1",
                 "--d", "32", "--log-every", "100"])
-    with pytest.raises(SystemExit, match=r"does not fit this model:\n  proj_t.weight: model \(64, 64\), "
-                                         r"checkpoint \(32, 64\)"):
+    with pytest.raises(SystemExit, match=r"^train.py: --init \S+pre was pre-trained with d 32, this model has 64: "
+                                         r"fine-tune with the --d of its pre-training$"):
         train.main(["--stage", "finetune", "--data", str(small_demo), "--init", str(tmp_path / "pre"),
                     "--out", str(tmp_path / "fine")])
 
@@ -1874,6 +2256,180 @@ def test_training_names_a_bad_encoder_or_state(small_demo, tmp_path):
         train.main(common + ["--resume"])
 
 # -----------------------------------------------------------------------------
+# train.py: a run folder belongs to one run; what a user meets is one line
+
+QUICK = ["--stage", "finetune", "--modalities", "text", "--epochs", "1", "--batch-size", "8", "--log-every", "100"]
+
+
+def refused_run(argv, says):
+    """train.main(argv) stops with one line matching says -> that line"""
+    with pytest.raises(SystemExit) as e:
+        train.main([str(a) for a in argv])
+    message = str(e.value.code)
+    assert "\n" not in message and re.search(says, message), message
+    return message
+
+
+def run_files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_run_folder_belongs_to_one_run(small_demo, tmp_path, capsys):
+    """A run inside a dataset folder (prepare.py replaces it whole) and a new run into a run's folder are
+    refused; --overwrite replaces the run, and a killed run's temporary files are cleaned"""
+    refused_run(["--data", small_demo, "--out", small_demo / "run1", *QUICK],
+                rf"--out {re.escape(str(small_demo / 'run1'))} is inside the dataset {re.escape(str(small_demo))}, "
+                r"which prepare.py replaces whole .*: choose a folder outside it")
+    assert not (small_demo / "run1").exists()
+    run = tmp_path / "r"
+    run.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / f"state.pt.{dead.pid}.tmp").write_bytes(b"half")  # a killed save's
+    (run / f"log.json.{os.getpid()}.tmp").write_bytes(b"")  # a running process's: kept
+    train.main(["--data", small_demo, "--out", run, *QUICK, "--max-steps", "2"])
+    assert f"state.pt.{dead.pid}.tmp" in capsys.readouterr().out and not (run / f"state.pt.{dead.pid}.tmp").exists()
+    assert (run / f"log.json.{os.getpid()}.tmp").exists()
+    before = run_files(run)
+    refused_run(["--data", small_demo, "--out", run, *QUICK],
+                rf"--out {re.escape(str(run))} holds a run \(.*state\.pt\): continue it with --resume, or replace it "
+                r"with --overwrite$")
+    assert run_files(run) == before  # untouched
+    shutil.copytree(run, tmp_path / "both/finetune")  # --stage all: refused before pre-training starts
+    refused_run(["--data", small_demo, "--out", tmp_path / "both", *QUICK[2:]], r"both/finetune holds a run")
+    assert not (tmp_path / "both/pretrain").exists()
+    train.main(["--data", small_demo, "--out", run, *QUICK, "--max-steps", "3", "--overwrite"])
+    assert "--overwrite: removed the run in" in capsys.readouterr().out
+    assert torch.load(run / "state.pt", weights_only=False)["step"] == 3
+    refused_run(["--data", small_demo, "--out", run, *QUICK, "--resume", "--overwrite"], "choose one")
+
+
+def test_resume_refuses_what_does_not_continue_the_run(small_demo, tmp_path):
+    run = tmp_path / "r"
+    train.main(["--data", small_demo, "--out", run, *QUICK, "--max-steps", "2"])
+    for extra, says in ((["--lr", "0.01"], "--lr 0.001, this command gives --lr 0.01"),
+                        (["--batch-size", "4"], "--batch-size 8, this command gives --batch-size 4"),
+                        (["--seed", "3"], "--seed 0, this command gives --seed 3"),
+                        (["--no-distant"], "--no-distant off, this command gives --no-distant on")):
+        argv = [*QUICK, *extra] if extra[0] != "--batch-size" else [a if a != "8" else "4" for a in QUICK]
+        refused_run(["--data", small_demo, "--out", run, *argv, "--resume"],
+                    rf"^train.py: --resume: \S+state.pt is a run of {re.escape(says)}: resume with the run's "
+                    r"settings, or start again with --overwrite$")
+    other = tmp_path / "copy"
+    shutil.copytree(small_demo, other)
+    refused_run(["--data", other, "--out", run, *QUICK, "--resume"], r"is a run of --data \S+, this command gives --data")
+    train.main(["--data", small_demo, "--out", run, *QUICK, "--resume", "--log-every", "1"])  # how it logs may change
+    assert json.loads((run / "metrics.json").read_text())["best_epoch"] == 1
+
+
+def test_init_must_be_a_pretraining_run_of_the_same_modalities(small_demo, tmp_path, capsys):
+    pre, fine = tmp_path / "pre", tmp_path / "fine"
+    train.main(["--data", small_demo, "--out", pre, "--stage", "pretrain", *QUICK[2:]])
+    train.main(["--data", small_demo, "--out", fine, *QUICK])
+    for stage in ("pretrain", "all"):
+        refused_run(["--data", small_demo, "--out", tmp_path / "x", "--stage", stage, "--init", pre],
+                    "^train.py: --init is for --stage finetune")
+    refused_run(["--data", small_demo, "--out", tmp_path / "x", *QUICK, "--init", fine],
+                rf"--init {re.escape(str(fine))} is a finetune run; fine-tuning starts from a pre-training run")
+    refused_run(["--data", small_demo, "--out", tmp_path / "x", "--stage", "finetune", "--init", pre],
+                r"was pre-trained with modalities text, this model has text, audio: fine-tune with the --modalities "
+                r"of its pre-training$")
+    assert not (tmp_path / "x").exists()
+
+
+def test_resume_of_both_stages_continues_where_they_stopped(small_demo, tmp_path, capsys):
+    """--stage all stopped by --max-steps in pre-training, then --resume as its message says: pre-training
+    continues, fine-tuning starts; a second --resume has nothing left to do"""
+    common = ["--data", small_demo, "--out", tmp_path / "r", "--modalities", "text", "--epochs", "1",
+              "--batch-size", "8", "--log-every", "100"]
+    train.main([*common, "--max-steps", "1"])  # of pre-training's 2 steps
+    assert "continue with --resume" in capsys.readouterr().out and not (tmp_path / "r/finetune").exists()
+    train.main([*common, "--resume"])
+    assert json.loads((tmp_path / "r/finetune/metrics.json").read_text())["stage"] == "finetune"
+    assert torch.load(tmp_path / "r/pretrain/state.pt", weights_only=False)["step"] == 2
+    capsys.readouterr()
+    train.main([*common, "--resume"])
+    out = capsys.readouterr().out
+    assert out.count("was done") == 2 and not re.search(r"^(step|epoch) ", out, re.M)  # nothing trained again
+
+
+def test_ctrl_c_keeps_the_last_state_and_says_how_to_resume(small_demo, tmp_path, monkeypatch, capsys):
+    step, calls = train.train_step, {"n": 0}
+
+    def interrupted_at_4(*args):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return step(*args)
+    monkeypatch.setattr(train, "train_step", interrupted_at_4)
+    argv = ["--data", str(small_demo), "--out", str(tmp_path / "r"), *QUICK, "--save-every", "2"]
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 130 and "\n" not in err
+    state = tmp_path / "r/state.pt"
+    assert err == f"train.py: interrupted; kept {state}: continue with python train.py {shlex.join(argv + ['--resume'])}"
+    assert torch.load(state, weights_only=False)["step"] == 2 and not list((tmp_path / "r").glob("*.tmp"))
+    monkeypatch.setattr(train, "train_step", step)
+    train.main(shlex.split(err.split("python train.py ", 1)[1]))  # the command it gives continues the run
+    assert (tmp_path / "r/metrics.json").exists()
+
+
+def test_write_errors_are_one_line_and_leave_nothing_half_written(small_demo, tmp_path, monkeypatch, capsys):
+    import nanotcmp.checkpoint as C
+    import nanotcmp.features as F
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with monkeypatch.context() as m:
+        m.setattr(C, "save_file", full)
+        refused_run(["--data", small_demo, "--out", tmp_path / "a", *QUICK],
+                    rf"^train.py: cannot write {re.escape(str(tmp_path / 'a/model.safetensors'))} \(No space left on "
+                    r"device\): the disk is full: free some space or write elsewhere$")
+    assert not list((tmp_path / "a").glob("*.tmp"))
+    with monkeypatch.context() as m:
+        m.setattr(C.torch, "save", lambda *a: (_ for _ in ()).throw(RuntimeError(
+            "[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")))
+        refused_run(["--data", small_demo, "--out", tmp_path / "b", *QUICK, "--max-steps", "1"],
+                    r"cannot write \S+state.pt \(\[enforce fail at inline_container.cc:626\] . unexpected pos 64 vs "
+                    r"0\): is the disk full or read-only\? write elsewhere$")
+    (tmp_path / "file").write_text("")
+    refused_run(["--data", small_demo, "--out", tmp_path / "file", *QUICK],
+                rf"^train.py: {re.escape(str(tmp_path / 'file'))} is a file, not a folder: choose another --out$")
+    data = tmp_path / "readonly"  # a dataset whose feature cache cannot be written: the run goes on
+    shutil.copytree(small_demo, data)
+    with monkeypatch.context() as m:
+        m.setattr(F, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system")))
+        train.main(["--data", data, "--out", tmp_path / "c", *QUICK, "--max-steps", "2", "--freeze-encoders"])
+    assert "file system is read-only: write elsewhere; the features stay in memory, for this run only" in \
+        capsys.readouterr().out
+    assert not (data / "features").exists() or not list((data / "features").iterdir())
+
+
+def test_pretraining_on_one_dialogue_is_refused_not_hung(small_demo, tmp_path):
+    line = {"dialogue": "d", "speaker": "A", "text": "hi there"}
+    for split, dialogues in (("train", ["a"]), ("dev", ["b", "c"]), ("test", ["d", "e"])):
+        write_jsonl(tmp_path / f"src/{split}.jsonl", [line | {"dialogue": d, "speaker": "AB"[i % 2]}
+                                                      for d in dialogues for i in range(6)])
+    run_prepare("dialogues", "--from", tmp_path / "src", "--vocab", small_demo / "vocab.txt", "--out", tmp_path / "d")
+    refused_run(["--stage", "pretrain", "--data", tmp_path / "d", "--out", tmp_path / "r", "--modalities", "text"],
+                r"train.safetensors holds one dialogue: pre-training scores each target against noise utterances of "
+                r"other dialogues, so each split needs two or more$")
+    with pytest.raises(DataError, match="holds one dialogue"):
+        draw_noise(Split(tmp_path / "d/train.safetensors"), [2, 3], 5, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("encoder, model_type", [("text", "roberta"), ("text", "gpt2"), ("audio", "wav2vec2")])
+def test_a_checkpoint_of_another_architecture_is_named(small_demo, tmp_path, encoder, model_type):
+    (tmp_path / "ckpt").mkdir()
+    save_file({"w": torch.zeros(1)}, tmp_path / "ckpt/model.safetensors")
+    (tmp_path / "ckpt/config.json").write_text(json.dumps({"model_type": model_type}))
+    cls = Bert if encoder == "text" else Hubert
+    refused_run(["--data", small_demo, "--out", tmp_path / "r", f"--{encoder}-encoder", tmp_path / "ckpt"],
+                rf"^train.py: --{encoder}-encoder: {re.escape(str(tmp_path / 'ckpt'))} holds a '{model_type}' "
+                rf"checkpoint \(config.json's model_type\); {cls.__name__} loads '{cls.__name__.lower()}' ones$")
+
+# -----------------------------------------------------------------------------
 # train.py: speed and scale, each path equal to the plain one
 
 
@@ -1914,7 +2470,7 @@ def test_feature_cache_trains_as_frozen_encoders_do(small_demo, tmp_path, capsys
     capsys.readouterr()
     damaged = files[0]  # the audio cache of the first encoders
     damaged.write_bytes(b"not a cache")
-    train.main(common + ["--out", str(tmp_path / "again")])
+    train.main(common + ["--out", str(tmp_path / "again"), "--overwrite"])
     out = capsys.readouterr().out
     assert f"{damaged} is unreadable" in out and out.count("feature cache:") == 2  # the message, then the work
 
@@ -2341,6 +2897,324 @@ def test_demo_table_is_the_mean_and_standard_deviation_of_the_runs(tmp_path):
     assert "| w/o Dist (both stages) | 40.0 ± 0.0 | 30.0 ± 0.0 | 50.0 ± 0.0 | 70.0 ± 0.0 | 4, 4, 4 |" in lines
     assert "| word overlap with the context (no model) | – | – | 22.0 ± 1.0 | 41.0 ± 0.0 | – |" in lines
     assert "| majority class | 40.0 | 33.3 | 19.0 | – | – | – | – |" in lines
+
+# -----------------------------------------------------------------------------
+# bad input and Ctrl-C in sample.py, bench.py and experiments/: one line, never a traceback
+
+
+def stops(call):
+    """call() -> the SystemExit it stops with; a KeyboardInterrupt or any other exception that gets
+    out is what a user would see as a traceback"""
+    try:
+        call()
+    except SystemExit as e:
+        return e
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt got out: a traceback")
+    pytest.fail("no SystemExit")
+
+
+def one_line(e, says):
+    """The SystemExit e is one line holding says"""
+    text = str(e.code)
+    assert "\n" not in text and says in text, text
+    return text
+
+
+def raises(e):
+    """A stand-in for a function, raising e (KeyboardInterrupt: Ctrl-C while it runs)"""
+    def f(*args, **kwargs):
+        raise e
+    return f
+
+
+def interrupted_line(capsys, says):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 1 and says in err[-1], err
+    return err[-1]
+
+
+def three_turns(path, audio=None):
+    return write_jsonl(path, [{"speaker": s, "text": t, **({"audio": audio[i]} if audio else {})}
+                              for i, (s, t) in enumerate((("A", "hello there"), ("B", "hi"), ("A", "how are you?")))])
+
+
+class Typed:
+    """Standard input on which the reader types lines, then Ctrl-C"""
+
+    def __init__(self, lines):
+        self.lines = lines
+
+    def __iter__(self):
+        yield from self.lines
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_stops_sample_saying_what_was_printed(demo_ckpt, tmp_path, capsys, monkeypatch):
+    turns = three_turns(tmp_path / "t.jsonl")
+    add = sample.Stream.add
+
+    def ctrl_c_at_turn_3(self, *a):
+        if self.turns == 2:
+            raise KeyboardInterrupt
+        return add(self, *a)
+    monkeypatch.setattr(sample.Stream, "add", ctrl_c_at_turn_3)
+    e = stops(lambda: sample.main([str(turns), "--ckpt", str(demo_ckpt / "text"), "--json"]))
+    assert e.code == 130
+    captured = capsys.readouterr()
+    assert [json.loads(l)["turn"] for l in captured.out.splitlines()] == [2]
+    assert captured.err.strip() == "sample.py: interrupted; the turns answered so far (2) were printed"
+    monkeypatch.setattr(sample.Stream, "add", add)
+    # on standard input: two turns typed, then Ctrl-C while it waits for the third
+    monkeypatch.setattr(sys, "stdin", Typed(turns.read_text().splitlines(keepends=True)[:2]))
+    e = stops(lambda: sample.main(["-", "--ckpt", str(demo_ckpt / "text")]))
+    assert e.code == 130
+    said = interrupted_line(capsys, "sample.py: ")
+    assert said == "sample.py: interrupted; the turns answered so far (2) were printed"
+
+
+def test_sample_prints_what_the_terminal_cannot_show(demo_ckpt, tmp_path, capsys, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(demo_ckpt / "text", ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["labels"][0] = "n\udc80eg"  # a label no UTF-8 can encode
+    (ckpt / "config.json").write_text(json.dumps(config))
+    turns = write_jsonl(tmp_path / "t.jsonl", [{"speaker": "Zoë", "text": "café"}, {"speaker": "B", "text": "ok"}])
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")  # a terminal of another encoding (PYTHONIOENCODING)
+    monkeypatch.setattr(sys, "stdout", out)
+    sample.main([str(turns), "--ckpt", str(ckpt)])
+    out.flush()
+    text = out.buffer.getvalue().decode("ascii")
+    assert "turn 1 | Zo\\xeb: caf\\xe9" in text and "n\\udc80eg" in text and "Zo\\xeb next:" in text
+
+
+def test_sample_refuses_text_python_cannot_encode(demo_ckpt, tmp_path, capsys, monkeypatch):
+    lines = ['{"speaker": "A", "text": "hi"}', '{"speaker": "B", "text": "caf\\ud83d"}',  # a JSON escape, no UTF-8
+             '{"speaker": "A", "text": "yes"}']
+    turns = tmp_path / "t.jsonl"
+    turns.write_text("\n".join(lines) + "\n")
+    e = stops(lambda: run_sample(capsys, turns, "--ckpt", demo_ckpt / "text"))
+    one_line(e, f"sample.py: {turns}:2: ")
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", io.StringIO(turns.read_text()))
+    sample.main(["-", "--ckpt", str(demo_ckpt / "text"), "--json", "--keep-going"])
+    captured = capsys.readouterr()
+    assert [json.loads(l)["turn"] for l in captured.out.splitlines()] == [2]  # the third line is the second turn
+    assert "sample.py: stdin:2: " in captured.err and "(skipped)" in captured.err
+
+
+def test_sample_names_what_is_wrong_with_its_inputs(demo_ckpt, tmp_path, capsys, monkeypatch):
+    turns = three_turns(tmp_path / "t.jsonl")
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    (tmp_path / "clips").mkdir()
+
+    def says(argv, text):
+        return one_line(stops(lambda: run_sample(capsys, *argv)), text)
+    says([turns, "--ckpt", tmp_path / "file"], f"sample.py: --ckpt {tmp_path / 'file'} is a file; give a run's folder")
+    says([tmp_path, "--ckpt", demo_ckpt / "text"], f"sample.py: {tmp_path} is a folder; give a JSONL file of turns")
+    says([tmp_path / "empty.jsonl", "--ckpt", demo_ckpt / "text"],
+         f"sample.py: {tmp_path / 'empty.jsonl'} has no turns")
+    with_audio = three_turns(tmp_path / "a.jsonl", audio=["clips", "clips", "clips"])
+    says([with_audio, "--ckpt", demo_ckpt / "all"], f"sample.py: {with_audio}:1: {tmp_path / 'clips'} is a folder, "
+                                                   f"not an audio file")
+    monkeypatch.setattr(sys, "stdin", None)  # sample.py - <&-
+    says(["-", "--ckpt", demo_ckpt / "text"], "sample.py: standard input is closed")
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(demo_ckpt / "all", ckpt)
+    for key, value, text in (("labels", ["negative"], "labels must be a list of 3 names, not [\"negative\"]"),
+                             ("max_seconds", "15", "max_seconds must be a number of seconds, at least 0.025, "
+                                                   "not \"15\"")):
+        config = json.loads((demo_ckpt / "all/config.json").read_text())
+        config[key] = value
+        (ckpt / "config.json").write_text(json.dumps(config))
+        says([turns, "--ckpt", ckpt], f"sample.py: {ckpt / 'config.json'}: {text}")
+
+
+def test_a_long_turn_is_answered(demo_ckpt, tmp_path, capsys):
+    long = " ".join(["word"] * 20_000)  # 100,000 characters: the model reads its first max_tokens word pieces
+    turns = write_jsonl(tmp_path / "t.jsonl", [{"speaker": "A", "text": "hi"}, {"speaker": "B", "text": long}])
+    t0 = time.perf_counter()
+    answers = run_sample(capsys, turns, "--ckpt", demo_ckpt / "text", "--json").splitlines()
+    assert len(answers) == 1 and time.perf_counter() - t0 < 30
+
+
+def test_run_config_records_the_audio_cut(small_demo, demo_ckpt):
+    config = json.loads((demo_ckpt / "all/config.json").read_text())
+    assert config["max_seconds"] == load_meta(small_demo)["settings"]["max_seconds"]
+
+
+def test_sample_cuts_audio_as_prepare_did(demo_ckpt, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(demo_ckpt / "all", ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["max_seconds"] = 0.5
+    (ckpt / "config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(0)
+    clip = (rng.standard_normal(SAMPLE_RATE * 2) * 3000).astype(np.int16)  # 2 s
+    save_wav(tmp_path / "short.wav", clip[:SAMPLE_RATE // 4])
+    save_wav(tmp_path / "long.wav", clip)
+    save_wav(tmp_path / "cut.wav", clip[:SAMPLE_RATE // 2])  # cut by hand at 0.5 s
+    answers = {}
+    for name in ("long", "cut"):
+        turns = three_turns(tmp_path / f"{name}.jsonl", audio=["short.wav", f"{name}.wav", "short.wav"])
+        sample.main([str(turns), "--ckpt", str(ckpt), "--json"])
+        captured = capsys.readouterr()
+        answers[name] = [json.loads(l)["probs"] for l in captured.out.splitlines()]
+        notes = [l for l in captured.err.splitlines() if "cut" in l]
+        assert notes == ([f"sample.py: {turns}:2: audio longer than 0.5 s, cut to its first 0.5 s (the run's "
+                          f"max_seconds, as prepare.py cut the clips it learnt from)"] if name == "long" else [])
+    assert answers["long"] == answers["cut"] and len(answers["long"]) == 2
+
+
+def test_sample_cuts_a_run_without_max_seconds_at_prepares_default(demo_ckpt, tmp_path, capsys, monkeypatch):
+    default = float(re.search(r'"--max-seconds".*?default=([\d.]+)', (ROOT / "prepare.py").read_text(), re.S)[1])
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(demo_ckpt / "all", ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    del config["max_seconds"]  # a run from before config.json recorded it
+    (ckpt / "config.json").write_text(json.dumps(config))
+    write_sine_wav(tmp_path / "a.wav")
+    load = sample.load_audio
+    cuts = []
+    monkeypatch.setattr(sample, "load_audio", lambda path, *a: cuts.append(a) or load(path, *a))
+    sample.main([str(three_turns(tmp_path / "t.jsonl", audio=["a.wav"] * 3)), "--ckpt", str(ckpt), "--json"])
+    notes = [l for l in capsys.readouterr().err.splitlines() if "max_seconds" in l]
+    assert cuts == [(default,)] * 3 and notes == [
+        f"sample.py: {ckpt / 'config.json'} does not record the audio's max_seconds (a run from before it did): "
+        f"cutting audio at prepare.py's default, {default:g} s"]
+
+
+def test_bench_checks_its_command_line(capsys, monkeypatch):
+    for device, says in (("foo", "bench.py: --device foo: not a device (auto, cpu or cuda)"),
+                         ("cuda", "bench.py: --device cuda: this machine has no CUDA device torch can use")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert one_line(stops(lambda: bench.main(["stream", "--device", device])), says) == says
+    with pytest.raises(SystemExit) as e:
+        bench.main(["stream", "extra"])
+    assert e.value.code == 2 and "stream takes no arguments, not 1: extra" in capsys.readouterr().err
+
+
+def test_ctrl_c_or_a_failed_measurement_stops_bench_in_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "bench_stream", raises(KeyboardInterrupt))
+    e = stops(lambda: bench.main(["stream", "--device", "cpu"]))
+    assert e.code == 130
+    interrupted_line(capsys, "bench.py: interrupted; the measurements printed so far stand, nothing else was kept")
+    failed = subprocess.CalledProcessError(1, [sys.executable, "bench.py", "_memory", "bert", "ours", "f"],
+                                           stderr="Traceback...\nRuntimeError: out of memory\n")
+    monkeypatch.setattr(bench, "bench_encoders", raises(failed))
+    one_line(stops(lambda: bench.main(["encoders", "--device", "cpu"])),
+             f"bench.py: {shlex.join(map(str, failed.cmd))} failed (exit 1): RuntimeError: out of memory")
+
+
+def fake_runs(monkeypatch, module, fail_with):
+    """module's table runs nothing: each run_chain call is counted, the first raises fail_with"""
+    calls = []
+
+    def run_chain(cmds, threads, stop=None):
+        if stop is None or not stop.is_set():  # as run_chain: no stage starts once the table stops
+            calls.append(cmds)
+            raise fail_with
+    if hasattr(module, "prepare"):  # pmeld.py: the datasets are there
+        monkeypatch.setattr(module, "prepare", lambda *a: ["p", "u"])
+    monkeypatch.setattr(module, "run_chain", run_chain)
+    return calls
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_ctrl_c_stops_pmeld_keeping_the_finished_runs(tmp_path, capsys, monkeypatch, jobs):
+    pmeld = load_experiment("pmeld")
+    calls = fake_runs(monkeypatch, pmeld, KeyboardInterrupt)
+    e = stops(lambda: pmeld.main(["--encoder", str(minilm_dir()), "--out", str(tmp_path / "o"), "--jobs", jobs]))
+    assert e.code == 130 and len(calls) == 1  # no run started after Ctrl-C
+    assert interrupted_line(capsys, "interrupted").endswith(
+        f": interrupted; the runs finished so far are kept in {tmp_path / 'o'} (each with its metrics.json and "
+        f"seconds.json): the same command again runs the rest, a train.py run cut short from its start")
+
+
+def test_a_failed_run_stops_the_pmeld_table(tmp_path, capsys, monkeypatch):
+    pmeld = load_experiment("pmeld")
+    calls = fake_runs(monkeypatch, pmeld, SystemExit("pmeld.py: python train.py ... failed"))
+    e = stops(lambda: pmeld.main(["--encoder", str(minilm_dir()), "--out", str(tmp_path / "o")]))
+    assert e.code == "pmeld.py: python train.py ... failed" and len(calls) == 1  # the 11 others never start
+
+
+def test_ctrl_c_stops_the_demo_table_keeping_the_finished_runs(tmp_path, capsys, monkeypatch):
+    table = load_experiment("demo")
+    monkeypatch.setattr(table, "run", lambda cmd, *a: 1.0)  # prepare.py
+    fake_runs(monkeypatch, table, KeyboardInterrupt)
+    e = stops(lambda: table.main(["--out", str(tmp_path / "o")]))
+    assert e.code == 130
+    interrupted_line(capsys, f": interrupted; the runs finished so far are kept in {tmp_path / 'o'}")
+
+
+def test_pmeld_checks_the_encoder_before_running_anything(tmp_path, monkeypatch):
+    pmeld = load_experiment("pmeld")
+    monkeypatch.setattr(pmeld, "run", lambda *a: pytest.fail("ran a command"))
+    monkeypatch.setattr(pmeld, "run_chain", lambda *a: pytest.fail("ran a command"))
+    enc = tmp_path / "enc"
+    enc.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(minilm_dir() / name, enc / name)
+    for dry in ([], ["--dry-run"]):
+        one_line(stops(lambda: pmeld.main(["--encoder", str(enc), "--out", str(tmp_path / "o"), *dry])),
+                 f"pmeld.py: --encoder {enc} has no vocab.txt; a BERT-family checkpoint folder holds vocab.txt, "
+                 f"config.json and model.safetensors")
+    one_line(stops(lambda: pmeld.main(["--encoder", str(enc / "model.safetensors")])),
+             f"pmeld.py: --encoder {enc / 'model.safetensors'} is a file; give a BERT-family checkpoint folder")
+
+
+def test_experiments_refuse_an_out_that_is_a_file(tmp_path, monkeypatch):
+    (tmp_path / "o").write_text("not a folder")
+    pmeld, table = load_experiment("pmeld"), load_experiment("demo")
+    fake_runs(monkeypatch, pmeld, AssertionError("ran a row"))
+    fake_runs(monkeypatch, table, AssertionError("ran a row"))
+    monkeypatch.setattr(table, "run", lambda *a: pytest.fail("ran prepare.py"))
+    one_line(stops(lambda: pmeld.main(["--encoder", str(minilm_dir()), "--out", str(tmp_path / "o")])),
+             f"pmeld.py: --out {tmp_path / 'o'} is a file; give a folder")
+    one_line(stops(lambda: table.main(["--out", str(tmp_path / "o")])), f"demo.py: --out {tmp_path / 'o'} is a file")
+
+
+def python(code):
+    return [sys.executable, "-c", code]
+
+
+def test_a_failed_command_of_a_table_is_one_line_naming_its_output(tmp_path, capfd):
+    log = tmp_path / "run.log"
+    fails = python("import sys; print('step 1'); sys.exit('train.py: --data d: no meta.json')")
+    text = one_line(stops(lambda: tables.run(fails, str(log))), "failed (exit 1): train.py: --data d: no meta.json")
+    assert text.endswith(f"(all of its output: {log})") and "python -c " in text
+    one_line(stops(lambda: tables.run(python("import sys; sys.exit(2)"))), "failed (exit 2); its error is above")
+
+
+def test_a_table_run_under_way_ends_when_another_fails(tmp_path):
+    stop, stopped = threading.Event(), []
+
+    def under_way():
+        try:
+            tables.run(python("import time; time.sleep(60)"), str(tmp_path / "run.log"), None, stop)
+        except SystemExit as e:
+            stopped.append(str(e))
+    t0 = time.time()
+    worker = threading.Thread(target=under_way)
+    worker.start()
+    stop.set()
+    worker.join(30)
+    assert time.time() - t0 < 10 and len(stopped) == 1 and stopped[0].endswith(" stopped")
+
+
+def test_table_runs_are_checked(tmp_path):
+    (tmp_path / "file").write_text("x")
+    one_line(stops(lambda: tables.run_chain([("finetune", python("pass"), str(tmp_path / "file"))], 1)),
+             f"{tmp_path / 'file'}, the folder of a finetune run, is a file: move it away")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text("{}")  # the command ended before its seconds.json was written: run again
+    tables.run_chain([("finetune", python("pass"), str(run))], 1)
+    assert json.loads((run / "seconds.json").read_text()) > 0
+    (run / "metrics.json").write_text('{"test": ')
+    one_line(stops(lambda: tables.read_metrics(str(run))), f"{run / 'metrics.json'}: not valid JSON")
+
 
 # -----------------------------------------------------------------------------
 # the layout: the scripts tell the story, nanotcmp/ holds the machinery

@@ -15,6 +15,8 @@ import contextlib
 import functools
 import math
 import os
+import shlex
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -24,7 +26,7 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanotcmp import processes
-from nanotcmp.checkpoint import Progress, load_init, resume, save_model, save_state
+from nanotcmp.checkpoint import Progress, claim_folder, load_init, refuse_mixing, resume, save_model, save_state
 from nanotcmp.cuda_graphs import CudaGraphs, compile_encoders
 from nanotcmp.data import DataError, Split, file_sha256, load_meta, ranged, to_device, windows, write_json
 from nanotcmp.evaluate import describe, evaluate, final_scores, selection_score
@@ -84,7 +86,10 @@ def parse_args(argv):
     p.add_argument("--tus-loss", choices=["bce", "softmax"], default="bce")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last state")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last state (with --stage "
+                   "all: whichever stage it stopped in)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run --out holds (without it, a new run into "
+                   "a run's folder is refused)")
     p.add_argument("--max-padding", type=ranged(float, 0, 1), default=0.1,
                    help="length buckets: padding share each encoder batch may have (1: one padded batch)")
     p.add_argument("--shape-grid", choices=["on", "off"],
@@ -114,6 +119,11 @@ def parse_args(argv):
     args.k = args.k or (TINY_PRETRAIN["k"] if is_tiny(args) else AUTHORS_K)
     if args.compile and args.cuda_graphs == "all":
         raise SystemExit("train.py: --compile and --cuda-graphs all both take the encoders: choose one")
+    if args.resume and args.overwrite:
+        raise SystemExit("train.py: --resume continues the run in --out, --overwrite replaces it: choose one")
+    if args.init and args.stage != "finetune":
+        raise SystemExit(f"train.py: --init is for --stage finetune (--stage {args.stage} "
+                         f"{'fine-tunes from its own pre-training' if args.stage == 'all' else 'starts from scratch'})")
     return args
 
 
@@ -137,6 +147,8 @@ class Run:
     patience: int  # stop after this many epochs without a better dev score; 0: never
     lr: float  # everything but the encoders
     lr_encoder: float
+    resume: bool  # continue from out/state.pt
+    overwrite: bool  # replace the run out holds
 
     @property
     def stage(self):
@@ -172,7 +184,23 @@ def plan_run(stage, args, device, out=None, init=None, batch_size=None):
     out = out or os.path.join("out", f"{os.path.basename(os.path.normpath(args.data))}-{stage}")
     epochs = args.epochs or (TINY_PRETRAIN["epochs"] if tiny and stage == "pretrain" else EPOCHS[stage])
     patience = args.patience if args.patience is not None else TINY_PATIENCE if tiny and stage == "finetune" else 0
-    return Run(out, init, batching, epochs, patience, lr, lr_encoder)
+    # --resume of --stage all: each stage continues where it has a state, the others start (again)
+    resume = args.resume and (args.stage != "all" or os.path.isfile(os.path.join(out, "state.pt")))
+    overwrite = args.overwrite or (args.resume and not resume)
+    return Run(out, init, batching, epochs, patience, lr, lr_encoder, resume, overwrite)
+
+
+def run_settings(run, args):
+    """What a run's results depend on, as the options that set it: --resume refuses a command
+    that would give another"""
+    b, path = run.batching, lambda p: p if p in (None, "tiny") else os.path.abspath(p)
+    return {"--data": path(args.data), "--text-encoder": path(args.text_encoder),
+            "--audio-encoder": path(args.audio_encoder), "--modalities": args.modalities, "--init": path(run.init),
+            "--epochs": run.epochs, "--patience": run.patience, "--batch-size": b.batch_size,
+            "--micro-batches": b.micro_batches, "--k": b.k, "--lr": run.lr, "--lr-encoder": run.lr_encoder,
+            "--d": args.d, "--dropout": args.dropout, "--encoder-dropout": args.encoder_dropout,
+            "--no-distant": args.no_distant, "--tus": args.tus, "--tus-loss": args.tus_loss, "--seed": args.seed,
+            "--max-padding": b.max_padding, "--shape-grid": b.grid, "--freeze-encoders": args.freeze_encoders}
 
 # -----------------------------------------------------------------------------
 # building the model
@@ -290,6 +318,9 @@ def open_splits(data, meta, stage):
         if not len(its):
             what = "window of 3 utterances or more" if stage == "pretrain" else "sample"
             raise SystemExit(f"train.py: {split.path} has no {what} to {stage} on")
+        if stage == "pretrain" and len(split.dialogues) < 2:
+            raise SystemExit(f"train.py: {split.path} holds one dialogue: pre-training scores each target against "
+                             f"noise utterances of other dialogues, so each split needs two or more")
     train_split, dev, test = splits
     return train_split, items[0], dev, test
 
@@ -341,10 +372,13 @@ def run_stage(run, args, device, meta, train_split, items, dev, test):
     per_epoch = steps_per_epoch(run.batching, items, train_split)
     total = run.epochs * per_epoch
     print0(summary(run, model, len(items), per_epoch, device))
-    if rank() == 0:
-        os.makedirs(run.out, exist_ok=True)
-    state_path = os.path.join(run.out, "state.pt")
-    progress = resume(state_path, model, opt, device) if args.resume else Progress()
+    claim_folder(run.out, run.resume, run.overwrite)  # made, or emptied with --overwrite
+    state_path, settings = os.path.join(run.out, "state.pt"), run_settings(run, args)
+    progress = resume(state_path, model, opt, device, settings) if run.resume else Progress(settings=settings)
+    if os.path.isfile(os.path.join(run.out, "metrics.json")) and (
+            progress.step == total or out_of_patience(run, progress.best, progress.step // per_epoch)):
+        print0(f"{run.stage} was done: {run.out} (--resume has nothing to continue)")
+        return run.out
     meter = Meter(device, progress.step, run.out, run.unit)
     make = functools.partial(step_batches, run.batching, items, train_split, model.config.modalities, per_epoch)
     batches = iter(ahead(make, total, run.batching.workers, progress.step))  # built ahead by worker processes
@@ -406,20 +440,41 @@ def end_epoch(epoch, progress, model, dev, run, args, meta, device, t_start):
     progress.best = broadcast(progress.best)
 
 
+def plan_runs(args, device):
+    """-> the Runs of --stage: one, or pre-training then fine-tuning from it"""
+    if args.stage != "all":
+        return [plan_run(args.stage, args, device, args.out, args.init, args.batch_size)]
+    out = {stage: args.out and os.path.join(args.out, stage) for stage in ("pretrain", "finetune")}
+    pretrain = plan_run("pretrain", args, device, out["pretrain"], batch_size=args.batch_size)
+    return [pretrain, plan_run("finetune", args, device, out["finetune"], init=pretrain.out)]  # the default batch
+
+
+def interrupted(runs, argv):
+    """Ctrl-C: what is kept, and the command that continues from it"""
+    states = [p for p in (os.path.join(run.out, "state.pt") for run in runs) if os.path.isfile(p)]
+    if not states:
+        return "train.py: interrupted before a state was saved (every --save-every steps and at each epoch's end)"
+    again = [a for a in argv if a != "--overwrite"] + ([] if "--resume" in argv else ["--resume"])
+    return f"train.py: interrupted; kept {', '.join(states)}: continue with python train.py {shlex.join(again)}"
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parse_args(argv)
     device = processes.start(device_from(args.device, "train.py"))  # under torchrun: this process's GPU
+    runs = plan_runs(args, device)
     try:
-        if args.stage != "all":
-            return train_stage(plan_run(args.stage, args, device, args.out, args.init, args.batch_size), args, device)
-        out = {stage: args.out and os.path.join(args.out, stage) for stage in ("pretrain", "finetune")}
-        pretrain = plan_run("pretrain", args, device, out["pretrain"], batch_size=args.batch_size)
-        finetune = plan_run("finetune", args, device, out["finetune"], init=pretrain.out)  # the default batch size
-        if train_stage(pretrain, args, device) is None:  # stopped by --max-steps
-            return None
-        return train_stage(finetune, args, device)
+        for run in runs:  # before anything is trained
+            refuse_mixing(run.out, run.resume, run.overwrite)
+        for run in runs:
+            if train_stage(run, args, device) is None:  # stopped by --max-steps
+                return None
+        return runs[-1].out
     except (DataError, NonFiniteLoss) as e:  # a missing, damaged or unfitting file, or a diverged run, named
         raise SystemExit(f"train.py: {e}") from None
+    except KeyboardInterrupt:
+        print0(interrupted(runs, argv), file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         processes.stop()
 

@@ -9,23 +9,22 @@ It prepares the demo (python prepare.py, timed), then runs, for each seed S, tra
 would: both stages (python train.py --seed S), fine-tuning alone from scratch (--stage finetune,
 for all its 12 epochs: --patience 0, so that no early stop cuts it short), both stages without the
 distant context (--no-distant), and the first seed once more on one thread (the same command: its
-scores may differ only by float rounding). A run with a metrics.json is not run again, so a table
-cut short continues where it stopped. The table goes to <out>/table.md. Every choice is made on
-dev: each stage keeps its best dev epoch.
+scores may differ only by float rounding). A run with a metrics.json (and the seconds.json written
+after it) is not run again, so a table cut short (Ctrl-C, a failed run) continues where it stopped;
+a train.py command cut short runs again, both its stages. The table goes to <out>/table.md. Every
+choice is made on dev: each stage keeps its best dev epoch.
 """
 import argparse
-import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nanotcmp.data import ranged, write_text  # noqa: E402 (the repository's modules)
-from nanotcmp.tables import ROOT, mean_std, read_metrics, run_chain  # noqa: E402
+from nanotcmp.data import DataError, ranged, read_json, write_text  # noqa: E402 (the repository's modules)
+from nanotcmp.tables import ROOT, interrupted, mean_std, read_metrics, run, run_chain  # noqa: E402
 
 # row -> (its folder, train.py's options beyond --seed, whether it pre-trains)
 ROWS = {
@@ -46,8 +45,10 @@ def chain(row, seed, args):
 
 def pretraining(out):
     """metrics.json of the pre-training beside a fine-tuning folder"""
-    with open(os.path.join(ROOT, os.path.dirname(out), "pretrain", "metrics.json")) as f:
-        return json.load(f)
+    try:
+        return read_json(os.path.join(ROOT, os.path.dirname(out), "pretrain", "metrics.json"), (), "a run of train.py")
+    except DataError as e:
+        raise SystemExit(f"demo.py: {e}") from None
 
 
 def table(args, prepare_seconds):
@@ -109,14 +110,27 @@ def main(argv=None):
         for cmd in [prepare] + [cmd for c in chains + [one_thread] for _, cmd, _ in c]:
             print(shlex.join(cmd))
         return
+    out = os.path.join(ROOT, args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"demo.py: --out {args.out} is a file; give a folder")
+    try:
+        make_table(args, prepare, chains, one_thread)
+    except KeyboardInterrupt:  # Ctrl-C
+        interrupted(args.out)
+
+
+def make_table(args, prepare, chains, one_thread):
     t0 = time.time()
-    subprocess.run(prepare, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    prepare_seconds = time.time() - t0
+    prepare_seconds = run(prepare)  # its output on the terminal
     for cmds in chains:
         run_chain(cmds, args.threads)
     run_chain(one_thread, 1)
     text = table(args, prepare_seconds)
-    write_text(os.path.join(ROOT, args.out, "table.md"), text)
+    try:
+        write_text(os.path.join(ROOT, args.out, "table.md"), text)
+    except (OSError, DataError) as e:
+        raise SystemExit("demo.py: " + (str(e) if isinstance(e, DataError) else
+                                         f"cannot write {args.out}/table.md ({e.strerror})")) from None
     print(text + f"\n{(time.time() - t0) / 60:.1f} min: {os.path.join(args.out, 'table.md')}")
 
 

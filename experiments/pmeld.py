@@ -9,23 +9,24 @@ python experiments/pmeld.py --dry-run     # print each row's commands, run nothi
 
 It prepares P-MELD and the unlabelled MELD dialogues from meld/ with MiniLM's vocabulary (once),
 runs every row and seed whose metrics.json is not there yet (so an interrupted table continues
-where it stopped), and writes the table, mean ± standard deviation over the seeds, to
-<out>/table.md. Every choice is made on dev: each run keeps its best dev epoch.
+where it stopped; a failed run or Ctrl-C ends the others under way), and writes the table, mean ±
+standard deviation over the seeds, to <out>/table.md. Every choice is made on dev: each run keeps
+its best dev epoch.
 """
 import argparse
 import importlib.util
 import os
 import shlex
-import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanotcmp.data import DataError, file_sha256, load_meta, ranged, write_text  # noqa: E402 (the repository's)
-from nanotcmp.tables import ROOT, mean_std, read_metrics, run_chain  # noqa: E402
+from nanotcmp.tables import ROOT, interrupted, mean_std, read_metrics, run, run_chain  # noqa: E402
 
 # row -> (its folder, pre-training options or None for none, fine-tuning options)
 ROWS = {
@@ -54,6 +55,19 @@ def minilm():
     return os.path.join(spec.submodule_search_locations[0], "model")
 
 
+def check_encoder(folder):
+    """The encoder's folder holds what the commands read: vocab.txt (prepare.py), config.json and
+    model.safetensors (train.py; without config.json it would guess the attention heads)"""
+    if not os.path.isdir(folder):
+        raise SystemExit(f"pmeld.py: --encoder {folder} {'is a file' if os.path.exists(folder) else 'does not exist'}; "
+                         f"give a BERT-family checkpoint folder (vocab.txt, config.json, model.safetensors)")
+    missing = [name for name in ("vocab.txt", "config.json", "model.safetensors")
+               if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        raise SystemExit(f"pmeld.py: --encoder {folder} has no {', '.join(missing)}; a BERT-family checkpoint "
+                         f"folder holds vocab.txt, config.json and model.safetensors")
+
+
 def prepared(folder, vocab):
     """Is folder a dataset prepared with this vocabulary?"""
     try:
@@ -72,7 +86,7 @@ def prepare(encoder, tag, data, dry):
         if dry:
             print(shlex.join(cmd))
         elif not prepared(out, vocab):
-            subprocess.run(cmd, cwd=ROOT, check=True)
+            run(cmd)  # its output on the terminal
     return list(cmds)
 
 
@@ -141,6 +155,7 @@ def main(argv=None):
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = p.parse_args(argv)
     encoder = os.path.abspath(args.encoder) if args.encoder else minilm()
+    check_encoder(encoder)
     tag = os.path.basename(os.path.normpath(encoder)) if args.encoder else "minilm"
     settings = END_TO_END if args.end_to_end else FROZEN
     if args.paper:  # the paper's fine-tuning: its rates (train.py's defaults) for 50 epochs
@@ -148,6 +163,16 @@ def main(argv=None):
                     + PAPER_FINETUNING}
     args.out = args.out or (f"out/pmeld{'' if tag == 'minilm' else '-' + tag}-{'e2e' if args.end_to_end else 'frozen'}"
                             f"{'-paper' if args.paper else ''}")
+    out = os.path.join(ROOT, args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"pmeld.py: --out {args.out} is a file; give a folder")
+    try:
+        make_table(args, encoder, tag, settings)
+    except KeyboardInterrupt:  # Ctrl-C
+        interrupted(args.out)
+
+
+def make_table(args, encoder, tag, settings):
     datasets = prepare(encoder, tag, args.data, args.dry_run)
     chains = [chain(row, seed, args, encoder, datasets, settings) for row in args.rows for seed in args.seeds]
     if args.dry_run:
@@ -157,11 +182,29 @@ def main(argv=None):
         return
     t0 = time.time()
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    stop = threading.Event()  # set by a run that fails, or by Ctrl-C: start no other run, end those under way
+
+    def run_row(cmds):
+        try:
+            run_chain(cmds, threads, stop)
+        except BaseException:
+            stop.set()
+            raise
     with ThreadPoolExecutor(args.jobs) as pool:
-        for done in [pool.submit(run_chain, cmds, threads) for cmds in chains]:
-            done.result()
+        runs = [pool.submit(run_row, cmds) for cmds in chains]
+        try:
+            for done in as_completed(runs):
+                done.result()
+        finally:
+            stop.set()
+            for r in runs:
+                r.cancel()
     text = table(args, encoder, datasets, settings)
-    write_text(os.path.join(ROOT, args.out, "table.md"), text)
+    try:
+        write_text(os.path.join(ROOT, args.out, "table.md"), text)
+    except (OSError, DataError) as e:
+        raise SystemExit("pmeld.py: " + (str(e) if isinstance(e, DataError) else
+                                          f"cannot write {args.out}/table.md ({e.strerror})")) from None
     print(text + f"\n{(time.time() - t0) / 60:.1f} min: {os.path.join(args.out, 'table.md')}")
 
 

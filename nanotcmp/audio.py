@@ -1,16 +1,16 @@
 """
 Audio in and out: every clip becomes 16 kHz mono int16, the input HuBERT expects.
 
-load_audio reads PCM WAV with the standard library's `wave`; anything else (MELD ships .mp4, and
-WAVs that `wave` cannot read, such as IEEE float) is first decoded by the ffmpeg command-line tool
-to a temporary PCM WAV at its native rate and channels, so there is one reader, and mixing to mono
-and resampling happen in one place. synthesize makes the speech-like clips of the synthetic corpus.
+load_audio reads PCM and IEEE float WAV with the standard library's `wave`; anything else (MELD
+ships .mp4) is first decoded by the ffmpeg command-line tool to a float WAV on a pipe, at its native
+rate and channels, so there is one reader, and mixing to mono and resampling happen in one place.
+Float samples that are NaN or infinite are refused, never stored as full-scale clicks. synthesize
+makes the speech-like clips of the synthetic corpus.
 """
 import io
 import os
 import shutil
 import subprocess
-import tempfile
 import wave
 
 import numpy as np
@@ -32,27 +32,49 @@ class NoFFmpeg(RuntimeError):
 # -----------------------------------------------------------------------------
 # reading and writing
 
-def relabel_extensible_pcm(data):
-    # Python < 3.12's wave rejects WAVE_FORMAT_EXTENSIBLE (tag 0xFFFE), which ffmpeg writes for more
-    # than 2 channels or above 48 kHz. Its sub-format GUID starts 24 bytes into the fmt chunk's body;
-    # when that says plain PCM (1), relabel the chunk as plain PCM, which wave reads the same way
-    i = data.find(b"fmt ", 12)
-    if i >= 0 and data[i + 8:i + 10] == b"\xfe\xff" and data[i + 32:i + 34] == b"\x01\x00":
-        data = data[:i + 8] + b"\x01\x00" + data[i + 10:]
-    return data
+def for_wave(data):
+    """A WAV file's bytes, edited so that the standard library's wave (Python 3.11) reads them
+    -> (bytes, whether the samples are IEEE float). wave reads plain PCM only, and trusts the data
+    chunk's size, so:
+    - WAVE_FORMAT_EXTENSIBLE (tag 0xFFFE, which ffmpeg writes for more than 2 channels, above 48 kHz
+      or for float) takes its sub-format's tag, the first two bytes of its GUID, 24 bytes into the
+      fmt chunk's body;
+    - IEEE float (tag 3), 32 or 64 bits, is relabelled PCM: wave hands over its bytes unread;
+    - a WAV streamed to a pipe (ffmpeg ... pipe:1) cannot go back to write its sizes: it leaves them
+      0xFFFFFFFF, "to the end of the file"; the data chunk's size becomes what the file holds.
+    Anything else is left for wave to read, or to refuse."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return data, False
+    streamed, is_float, i = data[4:8] == b"\xff\xff\xff\xff", False, 12
+    while i + 8 <= len(data):  # the chunks: 4-byte id, 4-byte size, the body (padded to even)
+        kind, size = data[i:i + 4], int.from_bytes(data[i + 4:i + 8], "little")
+        if kind == b"fmt " and size >= 16:
+            tag, bits = data[i + 8:i + 10], int.from_bytes(data[i + 22:i + 24], "little")
+            if tag == b"\xfe\xff" and size >= 26:
+                tag = data[i + 32:i + 34]
+            is_float = tag == b"\x03\x00" and bits in (32, 64)
+            if tag == b"\x01\x00" or is_float:
+                data = data[:i + 8] + b"\x01\x00" + data[i + 10:]
+        elif kind == b"data":
+            held = len(data) - i - 8
+            if size == 0xFFFFFFFF or streamed and size > held:
+                data = data[:i + 4] + min(held, 0xFFFFFFFF).to_bytes(4, "little") + data[i + 8:]
+            break
+        i += 8 + size + size % 2
+    return data, is_float
 
 
-def read_wav(path, name):
-    """PCM WAV -> (float32 samples in [-1, 1) of shape (frames, channels), rate). name: for errors."""
-    with open(path, "rb") as f:
-        data = relabel_extensible_pcm(f.read())
+def read_wav(data, name):
+    """A PCM or IEEE float WAV file's bytes -> (float32 samples, [-1, 1) for PCM, of shape
+    (frames, channels), rate). name: the file, for errors."""
+    data, is_float = for_wave(data)
     try:
         with wave.open(io.BytesIO(data)) as w:
             channels, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
             raw = w.readframes(n)
     except wave.Error as e:
         if str(e).startswith("unknown format"):
-            raise  # valid but not PCM (e.g. IEEE float): load_audio hands it to ffmpeg
+            raise  # valid but neither PCM nor float (e.g. A-law): load_audio hands it to ffmpeg
         raise AudioError(f"{name}: corrupt WAV file ({e})") from None
     except EOFError:
         raise AudioError(f"{name}: corrupt WAV file (header cut short)") from None
@@ -61,7 +83,11 @@ def read_wav(path, name):
     got = len(raw) // (channels * width)  # the header's frame count is only a promise
     if got < n:
         raise AudioError(f"{name}: truncated WAV file (header says {n} frames, file holds {got})")
-    if width == 1:  # 8-bit WAV is unsigned, centred on 128
+    if is_float:
+        x = np.frombuffer(raw, f"<f{width}")
+        if not np.isfinite(x).all():
+            raise AudioError(f"{name}: has non-finite samples (NaN or inf)")
+    elif width == 1:  # 8-bit WAV is unsigned, centred on 128
         x = (np.frombuffer(raw, np.uint8) - 128.0) / 2**7
     elif width == 2:
         x = np.frombuffer(raw, "<i2") / 2**15
@@ -73,19 +99,18 @@ def read_wav(path, name):
 
 
 def decode_with_ffmpeg(path):
-    """Any media ffmpeg reads -> read_wav's output, through a temporary 16-bit WAV."""
+    """Any media ffmpeg reads -> read_wav's output, through a 32-bit float WAV on a pipe (no file to
+    leave behind; float: NaN and inf reach read_wav, which refuses them, rather than full scale)."""
     if shutil.which("ffmpeg") is None:
         raise NoFFmpeg(f"reading {path} needs the ffmpeg command-line tool, which is not on PATH: "
                            "install it with `apt-get install ffmpeg`, `brew install ffmpeg` or "
                            "`conda install -c conda-forge ffmpeg`")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "audio.wav")
-        cmd = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", path, "-vn", "-acodec", "pcm_s16le", out]
-        r = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
-        if r.returncode != 0:
-            last = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
-            raise AudioError(f"{path}: ffmpeg cannot decode it ({last})")
-        return read_wav(out, path)
+    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", path, "-vn", "-acodec", "pcm_f32le", "-f", "wav", "pipe:1"]
+    r = subprocess.run(cmd, capture_output=True)
+    if r.returncode != 0:
+        last = (r.stderr.decode("utf-8", "replace").strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+        raise AudioError(f"{path}: ffmpeg cannot decode it ({last})")
+    return read_wav(r.stdout, path)
 
 
 def load_audio(path, max_seconds=None):
@@ -95,7 +120,12 @@ def load_audio(path, max_seconds=None):
         raise AudioError(f"{path}: no such file")
     if path.lower().endswith(".wav"):
         try:
-            x, rate = read_wav(path, path)
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:  # permission denied, say
+            raise AudioError(f"{path}: cannot read it ({e.strerror})") from None
+        try:
+            x, rate = read_wav(data, path)
         except wave.Error:
             x, rate = decode_with_ffmpeg(path)
     else:

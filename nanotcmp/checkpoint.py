@@ -1,15 +1,18 @@
 """
-Checkpoints and --resume. A run folder holds the kept model (model.safetensors, with config.json
-for sample.py and fine-tuning's --init) and state.pt, the state --resume continues from: the
-model, the optimiser, the random states and the run's Progress.
+Checkpoints and --resume. A run folder belongs to one run: it holds the kept model
+(model.safetensors, with config.json for sample.py and fine-tuning's --init), metrics.json,
+log.json and state.pt, the state --resume continues from: the model, the optimiser, the random
+states, and the run's Progress with the settings it was started with.
 """
+import contextlib
+import json
 import os
 from dataclasses import asdict, dataclass, field
 
 import torch
 from safetensors.torch import save_file
 
-from nanotcmp.data import DataError, load_run, write_atomic, write_json
+from nanotcmp.data import DataError, clean_leftovers, load_run, make_folder, write_atomic, write_json
 from nanotcmp.processes import barrier, gather, print0, rank, world
 
 
@@ -20,18 +23,79 @@ def save_model(model, out, stage, meta, data):
                  lambda p: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, p))
     config = {"stage": stage, "model": asdict(model.config), "labels": meta["labels"],
               "vocab": {**meta["vocab"], "path": os.path.abspath(os.path.join(data, meta["vocab"]["path"]))},
-              "max_tokens": meta["settings"]["max_tokens"], "max_context": meta["settings"]["max_context"],
+              **{k: meta["settings"][k] for k in ("max_tokens", "max_context", "max_seconds")},  # prepare.py's cuts
               "data": os.path.abspath(data)}
     write_json(os.path.join(out, "config.json"), config)
 
 
+RUN_FILES = ("model.safetensors", "config.json", "metrics.json", "log.json", "state.pt")
+
+
+def dataset_around(path):
+    """The dataset folder (made by prepare.py: a meta.json with splits) path is in or is, or None"""
+    folder = os.path.abspath(path)
+    while True:
+        meta = os.path.join(folder, "meta.json")
+        if os.path.isfile(meta):
+            with contextlib.suppress(OSError, ValueError):
+                with open(meta) as f:
+                    if "splits" in json.load(f):
+                        return folder
+        if os.path.dirname(folder) == folder:
+            return None
+        folder = os.path.dirname(folder)
+
+
+def refuse_mixing(out, resume, overwrite):
+    """A run folder belongs to one run: refuse an out inside a dataset folder (prepare.py replaces it
+    whole, runs and all), and a new run into a folder holding a run unless overwrite"""
+    if os.path.isfile(out):
+        raise DataError(f"{out} is a file, not a folder: choose another --out")
+    dataset = dataset_around(out)
+    if dataset:
+        raise DataError(f"--out {out} is inside the dataset {dataset}, which prepare.py replaces whole when it "
+                        f"prepares it again (runs and all): choose a folder outside it")
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if found and not resume and not overwrite:
+        raise DataError(f"--out {out} holds a run ({', '.join(found)}): continue it with --resume, or replace it "
+                        f"with --overwrite")
+
+
+def claim_folder(out, resume, overwrite):
+    """The first process makes the run folder ready: refuse_mixing, then with overwrite the old run's
+    files removed, and what a killed run left there (write_atomic's temporary files) cleaned"""
+    refuse_mixing(out, resume, overwrite)
+    if rank() == 0:
+        found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+        if found and not resume:
+            for f in found:
+                os.remove(os.path.join(out, f))
+            print(f"--overwrite: removed the run in {out} ({', '.join(found)})")
+        make_folder(out)
+        clean_leftovers(out)
+    barrier()
+
+
 def load_init(model, folder, meta):
-    """Start fine-tuning from a pre-training run of the same vocabulary: every tensor but the
-    emotion head must fit."""
+    """Start fine-tuning from a pre-training run of the same vocabulary and modalities: every tensor
+    but the emotion head must fit."""
     try:
         config, ckpt = load_run(folder)
     except DataError as e:
         raise DataError(f"--init: {e}") from None
+    if config["stage"] != "pretrain":
+        raise DataError(f"--init {folder} is a {config['stage']} run; fine-tuning starts from a pre-training run "
+                        f"(train.py --stage pretrain)")
+    theirs, ours = config["model"], json.loads(json.dumps(asdict(model.config)))  # as config.json keeps it
+    for key, option in (("modalities", "--modalities"), ("d", "--d"), ("distant", "--no-distant")):
+        if theirs.get(key) != ours[key]:
+            raise DataError(f"--init {folder} was pre-trained with {key} {setting(theirs.get(key))}, this model has "
+                            f"{setting(ours[key])}: fine-tune with the {option} of its pre-training")
+    for key, option in (("bert", "--text-encoder"), ("hubert", "--audio-encoder")):
+        if without_dropout(theirs.get(key)) != without_dropout(ours[key]):  # (dropout may differ)
+            raise DataError(f"--init {folder} was pre-trained with another {option} (its config: "
+                            f"{setting(without_dropout(theirs.get(key)))}): fine-tune with the {option} of its "
+                            f"pre-training")
     if config["vocab"]["sha256"] != meta["vocab"]["sha256"]:
         raise DataError(f"--init {folder} was trained with the vocabulary {config['vocab']['path']}, "
                          f"the dataset is prepared with another ({meta['vocab']['path']}): their ids differ")
@@ -45,6 +109,21 @@ def load_init(model, folder, meta):
     model.load_state_dict({n: ckpt[n] for n in wanted}, strict=False)
 
 
+def without_dropout(encoder_config):
+    return encoder_config and {k: v for k, v in encoder_config.items() if k != "dropout"}
+
+
+def setting(value):
+    """A setting as a message shows it"""
+    if isinstance(value, bool) or value is None:
+        return {True: "on", False: "off", None: "none"}[value]
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items())
+    return str(value)
+
+
 @dataclass
 class Progress:
     """Where a run is: saved in state.pt with the model, the optimiser and the random states"""
@@ -52,6 +131,7 @@ class Progress:
     best: dict | None = None  # the kept model's epoch and dev scores
     history: list = field(default_factory=list)  # log.json: a record every --log-every steps
     dev_by_epoch: list = field(default_factory=list)
+    settings: dict = field(default_factory=dict)  # {option: value} the run was started with
 
 
 def save_state(path, model, opt, progress, device):
@@ -63,8 +143,9 @@ def save_state(path, model, opt, progress, device):
     barrier()
 
 
-def resume(path, model, opt, device):
-    """--resume: the model, the optimiser and this process's random state from state.pt -> its Progress"""
+def resume(path, model, opt, device, settings):
+    """--resume: the model, the optimiser and this process's random state from state.pt -> its
+    Progress. settings: {option: value} of this command, which must be the run's."""
     if not os.path.isfile(path):
         raise DataError(f"--resume: no {path}")
     try:
@@ -75,6 +156,12 @@ def resume(path, model, opt, device):
                          f"({type(e).__name__}); start again without --resume") from None
     if missing:
         raise DataError(f"--resume: {path} has no {', '.join(missing)}: not a state of train.py")
+    saved = state.get("settings", {})
+    for option, value in settings.items():
+        if option in saved and saved[option] != value:
+            raise DataError(f"--resume: {path} is a run of {option} {setting(saved[option])}, this "
+                            f"command gives {option} {setting(value)}: resume with the run's settings, or start "
+                            f"again with --overwrite")
     if len(state["rng"]) != world():
         raise DataError(f"--resume: {path} was saved by {len(state['rng'])} processes, "
                          f"this run has {world()}")
@@ -85,5 +172,5 @@ def resume(path, model, opt, device):
     if cuda_rng is not None:
         torch.cuda.set_rng_state(cuda_rng, device)
     print0(f"resumed at step {state['step']}")
-    # (a state saved before train.py kept the dev scores of every epoch has none)
-    return Progress(state["step"], state["best"], state["history"], state.get("dev_by_epoch", []))
+    # (a state saved before train.py kept the dev scores of every epoch, or its settings, has none)
+    return Progress(state["step"], state["best"], state["history"], state.get("dev_by_epoch", []), settings)

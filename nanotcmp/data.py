@@ -20,6 +20,8 @@ open it, but nanotcmp never loads it: numpy memory-maps its arrays in place.
 Utterances are stored dialogue by dialogue, in spoken order.
 """
 import argparse
+import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -97,12 +99,68 @@ class Split:
         return self.dialogues[self.utt_dialogue[i]]
 
 
+def cannot_write(path, e):
+    """A DataError of one line for an error writing path: what went wrong and what to do"""
+    advice = {errno.ENOSPC: "the disk is full: free some space or write elsewhere",
+              errno.EDQUOT: "the disk quota is full: free some space or write elsewhere",
+              errno.EROFS: "the file system is read-only: write elsewhere",
+              errno.EACCES: "permission denied: write elsewhere", errno.EPERM: "permission denied: write elsewhere",
+              errno.ENOTDIR: "a part of the path is a file, not a folder",
+              errno.EEXIST: "a part of the path is a file, not a folder"}.get(getattr(e, "errno", None))
+    reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+    return DataError(f"cannot write {path} ({reason})" + (f": {advice}" if advice else
+                                                           ": is the disk full or read-only? write elsewhere"))
+
+
+def make_folder(path):
+    """os.makedirs(path, exist_ok=True), or a one-line DataError naming the path"""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (OSError, ValueError) as e:
+        if isinstance(e, FileExistsError) or os.path.isfile(path):
+            e = OSError(errno.ENOTDIR, "a file of that name exists")
+        raise cannot_write(path, e) from None
+
+
 def write_atomic(path, write):
-    """write(tmp_path), then rename: a killed run never leaves a half-written file, and runs
-    writing the same file (a shared feature cache) never write into each other's"""
+    """write(tmp_path), then rename: a killed run never leaves a half-written file (a later run
+    removes its leftovers: clean_leftovers), and runs writing the same file (a shared feature cache)
+    never write into each other's. An error writing, a full disk say, is a one-line DataError."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError, SafetensorError)):  # torch.save's and safetensors' too
+            raise cannot_write(path, e) from None
+        raise
+
+
+def pid_alive(pid):
+    """Is a process of this id running (this machine's)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def clean_leftovers(folder):
+    """Remove the <file>.<pid>.tmp files a killed run left in folder (write_atomic's, of a process no
+    longer running) -> their names, said in a line"""
+    gone = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        parts = name.rsplit(".", 2)
+        if len(parts) == 3 and parts[2] == "tmp" and parts[1].isdigit() and not pid_alive(int(parts[1])):
+            os.remove(os.path.join(folder, name))
+            gone.append(name)
+    if gone:
+        print(f"removed what a killed run left in {folder}: {', '.join(gone)}")
+    return gone
 
 
 def write_text(path, text):
@@ -303,6 +361,8 @@ def draw_noise(split, targets, k, rng, pool=None):
     """k-1 noise candidates for each target utterance id, from other dialogues: drawn from pool
     (utterance ids, e.g. the batch's own, which are encoded anyway) when it spans two dialogues or
     more, else from the whole split -> (N, k-1) utterance ids"""
+    if len(split.dialogues) < 2:  # no other dialogue to draw from: the redraws below would never end
+        raise DataError(f"{split.path} holds one dialogue: noise candidates come from other dialogues")
     targets = np.asarray(targets)
     if pool is None or len(set(split.utt_dialogue[pool].tolist())) < 2:
         pool = np.arange(len(split))
@@ -383,7 +443,8 @@ def load_run(folder):
 
 def line_problem(obj, required, optional):
     """What is wrong with a parsed line of the generic JSONL dialogue format (README, "Data"), or
-    None: the required fields are non-empty strings, the optional ones strings or null"""
+    None: the required fields are non-empty strings, the optional ones strings or null, and none
+    holds what UTF-8 cannot write (JSON's "\\ud83d" escape alone is half a character)"""
     if not isinstance(obj, dict):
         return f"a line must be a JSON object, not {type(obj).__name__}"
     missing = [k for k in required if k not in obj]
@@ -397,6 +458,10 @@ def line_problem(obj, required, optional):
             return f"field {k!r} must be a string{' or null' if k in optional else ''}, not {json.dumps(v)}"
         if not v.strip():
             return f"field {k!r} is empty"
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"field {k!r} is not valid Unicode (a lone surrogate {v[e.start]!r} at character {e.start})"
     return None
 
 # -----------------------------------------------------------------------------

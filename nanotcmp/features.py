@@ -15,9 +15,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from nanotcmp.data import encoder_inputs, to_device, write_atomic
+from nanotcmp.data import DataError, clean_leftovers, encoder_inputs, make_folder, to_device, write_atomic
 from nanotcmp.model import autocast
-from nanotcmp.processes import barrier, print0, rank
+from nanotcmp.processes import barrier, print0, rank, world
 
 FEATURE_BATCH = 32  # utterances an encoder call while filling the cache
 
@@ -77,11 +77,18 @@ def attach_features(model, folder, splits, device):
             t0 = time.time()
             for s in missing:
                 cached[s.name] = split_features(model, key, s, device)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            write_atomic(path, lambda p: save_file(cached, p, metadata={
-                "encoder": digest, "splits": json.dumps({name: stamps[name] for name in cached})}))
-            print(f"feature cache: {key} features of {sum(len(s) for s in missing)} utterances in "
-                  f"{time.time() - t0:.1f} s -> {path}")
+            try:
+                make_folder(os.path.dirname(path))
+                clean_leftovers(os.path.dirname(path))
+                write_atomic(path, lambda p: save_file(cached, p, metadata={
+                    "encoder": digest, "splits": json.dumps({name: stamps[name] for name in cached})}))
+            except DataError as e:  # a read-only dataset, a full disk: one process can do without the file
+                if world() > 1:
+                    raise
+                print(f"feature cache: {e}; the features stay in memory, for this run only")
+            else:
+                print(f"feature cache: {key} features of {sum(len(s) for s in missing)} utterances in "
+                      f"{time.time() - t0:.1f} s -> {path}")
         barrier()
         if missing and rank() != 0:
             cached = load_file(path)

@@ -126,7 +126,7 @@ class Bert(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path):
-        return load_pretrained(cls, path, "bert.", bert_config, bert_names, BERT_EXTRAS)
+        return load_pretrained(cls, path, "bert", bert_config, bert_names, BERT_EXTRAS)
 
 
 def check_ids(input_ids, vocab_size):
@@ -276,7 +276,7 @@ class Hubert(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path):
-        return load_pretrained(cls, path, "hubert.", hubert_config, hubert_names, HUBERT_EXTRAS)
+        return load_pretrained(cls, path, "hubert", hubert_config, hubert_names, HUBERT_EXTRAS)
 
 
 def normalize(wave, mask):
@@ -721,10 +721,14 @@ def hubert_names(c: HubertConfig):
     return names
 
 
-def load_pretrained(cls, path, prefix, make_config, make_names, extras):
-    """An encoder of class cls from a checkpoint: its config (config.json, else the tensor shapes),
-    then every tensor through the name map"""
-    tensors, hf = read_checkpoint(path, prefix)
+def load_pretrained(cls, path, model_type, make_config, make_names, extras):
+    """An encoder of class cls from a checkpoint of model_type ("bert", "hubert": its tensors' name
+    prefix too): its config (config.json, else the tensor shapes), then every tensor through the name
+    map. A config.json of another model_type (a RoBERTa's, a GPT-2's) is refused by its name."""
+    tensors, hf = read_checkpoint(path, model_type + ".")
+    if hf.get("model_type", model_type) != model_type:
+        raise ValueError(f"{path} holds a {hf['model_type']!r} checkpoint (config.json's model_type); "
+                         f"{cls.__name__} loads {model_type!r} ones")
     config = make_config(hf, tensors, path)
     model = cls(config)
     load_state(model, tensors, make_names(config), extras, path)

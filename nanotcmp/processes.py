@@ -63,9 +63,9 @@ def world():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def print0(*args):
+def print0(*args, **kwargs):
     if rank() == 0:
-        print(*args)
+        print(*args, **kwargs)
 
 
 def all_reduce(x, op=dist.ReduceOp.SUM):

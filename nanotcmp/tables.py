@@ -1,10 +1,11 @@
 """
 Results tables made of train.py runs (experiments/): run each stage's command once, its output in a
 log beside its folder and its wall time in <folder>/seconds.json, and summarise the runs' metrics.json
-as mean ± standard deviation over seeds. A run with a metrics.json is never run again, so a table cut
-short continues where it stopped.
+as mean ± standard deviation over seeds. A run with a metrics.json and a seconds.json is never run
+again, so a table cut short (Ctrl-C, a failed run) continues where it stopped: the same command runs
+the others, a run that was cut short from its start.
 """
-import json
+import contextlib
 import os
 import shlex
 import subprocess
@@ -13,42 +14,100 @@ import time
 
 import numpy as np
 
-from nanotcmp.data import write_json
+from nanotcmp.data import DataError, read_json, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: where commands run
 
 
-def run(cmd, log, env=None):
-    """cmd, its output into log -> wall seconds; a failure stops the table, naming the log"""
+def script():
+    return os.path.basename(sys.argv[0])
+
+
+def shown(cmd):
+    """A command as a reader types it: python for this interpreter"""
+    return shlex.join(["python" if c == sys.executable else c for c in cmd])
+
+
+def run(cmd, log=None, env=None, stop=None):
+    """cmd, its output into the file log (None: onto the terminal) -> wall seconds. A failure stops
+    the table with one line naming the command and where its output is; stop (a threading.Event),
+    once set, ends the command: another run of the table failed, or Ctrl-C"""
     t0 = time.time()
-    with open(log, "w") as f:
-        done = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if done.returncode:
-        with open(log) as f:
-            tail = f.read()[-2000:]
-        raise SystemExit(f"{os.path.basename(sys.argv[0])}: {shlex.join(cmd)} failed (exit {done.returncode}); "
-                         f"{log} ends:\n{tail}")
+    try:
+        output = open(log, "w") if log else contextlib.nullcontext()
+    except OSError as e:
+        raise SystemExit(f"{script()}: cannot write {log} ({e.strerror})") from None
+    with output as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT if log else None, env=env)
+        try:
+            while True:
+                try:
+                    code = proc.wait(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    if stop is not None and stop.is_set():
+                        proc.terminate()
+        except BaseException:  # Ctrl-C (KeyboardInterrupt): the command goes with the table
+            proc.kill()
+            proc.wait()
+            raise
+    if code and stop is not None and stop.is_set():
+        raise SystemExit(f"{script()}: {shown(cmd)} stopped")
+    if code:
+        if log is None:
+            raise SystemExit(f"{script()}: {shown(cmd)} failed (exit {code}); its error is above")
+        with open(log, errors="replace") as f:
+            last = ([line.strip() for line in f if line.strip()] or ["(no output)"])[-1]
+        raise SystemExit(f"{script()}: {shown(cmd)} failed (exit {code}): {last} (all of its output: {log})")
     return time.time() - t0
 
 
-def run_chain(cmds, threads):
-    """Run a row's stages, [(stage, command, its folder)], that have no metrics.json yet, each on
-    `threads` threads; each one's wall time goes into <its folder>/seconds.json"""
+def done(out):
+    """Has the run in folder out finished, its metrics.json and seconds.json written?"""
+    return all(os.path.isfile(os.path.join(ROOT, out, name)) for name in ("metrics.json", "seconds.json"))
+
+
+def run_chain(cmds, threads, stop=None):
+    """Run a row's stages, [(stage, command, its folder)], that have not finished (done), each on
+    `threads` threads; each one's wall time goes into <its folder>/seconds.json. stop: see run"""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     for stage, cmd, out in cmds:
-        if not os.path.isfile(os.path.join(ROOT, out, "metrics.json")):
-            os.makedirs(os.path.join(ROOT, out), exist_ok=True)
-            seconds = run(cmd, os.path.join(ROOT, out + ".log"), env)
-            write_json(os.path.join(ROOT, out, "seconds.json"), seconds)
-            print(f"{out}: {seconds / 60:.1f} min", flush=True)
+        if done(out):
+            continue
+        if stop is not None and stop.is_set():
+            return
+        folder = os.path.join(ROOT, out)
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise SystemExit(f"{script()}: {folder}, the folder of a {stage} run, is a file: move it away")
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:  # a part of the path a file, no permission
+            raise SystemExit(f"{script()}: cannot make {folder} ({e.strerror})") from None
+        seconds = run(cmd, folder + ".log", env, stop)
+        try:
+            write_json(os.path.join(folder, "seconds.json"), seconds)
+        except (OSError, DataError) as e:  # (DataError: nanotcmp.data's one line of what to do)
+            raise SystemExit(f"{script()}: " + (str(e) if isinstance(e, DataError) else
+                                                 f"cannot write {folder}/seconds.json ({e.strerror})")) from None
+        print(f"{out}: {seconds / 60:.1f} min", flush=True)
+
+
+def interrupted(out):
+    """Ctrl-C: one line saying what is kept, and the exit code of an interrupted command"""
+    print(f"{script()}: interrupted; the runs finished so far are kept in {out} (each with its metrics.json and "
+          f"seconds.json): the same command again runs the rest, a train.py run cut short from its start",
+          file=sys.stderr, flush=True)
+    raise SystemExit(130)
 
 
 def read_metrics(out):
     """metrics.json of a run, with its wall time (seconds.json) as its "seconds" """
-    with open(os.path.join(ROOT, out, "metrics.json")) as f:
-        metrics = json.load(f)
-    with open(os.path.join(ROOT, out, "seconds.json")) as f:
-        return {**metrics, "seconds": json.load(f)}
+    try:
+        metrics = read_json(os.path.join(ROOT, out, "metrics.json"), (), "a run of train.py")
+        seconds = read_json(os.path.join(ROOT, out, "seconds.json"), (), "a run of this table")
+    except DataError as e:
+        raise SystemExit(f"{script()}: {e}") from None
+    return {**metrics, "seconds": seconds}
 
 
 def mean_std(values, digits=1):
