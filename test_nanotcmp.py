@@ -2832,6 +2832,20 @@ def test_pmeld_rows_chain_pretraining_into_fine_tuning(capsys):
     assert runs[0]["--no-distant"] is True and runs[4]["--tus-loss"] == "softmax" and "--tus-loss" not in runs[2]
 
 
+def test_a_table_starts_a_run_cut_short_again(tmp_path, monkeypatch):
+    """A train.py run of a table that was cut short (a log.json, no metrics.json) is run again from its
+    start (--overwrite: train.py refuses a new run into a run's folder); a finished one is not"""
+    ran = []
+    monkeypatch.setattr(tables, "run", lambda cmd, *args: ran.append(cmd) or 1.0)
+    monkeypatch.setattr(tables, "ROOT", str(tmp_path))
+    write_run(tmp_path / "done", {"test": {}}, 60.0)
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut/log.json").write_text("[]")
+    tables.run_chain([("finetune", ["python", "train.py", "--out", "done"], "done"),
+                      ("finetune", ["python", "train.py", "--out", "cut"], "cut")], threads=1)
+    assert ran == [["python", "train.py", "--out", "cut", "--overwrite"]]
+
+
 def test_pmeld_table_is_the_mean_and_standard_deviation_of_the_runs(tmp_path):
     pmeld = load_experiment("pmeld")
     args = SimpleNamespace(out=str(tmp_path), seeds=[0, 1, 2], rows=["Text", "Text-Pre"], end_to_end=False,

@@ -83,6 +83,8 @@ def run_chain(cmds, threads, stop=None):
             os.makedirs(folder, exist_ok=True)
         except OSError as e:  # a part of the path a file, no permission
             raise SystemExit(f"{script()}: cannot make {folder} ({e.strerror})") from None
+        if "train.py" in cmd:  # not done: a run cut short (or none), started again from its start
+            cmd = cmd + ["--overwrite"]
         seconds = run(cmd, folder + ".log", env, stop)
         try:
             write_json(os.path.join(folder, "seconds.json"), seconds)
