@@ -30,7 +30,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
 from nanotcmp.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, NoFFmpeg, load_audio, save_wav
-from nanotcmp.data import DataError, dialogue_ranges, file_sha256, line_problem, make_samples, ranged, read_json
+from nanotcmp.data import (DataError, dialogue_ranges, file_sha256, line_problem, make_samples, pid_alive, ranged,
+                           read_json)
 from nanotcmp.demo import DEMO_LABELS, demo_vocab, generate_dialogues, synthesize_clip
 from nanotcmp.tokenizer import WordPiece
 
@@ -241,17 +242,7 @@ def remove_leftovers(out):
 
 def running(pid):
     """Whether process pid, another than this one, is running"""
-    if os.name == "nt":
-        return True  # there, os.kill(pid, 0) would end it
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
+    return pid != os.getpid() and pid_alive(pid)
 
 
 def decode(u, max_seconds):

@@ -2298,8 +2298,16 @@ def test_a_run_folder_belongs_to_one_run(small_demo, tmp_path, capsys):
     shutil.copytree(run, tmp_path / "both/finetune")  # --stage all: refused before pre-training starts
     refused_run(["--data", small_demo, "--out", tmp_path / "both", *QUICK[2:]], r"both/finetune holds a run")
     assert not (tmp_path / "both/pretrain").exists()
+    # --overwrite clears both stages before training: a stop in pre-training leaves no old fine-tuning beside it
+    train.main(["--data", small_demo, "--out", tmp_path / "both", *QUICK[2:], "--overwrite", "--max-steps", "1"])
+    assert (tmp_path / "both/pretrain/state.pt").exists()
+    assert not [f for f in ("state.pt", "log.json", "model.safetensors") if (tmp_path / "both/finetune" / f).exists()]
+    (tmp_path / "early").mkdir()  # stopped before its first state: nothing to resume
+    (tmp_path / "early/log.json").write_text("[]")
+    refused_run(["--data", small_demo, "--out", tmp_path / "early", *QUICK],
+                r"holds a run \(log.json\): it has no state to resume from: replace it with --overwrite$")
     train.main(["--data", small_demo, "--out", run, *QUICK, "--max-steps", "3", "--overwrite"])
-    assert "--overwrite: removed the run in" in capsys.readouterr().out
+    assert f"removed the run in {run} (" in capsys.readouterr().out
     assert torch.load(run / "state.pt", weights_only=False)["step"] == 3
     refused_run(["--data", small_demo, "--out", run, *QUICK, "--resume", "--overwrite"], "choose one")
 

@@ -12,6 +12,7 @@ torchrun --nproc_per_node=4 train.py ...  # one process per GPU; --batch-size is
 """
 import argparse
 import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -446,7 +447,10 @@ def plan_runs(args, device):
         return [plan_run(args.stage, args, device, args.out, args.init, args.batch_size)]
     out = {stage: args.out and os.path.join(args.out, stage) for stage in ("pretrain", "finetune")}
     pretrain = plan_run("pretrain", args, device, out["pretrain"], batch_size=args.batch_size)
-    return [pretrain, plan_run("finetune", args, device, out["finetune"], init=pretrain.out)]  # the default batch
+    finetune = plan_run("finetune", args, device, out["finetune"], init=pretrain.out)  # the default batch size
+    if not os.path.isfile(os.path.join(pretrain.out, "metrics.json")):  # pre-training to do: fine-tune after it
+        finetune = dataclasses.replace(finetune, resume=False, overwrite=finetune.overwrite or finetune.resume)
+    return [pretrain, finetune]
 
 
 def interrupted(runs, argv):
@@ -464,8 +468,11 @@ def main(argv=None):
     device = processes.start(device_from(args.device, "train.py"))  # under torchrun: this process's GPU
     runs = plan_runs(args, device)
     try:
-        for run in runs:  # before anything is trained
+        for run in runs:  # before anything is trained: no folder left holding an old run beside a new one
             refuse_mixing(run.out, run.resume, run.overwrite)
+        for run in runs:
+            if run.overwrite:
+                claim_folder(run.out, run.resume, run.overwrite)
         for run in runs:
             if train_stage(run, args, device) is None:  # stopped by --max-steps
                 return None

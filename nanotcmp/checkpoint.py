@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from safetensors.torch import save_file
 
-from nanotcmp.data import DataError, clean_leftovers, load_run, make_folder, write_atomic, write_json
+from nanotcmp.data import DataError, cannot_write, clean_leftovers, load_run, make_folder, write_atomic, write_json
 from nanotcmp.processes import barrier, gather, print0, rank, world
 
 
@@ -57,8 +57,9 @@ def refuse_mixing(out, resume, overwrite):
                         f"prepares it again (runs and all): choose a folder outside it")
     found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
     if found and not resume and not overwrite:
-        raise DataError(f"--out {out} holds a run ({', '.join(found)}): continue it with --resume, or replace it "
-                        f"with --overwrite")
+        how = "continue it with --resume, or replace it" if "state.pt" in found else \
+            "it has no state to resume from: replace it"
+        raise DataError(f"--out {out} holds a run ({', '.join(found)}): {how} with --overwrite")
 
 
 def claim_folder(out, resume, overwrite):
@@ -69,8 +70,11 @@ def claim_folder(out, resume, overwrite):
         found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
         if found and not resume:
             for f in found:
-                os.remove(os.path.join(out, f))
-            print(f"--overwrite: removed the run in {out} ({', '.join(found)})")
+                try:
+                    os.remove(os.path.join(out, f))
+                except OSError as e:
+                    raise cannot_write(os.path.join(out, f), e) from None
+            print(f"removed the run in {out} ({', '.join(found)}), to start it again")
         make_folder(out)
         clean_leftovers(out)
     barrier()
@@ -156,15 +160,15 @@ def resume(path, model, opt, device, settings):
                          f"({type(e).__name__}); start again without --resume") from None
     if missing:
         raise DataError(f"--resume: {path} has no {', '.join(missing)}: not a state of train.py")
+    if len(state["rng"]) != world():
+        raise DataError(f"--resume: {path} was saved by {len(state['rng'])} processes, "
+                         f"this run has {world()}")
     saved = state.get("settings", {})
     for option, value in settings.items():
         if option in saved and saved[option] != value:
             raise DataError(f"--resume: {path} is a run of {option} {setting(saved[option])}, this "
                             f"command gives {option} {setting(value)}: resume with the run's settings, or start "
                             f"again with --overwrite")
-    if len(state["rng"]) != world():
-        raise DataError(f"--resume: {path} was saved by {len(state['rng'])} processes, "
-                         f"this run has {world()}")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
     cpu_rng, cuda_rng = state["rng"][rank()]

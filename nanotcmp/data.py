@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 
 import numpy as np
@@ -133,16 +134,20 @@ def write_atomic(path, write):
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, (OSError, RuntimeError, SafetensorError)):  # torch.save's and safetensors' too
+        writing = isinstance(e, (OSError, SafetensorError)) or (  # torch.save fails with a RuntimeError
+            isinstance(e, RuntimeError) and ("inline_container" in str(e) or "writ" in str(e).lower()))
+        if writing:  # (an out-of-memory RuntimeError, say, is not one)
             raise cannot_write(path, e) from None
         raise
 
 
 def pid_alive(pid):
     """Is a process of this id running (this machine's)?"""
+    if os.name == "nt":
+        return True  # there, os.kill(pid, 0) would end it
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:  # another user's
         return True
@@ -154,9 +159,10 @@ def clean_leftovers(folder):
     longer running) -> their names, said in a line"""
     gone = []
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        parts = name.rsplit(".", 2)
-        if len(parts) == 3 and parts[2] == "tmp" and parts[1].isdigit() and not pid_alive(int(parts[1])):
-            os.remove(os.path.join(folder, name))
+        m = re.fullmatch(r".+\.(?:safetensors|json|pt)\.([0-9]{1,9})\.tmp", name)  # the files runs write
+        if m and not pid_alive(int(m[1])):
+            with contextlib.suppress(FileNotFoundError):  # (another run cleaning the same folder)
+                os.remove(os.path.join(folder, name))
             gone.append(name)
     if gone:
         print(f"removed what a killed run left in {folder}: {', '.join(gone)}")

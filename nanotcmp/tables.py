@@ -47,9 +47,12 @@ def run(cmd, log=None, env=None, stop=None):
                 except subprocess.TimeoutExpired:
                     if stop is not None and stop.is_set():
                         proc.terminate()
-        except BaseException:  # Ctrl-C (KeyboardInterrupt): the command goes with the table
-            proc.kill()
-            proc.wait()
+        except BaseException:  # Ctrl-C (KeyboardInterrupt): the command, which met it too, ends with the table
+            try:
+                proc.wait(timeout=30)  # its own clean stop: what it keeps, said
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
             raise
     if code and stop is not None and stop.is_set():
         raise SystemExit(f"{script()}: {shown(cmd)} stopped")
