@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanotcmp.data import DataError, ranged, read_json, write_text  # noqa: E402 (the repository's modules)
-from nanotcmp.tables import ROOT, interrupted, mean_std, read_metrics, run, run_chain  # noqa: E402
+from nanotcmp.tables import ROOT, make_table_in, mean_std, read_metrics, run, run_chain  # noqa: E402
 
 # row -> (its folder, train.py's options beyond --seed, whether it pre-trains)
 ROWS = {
@@ -110,13 +110,7 @@ def main(argv=None):
         for cmd in [prepare] + [cmd for c in chains + [one_thread] for _, cmd, _ in c]:
             print(shlex.join(cmd))
         return
-    out = os.path.join(ROOT, args.out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise SystemExit(f"demo.py: --out {args.out} is a file; give a folder")
-    try:
-        make_table(args, prepare, chains, one_thread)
-    except KeyboardInterrupt:  # Ctrl-C
-        interrupted(args.out)
+    make_table_in(args.out, lambda: make_table(args, prepare, chains, one_thread), "demo.py")
 
 
 def make_table(args, prepare, chains, one_thread):

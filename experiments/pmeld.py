@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanotcmp.data import DataError, file_sha256, load_meta, ranged, write_text  # noqa: E402 (the repository's)
-from nanotcmp.tables import ROOT, interrupted, mean_std, read_metrics, run, run_chain  # noqa: E402
+from nanotcmp.tables import ROOT, make_table_in, mean_std, read_metrics, run, run_chain  # noqa: E402
 
 # row -> (its folder, pre-training options or None for none, fine-tuning options)
 ROWS = {
@@ -163,13 +163,7 @@ def main(argv=None):
                     + PAPER_FINETUNING}
     args.out = args.out or (f"out/pmeld{'' if tag == 'minilm' else '-' + tag}-{'e2e' if args.end_to_end else 'frozen'}"
                             f"{'-paper' if args.paper else ''}")
-    out = os.path.join(ROOT, args.out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise SystemExit(f"pmeld.py: --out {args.out} is a file; give a folder")
-    try:
-        make_table(args, encoder, tag, settings)
-    except KeyboardInterrupt:  # Ctrl-C
-        interrupted(args.out)
+    make_table_in(args.out, lambda: make_table(args, encoder, tag, settings), "pmeld.py")
 
 
 def make_table(args, encoder, tag, settings):

@@ -97,6 +97,18 @@ def run_chain(cmds, threads, stop=None):
         print(f"{out}: {seconds / 60:.1f} min", flush=True)
 
 
+def make_table_in(out, make, name):
+    """make(): a table and its runs into the folder out (from the repository), which must not be a
+    file; Ctrl-C stops it with one line (interrupted). name: the script's, for the messages"""
+    folder = os.path.join(ROOT, out)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise SystemExit(f"{name}: --out {out} is a file; give a folder")
+    try:
+        make()
+    except KeyboardInterrupt:  # Ctrl-C
+        interrupted(out)
+
+
 def interrupted(out):
     """Ctrl-C: one line saying what is kept, and the exit code of an interrupted command"""
     print(f"{script()}: interrupted; the runs finished so far are kept in {out} (each with its metrics.json and "
