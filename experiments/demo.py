@@ -23,8 +23,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nanotcmp.data import DataError, ranged, read_json, write_text  # noqa: E402 (the repository's modules)
-from nanotcmp.tables import ROOT, make_table_in, mean_std, read_metrics, run, run_chain  # noqa: E402
+from nanotcmp.data import DataError, ranged, read_json  # noqa: E402 (the repository's modules)
+from nanotcmp.tables import ROOT, make_table_in, mean_std, read_metrics, run, run_chain, write_table  # noqa: E402
 
 # row -> (its folder, train.py's options beyond --seed, whether it pre-trains)
 ROWS = {
@@ -120,12 +120,7 @@ def make_table(args, prepare, chains, one_thread):
         run_chain(cmds, args.threads)
     run_chain(one_thread, 1)
     text = table(args, prepare_seconds)
-    try:
-        write_text(os.path.join(ROOT, args.out, "table.md"), text)
-    except (OSError, DataError) as e:
-        raise SystemExit("demo.py: " + (str(e) if isinstance(e, DataError) else
-                                         f"cannot write {args.out}/table.md ({e.strerror})")) from None
-    print(text + f"\n{(time.time() - t0) / 60:.1f} min: {os.path.join(args.out, 'table.md')}")
+    write_table(args.out, text, t0, "demo.py")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nanotcmp.data import DataError, file_sha256, load_meta, ranged, write_text  # noqa: E402 (the repository's)
-from nanotcmp.tables import ROOT, make_table_in, mean_std, read_metrics, run, run_chain  # noqa: E402
+from nanotcmp.data import DataError, file_sha256, load_meta, ranged  # noqa: E402 (the repository's)
+from nanotcmp.tables import ROOT, make_table_in, mean_std, read_metrics, run, run_chain, write_table  # noqa: E402
 
 # row -> (its folder, pre-training options or None for none, fine-tuning options)
 ROWS = {
@@ -194,12 +194,7 @@ def make_table(args, encoder, tag, settings):
             for r in runs:
                 r.cancel()
     text = table(args, encoder, datasets, settings)
-    try:
-        write_text(os.path.join(ROOT, args.out, "table.md"), text)
-    except (OSError, DataError) as e:
-        raise SystemExit("pmeld.py: " + (str(e) if isinstance(e, DataError) else
-                                          f"cannot write {args.out}/table.md ({e.strerror})")) from None
-    print(text + f"\n{(time.time() - t0) / 60:.1f} min: {os.path.join(args.out, 'table.md')}")
+    write_table(args.out, text, t0, "pmeld.py")
 
 
 if __name__ == "__main__":

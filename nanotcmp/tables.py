@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from nanotcmp.data import DataError, read_json, write_json
+from nanotcmp.data import DataError, read_json, write_json, write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: where commands run
 
@@ -91,9 +91,8 @@ def run_chain(cmds, threads, stop=None):
         seconds = run(cmd, folder + ".log", env, stop)
         try:
             write_json(os.path.join(folder, "seconds.json"), seconds)
-        except (OSError, DataError) as e:  # (DataError: nanotcmp.data's one line of what to do)
-            raise SystemExit(f"{script()}: " + (str(e) if isinstance(e, DataError) else
-                                                 f"cannot write {folder}/seconds.json ({e.strerror})")) from None
+        except DataError as e:  # (write_json's errors: one line of what to do)
+            raise SystemExit(f"{script()}: {e}") from None
         print(f"{out}: {seconds / 60:.1f} min", flush=True)
 
 
@@ -107,6 +106,15 @@ def make_table_in(out, make, name):
         make()
     except KeyboardInterrupt:  # Ctrl-C
         interrupted(out)
+
+
+def write_table(out, text, t0, name):
+    """The table into <out>/table.md, and onto the terminal with the minutes since t0; name: the script's"""
+    try:
+        write_text(os.path.join(ROOT, out, "table.md"), text)
+    except DataError as e:  # (write_text's errors: one line of what to do)
+        raise SystemExit(f"{name}: {e}") from None
+    print(text + f"\n{(time.time() - t0) / 60:.1f} min: {os.path.join(out, 'table.md')}")
 
 
 def interrupted(out):
