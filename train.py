@@ -29,7 +29,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nanotcmp import processes
 from nanotcmp.checkpoint import Progress, claim_folder, load_init, refuse_mixing, resume, save_model, save_state
 from nanotcmp.cuda_graphs import CudaGraphs, compile_encoders
-from nanotcmp.data import DataError, Split, file_sha256, load_meta, ranged, to_device, windows, write_json
+from nanotcmp.data import (DataError, Split, file_sha256, keep_dialogues, load_meta, ranged, to_device, windows,
+                           write_json)
 from nanotcmp.evaluate import describe, evaluate, final_scores, selection_score
 from nanotcmp.features import attach_features
 from nanotcmp.loader import Batching, ahead, step_batches, steps_per_epoch
@@ -52,6 +53,11 @@ EPOCHS = {"pretrain": 8, "finetune": 12}
 # after an epoch or two and then fits the training samples (docs/results.md, "The demo")
 TINY_PRETRAIN = {"batch": 4, "k": 5, "epochs": 3}
 TINY_PATIENCE = 3
+# With --freeze-encoders (checkpoints, not tiny ones) only the TCMP layers learn, from a few thousand
+# samples: the paper's width of 768 (10 M parameters) fits them within a few epochs. These settings
+# were chosen on P-MELD's dev split over 3 seeds (docs/results.md, "Frozen encoders"); batch 64 on
+# every device, as they were chosen with it.
+FROZEN = {"d": 128, "dropout": 0.1, "lr": 3e-4, "epochs": 8, "batch": 64}
 AUTHORS_K = 11
 MICRO_WINDOWS = 16
 
@@ -65,7 +71,8 @@ def parse_args(argv):
     p.add_argument("--modalities", choices=["text", "audio", "all"], default="all")
     p.add_argument("--init", help="fine-tune from this pre-training run's folder")
     p.add_argument("--out", help="default: out/<data>-<stage>")
-    p.add_argument("--epochs", type=ranged(int, 1), help="default: 8 pre-training (3 tiny encoders), 12 fine-tuning")
+    p.add_argument("--epochs", type=ranged(int, 1), help="default: 8 pre-training (3 tiny encoders), 12 fine-tuning "
+                   "(FROZEN's with --freeze-encoders)")
     p.add_argument("--max-steps", type=ranged(int, 1), help="stop (with a resumable state) after this many steps")
     p.add_argument("--patience", type=ranged(int, 0), help="stop a stage after this many epochs without a better dev "
                    "score (default: 0, run every epoch; 3 fine-tuning tiny encoders)")
@@ -75,16 +82,22 @@ def parse_args(argv):
                    help="candidates per target in pre-training: 1 true + k-1 noise (default: the authors' 11; "
                         "5 with tiny encoders)")
     p.add_argument("--lr", type=ranged(float, 0),
-                   help="default: the paper's, 2e-4 pre-training, 2e-5 fine-tuning; 1e-3 with tiny encoders")
+                   help="default: the paper's, 2e-4 pre-training, 2e-5 fine-tuning; 1e-3 with tiny encoders; "
+                        "fine-tuning with --freeze-encoders, FROZEN's")
     p.add_argument("--lr-encoder", type=ranged(float, 0),
                    help="default: the paper's 2e-6 with checkpoints, --lr with tiny ones")
-    p.add_argument("--d", type=ranged(int, 1), help="model width (default: 768, or 64 with tiny encoders)")
-    p.add_argument("--dropout", type=ranged(float, 0, 1, below=True), default=0.1, help="dropout of the TCMP layers")
+    p.add_argument("--d", type=ranged(int, 1),
+                   help="model width (default: the paper's 768; 64 with tiny encoders; FROZEN's with "
+                        "--freeze-encoders)")
+    p.add_argument("--dropout", type=ranged(float, 0, 1, below=True),
+                   help="dropout of the TCMP layers (default: 0.1; FROZEN's with --freeze-encoders)")
     p.add_argument("--encoder-dropout", type=ranged(float, 0, 1, below=True),
                    help="dropout inside BERT and HuBERT (default: the checkpoint's, 0.1 for tiny ones)")
     p.add_argument("--no-distant", action="store_true", help="see only the nearby context (w/o Dist)")
     p.add_argument("--tus", choices=["intra", "inter", "both"], default="both")
     p.add_argument("--tus-loss", choices=["bce", "softmax"], default="bce")
+    p.add_argument("--train-fraction", type=ranged(float, 0, 1, above=True), default=1.0,
+                   help="fine-tune on this share of the training dialogues, drawn by --seed (dev and test stay whole)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last state (with --stage "
@@ -122,6 +135,8 @@ def parse_args(argv):
         raise SystemExit("train.py: --compile and --cuda-graphs all both take the encoders: choose one")
     if args.resume and args.overwrite:
         raise SystemExit("train.py: --resume continues the run in --out, --overwrite replaces it: choose one")
+    if args.train_fraction < 1 and args.stage == "pretrain":
+        raise SystemExit("train.py: --train-fraction is a share of the labelled dialogues, for --stage finetune or all")
     if args.init and args.stage != "finetune":
         raise SystemExit(f"train.py: --init is for --stage finetune (--stage {args.stage} "
                          f"{'fine-tunes from its own pre-training' if args.stage == 'all' else 'starts from scratch'})")
@@ -131,6 +146,11 @@ def parse_args(argv):
 def is_tiny(args):
     """The demo's set-up: both encoders tiny, randomly initialised"""
     return args.text_encoder == "tiny" and args.audio_encoder == "tiny"
+
+
+def frozen_defaults(args):
+    """FROZEN's settings are the defaults: pretrained encoders, frozen"""
+    return args.freeze_encoders and not is_tiny(args)
 
 # -----------------------------------------------------------------------------
 # a stage's settings
@@ -164,8 +184,9 @@ def plan_run(stage, args, device, out=None, init=None, batch_size=None):
     """-> a stage's Run; out, init, batch_size: this stage's (--out, --init, --batch-size when it runs
     alone), None for the defaults"""
     tiny, n_proc = is_tiny(args), world()
-    batch_size = batch_size or (TINY_PRETRAIN["batch"] if tiny and stage == "pretrain" else
-                                BATCH["cuda" if device.type == "cuda" else "cpu"][stage])
+    frozen = frozen_defaults(args) and stage == "finetune"
+    batch_size = batch_size or (TINY_PRETRAIN["batch"] if tiny and stage == "pretrain" else FROZEN["batch"] if frozen
+                                else BATCH["cuda" if device.type == "cuda" else "cpu"][stage])
     # default: one micro-batch a process, or more where a process's share of windows exceeds MICRO_WINDOWS
     n_micro = (args.micro_batches or
                n_proc * (math.ceil(batch_size / n_proc / MICRO_WINDOWS) if stage == "pretrain" else 1))
@@ -180,10 +201,11 @@ def plan_run(stage, args, device, out=None, init=None, batch_size=None):
     workers = args.workers if args.workers is not None else 4 if device.type == "cuda" else 0
     batching = Batching(stage, batch_size, n_micro, args.k, args.max_padding, args.shape_grid, args.seed, workers)
     # the paper's rates fine-tune pretrained encoders; tiny ones learn from scratch and need larger steps
-    lr = args.lr if args.lr is not None else TINY_LR if tiny else PAPER_LR[stage]
+    lr = args.lr if args.lr is not None else TINY_LR if tiny else FROZEN["lr"] if frozen else PAPER_LR[stage]
     lr_encoder = args.lr_encoder if args.lr_encoder is not None else lr if tiny else PAPER_LR_ENCODER
     out = out or os.path.join("out", f"{os.path.basename(os.path.normpath(args.data))}-{stage}")
-    epochs = args.epochs or (TINY_PRETRAIN["epochs"] if tiny and stage == "pretrain" else EPOCHS[stage])
+    epochs = args.epochs or (TINY_PRETRAIN["epochs"] if tiny and stage == "pretrain" else FROZEN["epochs"] if frozen
+                             else EPOCHS[stage])
     patience = args.patience if args.patience is not None else TINY_PATIENCE if tiny and stage == "finetune" else 0
     # --resume of --stage all: each stage continues where it has a state, the others start (again)
     resume = args.resume and (args.stage != "all" or os.path.isfile(os.path.join(out, "state.pt")))
@@ -201,6 +223,7 @@ def run_settings(run, args):
             "--micro-batches": b.micro_batches, "--k": b.k, "--lr": run.lr, "--lr-encoder": run.lr_encoder,
             "--d": args.d, "--dropout": args.dropout, "--encoder-dropout": args.encoder_dropout,
             "--no-distant": args.no_distant, "--tus": args.tus, "--tus-loss": args.tus_loss, "--seed": args.seed,
+            "--train-fraction": args.train_fraction if run.stage == "finetune" else 1.0,
             "--max-padding": b.max_padding, "--shape-grid": b.grid, "--freeze-encoders": args.freeze_encoders}
 
 # -----------------------------------------------------------------------------
@@ -248,10 +271,12 @@ def build_model(args, meta, stage, init=None):
     if bert and bert["vocab_size"] != vocab_size:
         raise SystemExit(f"train.py: {args.text_encoder} has {bert['vocab_size']} word pieces, the dataset's "
                          f"vocabulary {vocab_size}: prepare the dataset with this encoder's vocab.txt")
-    tiny = is_tiny(args)
-    config = TCMPConfig(d=args.d or (64 if tiny else 768), n_labels=max(len(meta["labels"]), 1),
-                        modalities=modalities, distant=not args.no_distant, tus=args.tus, tus_loss=args.tus_loss,
-                        dropout=args.dropout, bert=bert, hubert=hubert)
+    frozen = frozen_defaults(args)
+    config = TCMPConfig(d=args.d or (64 if is_tiny(args) else FROZEN["d"] if frozen else 768),
+                        n_labels=max(len(meta["labels"]), 1), modalities=modalities, distant=not args.no_distant,
+                        tus=args.tus, tus_loss=args.tus_loss,
+                        dropout=args.dropout if args.dropout is not None else FROZEN["dropout"] if frozen else 0.1,
+                        bert=bert, hubert=hubert)
     model = TCMP(config)
     if bert_w:
         model.bert.load_state_dict(bert_w)
@@ -302,9 +327,10 @@ def class_weights(train, n_labels):
 # a stage: its data, a step, the loop
 
 
-def open_splits(data, meta, stage):
+def open_splits(data, meta, stage, fraction, seed):
     """-> (the training split, its items: windows or samples, dev, test); a dataset that lacks one,
-    or whose split has nothing to train or evaluate on, is a one-line error"""
+    or whose split has nothing to train or evaluate on, is a one-line error. Fine-tuning keeps the
+    samples of a fraction of the training dialogues, drawn by the seed (--train-fraction)."""
     train_name = "pretrain" if stage == "pretrain" and "pretrain" in meta["splits"] else "train"
     missing = [s for s in (train_name, "dev", "test") if s not in meta["splits"]]
     if missing:
@@ -314,6 +340,8 @@ def open_splits(data, meta, stage):
     if stage == "finetune" and not meta["splits"]["train"].get("labelled"):
         raise SystemExit(f"train.py: {data} has no labelled train split to fine-tune on")
     splits = [Split(os.path.join(data, f"{s}.safetensors")) for s in (train_name, "dev", "test")]
+    if stage == "finetune" and fraction < 1:
+        keep_dialogues(splits[0], fraction, seed)
     items = [windows(split) if stage == "pretrain" else split.samples for split in splits]
     for split, its in zip(splits, items):
         if not len(its):
@@ -353,7 +381,7 @@ def train_stage(run, args, device):
     A run that fails before writing anything leaves no empty folder behind."""
     meta = load_meta(args.data)
     modalities_of(args, meta)  # a modality the dataset lacks fails before anything is opened
-    splits = open_splits(args.data, meta, run.stage)
+    splits = open_splits(args.data, meta, run.stage, args.train_fraction, args.seed)
     created = rank() == 0 and not os.path.isdir(run.out)
     try:
         return run_stage(run, args, device, meta, *splits)
@@ -406,8 +434,9 @@ def run_stage(run, args, device, meta, train_split, items, dev, test):
     if rank() == 0:  # the kept model on test
         model.load_state_dict(load_file(os.path.join(run.out, "model.safetensors")))
         best = progress.best
-        report = final_scores(model, run.batching, best["epoch"], train_split, test, meta["labels"], device)
-        write_json(os.path.join(run.out, "metrics.json"), {"stage": run.stage, "best_epoch": best["epoch"],
+        report = final_scores(model, run.batching, best["epoch"], train_split, dev, test, meta["labels"], device)
+        write_json(os.path.join(run.out, "metrics.json"), {"stage": run.stage, "train_items": len(items),
+                                                           "best_epoch": best["epoch"],
                                                            "dev": best["dev"], "test": report.pop("test"),
                                                            "dev_by_epoch": progress.dev_by_epoch, **report})
         print(f"{run.stage} done in {time.time() - meter.t0:.0f} s: {run.out}")

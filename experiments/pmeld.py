@@ -1,17 +1,21 @@
 """
-The P-MELD table of docs/results.md ("P-MELD"): the paper's text rows, with all-MiniLM-L6-v2
-in place of BERT-base, each over 3 seeds, and two references that need no model.
+The P-MELD tables of docs/results.md ("P-MELD"): the paper's text rows, with all-MiniLM-L6-v2 in
+place of BERT-base, each over 3 seeds, beside references that need no context model, and what
+pre-training is worth when labels are few (10%, 25% and all of the training dialogues).
 
-python experiments/pmeld.py --jobs 2      # frozen MiniLM and the feature cache: the CPU's table
-python experiments/pmeld.py --end-to-end  # MiniLM fine-tuned with the rest (a GPU)
-python experiments/pmeld.py --paper       # fine-tuning as the paper: its rates, 50 epochs
-python experiments/pmeld.py --dry-run     # print each row's commands, run nothing
+python experiments/pmeld.py --jobs 2                        # frozen MiniLM, on the feature cache
+python experiments/pmeld.py --jobs 2 --end-to-end           # MiniLM trained with the TCMP layers
+python experiments/pmeld.py --jobs 2 --sweep                # how the frozen settings were chosen on dev
+python experiments/pmeld.py --jobs 2 --end-to-end --sweep   # how the encoder's rate and the epochs were
+python experiments/pmeld.py --paper                         # as the paper: d 768, its rates, 50 epochs (a GPU)
+python experiments/pmeld.py ... --dry-run                   # print every command, run nothing
 
 It prepares P-MELD and the unlabelled MELD dialogues from meld/ with MiniLM's vocabulary (once),
-runs every row and seed whose metrics.json is not there yet (so an interrupted table continues
-where it stopped; a failed run or Ctrl-C ends the others under way), and writes the table, mean ±
-standard deviation over the seeds, to <out>/table.md. Every choice is made on dev: each run keeps
-its best dev epoch.
+runs every run whose metrics.json and seconds.json are not there yet (so a table cut short
+continues where it stopped; a failed run or Ctrl-C ends the others under way), and writes the
+table, mean ± standard deviation over the seeds, to <out>/<frozen|e2e|paper|sweep-...>.md, with
+the wall time of each row. Every choice is made on dev: each run keeps its best dev epoch, and a
+sweep chooses by dev WA alone (it shows no test score).
 """
 import argparse
 import importlib.util
@@ -26,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanotcmp.data import DataError, file_sha256, load_meta, ranged  # noqa: E402 (the repository's)
-from nanotcmp.tables import ROOT, make_table_in, mean_std, read_metrics, run, run_chain, write_table  # noqa: E402
+from nanotcmp.tables import ROOT, done, make_table_in, mean_std, read_metrics, run, run_chain, write_table  # noqa: E402
 
 # row -> (its folder, pre-training options or None for none, fine-tuning options)
 ROWS = {
@@ -35,15 +39,37 @@ ROWS = {
     "Text-Pre": ("text-pre", [], []),
     "Text-Pre, softmax TUS": ("text-pre-softmax", ["--tus-loss", "softmax"], []),
 }
+LABEL_ROWS = ("Text", "Text-Pre")  # the label-efficiency table: without and with pre-training
+FRACTIONS = (0.1, 0.25, 1.0)  # of the training dialogues; dev and test stay whole
 # The authors' pre-training: 10 noise candidates, 64 windows a step, 30 epochs at most, stopped
-# after 10 without a better dev score. Fine-tuning frozen MiniLM: only the TCMP layers learn, at a
-# rate and for a number of epochs chosen on dev (docs/results.md, "How the settings were chosen");
-# end to end, at the paper's rates (train.py's defaults with a checkpoint).
+# after 10 without a better dev score; with MiniLM frozen, train.py's FROZEN width and dropout.
 AUTHORS_PRETRAINING = ["--k", "11", "--batch-size", "64", "--epochs", "30", "--patience", "10"]
-FROZEN = {"pretrain": ["--freeze-encoders"] + AUTHORS_PRETRAINING,
-          "finetune": ["--freeze-encoders", "--batch-size", "64", "--lr", "3e-4", "--epochs", "8"]}
-END_TO_END = {"pretrain": AUTHORS_PRETRAINING, "finetune": ["--epochs", "12"]}
-PAPER_FINETUNING = ["--epochs", "50"]
+FROZEN_PRETRAINING = ["--freeze-encoders"] + AUTHORS_PRETRAINING
+# train.py's FROZEN settings of the TCMP layers, given on the command line where the encoder is not
+# frozen: end to end, the same layers learn, so that Text-Pre fine-tunes from the frozen pre-training
+HEAD = ["--d", "128", "--dropout", "0.1", "--lr", "3e-4", "--batch-size", "64"]
+# End to end: the encoder's rate and the epochs chosen on dev (--end-to-end --sweep)
+END_TO_END = HEAD + ["--lr-encoder", "3e-5", "--epochs", "4"]
+# mode -> (pre-training options, fine-tuning options, rows run by default, shares of the training dialogues)
+MODES = {
+    "frozen": (FROZEN_PRETRAINING, ["--freeze-encoders"], list(ROWS), FRACTIONS),
+    # pre-training end to end costs several fine-tuning steps a step (docs/results.md): the rows
+    # pre-train frozen (the frozen table's runs) and fine-tune end to end
+    "e2e": (FROZEN_PRETRAINING, END_TO_END, list(ROWS)[:3], FRACTIONS),
+    # the paper: both stages end to end, at its rates (train.py's defaults with a checkpoint), 50 epochs
+    "paper": (AUTHORS_PRETRAINING, ["--epochs", "50"], list(ROWS)[:3], (1.0,)),
+}
+# The sweeps: fine-tuning Text (no pre-training) on dev -> {setting's folder: train.py's options}
+SWEEPS = {
+    "frozen": {**{f"d{d}-dropout{p}-lr{lr}": ["--freeze-encoders", "--d", str(d), "--dropout", str(p), "--lr", lr,
+                                              "--epochs", "12"]
+                  for d in (64, 128, 256) for p in (0.1, 0.3) for lr in ("1e-4", "3e-4", "1e-3")},
+               "d768-dropout0.1-lr3e-4": ["--freeze-encoders", "--d", "768", "--dropout", "0.1", "--lr", "3e-4",
+                                          "--epochs", "12"]},  # the paper's width, pmeld.py's former settings
+    "e2e": {f"lr-encoder{r}": HEAD + ["--lr-encoder", r, "--epochs", "4"] for r in ("1e-5", "3e-5", "1e-4")},
+}
+EPOCH_CHOICES = {"frozen": (4, 8, 12), "e2e": (1, 2, 3, 4)}  # the epochs a sweep chooses among
+SWEEP_SEEDS = {"frozen": [0, 1, 2], "e2e": [0]}  # an end-to-end run is an hour of the CPU's
 
 
 def minilm():
@@ -90,111 +116,231 @@ def prepare(encoder, tag, data, dry):
     return list(cmds)
 
 
-def chain(row, seed, args, encoder, datasets, settings):
-    """The train.py commands of one row and seed: [(stage, command, its folder)]"""
+def train(stage, data, out, seed, args, options):
+    """One train.py command of the table: (stage, command, its folder)"""
+    return stage, [sys.executable, "train.py", "--stage", stage, "--data", data, "--out", out, "--modalities", "text",
+                   "--text-encoder", args.encoder, "--seed", str(seed)] + options, out
+
+
+def chain(row, seed, fraction, args, datasets):
+    """The train.py commands of one row, seed and share of the training dialogues: [(stage, command,
+    its folder)]. A row that pre-trains does so on all the unlabelled dialogues, in a folder of
+    its own that the rows of every mode pre-training alike share."""
     folder, pre, fine = ROWS[row]
-    base = os.path.join(args.out, folder, f"seed{seed}")
-
-    def stage(name, data, extra):
-        out = os.path.join(base, name)
-        return name, [sys.executable, "train.py", "--stage", name, "--data", data, "--out", out, "--modalities", "text",
-                      "--text-encoder", encoder, "--seed", str(seed)] + settings[name] + extra, out
+    pretraining, finetuning = MODES[args.mode][:2]
+    out = os.path.join(args.out, args.mode, folder, f"seed{seed}",
+                       "finetune" if fraction == 1 else f"finetune-{round(100 * fraction)}pct")
+    fine = finetuning + fine + ([] if fraction == 1 else ["--train-fraction", str(fraction)])
     if pre is None:
-        return [stage("finetune", datasets[0], fine)]
-    pretrain = stage("pretrain", datasets[1], pre)
-    return [pretrain, stage("finetune", datasets[0], fine + ["--init", pretrain[2]])]
+        return [train("finetune", datasets[0], out, seed, args, fine)]
+    kind = "frozen" if "--freeze-encoders" in pretraining else "e2e"
+    pre_out = os.path.join(args.out, f"pretrain-{kind}", folder, f"seed{seed}")
+    return [train("pretrain", datasets[1], pre_out, seed, args, pretraining + pre),
+            train("finetune", datasets[0], out, seed, args, fine + ["--init", pre_out])]
 
 
-def table(args, encoder, datasets, settings):
-    """The Markdown table of every row from its runs' metrics.json"""
+def chains_of(args, datasets):
+    """Every chain of the command: {(row, seed, fraction) or (setting, seed): chain}"""
+    if args.sweep:
+        return {(name, seed): [train("finetune", datasets[0], os.path.join(args.out, f"sweep-{args.mode}", name,
+                                                                          f"seed{seed}"), seed, args, options)]
+                for name, options in SWEEPS[args.mode].items() for seed in args.seeds}
+    return {(row, seed, fraction): chain(row, seed, fraction, args, datasets) for row in args.rows
+            for fraction in args.fractions if fraction == 1 or row in LABEL_ROWS for seed in args.seeds}
+
+
+def finished(chains, keys):
+    """[[metrics of each stage] for each key], or None while a run of them is not done"""
+    cs = [chains[k] for k in keys]
+    if not all(done(out) for c in cs for _, _, out in c):
+        return None
+    return [[read_metrics(out) for _, _, out in c] for c in cs]
+
+
+def missing(chains, keys):
+    n = sum(all(done(out) for _, _, out in chains[k]) for k in keys)
+    return f"not run yet ({n} of {len(keys)} runs done)"
+
+
+def table(args, chains):
+    """The Markdown tables of a mode, from the runs' metrics.json: the rows, their pre-training, the
+    label-efficiency table and each row's wall time"""
+    what = {"frozen": "MiniLM frozen", "e2e": "MiniLM trained end to end", "paper": "end to end, paper settings"}
     lines = [f"P-MELD test, percent, mean ± standard deviation over seeds {', '.join(map(str, args.seeds))} "
-             f"({'end to end' if args.end_to_end else 'frozen encoder'}{', paper settings' if args.paper else ''})",
-             "", "| row | WA | AA | macro-F1 | dev WA | epoch kept | minutes a run |", "|---|---|---|---|---|---|---|"]
-    first = read_metrics(chain(args.rows[0], args.seeds[0], args, encoder, datasets, settings)[-1][2])
-    for name, key in (("majority class", "test_majority"),
-                      ("last emotion of the target speaker (reads the context's labels)", "test_last_emotion")):
-        s = first[key]
-        lines.append(f"| {name} | {s['wa']:.1f} | {s['aa']:.1f} | {s['f1']:.1f} | – | – | – |")
-    pre_lines = []
-    for row in args.rows:
-        runs = [[read_metrics(out) for _, _, out in chain(row, seed, args, encoder, datasets, settings)]
-                for seed in args.seeds]
-        fine = [r[-1] for r in runs]
-        minutes = [sum(m["seconds"] for m in r) / 60 for r in runs]
+             f"({what[args.mode]})", "", "| row | WA | AA | macro-F1 | dev WA | epochs kept | minutes a run |",
+             "|---|---|---|---|---|---|---|"]
+    keys = {row: [(row, seed, 1.0) for seed in args.seeds] for row in args.rows}
+    runs = {row: finished(chains, ks) for row, ks in keys.items()}
+    first = next((r[0][-1] for r in runs.values() if r), None)
+    references = [("majority class", "test_majority"),
+                  ("last emotion of the target speaker (reads the context's labels)", "test_last_emotion"),
+                  ("logistic regression on [source ; response] (frozen features, L2 chosen on dev)", "test_linear")]
+    for name, key in references if first else ():
+        if key in first:
+            s = first[key]
+            lines.append(f"| {name} | {s['wa']:.1f} | {s['aa']:.1f} | {s['f1']:.1f} | "
+                         f"{s['dev_wa']:.1f} | – | – |" if "dev_wa" in s else
+                         f"| {name} | {s['wa']:.1f} | {s['aa']:.1f} | {s['f1']:.1f} | – | – | – |")
+    pre_lines, overlap, times = [], None, []
+    for row, r in runs.items():
+        if r is None:
+            lines.append(f"| {row} | {missing(chains, keys[row])} | | | | | |")
+            continue
+        fine = [stages[-1] for stages in r]
+        minutes = [sum(m["seconds"] for m in stages) / 60 for stages in r]
+        times.append(f"{row} {sum(minutes):.1f}")
         lines.append(f"| {row} | " + " | ".join(mean_std([m["test"][k] for m in fine]) for k in ("wa", "aa", "f1"))
                      + f" | {mean_std([m['dev']['wa'] for m in fine])} | "
                      + ", ".join(str(m["best_epoch"]) for m in fine) + f" | {np.mean(minutes):.1f} |")
-        if len(runs[0]) == 2:
-            pre = [r[0] for r in runs]
+        if len(r[0]) == 2:
+            pre = [stages[0] for stages in r]
             overlap = [m["test_word_overlap"] for m in pre]  # no model, on each seed's candidate sets
             pre_lines.append(f"| {row} | " + " | ".join(
                 mean_std([m[split]["T2T"][k] for m in pre]) for split in ("dev", "test")
                 for k in ("R5@1", "R11@1")) + " | " + ", ".join(str(m["best_epoch"]) for m in pre) + " |")
-    if pre_lines:
+    if overlap:
         pre_lines.append("| word overlap with the context (no model) | – | – | "
                          + " | ".join(mean_std([o[k] for o in overlap]) for k in ("R5@1", "R11@1")) + " | – |")
-        lines += ["", "Pre-training on the unlabelled MELD dialogues: target utterance searching, T2T "
-                  "(chance: R5@1 20, R11@1 9.1)", "",
-                  "| pre-training of | dev R5@1 | dev R11@1 | test R5@1 | test R11@1 | epoch kept |",
+    if pre_lines:
+        lines += ["", "Pre-training on the unlabelled MELD dialogues"
+                  f"{' (MiniLM frozen)' if '--freeze-encoders' in MODES[args.mode][0] else ''}: target utterance "
+                  "searching, T2T (chance: R5@1 20, R11@1 9.1)", "",
+                  "| pre-training of | dev R5@1 | dev R11@1 | test R5@1 | test R11@1 | epochs kept |",
                   "|---|---|---|---|---|---|"] + pre_lines
+    if len(args.fractions) > 1 and all(row in args.rows for row in LABEL_ROWS):
+        lines += [""] + label_efficiency(args, chains)
+    if times:
+        lines += ["", "Wall time of each row, all its runs (pre-training included), minutes: " + ", ".join(times)]
+    return "\n".join(lines) + "\n"
+
+
+def label_efficiency(args, chains):
+    """Text and Text-Pre fine-tuned on shares of the training dialogues (each seed its own draw, the
+    same for both rows), and the linear reference on the same samples"""
+    no_pre, pre = LABEL_ROWS
+    lines = [f"Fine-tuned on a share of the training dialogues: {no_pre} (no pre-training) against {pre}, "
+             "test, mean ± standard deviation over the seeds; the gain is Text-Pre's macro-F1 minus Text's, seed by seed",
+             "", f"| training dialogues | samples | {no_pre} WA | {no_pre} F1 | {pre} WA | {pre} F1 | gain in F1, "
+             "each seed | linear reference F1 | epochs kept |", "|---|---|---|---|---|---|---|---|---|"]
+    for fraction in sorted(args.fractions):
+        runs = {row: finished(chains, [(row, seed, fraction) for seed in args.seeds]) for row in LABEL_ROWS}
+        if None in runs.values():
+            keys = [(row, seed, fraction) for row in LABEL_ROWS for seed in args.seeds]
+            lines.append(f"| {100 * fraction:g}% | {missing(chains, keys)} | | | | | | | |")
+            continue
+        a, b = ([stages[-1] for stages in runs[row]] for row in LABEL_ROWS)
+        gains = [y["test"]["f1"] - x["test"]["f1"] for x, y in zip(a, b)]
+        linear = [m["test_linear"]["f1"] for m in a if "test_linear" in m]
+        lines.append(f"| {100 * fraction:g}% | {a[0]['train_items']} | " + " | ".join(
+            mean_std([m["test"][k] for m in ms]) for ms in (a, b) for k in ("wa", "f1"))
+            + f" | {', '.join(f'{g:+.1f}' for g in gains)} (mean {np.mean(gains):+.1f}) | "
+            + (mean_std(linear) if linear else "–") + " | "
+            + " / ".join(", ".join(str(m["best_epoch"]) for m in ms) for ms in (a, b)) + " |")
+    return lines
+
+
+def sweep_table(args, chains):
+    """A sweep's dev WA: for each setting and number of epochs E, the mean over the seeds of the
+    best dev WA of epochs 1 to E (what a run of E epochs keeps: its first E epochs are this run's),
+    and the choice: the best mean, the fewest epochs among equals"""
+    choices = EPOCH_CHOICES[args.mode]
+    lines = [f"Dev WA of fine-tuning Text ({'MiniLM frozen' if args.mode == 'frozen' else 'end to end'}), the best of "
+             f"epochs 1 to E, mean ± standard deviation over seeds {', '.join(map(str, args.seeds))}; "
+             "no test score is read", "",
+             "| setting | " + " | ".join(f"E = {e}" for e in choices) + " | dev F1 at the kept epoch, E = "
+             f"{choices[-1]} | minutes a run |", "|---|" + "---|" * (len(choices) + 2)]
+    best = None
+    for name in SWEEPS[args.mode]:
+        keys = [(name, seed) for seed in args.seeds]
+        r = finished(chains, keys)
+        if r is None:
+            lines.append(f"| {name} | {missing(chains, keys)} |" + " |" * (len(choices) + 1))
+            continue
+        curves = [[e["wa"] for e in stages[0]["dev_by_epoch"]] for stages in r]
+        cells = []
+        for e in choices:
+            kept = [max(c[:e]) for c in curves]
+            cells.append(mean_std(kept))
+            if best is None or (np.mean(kept), -e) > (best[0], -best[2]):
+                best = (np.mean(kept), name, e)
+        kept_f1 = [stages[0]["dev_by_epoch"][int(np.argmax(c))]["f1"] for stages, c in zip(r, curves)]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean_std(kept_f1)} | "
+                     f"{np.mean([stages[0]['seconds'] for stages in r]) / 60:.1f} |")
+    if best:
+        lines += ["", f"Chosen: {best[1]}, {best[2]} epochs (mean dev WA {best[0]:.1f})"]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoder", help="a BERT-family checkpoint folder (default: the installed all-MiniLM-L6-v2)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), metavar="ROW",
-                   help=f"rows to run (default: all): {', '.join(map(repr, ROWS))}")
+    p.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (an end-to-end sweep: 0)")
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), metavar="ROW",
+                   help=f"rows to run (default: all of {', '.join(map(repr, ROWS))}; end to end, the first three)")
+    p.add_argument("--fractions", type=ranged(float, 0, 1, above=True), nargs="+",
+                   help="shares of the training dialogues that Text and Text-Pre fine-tune on (default: 0.1 0.25 1; "
+                        "--paper: 1)")
     p.add_argument("--end-to-end", action="store_true",
                    help="fine-tune MiniLM too (train.py without --freeze-encoders)")
-    p.add_argument("--paper", action="store_true", help="fine-tune at the paper's rates for its 50 epochs")
+    p.add_argument("--paper", action="store_true",
+                   help="both stages end to end at the paper's settings, fine-tuning for its 50 epochs")
+    p.add_argument("--sweep", action="store_true", help="the runs that chose the frozen settings (with --end-to-end: "
+                   "the encoder's rate and the epochs) on dev")
     p.add_argument("--jobs", type=ranged(int, 1), default=1, help="runs at once, sharing the CPU's cores")
+    p.add_argument("--threads", type=ranged(int, 1), help="threads a run (default: the cores / --jobs)")
     p.add_argument("--data", default="data", help="where the two datasets are prepared")
-    p.add_argument("--out", help="default: out/pmeld[-<encoder folder>]-<frozen|e2e>[-paper]")
+    p.add_argument("--out", help="default: out/pmeld[-<encoder folder>]")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = p.parse_args(argv)
-    encoder = os.path.abspath(args.encoder) if args.encoder else minilm()
-    check_encoder(encoder)
-    tag = os.path.basename(os.path.normpath(encoder)) if args.encoder else "minilm"
-    settings = END_TO_END if args.end_to_end else FROZEN
-    if args.paper:  # the paper's fine-tuning: its rates (train.py's defaults) for 50 epochs
-        settings = {**settings, "finetune": [a for a in settings["finetune"] if a == "--freeze-encoders"]
-                    + PAPER_FINETUNING}
-    args.out = args.out or (f"out/pmeld{'' if tag == 'minilm' else '-' + tag}-{'e2e' if args.end_to_end else 'frozen'}"
-                            f"{'-paper' if args.paper else ''}")
-    make_table_in(args.out, lambda: make_table(args, encoder, tag, settings), "pmeld.py")
+    if args.paper and args.sweep:
+        raise SystemExit("pmeld.py: --paper runs the paper's settings, --sweep chooses ours: choose one")
+    args.mode = "paper" if args.paper else "e2e" if args.end_to_end else "frozen"
+    args.seeds = args.seeds or (SWEEP_SEEDS[args.mode] if args.sweep else [0, 1, 2])
+    args.rows = args.rows or MODES[args.mode][2]
+    args.fractions = sorted(set(args.fractions or MODES[args.mode][3]))
+    tag = os.path.basename(os.path.normpath(args.encoder)) if args.encoder else "minilm"
+    args.encoder = os.path.abspath(args.encoder) if args.encoder else minilm()
+    check_encoder(args.encoder)
+    args.out = args.out or f"out/pmeld{'' if tag == 'minilm' else '-' + tag}"
+    make_table_in(args.out, lambda: make_table(args, tag), "pmeld.py")
 
 
-def make_table(args, encoder, tag, settings):
-    datasets = prepare(encoder, tag, args.data, args.dry_run)
-    chains = [chain(row, seed, args, encoder, datasets, settings) for row in args.rows for seed in args.seeds]
+def make_table(args, tag):
+    datasets = prepare(args.encoder, tag, args.data, args.dry_run)
+    chains = chains_of(args, datasets)
     if args.dry_run:
-        for cmds in chains:
-            for _, cmd, _ in cmds:
-                print(shlex.join(cmd))
+        for cmd in dict.fromkeys(shlex.join(cmd) for c in chains.values() for _, cmd, _ in c):  # each once
+            print(cmd)
         return
     t0 = time.time()
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     stop = threading.Event()  # set by a run that fails, or by Ctrl-C: start no other run, end those under way
 
-    def run_row(cmds):
+    def run_one(cmds):
         try:
             run_chain(cmds, threads, stop)
         except BaseException:
             stop.set()
             raise
+    # a pre-training that several chains share (Text-Pre's shares of the dialogues, its frozen and
+    # end-to-end rows) runs in the first of them; the others start once it is done
+    seen, firsts, rest = set(), [], []
+    for c in chains.values():
+        (rest if c[0][2] in seen else firsts).append(c)
+        seen.add(c[0][2])
     with ThreadPoolExecutor(args.jobs) as pool:
-        runs = [pool.submit(run_row, cmds) for cmds in chains]
-        try:
-            for done in as_completed(runs):
-                done.result()
-        finally:
-            stop.set()
-            for r in runs:
-                r.cancel()
-    text = table(args, encoder, datasets, settings)
-    write_table(args.out, text, t0, "pmeld.py")
+        for batch in (firsts, rest):
+            runs = [pool.submit(run_one, cmds) for cmds in batch]
+            try:
+                for finished_run in as_completed(runs):
+                    finished_run.result()
+            except BaseException:
+                stop.set()
+                for r in runs:
+                    r.cancel()
+                raise
+    text = (sweep_table if args.sweep else table)(args, chains)
+    write_table(args.out, text, t0, "pmeld.py", f"{'sweep-' if args.sweep else ''}{args.mode}.md")
 
 
 if __name__ == "__main__":

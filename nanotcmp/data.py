@@ -406,6 +406,14 @@ def targets_batch(split, rows, targets, noise, modalities, max_padding=0.1, grid
     return batch
 
 
+def keep_dialogues(split, fraction, seed):
+    """--train-fraction: keep the samples of that share of the split's dialogues (those with samples,
+    one at least), drawn by the seed; a seed's smaller shares are within its larger ones"""
+    dialogues = np.unique(split.utt_dialogue[split.samples[:, 1]])
+    kept = np.random.default_rng(seed).permutation(dialogues)[:max(1, round(fraction * len(dialogues)))]
+    split.samples = split.samples[np.isin(split.utt_dialogue[split.samples[:, 1]], kept)]
+
+
 def dialogue_batches(split, batch_size, rng):
     """Fine-tuning batches: the dialogues in random order, each one's samples together, so that a
     batch's contexts share their utterances (each is encoded once) -> list of sample-row arrays"""

@@ -12,7 +12,7 @@ import torch
 from nanotcmp.data import last_own_labels, to_device, windows
 from nanotcmp.loader import EVAL_BATCH, eval_batches, eval_targets
 from nanotcmp.metrics import emotion_scores, last_emotion_scores, majority_scores, recall_at
-from nanotcmp.model import autocast
+from nanotcmp.model import autocast, weighted_cross_entropy
 
 
 def evaluate(model, split, b, device):
@@ -72,6 +72,53 @@ def word_overlap_scores(split, seed):
     return recalls(np.array(scores))
 
 
+LINEAR_L2 = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # the linear reference's penalties, one chosen on dev
+
+
+def nearby_vectors(split, modalities):
+    """Each sample's nearby context as the frozen encoders see it: [source ; response], the cached
+    pooled outputs (Eq. 4) of its last two utterances u_{N-1}, u_N, every modality -> (S, 2 * D) float64"""
+    f = torch.from_numpy(np.concatenate([split.features[key] for key in modalities], 1)).double()
+    t = torch.from_numpy(split.samples[:, 1].astype(np.int64))  # the next utterance: the context ends at t - 1
+    return torch.cat([f[t - 2], f[t - 1]], 1)
+
+
+def logistic_regression(x, y, weights, l2):
+    """Multinomial logistic regression with Eq. 23's class weights and the penalty l2 * |W|^2 (not on
+    the bias), fit to convergence by L-BFGS: x (S, D), y (S,) -> (W (D, n), b (n,)), float64"""
+    W = torch.zeros(x.shape[1], len(weights), dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(len(weights), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], max_iter=1000, tolerance_grad=1e-9, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def objective():
+        opt.zero_grad()
+        loss = weighted_cross_entropy(x @ W + b, y, weights) + l2 * W.square().sum()
+        loss.backward()
+        return loss
+    opt.step(objective)
+    return W.detach(), b.detach()
+
+
+def linear_reference(train, dev, test, modalities, weights, n_labels):
+    """The floor a context model must clear: class-weighted logistic regression on the frozen features
+    of the nearby context (nearby_vectors, standardised by the training split's mean and deviation),
+    its penalty the one of LINEAR_L2 with the best dev WA -> test scores, with "l2" and "dev_wa" """
+    x = {s.name: nearby_vectors(s, modalities) for s in (train, dev, test)}
+    mean, std = x[train.name].mean(0), x[train.name].std(0).clamp(min=1e-12)
+    x = {name: (v - mean) / std for name, v in x.items()}
+    y = torch.from_numpy(train.samples[:, 2].astype(np.int64))
+
+    def scores(W, b, split):
+        return emotion_scores(split.samples[:, 2], (x[split.name] @ W + b).argmax(1).numpy(), n_labels)
+    fits = {l2: logistic_regression(x[train.name], y, weights.double(), l2) for l2 in LINEAR_L2}
+    dev_wa = {l2: scores(*fit, dev)["wa"] for l2, fit in fits.items()}
+    best = max(LINEAR_L2, key=lambda l2: dev_wa[l2])  # the first of the best: the least penalty
+    report = scores(*fits[best], test)
+    del report["confusion"]
+    return {**report, "l2": best, "dev_wa": dev_wa[best]}
+
+
 def selection_score(scores):
     """What keeps a model: dev WA in fine-tuning; in pre-training the mean of the dev recalls
     (R5@1, R5@2, R11@1, R11@2 of every retrieval the model does)"""
@@ -89,10 +136,10 @@ def describe(scores):
     return " | ".join(f"{b} {describe(s)}" for b, s in scores.items())
 
 
-def final_scores(model, b, epoch, train_split, test, labels, device):
+def final_scores(model, b, epoch, train_split, dev, test, labels, device):
     """The kept model's scores on test (of dev's best epoch) and the references beside them,
-    printed -> {"test": scores, "test_word_overlap" | "test_majority", "test_last_emotion": the
-    references' scores}"""
+    printed -> {"test": scores, "test_word_overlap" | "test_majority", "test_last_emotion" and, with
+    a feature cache, "test_linear": the references' scores}"""
     scores = evaluate(model, test, b, device)
     report = {"test": scores}
     print(f"test (best dev epoch {epoch}): {describe(scores)}")
@@ -103,9 +150,15 @@ def final_scores(model, b, epoch, train_split, test, labels, device):
     n, y_train, y_test = model.config.n_labels, train_split.samples[:, 2], test.samples[:, 2]
     report["test_majority"] = majority_scores(y_train, y_test, n)
     report["test_last_emotion"] = last_emotion_scores(y_train, y_test, last_own_labels(test), n)
-    for name, key in (("majority class", "test_majority"), ("last emotion", "test_last_emotion")):
-        print(f"  {name}: {describe(report[key])}")
+    for key in ("test_majority", "test_last_emotion"):
         del report[key]["confusion"]
+    if train_split.features:  # frozen encoders: the linear reference on their cached features
+        report["test_linear"] = linear_reference(train_split, dev, test, model.config.modalities,
+                                                 model.class_weights.cpu(), n)
+    for name, key in (("majority class", "test_majority"), ("last emotion", "test_last_emotion"),
+                      ("logistic regression on [source ; response]", "test_linear")):
+        if key in report:
+            print(f"  {name}: {describe(report[key])}")
     print("confusion (rows true, columns predicted; " + ", ".join(labels) + "):")
     for row in scores["confusion"]:
         print("  " + " ".join(f"{v:6d}" for v in row))

@@ -568,8 +568,9 @@ def tus_loss(logits, kind):
 
 
 def weighted_cross_entropy(logits, labels, weights):
-    """Eq. 23: -ω(y) log softmax(logits)_y, the batch's mean; weights ω: (n_labels,)"""
-    nll = F.cross_entropy(logits.float(), labels, reduction="none")
+    """Eq. 23: -ω(y) log softmax(logits)_y, the batch's mean; weights ω: (n_labels,). In float32 at
+    least (bf16 logits on CUDA), float64 where given (the linear reference)"""
+    nll = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels, reduction="none")
     return (weights[labels] * nll).mean()
 
 

@@ -108,13 +108,13 @@ def make_table_in(out, make, name):
         interrupted(out)
 
 
-def write_table(out, text, t0, name):
-    """The table into <out>/table.md, and onto the terminal with the minutes since t0; name: the script's"""
+def write_table(out, text, t0, name, file="table.md"):
+    """The table into <out>/<file>, and onto the terminal with the minutes since t0; name: the script's"""
     try:
-        write_text(os.path.join(ROOT, out, "table.md"), text)
+        write_text(os.path.join(ROOT, out, file), text)
     except DataError as e:  # (write_text's errors: one line of what to do)
         raise SystemExit(f"{name}: {e}") from None
-    print(text + f"\n{(time.time() - t0) / 60:.1f} min: {os.path.join(out, 'table.md')}")
+    print(text + f"\n{(time.time() - t0) / 60:.1f} min: {os.path.join(out, file)}")
 
 
 def interrupted(out):
