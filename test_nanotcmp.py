@@ -2196,8 +2196,9 @@ def test_frozen_encoders_train_with_the_frozen_defaults(tmp_path):
     F_ = train.FROZEN
     given = ["--d", "32", "--dropout", "0.2", "--lr", "1e-3", "--epochs", "2", "--batch-size", "4"]
     for extra, stage, want in (
-            (["--freeze-encoders"], "finetune", (F_["d"], F_["dropout"], F_["lr"], F_["epochs"], F_["batch"])),
-            (["--freeze-encoders"], "pretrain", (F_["d"], F_["dropout"], train.PAPER_LR["pretrain"],
+            (["--freeze-encoders"], "finetune", (F_["d"], F_["dropout"], F_["lr"]["finetune"], F_["epochs"],
+                                                 F_["batch"])),
+            (["--freeze-encoders"], "pretrain", (F_["d"], F_["dropout"], F_["lr"]["pretrain"],
                                                  train.EPOCHS["pretrain"], train.BATCH["cpu"]["pretrain"])),
             ([], "finetune", (768, 0.1, train.PAPER_LR["finetune"], train.EPOCHS["finetune"],
                               train.BATCH["cpu"]["finetune"])),
@@ -2979,7 +2980,7 @@ def test_pmeld_label_efficiency_and_end_to_end_runs(capsys):
     pmeld = load_experiment("pmeld")
     head = dict(zip(pmeld.HEAD[::2], pmeld.HEAD[1::2]))
     assert {k: float(v) for k, v in head.items()} == {
-        "--d": train.FROZEN["d"], "--dropout": train.FROZEN["dropout"], "--lr": train.FROZEN["lr"],
+        "--d": train.FROZEN["d"], "--dropout": train.FROZEN["dropout"], "--lr": train.FROZEN["lr"]["finetune"],
         "--batch-size": train.FROZEN["batch"]}
     assert all(e2e[i][k] == v for i in (0, 1, 3) for k, v in head.items())
     sweep = pmeld_commands(capsys, "--end-to-end", "--sweep")

@@ -55,9 +55,10 @@ TINY_PRETRAIN = {"batch": 4, "k": 5, "epochs": 3}
 TINY_PATIENCE = 3
 # With --freeze-encoders (checkpoints, not tiny ones) only the TCMP layers learn, from a few thousand
 # samples: the paper's width of 768 (10 M parameters) fits them within a few epochs. These settings
-# were chosen on P-MELD's dev split over 3 seeds (docs/results.md, "Frozen encoders"); batch 64 on
-# every device, as they were chosen with it.
-FROZEN = {"d": 64, "dropout": 0.3, "lr": 3e-4, "epochs": 8, "batch": 64}
+# were chosen on P-MELD's dev split over 3 seeds (docs/results.md, "How the settings were chosen"):
+# the width and dropout of both stages, each stage's rate, and fine-tuning's epochs and batch (64
+# on every device, as they were chosen with it).
+FROZEN = {"d": 64, "dropout": 0.3, "lr": {"pretrain": 1e-3, "finetune": 3e-4}, "epochs": 8, "batch": 64}
 AUTHORS_K = 11
 MICRO_WINDOWS = 16
 
@@ -83,7 +84,7 @@ def parse_args(argv):
                         "5 with tiny encoders)")
     p.add_argument("--lr", type=ranged(float, 0),
                    help="default: the paper's, 2e-4 pre-training, 2e-5 fine-tuning; 1e-3 with tiny encoders; "
-                        "fine-tuning with --freeze-encoders, FROZEN's")
+                        "FROZEN's with --freeze-encoders")
     p.add_argument("--lr-encoder", type=ranged(float, 0),
                    help="default: the paper's 2e-6 with checkpoints, --lr with tiny ones")
     p.add_argument("--d", type=ranged(int, 1),
@@ -184,9 +185,10 @@ def plan_run(stage, args, device, out=None, init=None, batch_size=None):
     """-> a stage's Run; out, init, batch_size: this stage's (--out, --init, --batch-size when it runs
     alone), None for the defaults"""
     tiny, n_proc = is_tiny(args), world()
-    frozen = frozen_defaults(args) and stage == "finetune"
-    batch_size = batch_size or (TINY_PRETRAIN["batch"] if tiny and stage == "pretrain" else FROZEN["batch"] if frozen
-                                else BATCH["cuda" if device.type == "cuda" else "cpu"][stage])
+    frozen = frozen_defaults(args)
+    batch_size = batch_size or (TINY_PRETRAIN["batch"] if tiny and stage == "pretrain" else
+                                FROZEN["batch"] if frozen and stage == "finetune" else
+                                BATCH["cuda" if device.type == "cuda" else "cpu"][stage])
     # default: one micro-batch a process, or more where a process's share of windows exceeds MICRO_WINDOWS
     n_micro = (args.micro_batches or
                n_proc * (math.ceil(batch_size / n_proc / MICRO_WINDOWS) if stage == "pretrain" else 1))
@@ -201,11 +203,11 @@ def plan_run(stage, args, device, out=None, init=None, batch_size=None):
     workers = args.workers if args.workers is not None else 4 if device.type == "cuda" else 0
     batching = Batching(stage, batch_size, n_micro, args.k, args.max_padding, args.shape_grid, args.seed, workers)
     # the paper's rates fine-tune pretrained encoders; tiny ones learn from scratch and need larger steps
-    lr = args.lr if args.lr is not None else TINY_LR if tiny else FROZEN["lr"] if frozen else PAPER_LR[stage]
+    lr = args.lr if args.lr is not None else TINY_LR if tiny else FROZEN["lr"][stage] if frozen else PAPER_LR[stage]
     lr_encoder = args.lr_encoder if args.lr_encoder is not None else lr if tiny else PAPER_LR_ENCODER
     out = out or os.path.join("out", f"{os.path.basename(os.path.normpath(args.data))}-{stage}")
-    epochs = args.epochs or (TINY_PRETRAIN["epochs"] if tiny and stage == "pretrain" else FROZEN["epochs"] if frozen
-                             else EPOCHS[stage])
+    epochs = args.epochs or (TINY_PRETRAIN["epochs"] if tiny and stage == "pretrain" else FROZEN["epochs"]
+                             if frozen and stage == "finetune" else EPOCHS[stage])
     patience = args.patience if args.patience is not None else TINY_PATIENCE if tiny and stage == "finetune" else 0
     # --resume of --stage all: each stage continues where it has a state, the others start (again)
     resume = args.resume and (args.stage != "all" or os.path.isfile(os.path.join(out, "state.pt")))

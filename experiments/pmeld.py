@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanotcmp.data import DataError, file_sha256, load_meta, ranged  # noqa: E402 (the repository's)
+from nanotcmp.evaluate import selection_score  # noqa: E402
 from nanotcmp.tables import ROOT, done, make_table_in, mean_std, read_metrics, run, run_chain, write_table  # noqa: E402
 
 # row -> (its folder, pre-training options or None for none, fine-tuning options)
@@ -49,7 +50,7 @@ FROZEN_PRETRAINING = ["--freeze-encoders"] + AUTHORS_PRETRAINING
 # frozen: end to end, the same layers learn, so that Text-Pre fine-tunes from the frozen pre-training
 HEAD = ["--d", "64", "--dropout", "0.3", "--lr", "3e-4", "--batch-size", "64"]
 # End to end: the encoder's rate and the epochs chosen on dev (--end-to-end --sweep)
-END_TO_END = HEAD + ["--lr-encoder", "3e-5", "--epochs", "4"]
+END_TO_END = HEAD + ["--lr-encoder", "1e-5", "--epochs", "3"]
 # mode -> (pre-training options, fine-tuning options, rows run by default, shares of the training dialogues)
 MODES = {
     "frozen": (FROZEN_PRETRAINING, ["--freeze-encoders"], list(ROWS), FRACTIONS),
@@ -67,8 +68,10 @@ SWEEPS = {
                + [(256, 0.1, "1e-4"), (256, 0.1, "3e-4")]},  # d 256 below both at dropout 0.1: no more of it
     "e2e": {f"lr-encoder{r}": HEAD + ["--lr-encoder", r, "--epochs", "3"] for r in ("1e-5", "3e-5", "1e-4")},
 }
+# ... and pre-training with MiniLM frozen, at train.py's default rate and above it
+PRETRAIN_SWEEP = {f"pretrain-lr{lr}": ["--lr", lr] for lr in ("2e-4", "1e-3", "3e-3")}
 EPOCH_CHOICES = {"frozen": (4, 8, 12), "e2e": (1, 2, 3)}  # the epochs a sweep chooses among
-SWEEP_SEEDS = {"frozen": [0, 1, 2], "e2e": [0]}  # an end-to-end run is an hour of the CPU's
+SWEEP_SEEDS = {"frozen": [0, 1, 2], "e2e": [0]}  # an end-to-end epoch takes 3 to 5 minutes of a core
 
 
 def minilm():
@@ -141,9 +144,15 @@ def chain(row, seed, fraction, args, datasets):
 def chains_of(args, datasets):
     """Every chain of the command: {(row, seed, fraction) or (setting, seed): chain}"""
     if args.sweep:
-        return {(name, seed): [train("finetune", datasets[0], os.path.join(args.out, f"sweep-{args.mode}", name,
-                                                                          f"seed{seed}"), seed, args, options)]
-                for name, options in SWEEPS[args.mode].items() for seed in args.seeds}
+        def folder(name, seed):
+            return os.path.join(args.out, f"sweep-{args.mode}", name, f"seed{seed}")
+        chains = {(name, seed): [train("finetune", datasets[0], folder(name, seed), seed, args, options)]
+                  for name, options in SWEEPS[args.mode].items() for seed in args.seeds}
+        if args.mode == "frozen":
+            chains |= {(name, seed): [train("pretrain", datasets[1], folder(name, seed), seed, args,
+                                            FROZEN_PRETRAINING + options)]
+                       for name, options in PRETRAIN_SWEEP.items() for seed in args.seeds}
+        return chains
     return {(row, seed, fraction): chain(row, seed, fraction, args, datasets) for row in args.rows
             for fraction in args.fractions if fraction == 1 or row in LABEL_ROWS for seed in args.seeds}
 
@@ -267,7 +276,35 @@ def sweep_table(args, chains):
                      f"{np.mean([stages[0]['seconds'] for stages in r]) / 60:.1f} |")
     if best:
         lines += ["", f"Chosen: {best[1]}, {best[2]} epochs (mean dev WA {best[0]:.1f})"]
+    if args.mode == "frozen":
+        lines += [""] + pretrain_sweep_table(args, chains)
     return "\n".join(lines) + "\n"
+
+
+def pretrain_sweep_table(args, chains):
+    """The frozen pre-training's rates: each run keeps its best dev epoch by the mean of its dev
+    recalls (train.py's rule), and the rate with the best mean of that over the seeds is chosen"""
+    lines = ["Dev retrieval of pre-training (MiniLM frozen, T2T), mean ± standard deviation over seeds "
+             f"{', '.join(map(str, args.seeds))}", "",
+             "| setting | dev R5@1 | dev R11@1 | mean dev recall (what a run keeps) | epochs kept | minutes a run |",
+             "|---|---|---|---|---|---|"]
+    best = None
+    for name in PRETRAIN_SWEEP:
+        keys = [(name, seed) for seed in args.seeds]
+        r = finished(chains, keys)
+        if r is None:
+            lines.append(f"| {name} | {missing(chains, keys)} | | | | |")
+            continue
+        runs = [stages[0] for stages in r]
+        score = [selection_score(m["dev"]) for m in runs]
+        if best is None or np.mean(score) > best[0]:
+            best = (np.mean(score), name)
+        lines.append(f"| {name} | " + " | ".join(mean_std([m["dev"]["T2T"][k] for m in runs]) for k in ("R5@1", "R11@1"))
+                     + f" | {mean_std(score)} | {', '.join(str(m['best_epoch']) for m in runs)} | "
+                     f"{np.mean([m['seconds'] for m in runs]) / 60:.1f} |")
+    if best:
+        lines += ["", f"Chosen: {best[1]} (mean dev recall {best[0]:.1f})"]
+    return lines
 
 
 def main(argv=None):
