@@ -3023,6 +3023,20 @@ def test_pmeld_table_is_the_mean_and_standard_deviation_of_the_runs(tmp_path):
     assert "| Text | not run yet (2 of 3 runs done) | | | | | |" in lines
 
 
+def test_pmeld_table_writes_the_runs_finished_so_far_and_runs_nothing(tmp_path, monkeypatch):
+    pmeld = load_experiment("pmeld")
+    fake_runs(monkeypatch, pmeld, AssertionError("ran a row"))
+    scores = {"wa": 50.0, "aa": 40.0, "f1": 30.0}
+    for seed in (0, 1, 2):
+        write_run(tmp_path / f"o/e2e/text/seed{seed}/finetune", {"best_epoch": 1, "dev": scores, "test": scores,
+                                                                 "test_majority": scores, "test_last_emotion": scores},
+                  60.0)
+    pmeld.main(["--table", "--end-to-end", "--encoder", str(minilm_dir()), "--out", str(tmp_path / "o")])
+    lines = (tmp_path / "o/e2e.md").read_text().splitlines()
+    assert "| Text | 50.0 ± 0.0 | 40.0 ± 0.0 | 30.0 ± 0.0 | 50.0 ± 0.0 | 1, 1, 1 | 1.0 |" in lines
+    assert "| Text w/o Dist | not run yet (0 of 3 runs done) | | | | | |" in lines
+
+
 def test_pmeld_label_efficiency_table_pairs_the_seeds(tmp_path):
     pmeld = load_experiment("pmeld")
     args = pmeld_args(tmp_path, "e2e", fractions=[0.1, 1.0], seeds=[0, 1])

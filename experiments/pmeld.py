@@ -9,6 +9,7 @@ python experiments/pmeld.py --jobs 2 --sweep                # how the frozen set
 python experiments/pmeld.py --jobs 2 --end-to-end --sweep   # how the encoder's rate and the epochs were
 python experiments/pmeld.py --paper                         # as the paper: d 768, its rates, 50 epochs (a GPU)
 python experiments/pmeld.py ... --dry-run                   # print every command, run nothing
+python experiments/pmeld.py ... --table                     # the table of the runs finished so far
 
 It prepares P-MELD and the unlabelled MELD dialogues from meld/ with MiniLM's vocabulary (once),
 runs every run whose metrics.json and seconds.json are not there yet (so a table cut short
@@ -327,6 +328,7 @@ def main(argv=None):
     p.add_argument("--data", default="data", help="where the two datasets are prepared")
     p.add_argument("--out", help="default: out/pmeld[-<encoder folder>]")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--table", action="store_true", help="write the table of the runs finished so far, run nothing")
     args = p.parse_args(argv)
     if args.paper and args.sweep:
         raise SystemExit("pmeld.py: --paper runs the paper's settings, --sweep chooses ours: choose one")
@@ -349,6 +351,14 @@ def make_table(args, tag):
             print(cmd)
         return
     t0 = time.time()
+    if not args.table:
+        run_all(args, chains)
+    text = (sweep_table if args.sweep else table)(args, chains)
+    write_table(args.out, text, t0, "pmeld.py", f"{'sweep-' if args.sweep else ''}{args.mode}.md")
+
+
+def run_all(args, chains):
+    """Every chain not done yet, --jobs at once"""
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     stop = threading.Event()  # set by a run that fails, or by Ctrl-C: start no other run, end those under way
 
@@ -358,8 +368,8 @@ def make_table(args, tag):
         except BaseException:
             stop.set()
             raise
-    # a pre-training that several chains share (Text-Pre's shares of the dialogues, its frozen and
-    # end-to-end rows) runs in the first of them; the others start once it is done
+    # a pre-training that several chains share (Text-Pre's shares of the dialogues) runs in the
+    # first of them; the others start once it is done
     seen, firsts, rest = set(), [], []
     for c in chains.values():
         (rest if c[0][2] in seen else firsts).append(c)
@@ -375,8 +385,6 @@ def make_table(args, tag):
                 for r in runs:
                     r.cancel()
                 raise
-    text = (sweep_table if args.sweep else table)(args, chains)
-    write_table(args.out, text, t0, "pmeld.py", f"{'sweep-' if args.sweep else ''}{args.mode}.md")
 
 
 if __name__ == "__main__":
