@@ -274,10 +274,11 @@ def build_model(args, meta, stage, init=None):
         raise SystemExit(f"train.py: {args.text_encoder} has {bert['vocab_size']} word pieces, the dataset's "
                          f"vocabulary {vocab_size}: prepare the dataset with this encoder's vocab.txt")
     frozen = frozen_defaults(args)
-    config = TCMPConfig(d=args.d or (64 if is_tiny(args) else FROZEN["d"] if frozen else 768),
+    config = TCMPConfig(d=args.d or (64 if is_tiny(args) else FROZEN["d"] if frozen else TCMPConfig.d),
                         n_labels=max(len(meta["labels"]), 1), modalities=modalities, distant=not args.no_distant,
                         tus=args.tus, tus_loss=args.tus_loss,
-                        dropout=args.dropout if args.dropout is not None else FROZEN["dropout"] if frozen else 0.1,
+                        dropout=args.dropout if args.dropout is not None else FROZEN["dropout"] if frozen else
+                        TCMPConfig.dropout,
                         bert=bert, hubert=hubert)
     model = TCMP(config)
     if bert_w:
