@@ -227,7 +227,8 @@ def label_efficiency(args, chains):
     same for both rows), and the linear reference on the same samples"""
     no_pre, pre = LABEL_ROWS
     lines = [f"Fine-tuned on a share of the training dialogues: {no_pre} (no pre-training) against {pre}, "
-             "test, mean ± standard deviation over the seeds; the gain is Text-Pre's macro-F1 minus Text's, seed by seed",
+             "test, mean ± standard deviation over the seeds; the gain is Text-Pre's macro-F1 minus Text's, "
+             "seed by seed",
              "", f"| training dialogues | samples | {no_pre} WA | {no_pre} F1 | {pre} WA | {pre} F1 | gain in F1, "
              "each seed | linear reference F1 | epochs kept |", "|---|---|---|---|---|---|---|---|---|"]
     for fraction in sorted(args.fractions):
@@ -299,7 +300,8 @@ def pretrain_sweep_table(args, chains):
         score = [selection_score(m["dev"]) for m in runs]
         if best is None or np.mean(score) > best[0]:
             best = (np.mean(score), name)
-        lines.append(f"| {name} | " + " | ".join(mean_std([m["dev"]["T2T"][k] for m in runs]) for k in ("R5@1", "R11@1"))
+        lines.append(f"| {name} | " + " | ".join(mean_std([m["dev"]["T2T"][k] for m in runs])
+                                                 for k in ("R5@1", "R11@1"))
                      + f" | {mean_std(score)} | {', '.join(str(m['best_epoch']) for m in runs)} | "
                      f"{np.mean([m['seconds'] for m in runs]) / 60:.1f} |")
     if best:
