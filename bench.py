@@ -23,16 +23,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
+from nanotcmp import settings
 from nanotcmp.audio import SAMPLE_RATE, save_wav
 from nanotcmp.cuda_graphs import CudaGraphs
-from nanotcmp.data import Split, buckets, encoder_inputs, load_meta, ranged, to_device, windows
+from nanotcmp.data import Split, buckets, encoder_inputs, load_meta, to_device, windows
 from nanotcmp.features import attach_features
-from nanotcmp.loader import Batching, ahead, step_batches, steps_per_epoch
-from nanotcmp.model import (Bert, BertConfig, Hubert, HubertConfig, TCMP, TCMPConfig, autocast, tiny_bert_config,
-                            tiny_hubert_config)
-from nanotcmp.processes import device_from, set_up_device, world
+from nanotcmp.loader import ahead, step_batches, steps_per_epoch
+from nanotcmp.model import Bert, BertConfig, Hubert, HubertConfig, TCMP, TCMPConfig
+from nanotcmp.processes import device_from, set_up_device
+from nanotcmp.settings import TINY_BERT, TINY_HUBERT, ranged
 from nanotcmp.stream import Stream
 from nanotcmp.tokenizer import WordPiece
+from nanotcmp.training import train_step
 
 # -----------------------------------------------------------------------------
 # encoders: BERT-base on 32 x 24 tokens, HuBERT-base on 4 x 3 s of audio, fp32, random weights
@@ -231,7 +233,7 @@ def train_model(size, data):
     with open(os.path.join(data, meta["vocab"]["path"])) as f:
         vocab = sum(1 for _ in f)
     if size == "tiny":
-        bert, hubert, d = asdict(tiny_bert_config(vocab)), asdict(tiny_hubert_config()), 64
+        bert, hubert, d = asdict(BertConfig(vocab_size=vocab, **TINY_BERT)), asdict(HubertConfig(**TINY_HUBERT)), 64
     else:
         bert, hubert, d = asdict(BertConfig(vocab_size=vocab)), asdict(HubertConfig()), 768
     torch.manual_seed(0)
@@ -252,33 +254,14 @@ def mem_limit(device):
 # a step's windows: train.py's defaults on CUDA (tiny: 4, base: the authors' 64 in micro-batches of
 # 16); on the CPU, base end-to-end steps of 4 windows need more than 24 GiB
 WINDOWS = {"cuda": {"tiny": 4, "base": 64}, "cpu": {"tiny": 4, "base": 2}}
-MICRO_WINDOWS = 16  # train.py's: a step's windows are split into micro-batches of at most 16
 
 
-def batching(device, n, max_padding):
-    """The batches train.py's defaults make on this device for pre-training steps of n windows, but
-    k = 5 candidates a target (train.py's for tiny encoders) at every size"""
-    cuda = device.type == "cuda"
-    return Batching("pretrain", n, -(-n // MICRO_WINDOWS), k=5, max_padding=max_padding, grid=cuda, seed=0,
-                    workers=4 if cuda else 0)
-
-
-def train_step(model, opt, micro):
-    """train.py's training step in one process, the same work (a script imports no other script;
-    a test holds the two equal): [(share of the step's items, batch on the device)] -> (loss,
-    {part: value}), left on the device"""
-    model.train()
-    step_loss, step_parts = 0.0, {}
-    for share, batch in micro:
-        with autocast(batch["ctx"].device):
-            _, loss, parts = model(batch)
-        (loss * share * world()).backward()
-        step_loss = step_loss + loss.detach() * share
-        step_parts = {k: step_parts.get(k, 0.0) + v.detach() * share for k, v in parts.items()}
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return step_loss, step_parts
+def bench_settings(data, device, n, max_padding):
+    """train.py's Settings on this device for pre-training steps of n windows, but k = 5 candidates
+    a target (the demo preset's) at every size"""
+    args = settings.parse_args(["--stage", "pretrain", "--data", data, "--batch-size", str(n), "--k", "5",
+                                "--max-padding", str(max_padding)], __doc__)
+    return settings.plan(args, device)[0]
 
 
 def epoch_shapes(make, n_steps, max_padding):
@@ -350,7 +333,7 @@ def train_one(data, size, mode, steps, device):
     model.check_inputs = device.type == "cpu"
     split = Split(os.path.join(data, "pretrain.safetensors"))
     n = WINDOWS[device.type][size]
-    b = batching(device, n, 1.0 if mode == "whole" else 0.1)
+    s = bench_settings(data, device, n, 1.0 if mode == "whole" else 0.1)
     cache_s = None
     if mode == "cache":
         model.freeze_encoders()
@@ -359,11 +342,11 @@ def train_one(data, size, mode, steps, device):
         cache_s = time.perf_counter() - t0
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     items = windows(split)
-    per_epoch = steps_per_epoch(b, items, split)
-    make = functools.partial(step_batches, b, items, split, model.config.modalities, per_epoch)
-    shapes = epoch_shapes(make, per_epoch, b.max_padding)
+    per_epoch = steps_per_epoch(s, items, split)
+    make = functools.partial(step_batches, s, items, split, model.config.modalities, per_epoch)
+    shapes = epoch_shapes(make, per_epoch, s.max_padding)
     warm = per_epoch if device.type == "cuda" else 1
-    batches = iter(ahead(make, warm + steps + 2, b.workers))
+    batches = iter(ahead(make, warm + steps + 2, s.workers))
     model.train()
 
     def step():

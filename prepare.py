@@ -9,19 +9,12 @@ python prepare.py dialogues --from FILE.jsonl|DIR --vocab VOCAB --out DIR [--lab
 """
 import argparse
 import csv
-import errno
 import json
-import multiprocessing
 import os
 import re
-import shutil
-import signal
 import sys
-import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -30,8 +23,10 @@ from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
 from nanotcmp.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, NoFFmpeg, load_audio, save_wav
-from nanotcmp.data import (DataError, dialogue_ranges, file_sha256, line_problem, make_samples, pid_alive, ranged,
-                           read_json)
+from nanotcmp.data import dialogue_ranges, line_problem, make_samples
+from nanotcmp.files import (DataError, cannot_read, cannot_write, file_in_the_way, file_sha256, read_json,
+                            remove_staged, staged_path, staging, worker_pool, writes_out)
+from nanotcmp.settings import ranged
 from nanotcmp.demo import DEMO_LABELS, demo_vocab, generate_dialogues, synthesize_clip
 from nanotcmp.tokenizer import WordPiece
 
@@ -193,56 +188,7 @@ def read_jsonl(path, problems):
 # packing
 
 
-@contextmanager
-def staging(out):
-    """Build the dataset in a temporary folder beside out (a real path, no link), then swap it in:
-    a stopped run never leaves a half dataset, and the old one stays until the new one is complete.
-    A run killed outright leaves its folder, out.tmp-PID, for the next run to remove."""
-    tmp, old = f"{out}.tmp-{os.getpid()}", f"{out}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        os.makedirs(tmp)
-        yield tmp
-        had = os.path.exists(out)
-        if had:
-            os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            if had:
-                os.replace(old, out)
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 LEFTOVER_FILES = re.compile(r".*\.safetensors|\.tmp\w*|meta\.json|vocab\.txt|example_dialogue\.jsonl|clips")
-
-
-def remove_leftovers(out):
-    """Remove what runs killed outright (kill -9, a power cut) left beside out: out.tmp-PID, a half
-    dataset, and out.old-PID, the dataset a run killed mid-swap was replacing (put back when out is
-    gone). Only folders of files prepare.py writes, and only of a process no longer running."""
-    parent, name = os.path.split(out)
-    for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
-        m = re.fullmatch(re.escape(name) + r"\.(tmp|old)-(\d+)", entry)
-        path = os.path.join(parent, entry)
-        if not m or running(int(m[2])) or os.path.islink(path) or not os.path.isdir(path) or \
-                not all(LEFTOVER_FILES.fullmatch(f) for f in os.listdir(path)):
-            continue
-        if m[1] == "old" and not os.path.exists(out):
-            os.replace(path, out)
-            print(f"prepare.py: put {path} back as {out}: a run (process {m[2]}) was killed while replacing it")
-        else:
-            shutil.rmtree(path)
-            print(f"prepare.py: removed {path}, left by a run (process {m[2]}) that was killed")
-
-
-def running(pid):
-    """Whether process pid, another than this one, is running"""
-    return pid != os.getpid() and pid_alive(pid)
 
 
 def decode(u, max_seconds):
@@ -260,56 +206,6 @@ def decode(u, max_seconds):
         return (f"{u.where}: audio has {len(wave)} samples, fewer than the {MIN_SAMPLES} (25 ms) "
                 f"an utterance needs"), False
     return wave, cut
-
-
-class Serial:
-    """The pool's map, in this process (--workers 1)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def map(self, fn, *iterables, chunksize=1):
-        return map(fn, *iterables)
-
-
-class Workers(ProcessPoolExecutor):
-    """Processes decoding audio, spawned, not forked: torch (used by resampling) does not survive a
-    fork. Ctrl-C, which the terminal sends them too, is this process's to handle: stopping early, it
-    drops what is still to decode, and they end once their current chunk is done (killed, one could
-    leave the pool waiting forever for a result cut in half). Each ends itself if this process dies
-    (killed with -9, say)."""
-
-    def __init__(self, workers):
-        super().__init__(workers, mp_context=multiprocessing.get_context("spawn"), initializer=exit_with,
-                         initargs=(os.getpid(),))
-
-    def map(self, *args, **kwargs):
-        # map starts the workers: started while this process ignores Ctrl-C, they ignore it from birth
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            return super().map(*args, **kwargs)
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
-    def __exit__(self, kind, *exc):
-        self.shutdown(wait=True, cancel_futures=kind is not None)
-        return False
-
-
-def exit_with(parent):
-    """A worker's thread ends it once its parent has died (an orphan is adopted: its parent changes)"""
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def worker_pool(workers):
-    return Workers(workers) if workers > 1 else Serial()
 
 
 def spans(rows, dtype):
@@ -441,52 +337,6 @@ def check_out(args, out):
         if path and (os.path.realpath(path) + os.sep).startswith(out + os.sep):
             name = "--from" if option == "src" else "--" + option.replace("_", "-")
             raise BadInput(f"--out {args.out} holds {name} {path}, which replacing it would delete")
-
-
-def file_in_the_way(path):
-    """The file that stands where path, or a folder above it, should be a folder (None if none)"""
-    up = os.path.abspath(path)
-    while not os.path.exists(up):
-        up = os.path.dirname(up)
-    return None if os.path.isdir(up) else up
-
-
-def cannot_read(e):
-    """An OSError reading an input -> what went wrong, naming the path"""
-    path = e.filename
-    if e.errno == errno.ENOENT:
-        return f"{path} not found"
-    why = {errno.EISDIR: "it is a folder, not a file", errno.EACCES: "permission denied",
-           errno.ENOTDIR: f"{file_in_the_way(path)} is a file, not a folder"}.get(e.errno, e.strerror)
-    return f"cannot read {path}: {why}"
-
-
-def cannot_write(e, out, shown, kept):
-    """An OSError writing out -> one line naming the path (the dataset's own path, not the staging
-    folder's) and what to do. shown: --out as given; kept: what is left as it was."""
-    path = e.filename or shown
-    real, tmp = os.path.realpath(path), f"{out}.tmp-{os.getpid()}"
-    if real == tmp:
-        path = shown
-    elif real.startswith(tmp + os.sep):
-        path = os.path.join(shown, os.path.relpath(real, tmp))
-    why = {errno.ENOSPC: "no space left on the device; free some space or choose another --out",
-           errno.EDQUOT: "the disk quota is used up; free some space or choose another --out",
-           errno.EROFS: "the file system is read-only; choose another --out",
-           errno.EACCES: "permission denied; choose a folder you may write to as --out",
-           errno.EPERM: "permission denied; choose a folder you may write to as --out",
-           errno.ENOTDIR: f"{file_in_the_way(real)} is a file, not a folder; choose another --out",
-           }.get(e.errno, f"{e.strerror}; choose another --out")
-    return f"cannot write {path}: {why} ({kept})"
-
-
-def writes_out(e, out):
-    """Whether the OSError e came writing out: out itself, its staging folders, or a folder above it"""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or not e.filename:
-        return True
-    real = os.path.realpath(e.filename)
-    return real == out or real.startswith((out + os.sep, out + ".tmp-", out + ".old-")) or \
-        out.startswith(real.rstrip(os.sep) + os.sep) and not os.path.exists(real)  # os.makedirs making it
 
 
 def print_stats(meta):
@@ -659,7 +509,7 @@ def main(argv):
     try:
         check_out(args, out)
         check_folders(args)
-        remove_leftovers(out)
+        remove_staged(out, LEFTOVER_FILES, "prepare.py")
         with staging(out) as folder:
             meta = build[args.command](args, folder, problems)
             meta["source"] = args.command + (" (unlabelled)" if getattr(args, "unlabelled", False) else "")
@@ -667,7 +517,8 @@ def main(argv):
     except (BadInput, AudioError, NoFFmpeg) as e:
         sys.exit(f"prepare.py: {e}")
     except OSError as e:  # a full disk, a read-only one, an input that cannot be read...
-        sys.exit(f"prepare.py: {cannot_write(e, out, args.out, kept) if writes_out(e, out) else cannot_read(e)}")
+        sys.exit(f"prepare.py: {cannot_write(staged_path(e.filename, out, args.out), e)} ({kept})"
+                 if writes_out(e, out) else f"prepare.py: {cannot_read(e)}")
     except BrokenProcessPool:
         sys.exit(f"prepare.py: a process decoding audio died (out of memory?): try fewer --workers ({kept})")
     except KeyboardInterrupt:

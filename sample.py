@@ -19,14 +19,13 @@ import sys
 import time
 
 from nanotcmp.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, NoFFmpeg, load_audio
-from nanotcmp.data import DataError, line_problem, load_run
+from nanotcmp.checkpoint import load_run
+from nanotcmp.data import line_problem
+from nanotcmp.files import DataError
 from nanotcmp.model import TCMP, TCMPConfig
 from nanotcmp.processes import device_from
 from nanotcmp.stream import Stream
 from nanotcmp.tokenizer import WordPiece
-
-
-PREPARE_MAX_SECONDS = 15.0  # prepare.py's --max-seconds default: the cut of a run that did not record its own
 
 
 class BadTurn(ValueError):
@@ -62,13 +61,8 @@ def load_checkpoint(folder, device):
 
 def audio_cut(config, folder):
     """The seconds of audio a turn keeps: the run's max_seconds, the cut prepare.py made of the clips
-    it learnt from (a run from before config.json recorded it: prepare.py's default, said once)"""
-    seconds = config.get("max_seconds")
-    if seconds is None:
-        print(f"sample.py: {os.path.join(folder, 'config.json')} does not record the audio's max_seconds (a run "
-              f"from before it did): cutting audio at prepare.py's default, {PREPARE_MAX_SECONDS:g} s",
-              file=sys.stderr, flush=True)
-        return PREPARE_MAX_SECONDS
+    it learnt from"""
+    seconds = config["max_seconds"]
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= MIN_SAMPLES / SAMPLE_RATE:
         raise SystemExit(f"sample.py: {os.path.join(folder, 'config.json')}: max_seconds must be a number of "
                          f"seconds, at least {MIN_SAMPLES / SAMPLE_RATE}, not {json.dumps(seconds)}")

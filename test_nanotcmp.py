@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import wave
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,21 +42,26 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import nanotcmp.model as M
-from nanotcmp import demo, tables
+from nanotcmp import demo, settings
 import bench
 import prepare
 import sample
 import train
-from nanotcmp.audio import SAMPLE_RATE, AudioError, load_audio, save_wav, synthesize
+from nanotcmp.audio import SAMPLE_RATE, AudioError, load_audio, save_wav
 from nanotcmp.cuda_graphs import CudaGraphs, compile_encoders
-from nanotcmp.data import (LENGTH_GRID, ROW_GRID, DataError, Split, buckets, draw_noise, encoder_inputs, keep_dialogues,
+from nanotcmp.data import (LENGTH_GRID, ROW_GRID, Split, buckets, draw_noise, encoder_inputs, keep_dialogues,
                            finetune_batch, last_own_labels, line_problem, load_meta, make_batch, padding,
                            pretrain_batch, shapes, to_device, windows)
 from nanotcmp.evaluate import LINEAR_L2, linear_reference, logistic_regression, nearby_vectors, word_overlap_scores
-from nanotcmp.metrics import (aa, confusion, emotion_scores, last_emotion_scores, macro_f1, majority_scores, recall_at,
-                              wa)
+from nanotcmp.demo import synthesize
+from nanotcmp.files import DataError
+from nanotcmp.metrics import confusion, emotion_scores, last_emotion_scores, majority_scores, recall_at
 from nanotcmp.model import GRU, Bert, ContextInteraction, Hubert, NearbyContext, clip_loss, tus_loss
 from nanotcmp.tokenizer import WordPiece
+from nanotcmp.training import build_model, class_weights, train_step
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments"))
+import tables  # noqa: E402 (experiments/tables.py, which the experiments import as it)
 
 
 ROOT = Path(__file__).resolve().parent
@@ -74,6 +80,19 @@ def minilm_dir():
 def meld_utterances(split):
     with open(MELD / f"{split}_sent_emo.csv", newline="", encoding="utf-8") as f:
         return [row["Utterance"] for row in csv.DictReader(f)]
+
+
+def text_of(split, i):
+    start, length = split.utt_text[i]
+    return bytes(split.text[start:start + length]).decode("utf-8")
+
+
+def speaker_of(split, i):
+    return split.speakers[split.utt_speaker[i]]
+
+
+def dialogue_of(split, i):
+    return split.dialogues[split.utt_dialogue[i]]
 
 
 def max_diff(a, b):
@@ -138,11 +157,16 @@ def small_demo(tmp_path_factory):
     return out
 
 
+def stage_settings(*argv, stage="finetune", device="cpu"):
+    """train.py's Settings of one stage, for its options argv"""
+    args = settings.parse_args(["--stage", stage, *map(str, argv)], "")
+    return settings.plan(args, torch.device(device))[0]
+
+
 def small_model(data, *extra):
     """train.py's fine-tuning model of the dataset, with train.py's options extra, in eval mode"""
-    args = train.parse_args(["--data", str(data), *extra])
     torch.manual_seed(0)
-    return train.build_model(args, load_meta(data), "finetune").eval()
+    return build_model(stage_settings("--data", data, *extra), load_meta(data)).eval()
 
 
 def bad_option(capsys, main, argv, option):
@@ -661,7 +685,7 @@ def test_eq23_weighted_cross_entropy_by_hand():
 def test_forward_returns_output_loss_and_parts_in_both_stages(small_demo):
     """TCMP.forward returns (output, loss, parts) in both stages"""
     split, model = Split(small_demo / "train.safetensors"), small_model(small_demo)
-    model.class_weights.copy_(train.class_weights(split, 3))
+    model.class_weights.copy_(class_weights(split, 3))
     batch = finetune_batch(split, split.samples[:4], model.config.modalities)
     with torch.no_grad():
         logits, loss, parts = model(batch)
@@ -992,7 +1016,7 @@ def test_demo_is_deterministic_and_complete(tmp_path, monkeypatch):
     lines = [json.loads(l) for l in (tmp_path / "a/example_dialogue.jsonl").read_text().splitlines()]
     assert {l["dialogue"] for l in lines} == {test.dialogues[0]}
     for i, line in enumerate(lines):
-        assert line["text"] == test.text_of(i) and line["speaker"] == test.speaker_of(i)
+        assert line["text"] == text_of(test, i) and line["speaker"] == speaker_of(test, i)
         np.testing.assert_array_equal(load_audio(tmp_path / "a" / line["audio"])[0], test.audio_of(i))
 
 
@@ -1183,7 +1207,6 @@ def test_three_classes_seven_samples_one_never_predicted():
     assert s["wa"] == pytest.approx(100 * 3 / 7)
     assert s["aa"] == pytest.approx(100 * 7 / 18)
     assert s["f1"] == pytest.approx(100 / 3)
-    assert (wa(t, p), aa(t, p, 3), macro_f1(t, p, 3)) == (s["wa"], s["aa"], s["f1"])
     assert all(type(s[k]) is float for k in ("wa", "aa", "f1"))
 
 
@@ -1196,9 +1219,10 @@ def test_class_absent_from_y_true():
     # F1: class 0: 2/(2+1+1) = 1/2; class 1: 4/(4+0+1) = 4/5; class 3: 0/(0+1+0) = 0; class 2 left out
     # macro F1 = (1/2 + 4/5 + 0)/3 = 13/30   (with class 2 counted as 0 it would be 13/40)
     t, p = [0, 0, 1, 1, 1], [0, 3, 1, 1, 0]
-    assert wa(t, p) == pytest.approx(60.0)
-    assert aa(t, p, 4) == pytest.approx(100 * 7 / 12)
-    assert macro_f1(t, p, 4) == pytest.approx(100 * 13 / 30)
+    s = emotion_scores(t, p, 4)
+    assert s["wa"] == pytest.approx(60.0)
+    assert s["aa"] == pytest.approx(100 * 7 / 12)
+    assert s["f1"] == pytest.approx(100 * 13 / 30)
 
 
 def test_perfect_predictions():
@@ -1302,13 +1326,13 @@ def test_bad_labels():
     with pytest.raises(ValueError, match=r"label 5\b"):
         confusion([0, 5, 1], [0, 1, 1], 3)
     with pytest.raises(ValueError, match=r"label -1\b"):
-        macro_f1([0, 1, 1], [0, -1, 1], 3)
+        emotion_scores([0, 1, 1], [0, -1, 1], 3)
     with pytest.raises(ValueError, match="3 labels.*2"):
-        aa([0, 1, 1], [0, 1], 3)
+        emotion_scores([0, 1, 1], [0, 1], 3)
     with pytest.raises(ValueError, match="integer"):
         confusion([0.0, 1.0], [0, 1], 2)
     with pytest.raises(ValueError, match="no samples"):
-        wa([], [])
+        emotion_scores([], [], 2)
 
 
 # R_k@m on a hand-made 4 x 5 score matrix; the true candidate's rank (1-based, losing ties) is:
@@ -1377,9 +1401,10 @@ def test_aa_f1_against_reference_loop():
         t = [rng.choice(t_classes) for _ in range(n)]
         p = [rng.choice(p_classes) if rng.random() < 0.6 else x for x in t]
         want_aa, want_f1 = reference_aa_f1(t, p, n_classes)
-        assert aa(t, p, n_classes) == pytest.approx(want_aa)
-        assert macro_f1(t, p, n_classes) == pytest.approx(want_f1)
-        assert wa(t, p) == pytest.approx(100 * sum(a == b for a, b in zip(t, p)) / n)
+        got = emotion_scores(t, p, n_classes)
+        assert got["aa"] == pytest.approx(want_aa)
+        assert got["f1"] == pytest.approx(want_f1)
+        assert got["wa"] == pytest.approx(100 * sum(a == b for a, b in zip(t, p)) / n)
 
 # -----------------------------------------------------------------------------
 # prepare.py: P-MELD, P-IEM, JSONL dialogues; bad input named, nothing of a user's deleted
@@ -1402,7 +1427,7 @@ def test_p_meld_hand_checked_dialogues(p_meld):
     labels = load_meta(p_meld)["labels"]
     by_dialogue = {}
     for first, target, label in train.samples:
-        by_dialogue.setdefault(train.dialogue_of(target), []).append((first, target, labels[label]))
+        by_dialogue.setdefault(dialogue_of(train, target), []).append((first, target, labels[label]))
     # dia0: Chandler and the interviewer alternate for 14 utterances: every t >= 2 is a sample,
     # and from t = 11 on the context is capped at 11 utterances
     d0 = by_dialogue["dia0"]
@@ -1410,13 +1435,13 @@ def test_p_meld_hand_checked_dialogues(p_meld):
     assert [t - start for _, t, _ in d0] == list(range(2, 14))
     assert [t - f for f, t, _ in d0] == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 11, 11]
     assert [y for _, _, y in d0][:3] == ["neutral", "neutral", "positive"]  # utterances 2, 3, 4
-    assert d0[2][2] == "positive" and train.text_of(d0[2][1]) == "My duties?  All right."
-    assert d0[10][2] == "positive" and train.text_of(d0[10][1]) == "Really?!"
+    assert d0[2][2] == "positive" and text_of(train, d0[2][1]) == "My duties?  All right."
+    assert d0[10][2] == "positive" and text_of(train, d0[10][1]) == "Really?!"
     # dia1: Joey Rachel Joey Rachel Joey Joey Rachel (utterance ids 0-5, 8): t = 2, 3, 4 only
     d1 = by_dialogue["dia1"]
     s1 = d1[0][1] - 2
     assert [(f - s1, t - s1, y) for f, t, y in d1] == [(0, 2, "negative"), (0, 3, "negative"), (0, 4, "neutral")]
-    assert train.speaker_of(s1 + 5) == "Joey" and train.text_of(s1 + 6) == "Yeah, sure!"
+    assert speaker_of(train, s1 + 5) == "Joey" and text_of(train, s1 + 6) == "Yeah, sure!"
     # the target is never in its own context, and every context lies in the target's dialogue
     for first, target, _ in train.samples[:500]:
         assert first < target and train.utt_dialogue[first] == train.utt_dialogue[target]
@@ -1455,7 +1480,7 @@ def test_p_meld_tokens_and_text_round_trip(p_meld):
     rows = meld_rows("dev")
     texts = {(int(r["Dialogue_ID"]), int(r["Utterance_ID"])): r["Utterance"] for r in rows}
     ordered = [texts[k] for k in sorted(texts)]
-    assert [dev.text_of(i) for i in range(len(dev))] == ordered
+    assert [text_of(dev, i) for i in range(len(dev))] == ordered
     for i in range(0, len(dev), 37):
         assert dev.tokens_of(i).tolist() == tok.encode(ordered[i], max_len=60)
     meta = load_meta(p_meld)
@@ -1561,10 +1586,10 @@ def test_p_iem_from_a_miniature_tree(tmp_path):
     assert meta["modalities"] == ["text", "audio"]
     train = Split(out / "train.safetensors")
     # session 1 in start-time order: F000 M000 F001 M001 F002 M002 F003; M002 is xxx: context only
-    texts = [train.text_of(i) for i in range(7)]
+    texts = [text_of(train, i) for i in range(7)]
     assert texts == ["Excuse me.", "Do you have your forms?", "Yeah.", "Let me see them.", "Is there a problem?",
                      "Who told you to get in this line?", "You did."]
-    assert [train.speaker_of(i) for i in range(7)] == list("FMFMFMF")
+    assert [speaker_of(train, i) for i in range(7)] == list("FMFMFMF")
     labels = meta["labels"]
     assert [(f, t, labels[y]) for f, t, y in train.samples[:4].tolist()] == [
         (0, 2, "fru"), (0, 3, "oth"), (0, 4, "ang"), (0, 6, "oth")]
@@ -1596,7 +1621,7 @@ def test_generic_jsonl(tmp_path, audio, labels):
     split = Split(out / "train.safetensors")
     assert meta["modalities"] == (["text", "audio"] if audio else ["text"])
     assert split.dialogues == ["d1", "d2"] and len(split) == 9
-    assert split.text_of(6) == "Utterance 1 of d2, by B!" and split.speaker_of(6) == "B"
+    assert text_of(split, 6) == "Utterance 1 of d2, by B!" and speaker_of(split, 6) == "B"
     if labels:
         assert meta["labels"] == ["happy", "sad"]
         # d1 ABABA: t = 2, 3, 4; d2 ABBA: t = 2 (B vs A) no, t = 3 (A vs B) no
@@ -1631,7 +1656,7 @@ def test_bad_media_named_and_skip_bad_drops(tmp_path):
     split = Split(tmp_path / "out/train.safetensors")
     assert meta["splits"]["train"]["dropped"] == 2 and len(split) == 7
     # d1 is now A A B A (the corrupt B turn gone): t = 3 only (A vs A); its context skips the dropped turn
-    assert [split.text_of(i) for i in range(4)] == [f"Utterance {i} of d1, by {s}!" for i, s in
+    assert [text_of(split, i) for i in range(4)] == [f"Utterance {i} of d1, by {s}!" for i, s in
                                                     ((0, "A"), (2, "A"), (3, "B"), (4, "A"))]
     assert split.samples.tolist() == [[0, 3, 0]]
 
@@ -1874,13 +1899,13 @@ def test_prepare_ctrl_c_stops_cleanly(tmp_path, monkeypatch, capsys):
 def test_prepare_ctrl_c_ends_the_decoding_workers(tmp_path, monkeypatch, capsys):
     src = generic_dialogues(tmp_path)
     workers = []
-    submit = prepare.ProcessPoolExecutor.map
+    submit = ProcessPoolExecutor.map
 
     def interrupted(self, *args, **kwargs):
         submit(self, *args, **kwargs)  # the decoding has started
         workers.extend(self._processes.values())
         raise KeyboardInterrupt
-    monkeypatch.setattr(prepare.ProcessPoolExecutor, "map", interrupted)
+    monkeypatch.setattr(ProcessPoolExecutor, "map", interrupted)
     try:
         with pytest.raises(SystemExit) as e:
             prepare_text(src, tmp_path / "out", "--workers", 2)
@@ -2158,7 +2183,7 @@ def test_eq23_class_weights_inverse_to_frequency(small_demo):
     """Eq. 23: each class's weight times its count is the same for every class, and the weights average 1"""
     split = Split(small_demo / "train.safetensors")
     counts = np.bincount(split.samples[:, 2], minlength=3)
-    w = train.class_weights(split, 3).numpy()
+    w = class_weights(split, 3).numpy()
     assert np.allclose(w * counts, (w * counts)[0]) and np.isclose((w * counts).sum(), counts.sum())
 
 
@@ -2193,20 +2218,19 @@ def test_frozen_encoders_train_with_the_frozen_defaults(tmp_path):
     run_prepare("dialogues", "--from", src, "--vocab", minilm_dir() / "vocab.txt", "--out", tmp_path / "d")
     meta, cpu = load_meta(tmp_path / "d"), torch.device("cpu")
     base = ["--data", str(tmp_path / "d"), "--modalities", "text", "--text-encoder", str(minilm_dir())]
-    F_ = train.FROZEN
+    F_, P_ = settings.PRESETS["frozen"], settings.PRESETS["paper"]
     given = ["--d", "32", "--dropout", "0.2", "--lr", "1e-3", "--epochs", "2", "--batch-size", "4"]
     for extra, stage, want in (
             (["--freeze-encoders"], "finetune", (F_["d"], F_["dropout"], F_["lr"]["finetune"], F_["epochs"],
-                                                 F_["batch"])),
-            (["--freeze-encoders"], "pretrain", (F_["d"], F_["dropout"], F_["lr"]["pretrain"],
-                                                 train.EPOCHS["pretrain"], train.BATCH["cpu"]["pretrain"])),
-            ([], "finetune", (768, 0.1, train.PAPER_LR["finetune"], train.EPOCHS["finetune"],
-                              train.BATCH["cpu"]["finetune"])),
+                                                 F_["batch_size"])),
+            (["--freeze-encoders"], "pretrain", (F_["d"], F_["dropout"], F_["lr"]["pretrain"], F_["epochs"],
+                                                 F_["batch_size"])),
+            ([], "finetune", (768, 0.1, P_["lr"]["finetune"], P_["epochs"]["finetune"],
+                              P_["batch_size"]["finetune"]["cpu"])),
             (["--freeze-encoders", *given], "finetune", (32, 0.2, 1e-3, 2, 4))):
-        args = train.parse_args(base + extra)
-        run = train.plan_run(stage, args, cpu, batch_size=args.batch_size)
-        config = train.build_model(args, meta, stage).config
-        assert (config.d, config.dropout, run.lr, run.epochs, run.batching.batch_size) == want
+        s = stage_settings(*base, *extra, stage=stage)
+        config = build_model(s, meta).config
+        assert (config.d, config.dropout, s.lr, s.epochs, s.batch_size) == want
 
 
 def test_resume_continues_to_the_same_weights(small_demo, tmp_path):
@@ -2274,13 +2298,13 @@ def test_word_overlap_reference(tmp_path, shared, recall):
 
 def test_non_finite_loss_stops_with_the_step_and_parts(small_demo, tmp_path, monkeypatch):
     calls = {"n": 0}
-    classify = train.TCMP.classify
+    classify = M.TCMP.classify
 
     def poisoned(self, batch):
         calls["n"] += 1
         logits = classify(self, batch)
         return logits * float("nan") if calls["n"] == 4 else logits
-    monkeypatch.setattr(train.TCMP, "classify", poisoned)
+    monkeypatch.setattr(M.TCMP, "classify", poisoned)
     with pytest.raises(SystemExit, match=r"non-finite loss at step 4: wce nan; the last good state is .*state.pt"):
         train.main(["--stage", "finetune", "--data", str(small_demo), "--out", str(tmp_path / "r"),
                     "--batch-size", "8", "--save-every", "3"])
@@ -2290,9 +2314,9 @@ def test_non_finite_loss_stops_with_the_step_and_parts(small_demo, tmp_path, mon
 def test_zero_means_zero(small_demo, tmp_path, capsys):
     train.main(["--stage", "finetune", "--data", str(small_demo), "--out", str(tmp_path / "r"), "--lr", "0",
                 "--lr-encoder", "0", "--max-steps", "2", "--dropout", "0"])
-    assert "lr 0 (encoders 0)" in capsys.readouterr().out
+    assert "lr 0.0, lr_encoder 0.0" in capsys.readouterr().out
     torch.manual_seed(0)
-    initial = train.build_model(train.parse_args(["--data", str(small_demo)]), load_meta(small_demo), "finetune")
+    initial = build_model(stage_settings("--data", small_demo), load_meta(small_demo))
     trained = torch.load(tmp_path / "r/state.pt", weights_only=False)["model"]
     assert all(torch.equal(trained[k], v) for k, v in initial.state_dict().items())  # a rate of 0 moves nothing
 
@@ -2505,15 +2529,15 @@ def test_write_errors_are_one_line_and_leave_nothing_half_written(small_demo, tm
     with monkeypatch.context() as m:
         m.setattr(C, "save_file", full)
         refused_run(["--data", small_demo, "--out", tmp_path / "a", *QUICK],
-                    rf"^train.py: cannot write {re.escape(str(tmp_path / 'a/model.safetensors'))} \(No space left on "
-                    r"device\): the disk is full: free some space or write elsewhere$")
+                    rf"^train.py: cannot write {re.escape(str(tmp_path / 'a/model.safetensors'))}: no space left on "
+                    r"the device; free some space or choose another --out$")
     assert not list((tmp_path / "a").glob("*.tmp"))
     with monkeypatch.context() as m:
         m.setattr(C.torch, "save", lambda *a: (_ for _ in ()).throw(RuntimeError(
             "[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")))
         refused_run(["--data", small_demo, "--out", tmp_path / "b", *QUICK, "--max-steps", "1"],
-                    r"cannot write \S+state.pt \(\[enforce fail at inline_container.cc:626\] . unexpected pos 64 vs "
-                    r"0\): is the disk full or read-only\? write elsewhere$")
+                    r"cannot write \S+state.pt: \[enforce fail at inline_container.cc:626\] . unexpected pos 64 vs "
+                    r"0; is the disk full or read-only\? choose another --out$")
     (tmp_path / "file").write_text("")
     refused_run(["--data", small_demo, "--out", tmp_path / "file", *QUICK],
                 rf"^train.py: {re.escape(str(tmp_path / 'file'))} is a file, not a folder: choose another --out$")
@@ -2522,7 +2546,7 @@ def test_write_errors_are_one_line_and_leave_nothing_half_written(small_demo, tm
     with monkeypatch.context() as m:
         m.setattr(F, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system")))
         train.main(["--data", data, "--out", tmp_path / "c", *QUICK, "--max-steps", "2", "--freeze-encoders"])
-    assert "file system is read-only: write elsewhere; the features stay in memory, for this run only" in \
+    assert "file system is read-only; the features stay in memory, for this run only" in \
         capsys.readouterr().out
     assert not (data / "features").exists() or not list((data / "features").iterdir())
 
@@ -2564,7 +2588,8 @@ def test_training_on_the_grid_equals_training_without(small_demo, tmp_path):
     assert max(max_diff(a["model"][k], b["model"][k]) for k in a["model"]) <= TOL
     for x, y in zip(a["history"], b["history"]):
         assert abs(x["loss"] - y["loss"]) <= 1e-5
-    assert train.parse_args([]).shape_grid is torch.cuda.is_available()  # the default: on where shapes cost
+    assert stage_settings().shape_grid is False  # the default: on where shapes cost (CUDA), off on the CPU
+    assert settings.SPEED["shape_grid"] == {"cuda": True, "cpu": False}
 
 
 def test_feature_cache_trains_as_frozen_encoders_do(small_demo, tmp_path, capsys):
@@ -2630,13 +2655,13 @@ def test_cuda_graphs_one_per_shape_and_use(small_demo, monkeypatch):
     batch["audio_mask"].append(batch["audio_mask"][0].clone())
     model.train()
     opt = torch.optim.Adam(model.parameters())
-    train.train_step(model, opt, [(1.0, batch)])
+    train_step(model, opt, [(1.0, batch)])
     audio = [tuple(x.shape) for x in batch["audio"]]
     assert sorted(s[0] for name, s in captured if name == "Hubert") == sorted(audio)  # one graph for each use
     assert sorted(s[0] for name, s in captured if name == "Bert") == sorted({tuple(x.shape) for x in batch["text"]})
     assert [name for name, _ in captured].count("ContextInteraction") == len(model.streams)
     n = len(captured)
-    train.train_step(model, opt, [(1.0, batch)])
+    train_step(model, opt, [(1.0, batch)])
     assert len(captured) == n  # the next step replays them
 
 
@@ -2692,32 +2717,12 @@ def test_a_training_step_never_waits_for_the_device(small_demo):
     for batch in (pretrain_batch(split, windows(split)[:2], 5, rng, model.config.modalities),
                   finetune_batch(split, split.samples[:4], model.config.modalities)):
         micro = [(0.5, to_device(batch, torch.device("meta")))] * 2
-        loss, parts = train.train_step(model, opt, micro)
+        loss, parts = train_step(model, opt, micro)
         assert loss.device.type == "meta" and all(v.device.type == "meta" for v in parts.values())
     model.check_inputs = True  # the encoders' input checks do wait (finding ids out of the vocabulary)
     with pytest.raises(NotImplementedError, match=r"torch\.nonzero\(\)"):
-        train.train_step(model, opt, micro)
+        train_step(model, opt, micro)
 
-
-def test_bench_times_the_step_train_py_takes(small_demo):
-    """bench.py's copy of train.py's step (a script imports no other) does the same: the same loss,
-    parts and updated weights, bit for bit"""
-    split = Split(small_demo / "pretrain.safetensors")
-    batches = [pretrain_batch(split, windows(split)[i:i + 2], 5, np.random.default_rng(i), ("text", "audio"))
-               for i in (0, 2)]
-    results = []
-    for step in (train.train_step, bench.train_step):
-        torch.manual_seed(0)
-        model = small_model(small_demo)
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        opt = torch.optim.Adam(model.parameters())
-        torch.manual_seed(1)  # the same dropout masks
-        loss, parts = step(model, opt, [(0.25, batches[0]), (0.75, batches[1])])
-        results.append((loss, parts, model.state_dict()))
-    (l1, p1, w1), (l2, p2, w2) = results
-    assert torch.equal(l1, l2) and p1.keys() == p2.keys() and all(torch.equal(p1[k], p2[k]) for k in p1)
-    assert all(torch.equal(w1[k], w2[k]) for k in w1)
-    assert not all(torch.equal(w1[k], before[k]) for k in w1)  # the step did change the weights
 
 # -----------------------------------------------------------------------------
 # sample.py: real-time pre-recognition
@@ -2978,12 +2983,7 @@ def test_pmeld_label_efficiency_and_end_to_end_runs(capsys):
         ("finetune", "o/e2e/text-wo-dist/seed3/finetune", False), ("finetune", "o/e2e/text/seed3/finetune", False),
         ("pretrain", "o/pretrain-frozen/text-pre/seed3", True), ("finetune", "o/e2e/text-pre/seed3/finetune", False)]
     assert e2e[2] == runs[3]  # the frozen table's pre-training, the same command
-    pmeld = load_experiment("pmeld")
-    head = dict(zip(pmeld.HEAD[::2], pmeld.HEAD[1::2]))
-    assert {k: float(v) for k, v in head.items()} == {
-        "--d": train.FROZEN["d"], "--dropout": train.FROZEN["dropout"], "--lr": train.FROZEN["lr"]["finetune"],
-        "--batch-size": train.FROZEN["batch"]}
-    assert all(e2e[i][k] == v for i in (0, 1, 3) for k, v in head.items())
+    assert all(e2e[i]["--preset"] == "frozen" for i in (0, 1, 3))  # the frozen preset's TCMP layers
     sweep = pmeld_commands(capsys, "--end-to-end", "--sweep")
     assert [(r["--out"], r["--seed"], r["--lr-encoder"]) for r in sweep] == [
         (f"o/sweep-e2e/lr-encoder{r}/seed0", "0", r) for r in ("1e-5", "3e-5", "1e-4")]
@@ -3298,24 +3298,6 @@ def test_sample_cuts_audio_as_prepare_did(demo_ckpt, tmp_path, capsys):
         assert notes == ([f"sample.py: {turns}:2: audio longer than 0.5 s, cut to its first 0.5 s (the run's "
                           f"max_seconds, as prepare.py cut the clips it learnt from)"] if name == "long" else [])
     assert answers["long"] == answers["cut"] and len(answers["long"]) == 2
-
-
-def test_sample_cuts_a_run_without_max_seconds_at_prepares_default(demo_ckpt, tmp_path, capsys, monkeypatch):
-    default = float(re.search(r'"--max-seconds".*?default=([\d.]+)', (ROOT / "prepare.py").read_text(), re.S)[1])
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(demo_ckpt / "all", ckpt)
-    config = json.loads((ckpt / "config.json").read_text())
-    del config["max_seconds"]  # a run from before config.json recorded it
-    (ckpt / "config.json").write_text(json.dumps(config))
-    write_sine_wav(tmp_path / "a.wav")
-    load = sample.load_audio
-    cuts = []
-    monkeypatch.setattr(sample, "load_audio", lambda path, *a: cuts.append(a) or load(path, *a))
-    sample.main([str(three_turns(tmp_path / "t.jsonl", audio=["a.wav"] * 3)), "--ckpt", str(ckpt), "--json"])
-    notes = [l for l in capsys.readouterr().err.splitlines() if "max_seconds" in l]
-    assert cuts == [(default,)] * 3 and notes == [
-        f"sample.py: {ckpt / 'config.json'} does not record the audio's max_seconds (a run from before it did): "
-        f"cutting audio at prepare.py's default, {default:g} s"]
 
 
 def test_bench_checks_its_command_line(capsys, monkeypatch):

@@ -23,8 +23,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nanotcmp.data import DataError, ranged, read_json  # noqa: E402 (the repository's modules)
-from nanotcmp.tables import ROOT, make_table_in, mean_std, read_metrics, run, run_chain, write_table  # noqa: E402
+from nanotcmp.files import DataError, read_json  # noqa: E402 (the repository's modules)
+from nanotcmp.settings import ranged  # noqa: E402
+from tables import ROOT, make_table_in, mean_std, read_metrics, run, run_chain, write_table  # noqa: E402
 
 # row -> (its folder, train.py's options beyond --seed, whether it pre-trains)
 ROWS = {

@@ -30,9 +30,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nanotcmp.data import DataError, file_sha256, load_meta, ranged  # noqa: E402 (the repository's)
+from nanotcmp.data import load_meta  # noqa: E402 (the repository's)
+from nanotcmp.files import DataError, file_sha256  # noqa: E402
 from nanotcmp.evaluate import selection_score  # noqa: E402
-from nanotcmp.tables import ROOT, done, make_table_in, mean_std, read_metrics, run, run_chain, write_table  # noqa: E402
+from nanotcmp.settings import ranged  # noqa: E402
+from tables import ROOT, done, make_table_in, mean_std, read_metrics, run, run_chain, write_table  # noqa: E402
 
 # row -> (its folder, pre-training options or None for none, fine-tuning options)
 ROWS = {
@@ -44,14 +46,12 @@ ROWS = {
 LABEL_ROWS = ("Text", "Text-Pre")  # the label-efficiency table: without and with pre-training
 FRACTIONS = (0.1, 0.25, 1.0)  # of the training dialogues; dev and test stay whole
 # The authors' pre-training: 10 noise candidates, 64 windows a step, 30 epochs at most, stopped
-# after 10 without a better dev score; with MiniLM frozen, train.py's FROZEN width and dropout.
+# after 10 without a better dev score; with MiniLM frozen, the frozen preset's width and dropout.
 AUTHORS_PRETRAINING = ["--k", "11", "--batch-size", "64", "--epochs", "30", "--patience", "10"]
 FROZEN_PRETRAINING = ["--freeze-encoders"] + AUTHORS_PRETRAINING
-# train.py's FROZEN settings of the TCMP layers, given on the command line where the encoder is not
-# frozen: end to end, the same layers learn, so that Text-Pre fine-tunes from the frozen pre-training
-HEAD = ["--d", "64", "--dropout", "0.3", "--lr", "3e-4", "--batch-size", "64"]
-# End to end: the encoder's rate and the epochs chosen on dev (--end-to-end --sweep)
-END_TO_END = HEAD + ["--lr-encoder", "1e-5", "--epochs", "3"]
+# End to end, the TCMP layers learn with the frozen preset's settings, so that Text-Pre fine-tunes from
+# the frozen pre-training; the encoder's rate and the epochs chosen on dev (--end-to-end --sweep)
+END_TO_END = ["--preset", "frozen", "--lr-encoder", "1e-5", "--epochs", "3"]
 # mode -> (pre-training options, fine-tuning options, rows run by default, shares of the training dialogues)
 MODES = {
     "frozen": (FROZEN_PRETRAINING, ["--freeze-encoders"], list(ROWS), FRACTIONS),
@@ -67,7 +67,8 @@ SWEEPS = {
                                            "--epochs", "12"]
                for d, p, lr in [(d, p, lr) for d in (64, 128) for p in (0.1, 0.3) for lr in ("1e-4", "3e-4", "1e-3")]
                + [(256, 0.1, "1e-4"), (256, 0.1, "3e-4")]},  # d 256 below both at dropout 0.1: no more of it
-    "e2e": {f"lr-encoder{r}": HEAD + ["--lr-encoder", r, "--epochs", "3"] for r in ("1e-5", "3e-5", "1e-4")},
+    "e2e": {f"lr-encoder{r}": ["--preset", "frozen", "--lr-encoder", r, "--epochs", "3"]
+            for r in ("1e-5", "3e-5", "1e-4")},
 }
 # ... and pre-training with MiniLM frozen, at train.py's default rate and above it
 PRETRAIN_SWEEP = {f"pretrain-lr{lr}": ["--lr", lr] for lr in ("2e-4", "1e-3", "3e-3")}

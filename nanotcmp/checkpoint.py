@@ -7,13 +7,17 @@ states, and the run's Progress with the settings it was started with.
 import contextlib
 import json
 import os
+import shlex
 from dataclasses import asdict, dataclass, field
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
-from nanotcmp.data import DataError, cannot_write, clean_leftovers, load_run, make_folder, write_atomic, write_json
+from nanotcmp.files import (DataError, cannot_write, clean_leftovers, file_sha256, make_folder, read_json, write_atomic,
+                            write_json)
 from nanotcmp.processes import barrier, gather, print0, rank, world
+from nanotcmp.settings import compared, shown
 
 
 def save_model(model, out, stage, meta, data):
@@ -26,6 +30,29 @@ def save_model(model, out, stage, meta, data):
               **{k: meta["settings"][k] for k in ("max_tokens", "max_context", "max_seconds")},  # prepare.py's cuts
               "data": os.path.abspath(data)}
     write_json(os.path.join(out, "config.json"), config)
+
+
+def load_run(folder):
+    """A run folder written by train.py -> (its config.json, its model's tensors), checked: both
+    files there and complete, the vocabulary where config.json says, unchanged (its sha256)"""
+    config_path, model_path = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
+    config = read_json(config_path, ("stage", "model", "labels", "vocab", "max_tokens", "max_context", "max_seconds"),
+                       "a run of train.py")
+    if not os.path.isfile(model_path):
+        raise DataError(f"{model_path} not found: is {folder} a run of train.py?")
+    try:
+        tensors = load_file(model_path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DataError(f"{model_path}: unreadable or incomplete ({e}); train again or copy it again") from None
+    vocab = config["vocab"]
+    if not os.path.isfile(vocab.get("path", "")):
+        raise DataError(f"{config_path}: the run's vocabulary {vocab.get('path')} is not there (moved or deleted?); "
+                        f"put it back, or set its path in config.json")
+    if file_sha256(vocab["path"]) != vocab.get("sha256"):
+        raise DataError(f"{vocab['path']}: not the vocabulary {folder} was trained with (another sha256): its word "
+                        f"pieces would get other ids")
+    return config, tensors
+
 
 
 RUN_FILES = ("model.safetensors", "config.json", "metrics.json", "log.json", "state.pt")
@@ -62,22 +89,50 @@ def refuse_mixing(out, resume, overwrite):
         raise DataError(f"--out {out} holds a run ({', '.join(found)}): {how} with --overwrite")
 
 
-def claim_folder(out, resume, overwrite):
-    """The first process makes the run folder ready: refuse_mixing, then with overwrite the old run's
-    files removed, and what a killed run left there (write_atomic's temporary files) cleaned"""
-    refuse_mixing(out, resume, overwrite)
+def claim_folders(stages):
+    """Before anything is trained: refuse_mixing for each stage's folder, then with --overwrite the
+    old run's files removed"""
+    for s in stages:
+        refuse_mixing(s.out, s.resume, s.overwrite)
     if rank() == 0:
-        found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
-        if found and not resume:
+        for s in stages:
+            found = [f for f in RUN_FILES if os.path.exists(os.path.join(s.out, f))] if s.overwrite else []
             for f in found:
                 try:
-                    os.remove(os.path.join(out, f))
+                    os.remove(os.path.join(s.out, f))
                 except OSError as e:
-                    raise cannot_write(os.path.join(out, f), e) from None
-            print(f"removed the run in {out} ({', '.join(found)}), to start it again")
-        make_folder(out)
-        clean_leftovers(out)
+                    raise cannot_write(os.path.join(s.out, f), e) from None
+            if found:
+                print(f"removed the run in {s.out} ({', '.join(found)}), to start it again")
     barrier()
+
+
+@contextlib.contextmanager
+def run_folder(s, model, opt, device):
+    """A stage's run folder, made ready (what a killed run left there removed) -> its Progress:
+    resumed from state.pt with --resume, else new. A stage that fails before writing anything in
+    the folder it made leaves no folder behind."""
+    created = rank() == 0 and not os.path.isdir(s.out)
+    try:
+        if rank() == 0:
+            make_folder(s.out)
+            clean_leftovers(s.out)
+        barrier()
+        path = os.path.join(s.out, "state.pt")
+        yield resume(path, model, opt, device, compared(s)) if s.resume else Progress(settings=compared(s))
+    except BaseException:
+        if created and os.path.isdir(s.out) and not os.listdir(s.out):
+            os.rmdir(s.out)
+        raise
+
+
+def interrupted(stages, argv):
+    """Ctrl-C: what is kept, and the command that continues from it"""
+    states = [p for p in (os.path.join(s.out, "state.pt") for s in stages) if os.path.isfile(p)]
+    if not states:
+        return "interrupted before a state was saved (every --save-every steps and at each epoch's end)"
+    again = [a for a in argv if a != "--overwrite"] + ([] if "--resume" in argv else ["--resume"])
+    return f"interrupted; kept {', '.join(states)}: continue with python train.py {shlex.join(again)}"
 
 
 def load_init(model, folder, meta):
@@ -93,12 +148,12 @@ def load_init(model, folder, meta):
     theirs, ours = config["model"], json.loads(json.dumps(asdict(model.config)))  # as config.json keeps it
     for key, option in (("modalities", "--modalities"), ("d", "--d"), ("distant", "--no-distant")):
         if theirs.get(key) != ours[key]:
-            raise DataError(f"--init {folder} was pre-trained with {key} {setting(theirs.get(key))}, this model has "
-                            f"{setting(ours[key])}: fine-tune with the {option} of its pre-training")
+            raise DataError(f"--init {folder} was pre-trained with {key} {shown(theirs.get(key))}, this model has "
+                            f"{shown(ours[key])}: fine-tune with the {option} of its pre-training")
     for key, option in (("bert", "--text-encoder"), ("hubert", "--audio-encoder")):
         if without_dropout(theirs.get(key)) != without_dropout(ours[key]):  # (dropout may differ)
             raise DataError(f"--init {folder} was pre-trained with another {option} (its config: "
-                            f"{setting(without_dropout(theirs.get(key)))}): fine-tune with the {option} of its "
+                            f"{shown(without_dropout(theirs.get(key)))}): fine-tune with the {option} of its "
                             f"pre-training")
     if config["vocab"]["sha256"] != meta["vocab"]["sha256"]:
         raise DataError(f"--init {folder} was trained with the vocabulary {config['vocab']['path']}, "
@@ -115,17 +170,6 @@ def load_init(model, folder, meta):
 
 def without_dropout(encoder_config):
     return encoder_config and {k: v for k, v in encoder_config.items() if k != "dropout"}
-
-
-def setting(value):
-    """A setting as a message shows it"""
-    if isinstance(value, bool) or value is None:
-        return {True: "on", False: "off", None: "none"}[value]
-    if isinstance(value, list):
-        return ", ".join(map(str, value))
-    if isinstance(value, dict):
-        return ", ".join(f"{k} {v}" for k, v in value.items())
-    return str(value)
 
 
 @dataclass
@@ -154,7 +198,8 @@ def resume(path, model, opt, device, settings):
         raise DataError(f"--resume: no {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
-        missing = [k for k in ("model", "opt", "step", "best", "history", "rng") if k not in state]
+        missing = [k for k in ("model", "opt", "step", "best", "history", "dev_by_epoch", "settings", "rng")
+                   if k not in state]
     except Exception as e:  # torch.load raises what the unpickler meets: EOFError, UnpicklingError, ...
         raise DataError(f"--resume: {path} is unreadable or incomplete "
                          f"({type(e).__name__}); start again without --resume") from None
@@ -163,11 +208,10 @@ def resume(path, model, opt, device, settings):
     if len(state["rng"]) != world():
         raise DataError(f"--resume: {path} was saved by {len(state['rng'])} processes, "
                          f"this run has {world()}")
-    saved = state.get("settings", {})
     for option, value in settings.items():
-        if option in saved and saved[option] != value:
-            raise DataError(f"--resume: {path} is a run of {option} {setting(saved[option])}, this "
-                            f"command gives {option} {setting(value)}: resume with the run's settings, or start "
+        if state["settings"].get(option) != value:
+            raise DataError(f"--resume: {path} is a run of {option} {shown(state['settings'].get(option))}, this "
+                            f"command gives {option} {shown(value)}: resume with the run's settings, or start "
                             f"again with --overwrite")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
@@ -176,5 +220,4 @@ def resume(path, model, opt, device, settings):
     if cuda_rng is not None:
         torch.cuda.set_rng_state(cuda_rng, device)
     print0(f"resumed at step {state['step']}")
-    # (a state saved before train.py kept the dev scores of every epoch, or its settings, has none)
-    return Progress(state["step"], state["best"], state["history"], state.get("dev_by_epoch", []), settings)
+    return Progress(state["step"], state["best"], state["history"], state["dev_by_epoch"], settings)

@@ -19,20 +19,14 @@ open it, but nanotcmp never loads it: numpy memory-maps its arrays in place.
 
 Utterances are stored dialogue by dialogue, in spoken order.
 """
-import argparse
-import contextlib
-import errno
-import hashlib
 import json
-import math
 import os
-import re
 import struct
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+
+from nanotcmp.files import DataError, read_json
 
 DTYPES = {"I16": np.int16, "I32": np.int32, "I64": np.int64, "U8": np.uint8}
 
@@ -44,10 +38,6 @@ def make_samples(speakers, labels, max_context):
     positions in the dialogue"""
     return [(max(0, t - max_context), t, labels[t]) for t in range(2, len(labels))
             if speakers[t] == speakers[t - 2] and labels[t] >= 0]
-
-
-class DataError(ValueError):
-    """A dataset that is missing, incomplete or damaged; the message names the file."""
 
 
 class Split:
@@ -81,10 +71,6 @@ class Split:
     def __len__(self):
         return len(self.utt_label)
 
-    def text_of(self, i):
-        start, length = self.utt_text[i]
-        return bytes(self.text[start:start + length]).decode("utf-8")
-
     def tokens_of(self, i):
         start, length = self.utt_tokens[i]
         return self.tokens[start:start + length]
@@ -92,109 +78,6 @@ class Split:
     def audio_of(self, i):
         start, length = self.utt_audio[i]
         return self.audio[start:start + length]
-
-    def speaker_of(self, i):
-        return self.speakers[self.utt_speaker[i]]
-
-    def dialogue_of(self, i):
-        return self.dialogues[self.utt_dialogue[i]]
-
-
-def cannot_write(path, e):
-    """A DataError of one line for an error writing path: what went wrong and what to do"""
-    advice = {errno.ENOSPC: "the disk is full: free some space or write elsewhere",
-              errno.EDQUOT: "the disk quota is full: free some space or write elsewhere",
-              errno.EROFS: "the file system is read-only: write elsewhere",
-              errno.EACCES: "permission denied: write elsewhere", errno.EPERM: "permission denied: write elsewhere",
-              errno.ENOTDIR: "a part of the path is a file, not a folder",
-              errno.EEXIST: "a part of the path is a file, not a folder"}.get(getattr(e, "errno", None))
-    reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
-    return DataError(f"cannot write {path} ({reason})" + (f": {advice}" if advice else
-                                                           ": is the disk full or read-only? write elsewhere"))
-
-
-def make_folder(path):
-    """os.makedirs(path, exist_ok=True), or a one-line DataError naming the path"""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except (OSError, ValueError) as e:
-        if isinstance(e, FileExistsError) or os.path.isfile(path):
-            e = OSError(errno.ENOTDIR, "a file of that name exists")
-        raise cannot_write(path, e) from None
-
-
-def write_atomic(path, write):
-    """write(tmp_path), then rename: a killed run never leaves a half-written file (a later run
-    removes its leftovers: clean_leftovers), and runs writing the same file (a shared feature cache)
-    never write into each other's. An error writing, a full disk say, is a one-line DataError."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        writing = isinstance(e, (OSError, SafetensorError)) or (  # torch.save fails with a RuntimeError
-            isinstance(e, RuntimeError) and ("inline_container" in str(e) or "writ" in str(e).lower()))
-        if writing:  # (an out-of-memory RuntimeError, say, is not one)
-            raise cannot_write(path, e) from None
-        raise
-
-
-def pid_alive(pid):
-    """Is a process of this id running (this machine's)?"""
-    if os.name == "nt":
-        return True  # there, os.kill(pid, 0) would end it
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
-
-
-def clean_leftovers(folder):
-    """Remove the <file>.<pid>.tmp files a killed run left in folder (write_atomic's, of a process no
-    longer running) -> their names, said in a line"""
-    gone = []
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        m = re.fullmatch(r".+\.(?:safetensors|json|pt)\.([0-9]{1,9})\.tmp", name)  # the files runs write
-        if m and not pid_alive(int(m[1])):
-            with contextlib.suppress(FileNotFoundError):  # (another run cleaning the same folder)
-                os.remove(os.path.join(folder, name))
-            gone.append(name)
-    if gone:
-        print(f"removed what a killed run left in {folder}: {', '.join(gone)}")
-    return gone
-
-
-def write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    write_atomic(path, write)
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=1))
-
-
-def read_json(path, keys, made_by):
-    """A JSON object that must hold keys -> it, or a DataError naming the file and what is wrong;
-    made_by: what its folder should be, for the message"""
-    folder = os.path.dirname(path) or "."
-    if not os.path.isfile(path):
-        raise DataError(f"{path} not found: is {folder} {made_by}?")
-    try:
-        with open(path) as f:
-            obj = json.load(f)
-    except ValueError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
-    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
-    if missing:
-        raise DataError(f"{path}: no {', '.join(missing)}: is {folder} {made_by}?")
-    return obj
 
 
 def load_meta(folder):
@@ -422,36 +305,6 @@ def dialogue_batches(split, batch_size, rng):
     return [split.samples[order[i:i + batch_size]] for i in range(0, len(order), batch_size)]
 
 # -----------------------------------------------------------------------------
-# runs: what train.py writes, sample.py and fine-tuning's --init read
-
-
-def file_sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def load_run(folder):
-    """A run folder written by train.py -> (its config.json, its model's tensors), checked: both
-    files there and complete, the vocabulary where config.json says, unchanged (its sha256)"""
-    config_path, model_path = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
-    config = read_json(config_path, ("stage", "model", "labels", "vocab", "max_tokens", "max_context"),
-                       "a run of train.py")
-    if not os.path.isfile(model_path):
-        raise DataError(f"{model_path} not found: is {folder} a run of train.py?")
-    try:
-        tensors = load_file(model_path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise DataError(f"{model_path}: unreadable or incomplete ({e}); train again or copy it again") from None
-    vocab = config["vocab"]
-    if not os.path.isfile(vocab.get("path", "")):
-        raise DataError(f"{config_path}: the run's vocabulary {vocab.get('path')} is not there (moved or deleted?); "
-                        f"put it back, or set its path in config.json")
-    if file_sha256(vocab["path"]) != vocab.get("sha256"):
-        raise DataError(f"{vocab['path']}: not the vocabulary {folder} was trained with (another sha256): its word "
-                        f"pieces would get other ids")
-    return config, tensors
-
-# -----------------------------------------------------------------------------
 # the generic JSONL dialogue format, read by prepare.py and sample.py
 
 
@@ -477,23 +330,3 @@ def line_problem(obj, required, optional):
         except UnicodeEncodeError as e:
             return f"field {k!r} is not valid Unicode (a lone surrogate {v[e.start]!r} at character {e.start})"
     return None
-
-# -----------------------------------------------------------------------------
-# command lines
-
-
-def ranged(kind, low=None, high=None, above=False, below=False):
-    """An argparse type: a number of kind (int or float) within [low, high], or (low, ... when above,
-    ..., high) when below; argparse names the option in its error"""
-    def parse(text):
-        try:
-            x = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not math.isfinite(x) or (low is not None and (x < low or above and x == low)) or \
-                (high is not None and (x > high or below and x == high)):
-            interval = (f"{'(' if above else '['}{'-inf' if low is None else low}, "
-                        f"{'inf' if high is None else high}{')' if below or high is None else ']'}")
-            raise argparse.ArgumentTypeError(f"{text} is outside {interval}")
-        return x
-    return parse

@@ -29,7 +29,7 @@ import re
 
 import numpy as np
 
-from nanotcmp.audio import synthesize
+from nanotcmp.audio import SAMPLE_RATE
 
 DEMO_LABELS = ("negative", "neutral", "positive")
 WOMEN = ("Anna", "Beth", "Clara", "Dana", "Emma", "Fiona")
@@ -183,6 +183,81 @@ def demo_vocab(dialogue_lists):
     texts += [u["text"] for dialogues in dialogue_lists for dialogue in dialogues for u in dialogue]
     words = {w for t in texts for w in re.findall(r"[a-z0-9]+|[^a-z0-9\s]", t.lower())}  # BERT's pre-tokenising
     return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(words)
+
+
+# -----------------------------------------------------------------------------
+# the voices: a speech-like synthesiser: glottal pulses shaped by formant resonances (a source-filter model)
+
+# formants F1..F3 of an adult male voice (Peterson & Barney, 1952) and a typical F4, which keeps
+# some energy above F3; Hz
+VOWELS = np.array([
+    [730, 1090, 2440, 3500],  # a, "father"
+    [530, 1840, 2480, 3500],  # e, "bed"
+    [270, 2290, 3010, 3500],  # i, "beet"
+    [570, 840, 2410, 3500],   # o, "bought"
+    [300, 870, 2240, 3500],   # u, "boot"
+], dtype=np.float64)
+BANDWIDTHS = np.array([80.0, 100.0, 150.0, 250.0])  # Hz, of F1..F4
+
+
+def glottal_flow(phase):
+    # Rosenberg's glottal pulse, phase in [0, 1) of a pitch period: the vocal folds open over 40% of
+    # the period, snap shut over 16%, and stay shut for the rest
+    opening = 0.5 * (1 - np.cos(np.pi * phase / 0.4))
+    closing = np.cos(np.pi * (phase - 0.4) / 0.32)
+    return np.where(phase < 0.4, opening, np.where(phase < 0.56, closing, 0.0))
+
+
+def formant_gain(freqs, formants):
+    # magnitude response of a cascade of 2-pole resonators (as in Klatt's synthesiser): 1 at DC,
+    # about F/B at each formant F, falling off above the last; freqs (K,), formants (4,) -> (K,)
+    f = freqs[:, None]
+    return np.prod(formants**2 / np.sqrt((formants**2 - f**2)**2 + (f * BANDWIDTHS)**2), axis=1)
+
+
+def synthesize(n_syllables, pitch_hz, energy, tempo, timbre, rng):
+    """
+    A speech-like utterance of n_syllables voiced syllables and short pauses -> 16 kHz int16.
+    pitch_hz: the mean fundamental; energy: loudness (the RMS is proportional to it); tempo: speed
+    (1 = about 0.18 s per syllable); timbre: the speaker's vocal tract, one scaling per formant
+    (F1, F2, F3; a shorter tuple repeats its last value; F4 follows F3). Deterministic given rng.
+    """
+    if not 1 <= len(timbre) <= 3:
+        raise ValueError(f"timbre must hold 1 to 3 formant scalings, got {len(timbre)}")
+    scale = np.array(list(timbre) + [timbre[-1]] * (4 - len(timbre)), dtype=np.float64)
+    n = n_syllables
+    # all prosody is drawn first, so that changing pitch_hz, energy or timbre changes nothing else
+    durs = 0.18 / tempo * rng.uniform(0.75, 1.25, n)  # (n,) seconds
+    # a pause after about 40% of syllables, as between words; within a word syllables run together
+    gaps = rng.uniform(0.03, 0.12, n) * (rng.uniform(0, 1, n) < 0.4) / tempo  # (n,) seconds
+    drift = rng.uniform(-0.25, 0.1)  # pitch change from first to last syllable: mostly falling
+    f0 = pitch_hz * (1 + drift * (np.linspace(0, 1, n) - 0.5)) * rng.uniform(0.92, 1.08, n)  # (n,)
+    glide = rng.uniform(-0.1, 0.1, n)  # pitch rise or fall within each syllable
+    vowels = rng.integers(len(VOWELS), size=n)
+    stress = rng.uniform(0.6, 1.0, n)
+    phase0 = rng.uniform(0, 1, n)
+
+    pieces = [np.zeros(int(0.05 * SAMPLE_RATE))]
+    for i in range(n):
+        m = int(durs[i] * SAMPLE_RATE)
+        t = np.arange(m) / m  # (m,) position within the syllable, 0..1
+        phase = phase0[i] + np.cumsum(f0[i] * (1 + glide[i] * (t - 0.5))) / SAMPLE_RATE
+        flow = glottal_flow(phase % 1)
+        envelope = np.sin(np.pi * t) ** 0.5  # the syllable's rise and fall
+        voiced = np.diff(flow, prepend=flow[0])  # the lips radiate the flow's derivative
+        voiced *= envelope / (voiced.std() + 1e-8)
+        # breath noise, with a burst at the onset like a /t/ or /h/, so syllables start with a consonant
+        breath = rng.standard_normal(m) * (0.05 * envelope + 0.8 * np.exp(-t * durs[i] / 0.012))
+        # zero padding keeps the resonances' ringing from wrapping around; a power of 2 is fastest
+        nfft = 1 << (m + 512).bit_length()
+        spec = np.fft.rfft(voiced + breath, nfft)
+        spec *= formant_gain(np.fft.rfftfreq(nfft, 1 / SAMPLE_RATE), VOWELS[vowels[i]] * scale)
+        syllable = np.fft.irfft(spec, nfft)[:m]
+        pieces.append(syllable * stress[i] / (np.sqrt(np.mean(syllable**2)) + 1e-8))
+        pieces.append(np.zeros(int(gaps[i] * SAMPLE_RATE)))
+    x = 0.1 * energy * np.concatenate(pieces)  # RMS of a syllable: 0.1 * energy * stress
+    x += 0.0005 * rng.standard_normal(len(x))  # a quiet room
+    return (x * 2**15).round().clip(-2**15, 2**15 - 1).astype(np.int16)
 
 
 def synthesize_clip(prosody, timbre, seed):

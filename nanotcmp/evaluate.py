@@ -12,42 +12,43 @@ import torch
 from nanotcmp.data import last_own_labels, to_device, windows
 from nanotcmp.loader import EVAL_BATCH, eval_batches, eval_targets
 from nanotcmp.metrics import emotion_scores, last_emotion_scores, majority_scores, recall_at
-from nanotcmp.model import autocast, weighted_cross_entropy
+from nanotcmp.model import weighted_cross_entropy
+from nanotcmp.processes import autocast
 
 
-def evaluate(model, split, b, device):
-    """Dev or test scores of stage b.stage: retrieval (pre-training) or WA, AA, macro-F1 and the
+def evaluate(model, split, s, device):
+    """Dev or test scores of stage s.stage: retrieval (pre-training) or WA, AA, macro-F1 and the
     confusion matrix"""
-    if b.stage == "pretrain":
-        return retrieval_scores(model, split, b, device)
-    y, p = predict(model, split, b, device)
+    if s.stage == "pretrain":
+        return retrieval_scores(model, split, s, device)
+    y, p = predict(model, split, s, device)
     return emotion_scores(y, p, model.config.n_labels)
 
 
 @torch.no_grad()
-def predict(model, split, b, device):
+def predict(model, split, s, device):
     """-> (true labels, predicted labels) of every sample of a labelled split"""
     model.eval()
     preds = []
-    for batch in eval_batches(b, split, "finetune", split.samples, model.config.modalities):
+    for batch in eval_batches(s, split, "finetune", split.samples, model.config.modalities):
         with autocast(device):
             preds.append(model.classify(to_device(batch, device)).argmax(-1).cpu())
     return split.samples[:, 2], torch.cat(preds).numpy()
 
 
 @torch.no_grad()
-def retrieval_scores(model, split, b, device):
+def retrieval_scores(model, split, s, device):
     """TUS on a split's windows with candidate sets fixed by the seed: R5@1, R5@2, R11@1, R11@2
     (percent) for T2T, A2A and M2M. The 5 candidates are the true one and the first 4 of 10 noise."""
     model.eval()
     scores = {beta: [] for beta in model.streams}
-    for batch in eval_batches(b, split, "pretrain", windows(split), model.config.modalities):
+    for batch in eval_batches(s, split, "pretrain", windows(split), model.config.modalities):
         batch = to_device(batch, device)
         with autocast(device):
             H = model.encode(batch)
-            s = model.tus_scores(H, model.interact(H, batch["ctx"], batch["ctx_mask"]), batch)
+            logits = model.tus_scores(H, model.interact(H, batch["ctx"], batch["ctx_mask"]), batch)
         for beta in model.streams:
-            scores[beta].append(s[beta].float().cpu())
+            scores[beta].append(logits[beta].float().cpu())
     names = {"t": "T2T", "a": "A2A", "m": "M2M"}
     return {names[beta]: recalls(torch.cat(batches).numpy()) for beta, batches in scores.items()}
 
@@ -65,9 +66,9 @@ def word_overlap_scores(split, seed):
     wins, scores = windows(split), []
     for i in range(math.ceil(len(wins) / EVAL_BATCH)):
         rows, targets, noise = eval_targets(split, wins, seed, i)
-        for (b, j), others in zip(targets, noise):
-            context = set(np.concatenate([split.tokens_of(u)[1:-1] for u in rows[b][:j]]).tolist())
-            words = [set(split.tokens_of(u)[1:-1].tolist()) for u in [rows[b][j], *others]]  # without [CLS], [SEP]
+        for (w, j), others in zip(targets, noise):
+            context = set(np.concatenate([split.tokens_of(u)[1:-1] for u in rows[w][:j]]).tolist())
+            words = [set(split.tokens_of(u)[1:-1].tolist()) for u in [rows[w][j], *others]]  # without [CLS], [SEP]
             scores.append([len(w & context) / max(len(w), 1) for w in words])
     return recalls(np.array(scores))
 
@@ -104,7 +105,7 @@ def linear_reference(train, dev, test, modalities, weights, n_labels):
     """The floor a context model must clear: class-weighted logistic regression on the frozen features
     of the nearby context (nearby_vectors, standardised by the training split's mean and deviation),
     its penalty the one of LINEAR_L2 with the best dev WA -> test scores, with "l2" and "dev_wa" """
-    x = {s.name: nearby_vectors(s, modalities) for s in (train, dev, test)}
+    x = {split.name: nearby_vectors(split, modalities) for split in (train, dev, test)}
     mean, std = x[train.name].mean(0), x[train.name].std(0).clamp(min=1e-12)
     x = {name: (v - mean) / std for name, v in x.items()}
     y = torch.from_numpy(train.samples[:, 2].astype(np.int64))
@@ -124,7 +125,7 @@ def selection_score(scores):
     (R5@1, R5@2, R11@1, R11@2 of every retrieval the model does)"""
     if "wa" in scores:
         return scores["wa"]
-    return float(np.mean([v for s in scores.values() for v in s.values()]))
+    return float(np.mean([v for by_beta in scores.values() for v in by_beta.values()]))
 
 
 def describe(scores):
@@ -136,15 +137,15 @@ def describe(scores):
     return " | ".join(f"{b} {describe(s)}" for b, s in scores.items())
 
 
-def final_scores(model, b, epoch, train_split, dev, test, labels, device):
+def final_scores(model, s, epoch, train_split, dev, test, labels, device):
     """The kept model's scores on test (of dev's best epoch) and the references beside them,
     printed -> {"test": scores, "test_word_overlap" | "test_majority", "test_last_emotion" and, with
     a feature cache, "test_linear": the references' scores}"""
-    scores = evaluate(model, test, b, device)
+    scores = evaluate(model, test, s, device)
     report = {"test": scores}
     print(f"test (best dev epoch {epoch}): {describe(scores)}")
-    if b.stage == "pretrain":
-        report["test_word_overlap"] = word_overlap_scores(test, b.seed)
+    if s.stage == "pretrain":
+        report["test_word_overlap"] = word_overlap_scores(test, s.seed)
         print(f"  word overlap (no model): {describe(report['test_word_overlap'])}")
         return report
     n, y_train, y_test = model.config.n_labels, train_split.samples[:, 2], test.samples[:, 2]

@@ -15,8 +15,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from nanotcmp.data import DataError, clean_leftovers, encoder_inputs, make_folder, to_device, write_atomic
-from nanotcmp.model import autocast
+from nanotcmp.data import encoder_inputs, to_device
+from nanotcmp.files import DataError, clean_leftovers, make_folder, write_atomic
+from nanotcmp.processes import autocast
 from nanotcmp.processes import barrier, print0, rank, world
 
 FEATURE_BATCH = 32  # utterances an encoder call while filling the cache
@@ -78,10 +79,10 @@ def attach_features(model, folder, splits, device):
             for s in missing:
                 cached[s.name] = split_features(model, key, s, device)
             try:
-                make_folder(os.path.dirname(path))
+                make_folder(os.path.dirname(path), remedy=None)
                 clean_leftovers(os.path.dirname(path))
                 write_atomic(path, lambda p: save_file(cached, p, metadata={
-                    "encoder": digest, "splits": json.dumps({name: stamps[name] for name in cached})}))
+                    "encoder": digest, "splits": json.dumps({name: stamps[name] for name in cached})}), remedy=None)
             except DataError as e:  # a read-only dataset, a full disk: one process can do without the file
                 if world() > 1:
                     raise

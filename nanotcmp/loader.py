@@ -6,8 +6,6 @@ under torchrun all meet the same batches.
 """
 import functools
 import math
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
@@ -17,54 +15,41 @@ from nanotcmp.processes import rank, world
 EVAL_BATCH = 64  # samples or windows; without gradients, large batches are cheap
 
 
-@dataclass(frozen=True)
-class Batching:
-    """How a stage's batches are made"""
-    stage: str  # "pretrain": windows of dialogues; "finetune": samples
-    batch_size: int  # windows or samples a step, over all processes
-    micro_batches: int  # a step's batch is split into these, each with its own noise candidates and CLIP negatives
-    k: int  # candidates a target in pre-training: 1 true + k-1 noise
-    max_padding: float  # length buckets: the padding share each encoder batch may have
-    grid: bool  # pad the encoder batches to shapes of the fixed grid (data.buckets)
-    seed: int
-    workers: int  # processes building batches ahead; 0: built here, when asked for
-
-
-def step_chunks(b, items, split, rng):
+def step_chunks(s, items, split, rng):
     """One epoch's global batches, in order: windows (pre-training) or dialogue-ordered samples
     (fine-tuning). A batch too small to give each micro-batch an item is left out."""
-    if b.stage == "pretrain":
+    if s.stage == "pretrain":
         order = rng.permutation(len(items))
-        chunks = [[items[j] for j in order[i:i + b.batch_size]] for i in range(0, len(items), b.batch_size)]
+        chunks = [[items[j] for j in order[i:i + s.batch_size]] for i in range(0, len(items), s.batch_size)]
     else:
-        chunks = dialogue_batches(split, b.batch_size, rng)
-    return [c for c in chunks if len(c) >= b.micro_batches]
+        chunks = dialogue_batches(split, s.batch_size, rng)
+    return [c for c in chunks if len(c) >= s.micro_batches]
 
 
-def steps_per_epoch(b, items, split):
-    return len(step_chunks(b, items, split, np.random.default_rng(0)))  # the same for every epoch's order
+def steps_per_epoch(s, items, split):
+    return len(step_chunks(s, items, split, np.random.default_rng(0)))  # the same for every epoch's order
 
 
-def micro_batch(b, split, modalities, items, rng):
+def micro_batch(s, split, modalities, items, rng):
     """A micro-batch of items -> (batch, {modality: (padded, all) positions}). A pre-training
     micro-batch draws its noise candidates, and so its CLIP negatives, from itself."""
-    if b.stage == "pretrain":
-        batch = pretrain_batch(split, items, b.k, rng, modalities, max_padding=b.max_padding, grid=b.grid)
+    if s.stage == "pretrain":
+        batch = pretrain_batch(split, items, s.k, rng, modalities, max_padding=s.max_padding, grid=s.shape_grid)
     else:
-        batch = finetune_batch(split, items, modalities, max_padding=b.max_padding, grid=b.grid)
+        batch = finetune_batch(split, items, modalities, max_padding=s.max_padding, grid=s.shape_grid)
     return batch, {key: padding(batch, key) for key in ("text", "audio") if key + "_mask" in batch}
 
 
-def step_batches(b, items, split, modalities, per_epoch, step):
+def step_batches(s, items, split, modalities, per_epoch, step):
     """-> (the step's number of items, this process's micro-batches of them: [(share of the step's
     items, batch, {modality: (padded, all) positions})]); per_epoch: steps an epoch"""
     epoch, i = divmod(step, per_epoch)
-    chunk = step_chunks(b, items, split, np.random.default_rng((b.seed, epoch)))[i]
-    shards = np.array_split(np.arange(len(chunk)), b.micro_batches)
+    chunk = step_chunks(s, items, split, np.random.default_rng((s.seed, epoch)))[i]
+    shards = np.array_split(np.arange(len(chunk)), s.micro_batches)
     r, w = rank(), world()
-    mine = range(r * b.micro_batches // w, (r + 1) * b.micro_batches // w)  # this process's shards
+    mine = range(r * s.micro_batches // w, (r + 1) * s.micro_batches // w)  # this process's shards
     return len(chunk), [(len(shards[g]) / len(chunk), *micro_batch(
-        b, split, modalities, [chunk[j] for j in shards[g]], np.random.default_rng((b.seed, epoch, i, g))))
+        s, split, modalities, [chunk[j] for j in shards[g]], np.random.default_rng((s.seed, epoch, i, g))))
         for g in mine]
 
 
@@ -101,14 +86,14 @@ def eval_targets(split, wins, seed, i):
                           in_batch=False)
 
 
-def eval_batch(b, split, stage, items, modalities, i):
+def eval_batch(s, split, stage, items, modalities, i):
     """The i-th evaluation batch of a split's items: samples ("finetune"), or windows (eval_targets)"""
     if stage == "finetune":
-        return finetune_batch(split, items[i * EVAL_BATCH:(i + 1) * EVAL_BATCH], modalities, b.max_padding, b.grid)
-    return targets_batch(split, *eval_targets(split, items, b.seed, i), modalities, b.max_padding, b.grid)
+        return finetune_batch(split, items[i * EVAL_BATCH:(i + 1) * EVAL_BATCH], modalities, s.max_padding, s.shape_grid)
+    return targets_batch(split, *eval_targets(split, items, s.seed, i), modalities, s.max_padding, s.shape_grid)
 
 
-def eval_batches(b, split, stage, items, modalities):
+def eval_batches(s, split, stage, items, modalities):
     """A split's evaluation batches, EVAL_BATCH items each, built ahead of use"""
-    return ahead(functools.partial(eval_batch, b, split, stage, items, modalities), math.ceil(len(items) / EVAL_BATCH),
-                 b.workers)
+    return ahead(functools.partial(eval_batch, s, split, stage, items, modalities), math.ceil(len(items) / EVAL_BATCH),
+                 s.workers)

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanotcmp.data import shapes, write_json
+from nanotcmp.data import shapes
+from nanotcmp.files import write_json
 from nanotcmp.processes import all_reduce, print0, rank, world
 
 

@@ -58,20 +58,6 @@ def _f1(cm):
     return 100.0 * float(np.mean(2 * tp[seen] / denom[seen]))
 
 
-def wa(y_true, y_pred):
-    t, p = _array(y_true), _array(y_pred)
-    n = int(max(t.max(initial=0), p.max(initial=0))) + 1  # WA needs no class count: any that fits
-    return _wa(confusion(t, p, n))
-
-
-def aa(y_true, y_pred, n_classes):
-    return _aa(confusion(y_true, y_pred, n_classes))
-
-
-def macro_f1(y_true, y_pred, n_classes):
-    return _f1(confusion(y_true, y_pred, n_classes))
-
-
 def emotion_scores(y_true, y_pred, n_classes):
     cm = confusion(y_true, y_pred, n_classes)
     return {"wa": _wa(cm), "aa": _aa(cm), "f1": _f1(cm), "confusion": cm.tolist()}

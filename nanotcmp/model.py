@@ -298,16 +298,6 @@ def init_weights(module):
 # -----------------------------------------------------------------------------
 # TCMP: utterance vectors (Eq. 4), fusion (Eq. 6), context interaction (Eq. 7-10), heads and losses
 
-def tiny_bert_config(vocab_size):
-    """A small randomly initialised BERT, for the demo and the tests."""
-    return BertConfig(vocab_size=vocab_size, dim=64, n_layer=2, n_head=2, ffn_dim=128, max_positions=128)
-
-
-def tiny_hubert_config():
-    return HubertConfig(dim=64, n_layer=2, n_head=2, ffn_dim=128, conv_dim=(16,) * 7, pos_kernel=16,
-                        pos_groups=4, normalize_wave=True)
-
-
 @dataclass
 class TCMPConfig:
     d: int = 768                          # the model width
@@ -321,12 +311,6 @@ class TCMPConfig:
     dropout: float = 0.1
     bert: dict = None                     # BertConfig / HubertConfig fields, None when the modality is off
     hubert: dict = None
-
-
-def autocast(device):
-    """The precision the model runs in: bf16 on CUDA (float32 weights, bf16 matrix products),
-    float32 elsewhere. No cast cache, so that the model can be captured as CUDA graphs (cuda_graphs.py)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False)
 
 
 def pool(x, mask):

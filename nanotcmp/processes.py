@@ -1,7 +1,7 @@
 """
 Processes and the device. A run is one process, or one per GPU (or CPU share) under torchrun;
 a process's rank and the world size are read from the process group torchrun's environment
-starts, never kept in globals of our own.
+starts, never kept in globals of our own. On a device the model runs in one precision (autocast).
 """
 import os
 from datetime import timedelta
@@ -53,6 +53,12 @@ def set_up_device(device):
         # oneDNN prepares a kernel for every new convolution shape, and length buckets bring new
         # shapes every step: torch's own convolutions are faster here (bench.py train)
         torch.backends.mkldnn.enabled = False
+
+
+def autocast(device):
+    """The precision the model runs in: bf16 on CUDA (float32 weights, bf16 matrix products),
+    float32 elsewhere. No cast cache, so that the model can be captured as CUDA graphs (cuda_graphs.py)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False)
 
 
 def rank():

@@ -8,7 +8,7 @@ from collections import deque
 import torch
 
 from nanotcmp.data import encoder_inputs, to_device
-from nanotcmp.model import autocast
+from nanotcmp.processes import autocast
 
 
 class Stream:

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from nanotcmp.data import DataError, read_json, write_json, write_text
+from nanotcmp.files import DataError, read_json, write_json, write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: where commands run
 

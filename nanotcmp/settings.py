@@ -1,0 +1,289 @@
+"""
+train.py's settings, decided here and nowhere else: its options, and the presets that give the
+defaults of the ones a command leaves out. A run's preset follows from its encoders (or --preset
+names one); each stage of the run gets one Settings, printed when the stage starts.
+"""
+import argparse
+import math
+import os
+from dataclasses import asdict, dataclass, fields, replace
+
+from nanotcmp.processes import print0, world
+
+# A value that is a dict depends on the stage ("pretrain", "finetune"), then on the device ("cuda", "cpu").
+PRESETS = {
+    # both encoders tiny and random (--text-encoder tiny --audio-encoder tiny): the demo, from scratch
+    "demo": dict(
+        d=64,  # as wide as the tiny encoders
+        dropout=0.1,  # the paper's
+        k=5,  # candidates a target (1 true + 4 noise): tiny encoders retrieve better so (docs/speed.md, "Batch sizes")
+        batch_size={"pretrain": 4,  # windows a step: tiny encoders learn by their number of steps (same section)
+                    "finetune": {"cuda": 64, "cpu": 16}},  # samples a step: 16 on a CPU keeps a step short
+        epochs={"pretrain": 3,  # of the demo's 200 unlabelled dialogues: its dev retrieval is best by then
+                "finetune": 12},  # at most: patience stops it earlier
+        patience={"pretrain": 0,  # every epoch
+                  "finetune": 3},  # on 20 labelled dialogues a pre-trained model is best after an epoch or two
+        lr=1e-3,  # everything learns from scratch, with larger steps than a checkpoint's fine-tuning
+        lr_encoder=1e-3,  # the tiny encoders too
+    ),
+    # checkpoints kept fixed (--freeze-encoders): only the TCMP layers learn, from a few thousand samples;
+    # chosen on P-MELD's dev split over 3 seeds (docs/results.md, "How the settings were chosen")
+    "frozen": dict(
+        d=64,  # the paper's 768 (10 M parameters) fits the training samples within a few epochs
+        dropout=0.3,  # both stages, so that --init fits
+        k=11,  # the authors' code
+        batch_size=64,  # the authors' 64 windows; 64 samples, as fine-tuning's rate was chosen with
+        epochs=8,  # pre-training: the paper's; fine-tuning: the best dev epoch count
+        patience=0,  # every epoch
+        lr={"pretrain": 1e-3, "finetune": 3e-4},  # the best mean dev recall; the best mean dev WA
+        lr_encoder=2e-6,  # the paper's (the encoders do not learn: unused)
+    ),
+    # checkpoints trained end to end: the paper's settings (§4.2)
+    "paper": dict(
+        d=768,  # BERT-base's and HuBERT-base's width
+        dropout=0.1,
+        k=11,  # the authors' code
+        batch_size={"pretrain": 64,  # windows, the authors' (in micro-batches of at most 16 windows)
+                    "finetune": {"cuda": 64, "cpu": 16}},  # samples: 16 on a CPU, whose memory is the limit
+        epochs={"pretrain": 8, "finetune": 12},
+        patience=0,  # every epoch
+        lr={"pretrain": 2e-4, "finetune": 2e-5},  # everything but the encoders
+        lr_encoder=2e-6,  # the encoders, fine-tuned gently
+    ),
+}
+# how fast a run goes, the same in every preset
+SPEED = dict(
+    micro_windows=16,  # a pre-training micro-batch holds at most this many windows; more are accumulated
+    shape_grid={"cuda": True, "cpu": False},  # a GPU plans each encoder shape once; on the CPU a grid only pads
+    workers={"cuda": 4, "cpu": 0},  # processes building batches ahead; on the CPU they would take its cores
+)
+# the tiny encoders' sizes (the demo's, and the tests')
+TINY_BERT = dict(dim=64, n_layer=2, n_head=2, ffn_dim=128, max_positions=128)
+TINY_HUBERT = dict(dim=64, n_layer=2, n_head=2, ffn_dim=128, conv_dim=(16,) * 7, pos_kernel=16, pos_groups=4,
+                   normalize_wave=True)
+STAGES = ("pretrain", "finetune")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One stage's settings: the options of the command line, each left-out one from the preset.
+    The names are the options' (--no-distant: no_distant)."""
+    stage: str  # "pretrain" or "finetune"
+    preset: str
+    data: str  # a dataset made by prepare.py
+    out: str  # the run folder: model.safetensors, config.json, metrics.json, log.json, state.pt
+    init: str | None  # fine-tune from this pre-training run folder
+    # the model
+    text_encoder: str  # a BERT checkpoint folder, or "tiny"
+    audio_encoder: str  # a HuBERT checkpoint folder, or "tiny"
+    modalities: str  # "text", "audio" or "all"
+    d: int
+    dropout: float
+    encoder_dropout: float | None  # None: the checkpoint's (0.1 for tiny encoders)
+    no_distant: bool
+    tus: str
+    tus_loss: str
+    freeze_encoders: bool
+    no_cache: bool
+    # the data and its batches
+    train_fraction: float
+    batch_size: int  # windows (pre-training) or samples (fine-tuning) a step, over all processes
+    micro_batches: int  # a step's batch is split into these, each with its own noise candidates and CLIP negatives
+    k: int  # candidates a target in pre-training: 1 true + k-1 noise
+    max_padding: float  # length buckets: the padding share each encoder batch may have
+    shape_grid: bool  # pad the encoder batches to shapes of a fixed grid (data.buckets)
+    workers: int  # processes building batches ahead; 0: built in the loop, when asked for
+    seed: int
+    # the optimisation
+    epochs: int
+    patience: int  # stop after this many epochs without a better dev score; 0: never
+    lr: float  # everything but the encoders
+    lr_encoder: float
+    # the run
+    resume: bool  # continue from out/state.pt
+    overwrite: bool  # replace the run out holds
+    max_steps: int | None
+    log_every: int
+    save_every: int
+    compile: bool
+    cuda_graphs: str
+
+    @property
+    def unit(self):
+        return "windows" if self.stage == "pretrain" else "samples"
+
+
+# what a run's results do not depend on: --resume may change these
+HOW_TO_RUN = ("preset", "out", "workers", "resume", "overwrite", "max_steps", "log_every", "save_every",
+              "compile", "cuda_graphs", "no_cache")
+
+
+def ranged(kind, low=None, high=None, above=False, below=False):
+    """An argparse type: a number of kind (int or float) within [low, high], or (low, ... when above,
+    ..., high) when below; argparse names the option in its error"""
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(x) or (low is not None and (x < low or above and x == low)) or \
+                (high is not None and (x > high or below and x == high)):
+            interval = (f"{'(' if above else '['}{'-inf' if low is None else low}, "
+                        f"{'inf' if high is None else high}{')' if below or high is None else ']'}")
+            raise argparse.ArgumentTypeError(f"{text} is outside {interval}")
+        return x
+    return parse
+
+
+def by_preset(key):
+    """A setting's values in the presets, as a help string shows them"""
+    def show(v):
+        return ", ".join(f"{k} {show(x)}" for k, x in v.items()) if isinstance(v, dict) else f"{v:g}"
+    return "; ".join(f"{name}: {show(p[key])}" for name, p in PRESETS.items())
+
+
+def parse_args(argv, description):
+    """train.py's command line -> argparse's namespace, the options checked against each other"""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=["pretrain", "finetune", "all"], default="all")
+    p.add_argument("--data", default="data/demo", help="a dataset made by prepare.py")
+    p.add_argument("--text-encoder", default="tiny", help="a BERT checkpoint folder, or 'tiny' (random, small)")
+    p.add_argument("--audio-encoder", default="tiny", help="a HuBERT checkpoint folder, or 'tiny'")
+    p.add_argument("--modalities", choices=["text", "audio", "all"], default="all")
+    p.add_argument("--preset", choices=list(PRESETS), help="the defaults of the options below (default: demo with "
+                   "both encoders tiny, else frozen with --freeze-encoders, else paper)")
+    p.add_argument("--init", help="fine-tune from this pre-training run's folder")
+    p.add_argument("--out", help="default: out/<data>-<stage>; with --stage all, OUT/pretrain and OUT/finetune")
+    number = {"d": (int, 1), "k": (int, 2), "batch_size": (int, 1), "epochs": (int, 1), "patience": (int, 0),
+              "lr": (float, 0), "lr_encoder": (float, 0)}
+    for key, (kind, low) in number.items():
+        p.add_argument("--" + key.replace("_", "-"), type=ranged(kind, low), help=f"default: {by_preset(key)}")
+    p.add_argument("--dropout", type=ranged(float, 0, 1, below=True), help=f"default: {by_preset('dropout')}")
+    p.add_argument("--encoder-dropout", type=ranged(float, 0, 1, below=True),
+                   help="dropout inside BERT and HuBERT (default: the checkpoint's, 0.1 for tiny ones)")
+    p.add_argument("--max-steps", type=ranged(int, 1), help="stop (with a resumable state) after this many steps")
+    p.add_argument("--no-distant", action="store_true", help="see only the nearby context (w/o Dist)")
+    p.add_argument("--tus", choices=["intra", "inter", "both"], default="both")
+    p.add_argument("--tus-loss", choices=["bce", "softmax"], default="bce")
+    p.add_argument("--train-fraction", type=ranged(float, 0, 1, above=True), default=1.0,
+                   help="fine-tune on this share of the training dialogues, drawn by --seed (dev and test stay whole)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last state (with --stage "
+                   "all: whichever stage it stopped in)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run --out holds (without it, a new run into "
+                   "a run's folder is refused)")
+    p.add_argument("--max-padding", type=ranged(float, 0, 1), default=0.1,
+                   help="length buckets: padding share each encoder batch may have (1: one padded batch)")
+    p.add_argument("--shape-grid", choices=["on", "off"], help="pad the encoder batches to shapes from a fixed grid, "
+                   "which a GPU plans once each (default: on with CUDA, off on the CPU, where it only pads)")
+    p.add_argument("--micro-batches", type=ranged(int, 1),
+                   help="micro-batches each step's batch is split into, each with its own noise candidates and "
+                        "CLIP negatives, run on the processes in turn; more of them than processes accumulate "
+                        f"gradients (default: one a process, or more to keep each within {SPEED['micro_windows']} "
+                        f"windows)")
+    p.add_argument("--freeze-encoders", action="store_true",
+                   help="keep BERT and HuBERT fixed: their pooled outputs are computed once and cached beside "
+                        "the dataset")
+    p.add_argument("--no-cache", action="store_true", help="with --freeze-encoders: run the encoders every step")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoders")
+    p.add_argument("--cuda-graphs", choices=["off", "context", "all"], default="context",
+                   help="on CUDA, run the context interactions (and with 'all' the encoders too) as CUDA graphs, one "
+                        "per input shape; each keeps its activations' memory, so 'all' suits encoders of MiniLM's "
+                        "size or smaller (default: context)")
+    p.add_argument("--workers", type=ranged(int, 0), help="processes building batches ahead of the training loop "
+                   "(default: 4 on CUDA, 0 on the CPU, where they would take its cores)")
+    p.add_argument("--log-every", type=ranged(int, 1), default=10)
+    p.add_argument("--save-every", type=ranged(int, 1), default=50, help="steps between resumable states")
+    args = p.parse_args(argv)
+    if args.compile and args.cuda_graphs == "all":
+        raise SystemExit("train.py: --compile and --cuda-graphs all both take the encoders: choose one")
+    if args.resume and args.overwrite:
+        raise SystemExit("train.py: --resume continues the run in --out, --overwrite replaces it: choose one")
+    if args.train_fraction < 1 and args.stage == "pretrain":
+        raise SystemExit("train.py: --train-fraction is a share of the labelled dialogues, for --stage finetune or all")
+    if args.init and args.stage != "finetune":
+        raise SystemExit(f"train.py: --init is for --stage finetune (--stage {args.stage} "
+                         f"{'fine-tunes from its own pre-training' if args.stage == 'all' else 'starts from scratch'})")
+    return args
+
+
+def plan(args, device):
+    """-> the Settings of each stage --stage runs: one, or pre-training then fine-tuning from it"""
+    if args.stage != "all":
+        return [stage_settings(args.stage, args, device, args.out, args.init, args.batch_size)]
+    out = {stage: args.out and os.path.join(args.out, stage) for stage in STAGES}
+    pretrain = stage_settings("pretrain", args, device, out["pretrain"], None, args.batch_size)
+    finetune = stage_settings("finetune", args, device, out["finetune"], pretrain.out, None)  # its default batch
+    if not os.path.isfile(os.path.join(pretrain.out, "metrics.json")):  # pre-training to do: fine-tune after it
+        finetune = replace(finetune, resume=False, overwrite=finetune.overwrite or finetune.resume)
+    return [pretrain, finetune]
+
+
+def preset_of(args):
+    if args.preset:
+        return args.preset
+    if args.text_encoder == "tiny" and args.audio_encoder == "tiny":
+        return "demo"
+    return "frozen" if args.freeze_encoders else "paper"
+
+
+def stage_settings(stage, args, device, out, init, batch_size):
+    """-> one stage's Settings: args, and the preset's value of every option args leaves out;
+    out, init, batch_size: this stage's (None for the defaults)"""
+    preset = preset_of(args)
+
+    def default(value):  # a preset's value, for this stage and device
+        for key in (stage, device.type):
+            value = value[key] if isinstance(value, dict) and key in value else value
+        return value
+    chosen = {key: default(v) if getattr(args, key, None) is None else getattr(args, key)
+              for key, v in (PRESETS[preset] | SPEED).items()}
+    chosen["batch_size"] = batch_size or default(PRESETS[preset]["batch_size"])
+    if args.shape_grid:
+        chosen["shape_grid"] = args.shape_grid == "on"
+    n_proc, b, micro_windows = world(), chosen["batch_size"], chosen.pop("micro_windows")
+    # default: one micro-batch a process, or more where a process's share of windows exceeds micro_windows
+    n_micro = args.micro_batches or n_proc * (math.ceil(b / n_proc / micro_windows) if stage == "pretrain" else 1)
+    if n_micro % n_proc:
+        raise SystemExit(f"train.py: --micro-batches {n_micro} does not divide among {n_proc} processes")
+    if b < n_micro:
+        raise SystemExit(f"train.py: a batch of {b} cannot be split into {n_micro} micro-batches "
+                         f"(--micro-batches or processes): use --batch-size {n_micro} or more")
+    if stage == "pretrain" and b < 2 * n_micro:
+        print0(f"train.py: micro-batches of one window: their noise candidates come from the whole split and are "
+               f"each encoded on top (--batch-size {2 * n_micro} or more avoids it)")
+    out = out or os.path.join("out", f"{os.path.basename(os.path.normpath(args.data))}-{stage}")
+    # --resume of --stage all: each stage continues where it has a state, the others start (again)
+    resume = args.resume and (args.stage != "all" or os.path.isfile(os.path.join(out, "state.pt")))
+    given = {f.name: getattr(args, f.name) for f in fields(Settings) if hasattr(args, f.name)}
+    return Settings(**{**given, **chosen, "stage": stage, "preset": preset, "out": out, "init": init,
+                       "micro_batches": n_micro, "resume": resume,
+                       "overwrite": args.overwrite or (args.resume and not resume)})
+
+
+def describe(s):
+    """The line a stage starts with: its preset, and the value of every setting a preset gives"""
+    keys = [k for k in PRESETS[s.preset] | SPEED if k != "micro_windows"] + ["micro_batches"]
+    return f"{s.stage} settings (preset {s.preset}): " + ", ".join(f"{k} {shown(getattr(s, k))}" for k in keys)
+
+
+def compared(s):
+    """What a run's results depend on, as {option: value}: --resume refuses a command that gives another"""
+    def path(p):
+        return p if p in (None, "tiny") else os.path.abspath(p)
+    values = {k: path(v) if k in ("data", "text_encoder", "audio_encoder", "init") else v
+              for k, v in asdict(s).items() if k not in HOW_TO_RUN and k != "stage"}
+    values["train_fraction"] = s.train_fraction if s.stage == "finetune" else 1.0
+    return {"--" + k.replace("_", "-"): v for k, v in values.items()}
+
+
+def shown(value):
+    """A setting as a message shows it"""
+    if isinstance(value, bool) or value is None:
+        return {True: "on", False: "off", None: "none"}[value]
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items())
+    return str(value)
