@@ -257,7 +257,7 @@ WINDOWS = {"cuda": {"tiny": 4, "base": 64}, "cpu": {"tiny": 4, "base": 2}}
 
 
 def bench_settings(data, device, n, max_padding):
-    """train.py's Settings on this device for pre-training steps of n windows, but k = 5 candidates
+    """train.py's settings on this device for pre-training steps of n windows, but k = 5 candidates
     a target (the demo preset's) at every size"""
     args = settings.parse_args(["--stage", "pretrain", "--data", data, "--batch-size", str(n), "--k", "5",
                                 "--max-padding", str(max_padding)], __doc__)

@@ -6,6 +6,9 @@ python prepare.py                 # = python prepare.py demo: the embedded demo,
 python prepare.py meld [--csv-dir DIR] [--media-dir DIR] --vocab VOCAB [--out data/p-meld] [--unlabelled]
 python prepare.py iemocap --root IEMOCAP_full_release --vocab VOCAB [--out data/p-iem]
 python prepare.py dialogues --from FILE.jsonl|DIR --vocab VOCAB --out DIR [--labels a,b,c]
+
+Each corpus has a reader that gives its dialogues as records of the generic format's fields
+(README, "Data"); one packer turns any of them into the dataset.
 """
 import argparse
 import csv
@@ -15,7 +18,7 @@ import re
 import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
@@ -24,24 +27,31 @@ from safetensors.numpy import save_file
 
 from nanotcmp.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, NoFFmpeg, load_audio, save_wav
 from nanotcmp.data import dialogue_ranges, line_problem, make_samples
-from nanotcmp.files import (DataError, cannot_read, cannot_write, file_in_the_way, file_sha256, read_json,
-                            remove_staged, staged_path, staging, worker_pool, writes_out)
-from nanotcmp.settings import ranged
 from nanotcmp.demo import DEMO_LABELS, demo_vocab, generate_dialogues, synthesize_clip
+from nanotcmp.files import (DataError, cannot_read, cannot_write, file_in_the_way, file_sha256, one_line_errors,
+                            read_json, remove_staged, staged_path, staging, worker_pool, writes_out)
+from nanotcmp.settings import ranged
 from nanotcmp.tokenizer import WordPiece
-
-
-class BadInput(ValueError):
-    pass
 
 
 @dataclass
 class Utt:
+    """One utterance, as a line of the generic format: its fields, and where it was read"""
+    dialogue: str
     speaker: str
     text: str
-    label: str | None          # None: unlabelled
-    media: object              # a media file's path, a function making int16 samples (the demo), or None
-    where: str                 # "file:line", for error messages
+    audio: object  # a media file's path, a function making int16 samples (the demo's), or None
+    label: str | None  # None: unlabelled
+    where: str  # "file:line", for error messages
+
+
+@dataclass
+class Corpus:
+    """What a reader gives the packer"""
+    splits: dict  # split name -> its dialogues, each a list of Utt in spoken order
+    labels: tuple  # the classes, in order
+    vocab: str  # the vocabulary's path
+    aliases: dict = field(default_factory=dict)  # label -> the class it counts as, None: never a target
 
 
 class Problems:
@@ -53,21 +63,14 @@ class Problems:
 
     def __call__(self, message):
         if not self.skip:
-            raise BadInput(message)
+            raise DataError(message)
         self.dropped.append((self.split, message))
 
     def count(self, split):
         return sum(s == split for s, _ in self.dropped)
 
 # -----------------------------------------------------------------------------
-# readers: each returns {split: [(dialogue id, [Utt, ...]), ...]}, utterances in spoken order
-
-MELD_SPLITS = {"train": ("train_sent_emo.csv", "train_splits"),
-               "dev": ("dev_sent_emo.csv", "dev_splits_complete"),
-               "test": ("test_sent_emo.csv", "output_repeated_splits_test")}
-MELD_COLUMNS = ("Utterance", "Speaker", "Sentiment", "Dialogue_ID", "Utterance_ID")
-MELD_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "meld")  # MELD's transcripts, shipped
-
+# the readers: the options and the folder being built -> a Corpus
 
 def read_lines(path, problems):
     """The file's lines as text; a line that is not UTF-8 is a bad row (with --skip-bad: left
@@ -84,17 +87,25 @@ def read_lines(path, problems):
     return lines
 
 
-def read_meld(csv_dir, media_dir, labelled, problems):
-    corpus = {}
+MELD_SPLITS = {"train": ("train_sent_emo.csv", "train_splits"),
+               "dev": ("dev_sent_emo.csv", "dev_splits_complete"),
+               "test": ("test_sent_emo.csv", "output_repeated_splits_test")}
+MELD_COLUMNS = ("Utterance", "Speaker", "Sentiment", "Dialogue_ID", "Utterance_ID")
+MELD_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "meld")  # MELD's transcripts, shipped
+MELD_LABELS = ("negative", "neutral", "positive")  # MELD's Sentiment column
+
+
+def read_meld(args, folder, problems):
+    splits = {}
     for split, (csv_name, media_folder) in MELD_SPLITS.items():
         problems.split = split
-        path = os.path.join(csv_dir, csv_name)
+        path = os.path.join(args.csv_dir, csv_name)
         if not os.path.isfile(path):
-            raise BadInput(f"{path} not found (expected MELD's {', '.join(f for f, _ in MELD_SPLITS.values())})")
+            raise DataError(f"{path} not found (expected MELD's {', '.join(f for f, _ in MELD_SPLITS.values())})")
         rows = csv.DictReader(read_lines(path, problems))
         missing = [c for c in MELD_COLUMNS if c not in (rows.fieldnames or [])]
         if missing:
-            raise BadInput(f"{path}: no column {', '.join(missing)} (columns: {rows.fieldnames})")
+            raise DataError(f"{path}: no column {', '.join(missing)} (columns: {rows.fieldnames})")
         dialogues, start = {}, 2  # start: the line the next row starts on
         try:
             for row in rows:
@@ -110,37 +121,40 @@ def read_meld(csv_dir, media_dir, labelled, problems):
                     problems(f"{where}: Dialogue_ID/Utterance_ID {row['Dialogue_ID']!r}/{row['Utterance_ID']!r} "
                              f"are not integers")
                     continue
-                media = os.path.join(media_dir, media_folder, f"dia{d}_utt{u}.mp4") if media_dir else None
-                label = row["Sentiment"] if labelled else None
-                dialogues.setdefault(d, []).append((u, Utt(row["Speaker"], row["Utterance"], label, media, where)))
+                media = os.path.join(args.media_dir, media_folder, f"dia{d}_utt{u}.mp4") if args.media_dir else None
+                label = None if args.unlabelled else row["Sentiment"]
+                dialogues.setdefault(d, []).append((u, Utt(f"dia{d}", row["Speaker"], row["Utterance"], media, label,
+                                                           where)))
         except csv.Error as e:  # a quote left open makes the rest of the file one field, too long
-            raise BadInput(f"{path}:{start}: not valid CSV from this line on ({e}): a quote left open?") from None
-        corpus[split] = [(f"dia{d}", [utt for _, utt in sorted(utts, key=lambda x: x[0])])
-                         for d, utts in sorted(dialogues.items())]
-    return corpus
+            raise DataError(f"{path}:{start}: not valid CSV from this line on ({e}): a quote left open?") from None
+        splits[split] = [[utt for _, utt in sorted(utts, key=lambda x: x[0])] for _, utts in sorted(dialogues.items())]
+    return Corpus(splits, MELD_LABELS, args.vocab)
 
 
 IEMOCAP_SESSIONS = {"train": (1, 2, 3), "dev": (4,), "test": (5,)}
 IEMOCAP_LINE = re.compile(r"^(\S+_([FM])\d+)\s+\[(\d+\.?\d*)-(\d+\.?\d*)\]:\s?(.*)$")
 IEMOCAP_LABEL = re.compile(r"^\[[\d.]+ - [\d.]+\]\t(\S+)\t(\S+)\t")
+IEMOCAP_LABELS = ("fru", "exc", "neu", "ang", "sad", "hap", "oth")
+# rare classes merged as in the paper; xxx (no annotator agreement) stays in contexts, never a target
+IEMOCAP_ALIASES = {"sur": "oth", "fea": "oth", "dis": "oth", "xxx": None}
 
 
-def read_iemocap(root, problems, audio):
-    corpus = {}
+def read_iemocap(args, folder, problems):
+    splits = {}
     for split, sessions in IEMOCAP_SESSIONS.items():
         problems.split = split
-        corpus[split] = []
+        splits[split] = []
         for s in sessions:
-            session = os.path.join(root, f"Session{s}")
+            session = os.path.join(args.root, f"Session{s}")
             transcripts = os.path.join(session, "dialog", "transcriptions")
             if not os.path.isdir(transcripts):
-                raise BadInput(f"{transcripts} not found: is {root} the IEMOCAP_full_release folder, "
-                               f"with Session1 .. Session5?")
+                raise DataError(f"{transcripts} not found: is {args.root} the IEMOCAP_full_release folder, "
+                                f"with Session1 .. Session5?")
             for name in sorted(f[:-4] for f in os.listdir(transcripts) if f.endswith(".txt")):
                 labels = {}
                 label_path = os.path.join(session, "dialog", "EmoEvaluation", name + ".txt")
                 if not os.path.isfile(label_path):
-                    raise BadInput(f"{label_path} not found (labels of {transcripts}/{name}.txt)")
+                    raise DataError(f"{label_path} not found (labels of {transcripts}/{name}.txt)")
                 for line in read_lines(label_path, problems):
                     if m := IEMOCAP_LABEL.match(line):
                         labels[m.group(1)] = m.group(2)
@@ -154,52 +168,109 @@ def read_iemocap(root, problems, audio):
                     if utt_id not in labels:
                         problems(f"{path}:{i}: utterance {utt_id} has no label in {label_path}")
                         continue
-                    media = os.path.join(session, "sentences", "wav", name, utt_id + ".wav") if audio else None
-                    utts.append((float(start), Utt(speaker, text, labels[utt_id], media, f"{path}:{i}")))
+                    wav = None if args.text_only else os.path.join(session, "sentences", "wav", name, utt_id + ".wav")
+                    utts.append((float(start), Utt(name, speaker, text, wav, labels[utt_id], f"{path}:{i}")))
                 utts.sort(key=lambda x: x[0])  # spoken order is start time, not file order
-                corpus[split].append((name, [u for _, u in utts]))
-    return corpus
+                splits[split].append([u for _, u in utts])
+    return Corpus(splits, IEMOCAP_LABELS, args.vocab, IEMOCAP_ALIASES)
 
 
-def read_jsonl(path, problems):
+def read_dialogues(args, folder, problems):
     """nanotcmp's generic dialogue format: one utterance a line, in spoken order,
     {"dialogue": "d1", "speaker": "Ross", "text": "Hi.", "audio": "clips/d1_0.wav", "label": "neutral"}
-    with audio (relative to the file) and label optional."""
-    dialogues = {}
-    for i, line in enumerate(read_lines(path, problems), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{i}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems(f"{where}: not valid JSON ({e.msg})")
-            continue
-        if bad := line_problem(obj, ("dialogue", "speaker", "text"), ("audio", "label")):
-            problems(f"{where}: {bad}")
-            continue
-        media = os.path.join(os.path.dirname(path), obj["audio"]) if obj.get("audio") else None
-        dialogues.setdefault(obj["dialogue"], []).append(Utt(obj["speaker"], obj["text"], obj.get("label"), media,
-                                                             where))
-    return list(dialogues.items())
+    with audio (relative to the file) and label optional; a file, or a folder of them, one a split"""
+    src = args.src
+    if os.path.isdir(src):
+        files = sorted(os.path.join(src, f) for f in os.listdir(src) if f.endswith(".jsonl"))
+        if not files:
+            raise DataError(f"{src} holds no .jsonl file")
+    elif os.path.isfile(src):
+        files = [src]
+    elif os.path.isfile(src.rstrip(os.sep)):
+        raise DataError(f"--from {src}: {src.rstrip(os.sep)} is a file, not a folder")
+    else:
+        raise DataError(f"{src} not found")
+    splits, seen = {}, {}  # seen: dialogue id -> the file it is in
+    for path in files:
+        problems.split = os.path.basename(path)[:-len(".jsonl")]
+        dialogues = {}
+        for i, line in enumerate(read_lines(path, problems), 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{i}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems(f"{where}: not valid JSON ({e.msg})")
+                continue
+            if bad := line_problem(obj, ("dialogue", "speaker", "text"), ("audio", "label")):
+                problems(f"{where}: {bad}")
+                continue
+            media = os.path.join(os.path.dirname(path), obj["audio"]) if obj.get("audio") else None
+            dialogues.setdefault(obj["dialogue"], []).append(Utt(obj["dialogue"], obj["speaker"], obj["text"], media,
+                                                                 obj.get("label"), where))
+        for d, us in dialogues.items():
+            if d in seen:  # the same dialogue in two splits would leak between training and testing
+                raise DataError(f"{us[0].where}: dialogue {d!r} is also in {seen[d]}")
+            seen[d] = path
+        splits[problems.split] = list(dialogues.values())
+    utts = [u for dialogues in splits.values() for d in dialogues for u in d]
+    with_audio = [u.audio is not None for u in utts]
+    if any(with_audio) and not all(with_audio):
+        raise DataError(f"{utts[with_audio.index(False)].where}: no audio, while other utterances have some "
+                        f"(a dataset is text-only or has audio for every utterance)")
+    labels = args.labels.split(",") if args.labels else sorted({u.label for u in utts if u.label is not None})
+    if args.labels and (bad := [name for name in labels if not name.strip() or labels.count(name) > 1]):
+        raise DataError(f"--labels {args.labels}: " + (f"{bad[0]!r} is there twice" if bad[0].strip() else
+                                                       "an empty class name (a comma too many?)"))
+    return Corpus(splits, tuple(labels), args.vocab)
 
+
+DEMO_DIALOGUES = {"pretrain": 200, "train": 20, "dev": 52, "test": 52}  # pretrain: unlabelled
+
+
+def read_demo(args, folder, problems):
+    """The embedded demo (nanotcmp/demo.py): its dialogues, its vocabulary written into folder, and one
+    test dialogue in the generic format, clips beside it, for sample.py"""
+    rng = np.random.default_rng(args.seed)
+    generated = {split: generate_dialogues(n, rng) for split, n in DEMO_DIALOGUES.items()}
+    splits = {}
+    for split, dialogues in generated.items():
+        # each clip from its own seed, so the clips can be synthesised in any order, in parallel
+        splits[split] = [[Utt(f"{split}-{i}", u["speaker"], u["text"],
+                              partial(synthesize_clip, u["prosody"], u["timbre"], int(seed)),
+                              u["label"] if split != "pretrain" else None, f"demo {split} dialogue {i} turn {j}")
+                          for j, (u, seed) in enumerate(zip(dialogue, rng.integers(2**63, size=len(dialogue))))]
+                         for i, dialogue in enumerate(dialogues)]
+    vocab = os.path.join(folder, "vocab.txt")
+    with open(vocab, "w") as f:
+        f.write("\n".join(demo_vocab(generated.values())) + "\n")
+    os.makedirs(os.path.join(folder, "clips"))
+    lines = []
+    for j, u in enumerate(splits["test"][0]):
+        clip = f"clips/{u.dialogue}_{j}.wav"
+        save_wav(os.path.join(folder, clip), u.audio())
+        lines.append(json.dumps({"dialogue": u.dialogue, "speaker": u.speaker, "text": u.text, "audio": clip,
+                                 "label": u.label}))
+    with open(os.path.join(folder, "example_dialogue.jsonl"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return Corpus(splits, DEMO_LABELS, vocab)
+
+
+READERS = {"demo": read_demo, "meld": read_meld, "iemocap": read_iemocap, "dialogues": read_dialogues}
 
 # -----------------------------------------------------------------------------
-# packing
-
-
-LEFTOVER_FILES = re.compile(r".*\.safetensors|\.tmp\w*|meta\.json|vocab\.txt|example_dialogue\.jsonl|clips")
-
+# the packer: any Corpus -> the dataset's split files, and meta.json's content
 
 def decode(u, max_seconds):
     """-> (int16 samples, cut to max_seconds?) of one utterance, or (an error message, False)"""
     try:
-        if callable(u.media):  # the demo's synthesiser
-            wave = u.media()
+        if callable(u.audio):  # the demo's synthesiser
+            wave = u.audio()
             n = int(max_seconds * SAMPLE_RATE) if max_seconds else len(wave)
             wave, cut = wave[:n], len(wave) > n
         else:
-            wave, cut = load_audio(u.media, max_seconds)
+            wave, cut = load_audio(u.audio, max_seconds)
     except AudioError as e:
         return f"{u.where}: {e}", False
     if len(wave) < MIN_SAMPLES:
@@ -219,7 +290,7 @@ def pack_split(name, dialogues, label_index, tok, with_audio, args, problems, po
     """-> (arrays, metadata, clips cut, dialogues, utterances dropped) of split name; bad utterances
     go through problems; pool decodes the audio"""
     problems.split = name
-    flat = [(d, u) for d, (_, utts) in enumerate(dialogues) for u in utts]
+    flat = [(d, u) for d, utts in enumerate(dialogues) for u in utts]
     no_audio = (np.zeros(0, np.int16), False)
     waves = (list(pool.map(decode, [u for _, u in flat], [args.max_seconds] * len(flat), chunksize=16))
              if with_audio else [no_audio] * len(flat))
@@ -249,24 +320,27 @@ def pack_split(name, dialogues, label_index, tok, with_audio, args, problems, po
             arrays["utt_speaker"][s:e].tolist(), arrays["utt_label"][s:e].tolist(), args.max_context)]
     arrays["samples"] = np.array(samples, np.int64).reshape(len(samples), 3)
     # one metadata key: safetensors writes several in no fixed order, and reruns must give identical files
-    metadata = {"names": json.dumps({"dialogues": [dialogues[d][0] for d in names], "speakers": list(speakers)})}
-    return arrays, metadata, cut, len(names), problems.count(name)
+    named = {"dialogues": [dialogues[d][0].dialogue for d in names], "speakers": list(speakers)}
+    return arrays, {"names": json.dumps(named)}, cut, len(names), problems.count(name)
 
 
-def pack(corpus, labels, label_index, vocab, folder, args, problems, text_only):
-    """Tokenise, decode and write every split of corpus into folder -> meta.json's content.
-    label_index: label name -> class index in labels, or -1 for a label that is never a target."""
+def pack(corpus, folder, args, problems):
+    """Tokenise, decode and write every split of corpus into folder -> meta.json's content"""
     try:
-        tok = WordPiece.from_file(vocab)
+        tok = WordPiece.from_file(corpus.vocab)
     except OSError as e:  # missing, a folder...
-        raise BadInput(f"--vocab: {cannot_read(e)}") from None
+        raise DataError(f"--vocab: {cannot_read(e)}") from None
     except ValueError as e:  # not UTF-8, a token twice, no [CLS]...
-        raise BadInput(f"--vocab: {e}") from None
-    splits = {}
+        raise DataError(f"--vocab: {e}") from None
+    # label name -> class index, or -1 for a label that is never a target
+    label_index = {name: i for i, name in enumerate(corpus.labels)}
+    label_index |= {name: corpus.labels.index(c) if c else -1 for name, c in corpus.aliases.items()}
+    text_only = all(u.audio is None for dialogues in corpus.splits.values() for d in dialogues for u in d)
     with worker_pool(args.workers if not text_only else 1) as pool:
         packed = {split: pack_split(split, dialogues, label_index, tok, not text_only, args, problems, pool)
-                  for split, dialogues in corpus.items()}
-    check_packed(packed, labels)
+                  for split, dialogues in corpus.splits.items()}
+    check_packed(packed, corpus.labels)
+    splits = {}
     for split, (arrays, metadata, cut, names, dropped) in packed.items():
         write_split(os.path.join(folder, f"{split}.safetensors"), arrays, metadata)
         u, samples = len(arrays["utt_label"]), arrays["samples"]
@@ -274,17 +348,17 @@ def pack(corpus, labels, label_index, vocab, folder, args, problems, text_only):
         splits[split] = {
             "utterances": u, "dialogues": names, "samples": len(samples),
             "labelled": bool((arrays["utt_label"] >= 0).any()),
-            "class_counts": {name: int((samples[:, 2] == i).sum()) for i, name in enumerate(labels)},
+            "class_counts": {name: int((samples[:, 2] == i).sum()) for i, name in enumerate(corpus.labels)},
             "avg_context": round(float((samples[:, 1] - samples[:, 0]).mean()), 3) if len(samples) else 0.0,
             "avg_words": round(words / max(u, 1), 3),
             "audio_seconds": round(len(arrays["audio"]) / SAMPLE_RATE, 1),
             "audio_cut": cut, "dropped": dropped}
-    vocab_rel = os.path.relpath(vocab, folder)
-    sha = file_sha256(vocab)
-    return {"labels": list(labels), "modalities": ["text"] if text_only else ["text", "audio"],
+    vocab_rel = os.path.relpath(corpus.vocab, folder)
+    return {"labels": list(corpus.labels), "modalities": ["text"] if text_only else ["text", "audio"],
             "sample_rate": SAMPLE_RATE,
             # a vocabulary inside the dataset folder is stored relative to it, so the folder can move
-            "vocab": {"path": os.path.abspath(vocab) if vocab_rel.startswith("..") else vocab_rel, "sha256": sha},
+            "vocab": {"path": os.path.abspath(corpus.vocab) if vocab_rel.startswith("..") else vocab_rel,
+                      "sha256": file_sha256(corpus.vocab)},
             "settings": {k: getattr(args, k) for k in ("max_tokens", "max_context", "max_seconds")},
             "splits": splits}
 
@@ -305,161 +379,20 @@ def check_packed(packed, labels):
     """Refuse, before anything is written, a dataset nothing can be trained on: no utterances at
     all, or a labelled split without one sample"""
     if not any(len(arrays["utt_label"]) for arrays, *_ in packed.values()):
-        raise BadInput("no utterances to write (every input is empty, or --skip-bad dropped them all)")
+        raise DataError("no utterances to write (every input is empty, or --skip-bad dropped them all)")
     for split, (arrays, *_) in packed.items():
         if labels and (arrays["utt_label"] >= 0).any() and not len(arrays["samples"]):
-            raise BadInput(f"split {split} has labels but no sample: a sample needs a labelled utterance whose "
+            raise DataError(f"split {split} has labels but no sample: a sample needs a labelled utterance whose "
                            f"speaker also spoke two turns before it")
 
 
-def is_dataset(folder):
-    """Whether folder holds a dataset this script wrote: its meta.json says so"""
-    try:
-        read_json(os.path.join(folder, "meta.json"), ("labels", "modalities", "vocab", "settings", "splits", "source"),
-                  "a dataset")
-    except (DataError, OSError):
-        return False
-    return True
-
-
-def check_out(args, out):
-    """--out (out: its real path) is replaced as a whole: refuse a folder that is not a dataset of
-    ours, or that holds the inputs or the vocabulary (they would be deleted with it)"""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise BadInput(f"--out {args.out} exists and is not a folder")
-    if blocker := file_in_the_way(out):  # a folder above it is a file
-        raise BadInput(f"--out {args.out}: {blocker} is a file, not a folder; choose another --out")
-    if os.path.isdir(out) and os.listdir(out) and not is_dataset(out):
-        raise BadInput(f"--out {args.out} exists and is not a dataset made by prepare.py (no meta.json of one): "
-                       f"it would be replaced; choose another folder, or empty it yourself")
-    for option in ("src", "csv_dir", "media_dir", "root", "vocab"):
-        path = getattr(args, option, None)
-        if path and (os.path.realpath(path) + os.sep).startswith(out + os.sep):
-            name = "--from" if option == "src" else "--" + option.replace("_", "-")
-            raise BadInput(f"--out {args.out} holds {name} {path}, which replacing it would delete")
-
-
-def print_stats(meta):
-    labels = meta["labels"]
-    print(f"{'split':<10}{'dialogues':>10}{'utts':>8}{'samples':>9}{'ctx len':>9}{'words/utt':>10}"
-          + "".join(f"{name[:9]:>10}" for name in labels) + f"{'cut':>6}{'dropped':>9}")
-    for name, s in meta["splits"].items():
-        print(f"{name:<10}{s['dialogues']:>10}{s['utterances']:>8}{s['samples']:>9}{s['avg_context']:>9.2f}"
-              f"{s['avg_words']:>10.2f}" + "".join(f"{s['class_counts'][c]:>10}" for c in labels)
-              + f"{s['audio_cut']:>6}{s['dropped']:>9}")
-
-
-def write_meta(folder, meta):
-    with open(os.path.join(folder, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-        f.write("\n")
-
 # -----------------------------------------------------------------------------
-# the embedded demo: its dialogues come from nanotcmp/demo.py
-DEMO_DIALOGUES = {"pretrain": 200, "train": 20, "dev": 52, "test": 52}  # pretrain: unlabelled
+# the command
+
+LEFTOVER_FILES = re.compile(r".*\.safetensors|\.tmp\w*|meta\.json|vocab\.txt|example_dialogue\.jsonl|clips")
 
 
-def build_demo(args, folder, problems):
-    rng = np.random.default_rng(args.seed)
-    generated = {split: generate_dialogues(n, rng) for split, n in DEMO_DIALOGUES.items()}
-    corpus = {}
-    for split, dialogues in generated.items():
-        corpus[split] = []
-        for i, dialogue in enumerate(dialogues):
-            # each clip from its own seed, so the clips can be synthesised in any order, in parallel
-            corpus[split].append((f"{split}-{i}", [
-                Utt(u["speaker"], u["text"], u["label"] if split != "pretrain" else None,
-                    partial(synthesize_clip, u["prosody"], u["timbre"], int(seed)),
-                    f"demo {split} dialogue {i} turn {j}")
-                for j, (u, seed) in enumerate(zip(dialogue, rng.integers(2**63, size=len(dialogue))))]))
-    vocab = os.path.join(folder, "vocab.txt")
-    with open(vocab, "w") as f:
-        f.write("\n".join(demo_vocab(generated.values())) + "\n")
-    write_example(folder, *corpus["test"][0])
-    return pack(corpus, DEMO_LABELS, indexed(DEMO_LABELS), vocab, folder, args, problems, text_only=False)
-
-
-def write_example(folder, name, utts):
-    """One dialogue in the generic JSONL format, clips beside it: what sample.py runs on."""
-    os.makedirs(os.path.join(folder, "clips"))
-    lines = []
-    for j, u in enumerate(utts):
-        clip = f"clips/{name}_{j}.wav"
-        save_wav(os.path.join(folder, clip), u.media())
-        lines.append(json.dumps({"dialogue": name, "speaker": u.speaker, "text": u.text, "audio": clip,
-                                 "label": u.label}))
-    with open(os.path.join(folder, "example_dialogue.jsonl"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
-# -----------------------------------------------------------------------------
-# the commands
-
-MELD_LABELS = ("negative", "neutral", "positive")  # MELD's Sentiment column
-IEMOCAP_LABELS = ("fru", "exc", "neu", "ang", "sad", "hap", "oth")
-IEMOCAP_MERGED = {"sur": "oth", "fea": "oth", "dis": "oth"}  # rare classes, merged as in the paper
-
-
-def indexed(labels):
-    return {name: i for i, name in enumerate(labels)}
-
-
-def build_meld(args, folder, problems):
-    corpus = read_meld(args.csv_dir, args.media_dir, not args.unlabelled, problems)
-    return pack(corpus, MELD_LABELS, indexed(MELD_LABELS), args.vocab, folder, args, problems,
-                text_only=args.media_dir is None)
-
-
-def build_iemocap(args, folder, problems):
-    corpus = read_iemocap(args.root, problems, audio=not args.text_only)
-    label_index = indexed(IEMOCAP_LABELS) | {k: IEMOCAP_LABELS.index(v) for k, v in IEMOCAP_MERGED.items()}
-    label_index["xxx"] = -1  # no annotator agreement: stays in contexts, never a target
-    return pack(corpus, IEMOCAP_LABELS, label_index, args.vocab, folder, args, problems, text_only=args.text_only)
-
-
-def check_folders(args):
-    """The options that name a folder: each one is"""
-    for option in ("csv_dir", "media_dir", "root"):
-        path = getattr(args, option, None)
-        if path is not None and not os.path.isdir(path):
-            raise BadInput(f"--{option.replace('_', '-')} {path} "
-                           f"{'is a file, not a folder' if os.path.exists(path) else 'not found'}")
-
-
-def build_dialogues(args, folder, problems):
-    src = args.src
-    if os.path.isdir(src):
-        files = sorted(os.path.join(src, f) for f in os.listdir(src) if f.endswith(".jsonl"))
-        if not files:
-            raise BadInput(f"{src} holds no .jsonl file")
-    elif os.path.isfile(src):
-        files = [src]
-    elif os.path.isfile(src.rstrip(os.sep)):
-        raise BadInput(f"--from {src}: {src.rstrip(os.sep)} is a file, not a folder")
-    else:
-        raise BadInput(f"{src} not found")
-    corpus, seen = {}, {}  # seen: dialogue id -> the file it is in
-    for f in files:
-        problems.split = os.path.basename(f)[:-len(".jsonl")]
-        corpus[problems.split] = read_jsonl(f, problems)
-        for d, us in corpus[problems.split]:
-            if d in seen:  # the same dialogue in two splits would leak between training and testing
-                raise BadInput(f"{us[0].where}: dialogue {d!r} is also in {seen[d]}")
-            seen[d] = f
-    utts = [u for dialogues in corpus.values() for _, us in dialogues for u in us]
-    with_media = [u.media is not None for u in utts]
-    if any(with_media) and not all(with_media):
-        first = utts[with_media.index(False)]
-        raise BadInput(f"{first.where}: no audio, while other utterances have some "
-                       f"(a dataset is text-only or has audio for every utterance)")
-    labels = args.labels.split(",") if args.labels else sorted({u.label for u in utts if u.label is not None})
-    if args.labels and (bad := [l for l in labels if not l.strip() or labels.count(l) > 1]):
-        raise BadInput(f"--labels {args.labels}: " + (f"{bad[0]!r} is there twice" if bad[0].strip() else
-                                                      "an empty class name (a comma too many?)"))
-    return pack(corpus, labels, indexed(labels), args.vocab, folder, args, problems, text_only=not all(with_media))
-
-
-def main(argv):
+def parse_args(argv):
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--max-tokens", type=ranged(int, 3), default=60,
                         help="word pieces an utterance, [CLS] and [SEP] included (3 or more)")
@@ -497,33 +430,78 @@ def main(argv):
     args = parser.parse_args(argv)
     if args.command == "meld" and args.out is None:
         args.out = "data/meld-unlabelled" if args.unlabelled else "data/p-meld"
-
-    build = {"demo": build_demo, "meld": build_meld, "iemocap": build_iemocap, "dialogues": build_dialogues}
-    t0 = time.time()
-    problems = Problems(args.skip_bad)
     if not args.out:
         sys.exit("prepare.py: --out is empty: give the folder to write the dataset in")
+    return args
+
+
+def is_dataset(folder):
+    """Whether folder holds a dataset this script wrote: its meta.json says so"""
+    try:
+        read_json(os.path.join(folder, "meta.json"), ("labels", "modalities", "vocab", "settings", "splits", "source"),
+                  "a dataset")
+    except (DataError, OSError):
+        return False
+    return True
+
+
+def check_out(args, out):
+    """--out (out: its real path) is replaced as a whole: refuse a folder that is not a dataset of
+    ours, or that holds the inputs or the vocabulary (they would be deleted with it)"""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"--out {args.out} exists and is not a folder")
+    if blocker := file_in_the_way(out):  # a folder above it is a file
+        raise DataError(f"--out {args.out}: {blocker} is a file, not a folder; choose another --out")
+    if os.path.isdir(out) and os.listdir(out) and not is_dataset(out):
+        raise DataError(f"--out {args.out} exists and is not a dataset made by prepare.py (no meta.json of one): "
+                       f"it would be replaced; choose another folder, or empty it yourself")
+    for option in ("src", "csv_dir", "media_dir", "root", "vocab"):
+        path = getattr(args, option, None)
+        if path and (os.path.realpath(path) + os.sep).startswith(out + os.sep):
+            name = "--from" if option == "src" else "--" + option.replace("_", "-")
+            raise DataError(f"--out {args.out} holds {name} {path}, which replacing it would delete")
+
+
+def check_folders(args):
+    """The options that name a folder: each one is"""
+    for option in ("csv_dir", "media_dir", "root"):
+        path = getattr(args, option, None)
+        if path is not None and not os.path.isdir(path):
+            raise DataError(f"--{option.replace('_', '-')} {path} "
+                           f"{'is a file, not a folder' if os.path.exists(path) else 'not found'}")
+
+
+def print_stats(meta):
+    labels = meta["labels"]
+    print(f"{'split':<10}{'dialogues':>10}{'utts':>8}{'samples':>9}{'ctx len':>9}{'words/utt':>10}"
+          + "".join(f"{name[:9]:>10}" for name in labels) + f"{'cut':>6}{'dropped':>9}")
+    for name, s in meta["splits"].items():
+        print(f"{name:<10}{s['dialogues']:>10}{s['utterances']:>8}{s['samples']:>9}{s['avg_context']:>9.2f}"
+              f"{s['avg_words']:>10.2f}" + "".join(f"{s['class_counts'][c]:>10}" for c in labels)
+              + f"{s['audio_cut']:>6}{s['dropped']:>9}")
+
+
+def main(argv):
+    args = parse_args(argv)
+    t0, problems = time.time(), Problems(args.skip_bad)
     out = os.path.realpath(args.out)  # data/x/, ./x, x/. name one folder; a link, the folder it points to
     kept = (f"the dataset already at {args.out} is untouched, " if is_dataset(out) else "") + \
         "nothing half-written is left"
-    try:
-        check_out(args, out)
-        check_folders(args)
-        remove_staged(out, LEFTOVER_FILES, "prepare.py")
-        with staging(out) as folder:
-            meta = build[args.command](args, folder, problems)
-            meta["source"] = args.command + (" (unlabelled)" if getattr(args, "unlabelled", False) else "")
-            write_meta(folder, meta)
-    except (BadInput, AudioError, NoFFmpeg) as e:
-        sys.exit(f"prepare.py: {e}")
-    except OSError as e:  # a full disk, a read-only one, an input that cannot be read...
-        sys.exit(f"prepare.py: {cannot_write(staged_path(e.filename, out, args.out), e)} ({kept})"
-                 if writes_out(e, out) else f"prepare.py: {cannot_read(e)}")
-    except BrokenProcessPool:
-        sys.exit(f"prepare.py: a process decoding audio died (out of memory?): try fewer --workers ({kept})")
-    except KeyboardInterrupt:
-        print(f"prepare.py: interrupted; {kept}", file=sys.stderr)
-        raise SystemExit(130) from None
+    with one_line_errors("prepare.py", lambda: f"interrupted; {kept}", (AudioError, NoFFmpeg)):
+        try:
+            check_out(args, out)
+            check_folders(args)
+            remove_staged(out, LEFTOVER_FILES, "prepare.py")  # what runs killed outright left beside out
+            with staging(out) as folder:  # built aside, then swapped in whole
+                meta = pack(READERS[args.command](args, folder, problems), folder, args, problems)
+                meta["source"] = args.command + (" (unlabelled)" if getattr(args, "unlabelled", False) else "")
+                with open(os.path.join(folder, "meta.json"), "w") as f:
+                    f.write(json.dumps(meta, indent=1) + "\n")
+        except OSError as e:  # a full disk, a read-only one, an input that cannot be read...
+            raise DataError(f"{cannot_write(staged_path(e.filename, out, args.out), e)} ({kept})"
+                            if writes_out(e, out) else cannot_read(e)) from None
+        except BrokenProcessPool:
+            raise DataError(f"a process decoding audio died (out of memory?): try fewer --workers ({kept})") from None
     print_stats(meta)
     if problems.dropped:
         print(f"--skip-bad dropped {len(problems.dropped)} utterances, e.g.:")

@@ -158,7 +158,7 @@ def small_demo(tmp_path_factory):
 
 
 def stage_settings(*argv, stage="finetune", device="cpu"):
-    """train.py's Settings of one stage, for its options argv"""
+    """train.py's settings of one stage, for its options argv"""
     args = settings.parse_args(["--stage", stage, *map(str, argv)], "")
     return settings.plan(args, torch.device(device))[0]
 

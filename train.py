@@ -36,7 +36,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = settings.parse_args(argv, __doc__)
     device = processes.start(device_from(args.device, "train.py"))  # under torchrun: this process's GPU
-    stages = settings.plan(args, device)  # one Settings a stage: pre-training, fine-tuning or both
+    stages = settings.plan(args, device)  # the settings of each stage: pre-training, fine-tuning or both
     try:
         with one_line_errors("train.py", lambda: interrupted(stages, argv), (NonFiniteLoss,)):
             claim_folders(stages)  # before anything is trained: no folder holds an old run beside a new one
@@ -49,7 +49,7 @@ def main(argv=None):
 
 
 def train(s, device):
-    """One stage, pre-training or fine-tuning, with the Settings s -> its run folder (None when
+    """One stage, pre-training or fine-tuning, with the settings s -> its run folder (None when
     stopped by --max-steps)"""
     print0(settings.describe(s))
     # the data: windows of dialogues (pre-training) or samples (fine-tuning), memory-mapped
@@ -61,10 +61,11 @@ def train(s, device):
     # each stage leaves parameters unused (the emotion head in pre-training, TUS and CLIP's in fine-tuning)
     runner = DDP(model, find_unused_parameters=True) if world() > 1 else model
     per_epoch = steps_per_epoch(s, items, train_split)
+    unit = "windows" if s.stage == "pretrain" else "samples"
     total = s.epochs * per_epoch
     n_params = sum(p.numel() for p in model.parameters())
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print0(f"{s.stage}: {n_params / 1e6:.2f} M parameters ({n_trained / 1e6:.2f} M trained), {len(items)} {s.unit}, "
+    print0(f"{s.stage}: {n_params / 1e6:.2f} M parameters ({n_trained / 1e6:.2f} M trained), {len(items)} {unit}, "
            f"{s.epochs} epochs of {per_epoch} steps, {device}"
            + (f" x {world()} processes" if world() > 1 else ""))
 
@@ -76,7 +77,7 @@ def train(s, device):
         if finished(progress) and os.path.isfile(os.path.join(s.out, "metrics.json")):
             print0(f"{s.stage} was done: {s.out} (--resume has nothing to continue)")
             return s.out
-        meter = Meter(device, progress.step, s.out, s.unit)
+        meter = Meter(device, progress.step, s.out, unit)
         make = functools.partial(step_batches, s, items, train_split, model.config.modalities, per_epoch)
         batches = iter(ahead(make, total, s.workers, progress.step))  # built ahead by worker processes
         while not finished(progress):

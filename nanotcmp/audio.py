@@ -4,8 +4,7 @@ Audio in and out: every clip becomes 16 kHz mono int16, the input HuBERT expects
 load_audio reads PCM and IEEE float WAV with the standard library's `wave`; anything else (MELD
 ships .mp4) is first decoded by the ffmpeg command-line tool to a float WAV on a pipe, at its native
 rate and channels, so there is one reader, and mixing to mono and resampling happen in one place.
-Float samples that are NaN or infinite are refused, never stored as full-scale clicks. synthesize
-makes the speech-like clips of the synthetic corpus.
+Float samples that are NaN or infinite are refused, never stored as full-scale clicks.
 """
 import io
 import os

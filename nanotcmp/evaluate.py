@@ -2,7 +2,7 @@
 Evaluation on dev and test, and the references that need no model. Pre-training is scored by
 target utterance searching (R5@1, R5@2, R11@1, R11@2 of T2T, A2A and M2M) beside a word-overlap
 reference; fine-tuning by WA, AA and macro-F1 beside the majority class and the last emotion of
-the target speaker (README, "Training").
+the target speaker (docs/results.md, "Training").
 """
 import math
 

@@ -1,12 +1,13 @@
 """
 train.py's settings, decided here and nowhere else: its options, and the presets that give the
 defaults of the ones a command leaves out. A run's preset follows from its encoders (or --preset
-names one); each stage of the run gets one Settings, printed when the stage starts.
+names one). Each stage of the run gets its settings as one object, s: the options by their names
+(s.batch_size is --batch-size), each left-out one with its preset's value, printed when the stage
+starts.
 """
 import argparse
 import math
 import os
-from dataclasses import asdict, dataclass, fields, replace
 
 from nanotcmp.processes import print0, world
 
@@ -64,58 +65,9 @@ TINY_HUBERT = dict(dim=64, n_layer=2, n_head=2, ffn_dim=128, conv_dim=(16,) * 7,
 STAGES = ("pretrain", "finetune")
 
 
-@dataclass(frozen=True)
-class Settings:
-    """One stage's settings: the options of the command line, each left-out one from the preset.
-    The names are the options' (--no-distant: no_distant)."""
-    stage: str  # "pretrain" or "finetune"
-    preset: str
-    data: str  # a dataset made by prepare.py
-    out: str  # the run folder: model.safetensors, config.json, metrics.json, log.json, state.pt
-    init: str | None  # fine-tune from this pre-training run folder
-    # the model
-    text_encoder: str  # a BERT checkpoint folder, or "tiny"
-    audio_encoder: str  # a HuBERT checkpoint folder, or "tiny"
-    modalities: str  # "text", "audio" or "all"
-    d: int
-    dropout: float
-    encoder_dropout: float | None  # None: the checkpoint's (0.1 for tiny encoders)
-    no_distant: bool
-    tus: str
-    tus_loss: str
-    freeze_encoders: bool
-    no_cache: bool
-    # the data and its batches
-    train_fraction: float
-    batch_size: int  # windows (pre-training) or samples (fine-tuning) a step, over all processes
-    micro_batches: int  # a step's batch is split into these, each with its own noise candidates and CLIP negatives
-    k: int  # candidates a target in pre-training: 1 true + k-1 noise
-    max_padding: float  # length buckets: the padding share each encoder batch may have
-    shape_grid: bool  # pad the encoder batches to shapes of a fixed grid (data.buckets)
-    workers: int  # processes building batches ahead; 0: built in the loop, when asked for
-    seed: int
-    # the optimisation
-    epochs: int
-    patience: int  # stop after this many epochs without a better dev score; 0: never
-    lr: float  # everything but the encoders
-    lr_encoder: float
-    # the run
-    resume: bool  # continue from out/state.pt
-    overwrite: bool  # replace the run out holds
-    max_steps: int | None
-    log_every: int
-    save_every: int
-    compile: bool
-    cuda_graphs: str
-
-    @property
-    def unit(self):
-        return "windows" if self.stage == "pretrain" else "samples"
-
-
 # what a run's results do not depend on: --resume may change these
-HOW_TO_RUN = ("preset", "out", "workers", "resume", "overwrite", "max_steps", "log_every", "save_every",
-              "compile", "cuda_graphs", "no_cache")
+HOW_TO_RUN = ("stage", "preset", "out", "workers", "device", "resume", "overwrite", "max_steps", "log_every",
+              "save_every", "compile", "cuda_graphs", "no_cache")
 
 
 def ranged(kind, low=None, high=None, above=False, below=False):
@@ -209,14 +161,14 @@ def parse_args(argv, description):
 
 
 def plan(args, device):
-    """-> the Settings of each stage --stage runs: one, or pre-training then fine-tuning from it"""
+    """-> the settings of each stage --stage runs: one, or pre-training then fine-tuning from it"""
     if args.stage != "all":
         return [stage_settings(args.stage, args, device, args.out, args.init, args.batch_size)]
     out = {stage: args.out and os.path.join(args.out, stage) for stage in STAGES}
     pretrain = stage_settings("pretrain", args, device, out["pretrain"], None, args.batch_size)
     finetune = stage_settings("finetune", args, device, out["finetune"], pretrain.out, None)  # its default batch
     if not os.path.isfile(os.path.join(pretrain.out, "metrics.json")):  # pre-training to do: fine-tune after it
-        finetune = replace(finetune, resume=False, overwrite=finetune.overwrite or finetune.resume)
+        finetune.overwrite, finetune.resume = finetune.overwrite or finetune.resume, False
     return [pretrain, finetune]
 
 
@@ -229,7 +181,7 @@ def preset_of(args):
 
 
 def stage_settings(stage, args, device, out, init, batch_size):
-    """-> one stage's Settings: args, and the preset's value of every option args leaves out;
+    """-> one stage's settings: args, and the preset's value of every option args leaves out;
     out, init, batch_size: this stage's (None for the defaults)"""
     preset = preset_of(args)
 
@@ -256,10 +208,9 @@ def stage_settings(stage, args, device, out, init, batch_size):
     out = out or os.path.join("out", f"{os.path.basename(os.path.normpath(args.data))}-{stage}")
     # --resume of --stage all: each stage continues where it has a state, the others start (again)
     resume = args.resume and (args.stage != "all" or os.path.isfile(os.path.join(out, "state.pt")))
-    given = {f.name: getattr(args, f.name) for f in fields(Settings) if hasattr(args, f.name)}
-    return Settings(**{**given, **chosen, "stage": stage, "preset": preset, "out": out, "init": init,
-                       "micro_batches": n_micro, "resume": resume,
-                       "overwrite": args.overwrite or (args.resume and not resume)})
+    return argparse.Namespace(**{**vars(args), **chosen, "stage": stage, "preset": preset, "out": out, "init": init,
+                                 "micro_batches": n_micro, "resume": resume,
+                                 "overwrite": args.overwrite or (args.resume and not resume)})
 
 
 def describe(s):
@@ -273,7 +224,7 @@ def compared(s):
     def path(p):
         return p if p in (None, "tiny") else os.path.abspath(p)
     values = {k: path(v) if k in ("data", "text_encoder", "audio_encoder", "init") else v
-              for k, v in asdict(s).items() if k not in HOW_TO_RUN and k != "stage"}
+              for k, v in vars(s).items() if k not in HOW_TO_RUN}
     values["train_fraction"] = s.train_fraction if s.stage == "finetune" else 1.0
     return {"--" + k.replace("_", "-"): v for k, v in values.items()}
 

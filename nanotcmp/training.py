@@ -1,6 +1,6 @@
 """
 The pieces train.py puts together, which bench.py uses too: a stage's data, the model of a stage's
-Settings with its checkpoints loaded, its optimiser, and one training step.
+settings with its checkpoints loaded, its optimiser, and one training step.
 """
 import contextlib
 import os
