@@ -189,7 +189,7 @@ def bench_stream(device, reps, turns=(2, 6, 11, 30), seconds=3.0, max_context=11
             t0 = time.perf_counter()
             H = model.encode(to_device(batch, device))
             ctx_ids = torch.arange(len(ctx), device=device)[None]
-            model.head(H, ctx_ids, torch.ones_like(ctx_ids, dtype=torch.bool)).softmax(-1)
+            model.next_emotion(H, ctx_ids, torch.ones_like(ctx_ids, dtype=torch.bool)).softmax(-1)
             sync(device)
             naive_ms[n].append((time.perf_counter() - t0) * 1000)
     print(f"stream on {device}: BERT-base + HuBERT-base, d 768, {seconds:.0f}-second utterances, "

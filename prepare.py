@@ -286,13 +286,13 @@ def spans(rows, dtype):
     return data, np.stack([np.cumsum(lengths) - lengths, lengths], axis=1).reshape(len(rows), 2)
 
 
-def pack_split(name, dialogues, label_index, tok, with_audio, args, problems, pool):
+def pack_split(name, dialogues, label_index, tok, with_audio, args, problems, decoders):
     """-> (arrays, metadata, clips cut, dialogues, utterances dropped) of split name; bad utterances
-    go through problems; pool decodes the audio"""
+    go through problems; decoders (a worker pool) decode the audio"""
     problems.split = name
     flat = [(d, u) for d, utts in enumerate(dialogues) for u in utts]
     no_audio = (np.zeros(0, np.int16), False)
-    waves = (list(pool.map(decode, [u for _, u in flat], [args.max_seconds] * len(flat), chunksize=16))
+    waves = (list(decoders.map(decode, [u for _, u in flat], [args.max_seconds] * len(flat), chunksize=16))
              if with_audio else [no_audio] * len(flat))
     kept, cut = [], 0
     for (d, u), (wave, was_cut) in zip(flat, waves):
@@ -336,8 +336,8 @@ def pack(corpus, folder, args, problems):
     label_index = {name: i for i, name in enumerate(corpus.labels)}
     label_index |= {name: corpus.labels.index(c) if c else -1 for name, c in corpus.aliases.items()}
     text_only = all(u.audio is None for dialogues in corpus.splits.values() for d in dialogues for u in d)
-    with worker_pool(args.workers if not text_only else 1) as pool:
-        packed = {split: pack_split(split, dialogues, label_index, tok, not text_only, args, problems, pool)
+    with worker_pool(args.workers if not text_only else 1) as decoders:
+        packed = {split: pack_split(split, dialogues, label_index, tok, not text_only, args, problems, decoders)
                   for split, dialogues in corpus.splits.items()}
     check_packed(packed, corpus.labels)
     splits = {}

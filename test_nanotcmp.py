@@ -655,7 +655,7 @@ def test_eq21_total_weighs_tus_by_zeta_and_clip_by_eta(small_demo):
     torch.manual_seed(0)
     model = M.TCMP(dataclasses.replace(small_model(small_demo).config, zeta=0.3, eta=0.7)).eval()
     with torch.no_grad():
-        total, parts, _ = model.pretrain_loss(batch)
+        _, total, parts = model.pretrain_loss(batch)
     want = 0.3 * (parts["intra"] + parts["inter"]) + 0.7 * parts["clip"]
     swapped = 0.7 * (parts["intra"] + parts["inter"]) + 0.3 * parts["clip"]
     assert abs(total - want) < 1e-5 and abs(total - swapped) > 1e-3
@@ -667,7 +667,7 @@ def test_eq21_tus_switch_picks_the_losses(small_demo):
     batch = pretrain_batch(split, windows(split)[:3], 5, np.random.default_rng(0), ("text", "audio"))
     for tus, want in (("intra", {"intra", "clip"}), ("inter", {"inter", "clip"}), ("both", {"intra", "inter", "clip"})):
         with torch.no_grad():
-            total, parts, scores = small_model(small_demo, "--tus", tus).pretrain_loss(batch)
+            scores, total, parts = small_model(small_demo, "--tus", tus).pretrain_loss(batch)
         assert set(parts) == want and set(scores) == {"t", "a", "m"}
         want = 0.5 * sum(v for k, v in parts.items() if k != "clip") + 0.5 * parts["clip"]
         assert abs(total.item() - want.item()) < 1e-5

@@ -246,20 +246,20 @@ def windows(split, size=11, stride=5):
     return out
 
 
-def draw_noise(split, targets, k, rng, pool=None):
-    """k-1 noise candidates for each target utterance id, from other dialogues: drawn from pool
+def draw_noise(split, targets, k, rng, among=None):
+    """k-1 noise candidates for each target utterance id, from other dialogues: drawn among
     (utterance ids, e.g. the batch's own, which are encoded anyway) when it spans two dialogues or
     more, else from the whole split -> (N, k-1) utterance ids"""
     if len(split.dialogues) < 2:  # no other dialogue to draw from: the redraws below would never end
         raise DataError(f"{split.path} holds one dialogue: noise candidates come from other dialogues")
     targets = np.asarray(targets)
-    if pool is None or len(set(split.utt_dialogue[pool].tolist())) < 2:
-        pool = np.arange(len(split))
-    pool = np.asarray(pool)
-    noise = pool[rng.integers(len(pool), size=(len(targets), k - 1))]
+    if among is None or len(set(split.utt_dialogue[among].tolist())) < 2:
+        among = np.arange(len(split))
+    among = np.asarray(among)
+    noise = among[rng.integers(len(among), size=(len(targets), k - 1))]
     clash = split.utt_dialogue[noise] == split.utt_dialogue[targets][:, None]
     while clash.any():  # redraw the ones from the target's own dialogue
-        noise[clash] = pool[rng.integers(len(pool), size=int(clash.sum()))]
+        noise[clash] = among[rng.integers(len(among), size=int(clash.sum()))]
         clash = split.utt_dialogue[noise] == split.utt_dialogue[targets][:, None]
     return noise
 
@@ -269,9 +269,9 @@ def window_targets(split, wins, k, rng, in_batch=True):
     j >= 2, noise (N, k-1): each target's noise candidates, utterance ids). in_batch: noise from the
     other windows' utterances (training); else from the whole split."""
     rows = [list(range(a, e)) for a, e in wins]
-    targets = [(b, j) for b, row in enumerate(rows) for j in range(2, len(row))]
-    pool = [u for row in rows for u in row] if in_batch else None
-    return rows, targets, draw_noise(split, [rows[b][j] for b, j in targets], k, rng, pool)
+    targets = [(w, j) for w, row in enumerate(rows) for j in range(2, len(row))]
+    among = [u for row in rows for u in row] if in_batch else None
+    return rows, targets, draw_noise(split, [rows[w][j] for w, j in targets], k, rng, among)
 
 
 def pretrain_batch(split, wins, k, rng, modalities, in_batch=True, max_padding=0.1, grid=True):

@@ -6,6 +6,20 @@ The TCMP model, in the order the data flows (the paper's Figure 2, left to right
   4. TCMP — pooling (Eq. 4), fusion (Eq. 6), GRUs and attention over the context (Eq. 7-10),
      the pre-training losses (Eq. 11-21) and the emotion head (Eq. 22)
   5. loading real checkpoints: one explicit name map per encoder, every name and shape checked
+A reader new to the paper may start at part 4, "TCMP": the encoders are BERT and HuBERT as published.
+
+The words nanotcmp uses, each in one meaning:
+  target utterance  the next utterance, never an input: its emotion is predicted (fine-tuning), or it
+                    is searched for among candidates (pre-training)
+  target speaker    who will say it: the speaker of the source
+  source, response  the two utterances before it, u_{N-1} and u_N: the nearby context; the ones before
+                    them are the distant context
+  window position   pre-training cuts dialogues into windows; every position j >= 2 of a window holds a
+                    target utterance, its context the window's utterances 0 .. j-1
+  candidates        the true target utterance and k-1 noise utterances drawn from other dialogues
+  stream β          t (text), a (audio) and m (the two fused, Eq. 6): each with its own context interaction
+  T2T, A2A, M2M     target utterance searching in one stream: text to text, audio to audio, fused to fused
+  intra, inter      the TUS losses within a modality (T2T and A2A, Eq. 14) and across them (M2M, Eq. 15)
 """
 import json
 import math
@@ -218,7 +232,8 @@ class PositionalConv(nn.Module):
 
     def forward(self, x):
         # x: (B, T, D) with zeros at padded frames -> (B, T, D)
-        # w = g * v / ||v||, the norm over dims 0 and 1 (fused by torch, ~10x faster than written out)
+        # w = g * v / ||v||, the norm over dims 0 and 1: the fused kernel torch's weight_norm
+        # parametrization runs, ~6x faster than written out (which rounds differently, by ~1e-7)
         w = torch._weight_norm(self.weight_v, self.weight_g, 2)
         y = F.conv1d(x.transpose(1, 2), w, self.bias, padding=self.kernel // 2, groups=self.groups)
         y = y[:, :, :x.size(1)]  # an even kernel gives one frame too many
@@ -488,8 +503,7 @@ class TCMP(nn.Module):
         batch with targets (pre-training): the TUS logits {β: (N, k)} and the loss of Eq. 21; else
         (fine-tuning) the emotion logits (B, n_labels) and, given labels, the loss of Eq. 23."""
         if "targets" in batch:
-            loss, parts, logits = self.pretrain_loss(batch)
-            return logits, loss, parts
+            return self.pretrain_loss(batch)
         logits = self.classify(batch)
         if "labels" not in batch:
             return logits, None, {}
@@ -502,13 +516,14 @@ class TCMP(nn.Module):
 
     def classify(self, batch):
         """Fine-tuning: logits (B, n_labels) of the next emotion after each context, Eq. 22 (before its softmax)"""
-        return self.head(self.encode(batch), batch["ctx"], batch["ctx_mask"])
+        return self.next_emotion(self.encode(batch), batch["ctx"], batch["ctx_mask"])
 
-    def head(self, H, ctx, ctx_mask):
-        """Encoded utterances H, contexts ctx (B, L) indexing them -> logits (B, n_labels). The
-        real-time path calls this on cached utterance vectors."""
+    def next_emotion(self, H, ctx, ctx_mask):
+        """Encoded utterances H, contexts ctx (B, L) indexing them -> logits (B, n_labels) of the target
+        utterance's emotion: the context interaction (Eq. 7-10), then the head (Eq. 22). The real-time
+        path calls this on cached utterance vectors."""
         P = self.interact(H, ctx, ctx_mask)
-        last = ctx_mask.sum(1)  # (B,) the target's position: right after the context
+        last = ctx_mask.sum(1)  # (B,) the target utterance's position: right after the context
         # [P^t ; P^a ; P^m]: Eq. 22's [P^t ; P^m ; P^a] with W_1's columns in another order
         p = torch.cat([P[beta][torch.arange(len(last)), last] for beta in self.streams], -1)
         return self.head2(self.drop(torch.tanh(self.head1(p))))
@@ -520,7 +535,7 @@ class TCMP(nn.Module):
         return {beta: (P[beta][win, pos, None, :] * H[beta][cands]).sum(-1) for beta in self.streams}
 
     def pretrain_loss(self, batch):
-        """Eq. 14-21 -> (total, {part: value}, logits)"""
+        """Eq. 11-21 -> (the TUS logits {β: (N, k)}, the loss, {part: value})"""
         c = self.config
         H = self.encode(batch)
         P = self.interact(H, batch["ctx"], batch["ctx_mask"])
@@ -537,7 +552,7 @@ class TCMP(nn.Module):
         if "m" in self.streams:
             parts["clip"] = clip_loss(H["t"], H["a"], self.logit_scale)
             total = total + c.eta * parts["clip"]
-        return total, parts, s
+        return s, total, parts
 
 
 def tus_loss(logits, kind):

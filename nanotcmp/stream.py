@@ -34,5 +34,5 @@ class Stream:
             L = len(self.cache[self.model.streams[0]])
             ctx = torch.arange(L, device=self.device)[None]  # (1, L): the cached utterances, in order
             cached = {beta: torch.stack(list(cache)) for beta, cache in self.cache.items()}  # β -> (L, d)
-            logits = self.model.head(cached, ctx, torch.ones_like(ctx, dtype=torch.bool))
+            logits = self.model.next_emotion(cached, ctx, torch.ones_like(ctx, dtype=torch.bool))
         return logits.float().softmax(-1)[0].cpu()
