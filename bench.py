@@ -34,7 +34,7 @@ from nanotcmp.processes import device_from, set_up_device
 from nanotcmp.settings import TINY_BERT, TINY_HUBERT, ranged
 from nanotcmp.stream import Stream
 from nanotcmp.tokenizer import WordPiece
-from nanotcmp.training import train_step
+from nanotcmp.training import optimizer, train_step
 
 # -----------------------------------------------------------------------------
 # encoders: BERT-base on 32 x 24 tokens, HuBERT-base on 4 x 3 s of audio, fp32, random weights
@@ -340,7 +340,7 @@ def train_one(data, size, mode, steps, device):
         t0 = time.perf_counter()
         attach_features(model, data, [split], device)
         cache_s = time.perf_counter() - t0
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    opt = optimizer(model, s)
     items = windows(split)
     per_epoch = steps_per_epoch(s, items, split)
     make = functools.partial(step_batches, s, items, split, model.config.modalities, per_epoch)
@@ -356,10 +356,17 @@ def train_one(data, size, mode, steps, device):
         train_step(model, opt, [(share, to_device(batch, device)) for share, batch, _ in micro])
         return micro, waited
 
-    flops = None
+    flops = count_flops(step) if device.type == "cuda" else None
     if device.type == "cuda":
-        flops = count_flops(step)
         CudaGraphs(model, "context")  # train.py's default
+    r = measure_steps(step, warm, steps, device)
+    if r is None:
+        return {"oom": True, "shapes": shapes}
+    return {**r, "oom": False, "items_s": n / r["ms"] * 1000, "shapes": shapes, "flops": flops, "cache_s": cache_s}
+
+
+def measure_steps(step, warm, steps, device):
+    """warm calls of step(), then `steps` timed -> {ms, mib, padding, wait, ops}, or None when out of memory"""
     base = memory_mark(device)  # peak memory: what the steps need beyond the model, the optimiser and the batches
     try:
         for _ in range(warm):
@@ -367,15 +374,12 @@ def train_one(data, size, mode, steps, device):
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if "memory" not in str(e) and not isinstance(e, MemoryError):
             raise
-        return {"oom": True, "shapes": shapes}
+        return None
     times, waits, pads = timed_steps(step, steps, device)
     peak = memory_peak(device) - base
-    ops = count_ops(step)
     padding = {k: sum(p[k][0] for p in pads) / sum(p[k][1] for p in pads) for k in pads[0]}
-    ms = statistics.median(times) * 1000
-    return {"oom": False, "ms": ms, "items_s": n / ms * 1000, "mib": peak / 2**20, "padding": padding,
-            "shapes": shapes, "wait": sum(waits) / sum(times), "ops": ops, "flops": flops,
-            "cache_s": cache_s}
+    return {"ms": statistics.median(times) * 1000, "mib": peak / 2**20, "padding": padding,
+            "wait": sum(waits) / sum(times), "ops": count_ops(step)}
 
 
 def run_script(script, cwd, *argv):
@@ -448,6 +452,11 @@ def bench_train(device, steps, tmp, timeout):
     print("\nshapes: distinct (rows, length) shapes of the encoder calls over an epoch, text/audio, and in brackets "
           "as many as each bucket padded to its own longest would give; waits: share of a step spent waiting for "
           "its batch; ops: torch operations the host dispatches in a step (a CUDA graph's replay: its input copies)")
+    compare_set_ups(results, device, peak)
+
+
+def compare_set_ups(results, device, peak):
+    """For each dataset and size: one padded batch against length buckets against the feature cache"""
     for name, size in dict.fromkeys((n, s) for n, s, _ in results):
         whole, buckets, cache = (results.get((name, size, m), {"oom": True}) for m in ("whole", "buckets", "cache"))
         if buckets["oom"] or cache["oom"]:

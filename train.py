@@ -49,8 +49,7 @@ def main(argv=None):
 
 
 def train(s, device):
-    """One stage, pre-training or fine-tuning, with the settings s -> its run folder (None when
-    stopped by --max-steps)"""
+    """One stage with its settings s -> its run folder (None when stopped by --max-steps)"""
     print0(settings.describe(s))
     # the data: windows of dialogues (pre-training) or samples (fine-tuning), memory-mapped
     meta = load_meta(s.data)
@@ -61,27 +60,18 @@ def train(s, device):
     # each stage leaves parameters unused (the emotion head in pre-training, TUS and CLIP's in fine-tuning)
     runner = DDP(model, find_unused_parameters=True) if world() > 1 else model
     per_epoch = steps_per_epoch(s, items, train_split)
-    unit = "windows" if s.stage == "pretrain" else "samples"
-    total = s.epochs * per_epoch
-    n_params = sum(p.numel() for p in model.parameters())
+    total, unit = s.epochs * per_epoch, "windows" if s.stage == "pretrain" else "samples"
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print0(f"{s.stage}: {n_params / 1e6:.2f} M parameters ({n_trained / 1e6:.2f} M trained), {len(items)} {unit}, "
-           f"{s.epochs} epochs of {per_epoch} steps, {device}"
+    print0(f"{s.stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters ({n_trained / 1e6:.2f} M "
+           f"trained), {len(items)} {unit}, {s.epochs} epochs of {per_epoch} steps, {device}"
            + (f" x {world()} processes" if world() > 1 else ""))
-
-    def finished(progress):  # every step done, or --patience epochs without a better dev score
-        best, epochs_done = progress.best, progress.step // per_epoch
-        return progress.step == total or bool(s.patience and best and epochs_done - best["epoch"] >= s.patience)
-
-    with run_folder(s, model, opt, device) as progress:  # new, or resumed from its state.pt
-        if finished(progress) and os.path.isfile(os.path.join(s.out, "metrics.json")):
-            print0(f"{s.stage} was done: {s.out} (--resume has nothing to continue)")
+    with run_folder(s, model, opt, device, total, per_epoch) as progress:  # new, or resumed from its state.pt
+        if progress is None:  # (resumed, it was done)
             return s.out
         meter = Meter(device, progress.step, s.out, unit)
         make = functools.partial(step_batches, s, items, train_split, model.config.modalities, per_epoch)
         batches = iter(ahead(make, total, s.workers, progress.step))  # built ahead by worker processes
-        while not finished(progress):
-            # a step
+        while not progress.finished(total, per_epoch, s.patience):  # a step
             micro = meter.fetch(batches)  # this process's micro-batches of the step
             loss, parts = train_step(runner, opt, [(share, to_device(batch, device)) for share, batch, _ in micro])
             progress.step += 1
@@ -93,31 +83,25 @@ def train(s, device):
             if epoch_end or stop or progress.step % s.save_every == 0:
                 with meter.pause(epoch_end):  # (checks that every loss so far is finite)
                     if epoch_end:
-                        end_epoch(s, progress, model, dev, meta, device, meter.t_epoch, per_epoch)
+                        end_epoch(s, progress.step // per_epoch, progress, model, dev, meta, device, meter.t_epoch)
                     save_state(os.path.join(s.out, "state.pt"), model, opt, progress, device)  # for --resume
             if stop:
                 print0(f"stopped at step {progress.step} (--max-steps); continue with --resume")
                 return None
         if progress.step < total:
             print0(f"stopped after epoch {progress.step // per_epoch}: dev has not improved for {s.patience} epochs")
-    # the kept model on test, beside the references
-    if rank() == 0:
+    if rank() == 0:  # the kept model on test, beside the references
         model.load_state_dict(load_file(os.path.join(s.out, "model.safetensors")))
-        best = progress.best
-        report = final_scores(model, s, best["epoch"], train_split, dev, test, meta["labels"], device)
-        write_json(os.path.join(s.out, "metrics.json"), {"stage": s.stage, "train_items": len(items),
-                                                         "best_epoch": best["epoch"], "dev": best["dev"],
-                                                         "test": report.pop("test"),
-                                                         "dev_by_epoch": progress.dev_by_epoch, **report})
+        report = final_scores(model, s, progress, (train_split, dev, test), len(items), meta["labels"], device)
+        write_json(os.path.join(s.out, "metrics.json"), report)
         print(f"{s.stage} done in {time.time() - meter.t0:.0f} s: {s.out}")
     barrier()
     return s.out
 
 
-def end_epoch(s, progress, model, dev, meta, device, t_start, per_epoch):
+def end_epoch(s, epoch, progress, model, dev, meta, device, t_start):
     """The first process evaluates on dev and keeps the model if it is the best so far; t_start:
     when the epoch started"""
-    epoch = progress.step // per_epoch
     if rank() == 0:
         scores = evaluate(model, dev, s, device)
         print(f"epoch {epoch} ({time.time() - t_start:.0f} s) dev: {describe(scores)}")

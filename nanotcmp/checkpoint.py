@@ -108,10 +108,10 @@ def claim_folders(stages):
 
 
 @contextlib.contextmanager
-def run_folder(s, model, opt, device):
+def run_folder(s, model, opt, device, total, per_epoch):
     """A stage's run folder, made ready (what a killed run left there removed) -> its Progress:
-    resumed from state.pt with --resume, else new. A stage that fails before writing anything in
-    the folder it made leaves no folder behind."""
+    resumed from state.pt with --resume, else new; None for a run resumed once it was done. A stage
+    that fails before writing anything in the folder it made leaves no folder behind."""
     created = rank() == 0 and not os.path.isdir(s.out)
     try:
         if rank() == 0:
@@ -119,7 +119,11 @@ def run_folder(s, model, opt, device):
             clean_leftovers(s.out)
         barrier()
         path = os.path.join(s.out, "state.pt")
-        yield resume(path, model, opt, device, compared(s)) if s.resume else Progress(settings=compared(s))
+        progress = resume(path, model, opt, device, compared(s)) if s.resume else Progress(settings=compared(s))
+        done = progress.finished(total, per_epoch, s.patience) and os.path.isfile(os.path.join(s.out, "metrics.json"))
+        if done:
+            print0(f"{s.stage} was done: {s.out} (--resume has nothing to continue)")
+        yield None if done else progress
     except BaseException:
         if created and os.path.isdir(s.out) and not os.listdir(s.out):
             os.rmdir(s.out)
@@ -180,6 +184,11 @@ class Progress:
     history: list = field(default_factory=list)  # log.json: a record every --log-every steps
     dev_by_epoch: list = field(default_factory=list)
     settings: dict = field(default_factory=dict)  # {option: value} the run was started with
+
+    def finished(self, total, per_epoch, patience):
+        """Every step done, or patience epochs without a better dev score (0: never)"""
+        epochs_done = self.step // per_epoch
+        return self.step == total or bool(patience and self.best and epochs_done - self.best["epoch"] >= patience)
 
 
 def save_state(path, model, opt, progress, device):

@@ -137,13 +137,15 @@ def describe(scores):
     return " | ".join(f"{b} {describe(s)}" for b, s in scores.items())
 
 
-def final_scores(model, s, epoch, train_split, dev, test, labels, device):
-    """The kept model's scores on test (of dev's best epoch) and the references beside them,
-    printed -> {"test": scores, "test_word_overlap" | "test_majority", "test_last_emotion" and, with
-    a feature cache, "test_linear": the references' scores}"""
-    scores = evaluate(model, test, s, device)
-    report = {"test": scores}
-    print(f"test (best dev epoch {epoch}): {describe(scores)}")
+def final_scores(model, s, progress, splits, n_items, labels, device):
+    """The kept model's scores on test (of dev's best epoch) and the references beside them, printed
+    -> metrics.json's content: the run's dev and test scores, and "test_word_overlap" | "test_majority",
+    "test_last_emotion" and, with a feature cache, "test_linear": the references' scores"""
+    train_split, dev, test = splits
+    scores, best = evaluate(model, test, s, device), progress.best
+    report = {"stage": s.stage, "train_items": n_items, "best_epoch": best["epoch"], "dev": best["dev"],
+              "test": scores, "dev_by_epoch": progress.dev_by_epoch}
+    print(f"test (best dev epoch {best['epoch']}): {describe(scores)}")
     if s.stage == "pretrain":
         report["test_word_overlap"] = word_overlap_scores(test, s.seed)
         print(f"  word overlap (no model): {describe(report['test_word_overlap'])}")

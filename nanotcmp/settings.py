@@ -96,6 +96,21 @@ def by_preset(key):
 
 def parse_args(argv, description):
     """train.py's command line -> argparse's namespace, the options checked against each other"""
+    args = options(description).parse_args(argv)
+    if args.compile and args.cuda_graphs == "all":
+        raise SystemExit("train.py: --compile and --cuda-graphs all both take the encoders: choose one")
+    if args.resume and args.overwrite:
+        raise SystemExit("train.py: --resume continues the run in --out, --overwrite replaces it: choose one")
+    if args.train_fraction < 1 and args.stage == "pretrain":
+        raise SystemExit("train.py: --train-fraction is a share of the labelled dialogues, for --stage finetune or all")
+    if args.init and args.stage != "finetune":
+        raise SystemExit(f"train.py: --init is for --stage finetune (--stage {args.stage} "
+                         f"{'fine-tunes from its own pre-training' if args.stage == 'all' else 'starts from scratch'})")
+    return args
+
+
+def options(description):
+    """train.py's options: a preset gives the default of those without one here"""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=["pretrain", "finetune", "all"], default="all")
     p.add_argument("--data", default="data/demo", help="a dataset made by prepare.py")
@@ -127,37 +142,23 @@ def parse_args(argv, description):
                    "a run's folder is refused)")
     p.add_argument("--max-padding", type=ranged(float, 0, 1), default=0.1,
                    help="length buckets: padding share each encoder batch may have (1: one padded batch)")
-    p.add_argument("--shape-grid", choices=["on", "off"], help="pad the encoder batches to shapes from a fixed grid, "
-                   "which a GPU plans once each (default: on with CUDA, off on the CPU, where it only pads)")
-    p.add_argument("--micro-batches", type=ranged(int, 1),
-                   help="micro-batches each step's batch is split into, each with its own noise candidates and "
-                        "CLIP negatives, run on the processes in turn; more of them than processes accumulate "
-                        f"gradients (default: one a process, or more to keep each within {SPEED['micro_windows']} "
-                        f"windows)")
-    p.add_argument("--freeze-encoders", action="store_true",
-                   help="keep BERT and HuBERT fixed: their pooled outputs are computed once and cached beside "
-                        "the dataset")
+    p.add_argument("--shape-grid", choices=["on", "off"], help="pad the encoder batches to shapes of a fixed grid, "
+                   "which a GPU plans once each (default: on with CUDA, off on the CPU)")
+    p.add_argument("--micro-batches", type=ranged(int, 1), help="a step's batch is split into these, each with its own "
+                   "noise candidates and CLIP negatives; more of them than processes accumulate gradients (default: "
+                   f"one a process, or more to keep each within {SPEED['micro_windows']} windows)")
+    p.add_argument("--freeze-encoders", action="store_true", help="keep BERT and HuBERT fixed: their pooled outputs "
+                   "are computed once and cached beside the dataset")
     p.add_argument("--no-cache", action="store_true", help="with --freeze-encoders: run the encoders every step")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoders")
-    p.add_argument("--cuda-graphs", choices=["off", "context", "all"], default="context",
-                   help="on CUDA, run the context interactions (and with 'all' the encoders too) as CUDA graphs, one "
-                        "per input shape; each keeps its activations' memory, so 'all' suits encoders of MiniLM's "
-                        "size or smaller (default: context)")
-    p.add_argument("--workers", type=ranged(int, 0), help="processes building batches ahead of the training loop "
-                   "(default: 4 on CUDA, 0 on the CPU, where they would take its cores)")
+    p.add_argument("--cuda-graphs", choices=["off", "context", "all"], default="context", help="on CUDA, run the "
+                   "context interactions (with 'all' the encoders too) as CUDA graphs, one a shape, each keeping its "
+                   "activations' memory: 'all' suits encoders of MiniLM's size or smaller")
+    p.add_argument("--workers", type=ranged(int, 0), help="processes building batches ahead (default: 4 on CUDA, 0 "
+                   "on the CPU)")
     p.add_argument("--log-every", type=ranged(int, 1), default=10)
     p.add_argument("--save-every", type=ranged(int, 1), default=50, help="steps between resumable states")
-    args = p.parse_args(argv)
-    if args.compile and args.cuda_graphs == "all":
-        raise SystemExit("train.py: --compile and --cuda-graphs all both take the encoders: choose one")
-    if args.resume and args.overwrite:
-        raise SystemExit("train.py: --resume continues the run in --out, --overwrite replaces it: choose one")
-    if args.train_fraction < 1 and args.stage == "pretrain":
-        raise SystemExit("train.py: --train-fraction is a share of the labelled dialogues, for --stage finetune or all")
-    if args.init and args.stage != "finetune":
-        raise SystemExit(f"train.py: --init is for --stage finetune (--stage {args.stage} "
-                         f"{'fine-tunes from its own pre-training' if args.stage == 'all' else 'starts from scratch'})")
-    return args
+    return p
 
 
 def plan(args, device):
