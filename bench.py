@@ -28,6 +28,7 @@ from nanotcmp.audio import SAMPLE_RATE, save_wav
 from nanotcmp.cuda_graphs import CudaGraphs
 from nanotcmp.data import Split, buckets, encoder_inputs, load_meta, to_device, windows
 from nanotcmp.features import attach_features
+from nanotcmp.files import one_line_errors
 from nanotcmp.loader import ahead, step_batches, steps_per_epoch
 from nanotcmp.model import Bert, BertConfig, Hubert, HubertConfig, TCMP, TCMPConfig
 from nanotcmp.processes import device_from, set_up_device
@@ -487,14 +488,14 @@ def main(argv=None):
     if len(a.args) != INNER_ARGS.get(a.what, 0):
         parser.error(f"{a.what} takes {INNER_ARGS.get(a.what, 'no')} arguments, not {len(a.args)}: {' '.join(a.args)}")
     device = device_from(a.device, "bench.py")
-    try:
-        measure(a, device)
-    except KeyboardInterrupt:  # Ctrl-C: subprocess.run ends its command, the temporary folder goes
-        print("bench.py: interrupted; the measurements printed so far stand, nothing else was kept", file=sys.stderr)
-        raise SystemExit(130) from None
-    except subprocess.CalledProcessError as e:  # a measurement's own process failed
-        last = (e.stderr or "").strip().splitlines() or [f"exit status {e.returncode}"]
-        raise SystemExit(f"bench.py: {shlex.join(map(str, e.cmd))} failed (exit {e.returncode}): {last[-1]}") from None
+    # Ctrl-C: subprocess.run ends its command, the temporary folder goes
+    with one_line_errors("bench.py", lambda: "interrupted; the measurements printed so far stand, nothing else was kept"):
+        try:
+            measure(a, device)
+        except subprocess.CalledProcessError as e:  # a measurement's own process failed
+            last = (e.stderr or "").strip().splitlines() or [f"exit status {e.returncode}"]
+            raise SystemExit(f"bench.py: {shlex.join(map(str, e.cmd))} failed (exit {e.returncode}): {last[-1]}") \
+                from None
 
 
 def measure(a, device):

@@ -26,10 +26,10 @@ from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
 from nanotcmp.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, NoFFmpeg, load_audio, save_wav
-from nanotcmp.data import dialogue_ranges, line_problem, make_samples
+from nanotcmp.data import dialogue_ranges, is_dataset, line_problem, make_samples
 from nanotcmp.demo import DEMO_LABELS, demo_vocab, generate_dialogues, synthesize_clip
 from nanotcmp.files import (DataError, cannot_read, cannot_write, file_in_the_way, file_sha256, one_line_errors,
-                            read_json, remove_staged, staged_path, staging, worker_pool, writes_out)
+                            remove_staged, staged_path, staging, worker_pool, writes_out)
 from nanotcmp.settings import ranged
 from nanotcmp.tokenizer import WordPiece
 
@@ -433,16 +433,6 @@ def parse_args(argv):
     if not args.out:
         sys.exit("prepare.py: --out is empty: give the folder to write the dataset in")
     return args
-
-
-def is_dataset(folder):
-    """Whether folder holds a dataset this script wrote: its meta.json says so"""
-    try:
-        read_json(os.path.join(folder, "meta.json"), ("labels", "modalities", "vocab", "settings", "splits", "source"),
-                  "a dataset")
-    except (DataError, OSError):
-        return False
-    return True
 
 
 def check_out(args, out):

@@ -21,39 +21,36 @@ import time
 from nanotcmp.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, NoFFmpeg, load_audio
 from nanotcmp.checkpoint import load_run
 from nanotcmp.data import line_problem
-from nanotcmp.files import DataError
+from nanotcmp.files import DataError, one_line_errors
 from nanotcmp.model import TCMP, TCMPConfig
 from nanotcmp.processes import device_from
 from nanotcmp.stream import Stream
 from nanotcmp.tokenizer import WordPiece
 
 
-class BadTurn(ValueError):
-    pass
+class BadTurn(DataError):
+    """A turn that cannot be read: with --keep-going on standard input, skipped"""
 
 
 def load_checkpoint(folder, device):
     """-> (model, tokenizer, checkpoint config) of a fine-tuning run made by train.py"""
     if os.path.isfile(folder):
-        raise SystemExit(f"sample.py: --ckpt {folder} is a file; give a run's folder (config.json, model.safetensors)")
+        raise DataError(f"--ckpt {folder} is a file; give a run's folder (config.json, model.safetensors)")
     if not os.path.isdir(folder):
-        raise SystemExit(f"sample.py: no checkpoint at {folder}; train one with: python train.py")
-    try:
-        config, tensors = load_run(folder)
-    except DataError as e:
-        raise SystemExit(f"sample.py: {e}") from None
+        raise DataError(f"no checkpoint at {folder}; train one with: python train.py")
+    config, tensors = load_run(folder)
     if config["stage"] != "finetune":
-        raise SystemExit(f"sample.py: {folder} is a {config['stage']} run; give a fine-tuning run (--ckpt)")
+        raise DataError(f"{folder} is a {config['stage']} run; give a fine-tuning run (--ckpt)")
     try:
         model = TCMP(TCMPConfig(**{**config["model"], "modalities": tuple(config["model"]["modalities"])}))
         model.load_state_dict(tensors)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0]
-        raise SystemExit(f"sample.py: {folder} does not match this code's TCMP ({first})") from None
+        raise DataError(f"{folder} does not match this code's TCMP ({first})") from None
     labels = config["labels"]
     if not (isinstance(labels, list) and len(labels) == model.config.n_labels
             and all(isinstance(name, str) for name in labels)):
-        raise SystemExit(f"sample.py: {os.path.join(folder, 'config.json')}: labels must be a list of "
+        raise DataError(f"{os.path.join(folder, 'config.json')}: labels must be a list of "
                          f"{model.config.n_labels} names, not {json.dumps(labels)}")
     tok = WordPiece.from_file(config["vocab"]["path"])
     return model.to(device).eval(), tok, config
@@ -64,7 +61,7 @@ def audio_cut(config, folder):
     it learnt from"""
     seconds = config["max_seconds"]
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= MIN_SAMPLES / SAMPLE_RATE:
-        raise SystemExit(f"sample.py: {os.path.join(folder, 'config.json')}: max_seconds must be a number of "
+        raise DataError(f"{os.path.join(folder, 'config.json')}: max_seconds must be a number of "
                          f"seconds, at least {MIN_SAMPLES / SAMPLE_RATE}, not {json.dumps(seconds)}")
     return seconds
 
@@ -119,16 +116,16 @@ def open_turns(dialogue):
     name that errors give)"""
     if dialogue == "-":
         if sys.stdin is None:  # started with standard input closed (sample.py - <&-)
-            raise SystemExit("sample.py: standard input is closed; give the turns on it, or a file")
+            raise DataError("standard input is closed; give the turns on it, or a file")
         return getattr(sys.stdin, "buffer", sys.stdin), os.getcwd(), "stdin"
     if os.path.isdir(dialogue):
-        raise SystemExit(f"sample.py: {dialogue} is a folder; give a JSONL file of turns, or - for standard input")
+        raise DataError(f"{dialogue} is a folder; give a JSONL file of turns, or - for standard input")
     if not os.path.isfile(dialogue):
-        raise SystemExit(f"sample.py: {dialogue} not found")
+        raise DataError(f"{dialogue} not found")
     try:
         return open(dialogue, "rb"), os.path.dirname(dialogue), dialogue
     except OSError as e:
-        raise SystemExit(f"sample.py: cannot read {dialogue} ({e.strerror})") from None
+        raise DataError(f"cannot read {dialogue} ({e.strerror})") from None
 
 
 def main(argv=None):
@@ -143,11 +140,9 @@ def main(argv=None):
     if hasattr(sys.stdout, "reconfigure"):  # what the terminal cannot show is written \x.. escaped, not a crash
         sys.stdout.reconfigure(errors="backslashreplace")
     answered = []  # the speaker of each turn answered
-    try:
+    with one_line_errors("sample.py", lambda: f"interrupted; the turns answered so far ({len(answered)}) were "
+                                              f"printed", (NoFFmpeg,)):  # (the machine's problem, not the turn's)
         converse(args, answered)
-    except KeyboardInterrupt:  # Ctrl-C
-        print(f"sample.py: interrupted; the turns answered so far ({len(answered)}) were printed", file=sys.stderr)
-        raise SystemExit(130) from None
 
 
 def converse(args, speakers):
@@ -164,13 +159,11 @@ def converse(args, speakers):
         t0 = time.perf_counter()
         try:
             speaker, text, wave, cut, this_dialogue = parse_turn(line, f"{name}:{i}", base, max_seconds, dialogue)
-        except NoFFmpeg as e:  # the machine's problem, not the turn's: no use going on
-            raise SystemExit(f"sample.py: {e}") from None
         except BadTurn as e:
-            if args.dialogue == "-" and args.keep_going:
-                print(f"sample.py: {e} (skipped)", file=sys.stderr, flush=True)
-                continue
-            raise SystemExit(f"sample.py: {e}") from None
+            if not (args.dialogue == "-" and args.keep_going):
+                raise
+            print(f"sample.py: {e} (skipped)", file=sys.stderr, flush=True)
+            continue
         if cut:
             print(f"sample.py: {name}:{i}: audio longer than {max_seconds:g} s, cut to its first {max_seconds:g} s "
                   f"(the run's max_seconds, as prepare.py cut the clips it learnt from)", file=sys.stderr, flush=True)
@@ -182,7 +175,7 @@ def converse(args, speakers):
         sys.stdout.flush()
         speakers.append(speaker)
     if not speakers and args.dialogue != "-":
-        raise SystemExit(f"sample.py: {name} has no turns")
+        raise DataError(f"{name} has no turns")
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanotcmp.data import load_meta  # noqa: E402 (the repository's)
-from nanotcmp.files import DataError, file_sha256  # noqa: E402
 from nanotcmp.evaluate import selection_score  # noqa: E402
+from nanotcmp.files import DataError, file_sha256  # noqa: E402
 from nanotcmp.settings import ranged  # noqa: E402
 from tables import ROOT, done, make_table_in, mean_std, read_metrics, run, run_chain, write_table  # noqa: E402
 

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from nanotcmp.files import DataError, read_json, write_json, write_text
+from nanotcmp.files import DataError, one_line_errors, read_json, write_json, write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: where commands run
 
@@ -98,14 +98,14 @@ def run_chain(cmds, threads, stop=None):
 
 def make_table_in(out, make, name):
     """make(): a table and its runs into the folder out (from the repository), which must not be a
-    file; Ctrl-C stops it with one line (interrupted). name: the script's, for the messages"""
+    file; Ctrl-C stops it with one line saying what is kept. name: the script's, for the messages"""
     folder = os.path.join(ROOT, out)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise SystemExit(f"{name}: --out {out} is a file; give a folder")
-    try:
+    with one_line_errors(name, lambda: f"interrupted; the runs finished so far are kept in {out} (each with its "
+                                       f"metrics.json and seconds.json): the same command again runs the rest, a "
+                                       f"train.py run cut short from its start"):
         make()
-    except KeyboardInterrupt:  # Ctrl-C
-        interrupted(out)
 
 
 def write_table(out, text, t0, name, file="table.md"):
@@ -115,14 +115,6 @@ def write_table(out, text, t0, name, file="table.md"):
     except DataError as e:  # (write_text's errors: one line of what to do)
         raise SystemExit(f"{name}: {e}") from None
     print(text + f"\n{(time.time() - t0) / 60:.1f} min: {os.path.join(out, file)}")
-
-
-def interrupted(out):
-    """Ctrl-C: one line saying what is kept, and the exit code of an interrupted command"""
-    print(f"{script()}: interrupted; the runs finished so far are kept in {out} (each with its metrics.json and "
-          f"seconds.json): the same command again runs the rest, a train.py run cut short from its start",
-          file=sys.stderr, flush=True)
-    raise SystemExit(130)
 
 
 def read_metrics(out):

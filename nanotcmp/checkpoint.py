@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from nanotcmp.data import is_dataset
 from nanotcmp.files import (DataError, cannot_write, clean_leftovers, file_sha256, make_folder, read_json, write_atomic,
                             write_json)
 from nanotcmp.processes import barrier, gather, print0, rank, world
@@ -59,18 +60,13 @@ RUN_FILES = ("model.safetensors", "config.json", "metrics.json", "log.json", "st
 
 
 def dataset_around(path):
-    """The dataset folder (made by prepare.py: a meta.json with splits) path is in or is, or None"""
+    """The dataset folder (made by prepare.py) path is in or is, or None"""
     folder = os.path.abspath(path)
-    while True:
-        meta = os.path.join(folder, "meta.json")
-        if os.path.isfile(meta):
-            with contextlib.suppress(OSError, ValueError):
-                with open(meta) as f:
-                    if "splits" in json.load(f):
-                        return folder
+    while not is_dataset(folder):
         if os.path.dirname(folder) == folder:
             return None
         folder = os.path.dirname(folder)
+    return folder
 
 
 def refuse_mixing(out, resume, overwrite):

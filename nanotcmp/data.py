@@ -84,6 +84,15 @@ def load_meta(folder):
     return read_json(os.path.join(folder, "meta.json"), ("labels", "modalities", "vocab", "settings", "splits"),
                      "a dataset made by prepare.py")
 
+
+def is_dataset(folder):
+    """Whether folder holds a dataset prepare.py wrote: its meta.json says so"""
+    try:
+        load_meta(folder)
+    except (DataError, OSError):
+        return False
+    return True
+
 # -----------------------------------------------------------------------------
 # batches: every distinct utterance of a batch is encoded once, contexts index into them
 
