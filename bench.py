@@ -489,7 +489,8 @@ def main(argv=None):
         parser.error(f"{a.what} takes {INNER_ARGS.get(a.what, 'no')} arguments, not {len(a.args)}: {' '.join(a.args)}")
     device = device_from(a.device, "bench.py")
     # Ctrl-C: subprocess.run ends its command, the temporary folder goes
-    with one_line_errors("bench.py", lambda: "interrupted; the measurements printed so far stand, nothing else was kept"):
+    kept = "interrupted; the measurements printed so far stand, nothing else was kept"
+    with one_line_errors("bench.py", lambda: kept):
         try:
             measure(a, device)
         except subprocess.CalledProcessError as e:  # a measurement's own process failed

@@ -383,7 +383,7 @@ def check_packed(packed, labels):
     for split, (arrays, *_) in packed.items():
         if labels and (arrays["utt_label"] >= 0).any() and not len(arrays["samples"]):
             raise DataError(f"split {split} has labels but no sample: a sample needs a labelled utterance whose "
-                           f"speaker also spoke two turns before it")
+                            f"speaker also spoke two turns before it")
 
 
 # -----------------------------------------------------------------------------
@@ -444,7 +444,7 @@ def check_out(args, out):
         raise DataError(f"--out {args.out}: {blocker} is a file, not a folder; choose another --out")
     if os.path.isdir(out) and os.listdir(out) and not is_dataset(out):
         raise DataError(f"--out {args.out} exists and is not a dataset made by prepare.py (no meta.json of one): "
-                       f"it would be replaced; choose another folder, or empty it yourself")
+                        f"it would be replaced; choose another folder, or empty it yourself")
     for option in ("src", "csv_dir", "media_dir", "root", "vocab"):
         path = getattr(args, option, None)
         if path and (os.path.realpath(path) + os.sep).startswith(out + os.sep):
@@ -458,7 +458,7 @@ def check_folders(args):
         path = getattr(args, option, None)
         if path is not None and not os.path.isdir(path):
             raise DataError(f"--{option.replace('_', '-')} {path} "
-                           f"{'is a file, not a folder' if os.path.exists(path) else 'not found'}")
+                            f"{'is a file, not a folder' if os.path.exists(path) else 'not found'}")
 
 
 def print_stats(meta):

@@ -51,7 +51,7 @@ def load_checkpoint(folder, device):
     if not (isinstance(labels, list) and len(labels) == model.config.n_labels
             and all(isinstance(name, str) for name in labels)):
         raise DataError(f"{os.path.join(folder, 'config.json')}: labels must be a list of "
-                         f"{model.config.n_labels} names, not {json.dumps(labels)}")
+                        f"{model.config.n_labels} names, not {json.dumps(labels)}")
     tok = WordPiece.from_file(config["vocab"]["path"])
     return model.to(device).eval(), tok, config
 
@@ -62,7 +62,7 @@ def audio_cut(config, folder):
     seconds = config["max_seconds"]
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= MIN_SAMPLES / SAMPLE_RATE:
         raise DataError(f"{os.path.join(folder, 'config.json')}: max_seconds must be a number of "
-                         f"seconds, at least {MIN_SAMPLES / SAMPLE_RATE}, not {json.dumps(seconds)}")
+                        f"seconds, at least {MIN_SAMPLES / SAMPLE_RATE}, not {json.dumps(seconds)}")
     return seconds
 
 

@@ -89,7 +89,8 @@ def eval_targets(split, wins, seed, i):
 def eval_batch(s, split, stage, items, modalities, i):
     """The i-th evaluation batch of a split's items: samples ("finetune"), or windows (eval_targets)"""
     if stage == "finetune":
-        return finetune_batch(split, items[i * EVAL_BATCH:(i + 1) * EVAL_BATCH], modalities, s.max_padding, s.shape_grid)
+        samples = items[i * EVAL_BATCH:(i + 1) * EVAL_BATCH]
+        return finetune_batch(split, samples, modalities, s.max_padding, s.shape_grid)
     return targets_batch(split, *eval_targets(split, items, s.seed, i), modalities, s.max_padding, s.shape_grid)
 
 
