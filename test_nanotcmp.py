@@ -1607,7 +1607,7 @@ def test_frozen_encoders_train_with_the_frozen_defaults(tmp_path):
     width in both stages, so that --init fits); given options and unfrozen encoders keep theirs"""
     src = generic_dialogues(tmp_path / "src", audio=False)
     run_prepare("dialogues", "--from", src, "--vocab", minilm_dir() / "vocab.txt", "--out", tmp_path / "d")
-    meta, cpu = load_meta(tmp_path / "d"), torch.device("cpu")
+    meta = load_meta(tmp_path / "d")
     base = ["--data", str(tmp_path / "d"), "--modalities", "text", "--text-encoder", str(minilm_dir())]
     F_, P_ = settings.PRESETS["frozen"], settings.PRESETS["paper"]
     given = ["--d", "32", "--dropout", "0.2", "--lr", "1e-3", "--epochs", "2", "--batch-size", "4"]

@@ -55,7 +55,6 @@ def load_run(folder):
     return config, tensors
 
 
-
 RUN_FILES = ("model.safetensors", "config.json", "metrics.json", "log.json", "state.pt")
 
 

@@ -190,11 +190,8 @@ def stage_settings(stage, args, device, out, init, batch_size):
         for key in (stage, device.type):
             value = value[key] if isinstance(value, dict) and key in value else value
         return value
-    chosen = {key: default(v) if getattr(args, key, None) is None else getattr(args, key)
-              for key, v in (PRESETS[preset] | SPEED).items()}
-    chosen["batch_size"] = batch_size or default(PRESETS[preset]["batch_size"])
-    if args.shape_grid:
-        chosen["shape_grid"] = args.shape_grid == "on"
+    given = vars(args) | {"batch_size": batch_size, "shape_grid": args.shape_grid and args.shape_grid == "on"}
+    chosen = {key: default(v) if given.get(key) is None else given[key] for key, v in (PRESETS[preset] | SPEED).items()}
     n_proc, b, micro_windows = world(), chosen["batch_size"], chosen.pop("micro_windows")
     # default: one micro-batch a process, or more where a process's share of windows exceeds micro_windows
     n_micro = args.micro_batches or n_proc * (math.ceil(b / n_proc / micro_windows) if stage == "pretrain" else 1)
