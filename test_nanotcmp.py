@@ -1603,7 +1603,7 @@ def test_train_fraction_keeps_whole_dialogues_drawn_by_the_seed(small_demo, tmp_
 
 
 def test_frozen_encoders_train_with_the_frozen_defaults(tmp_path):
-    """With --freeze-encoders and a checkpoint, train.py's FROZEN settings are the defaults (the same
+    """With --freeze-encoders and a checkpoint, the frozen preset's settings are the defaults (the same
     width in both stages, so that --init fits); given options and unfrozen encoders keep theirs"""
     src = generic_dialogues(tmp_path / "src", audio=False)
     run_prepare("dialogues", "--from", src, "--vocab", minilm_dir() / "vocab.txt", "--out", tmp_path / "d")
@@ -1768,13 +1768,13 @@ def test_pmeld_rows_chain_pretraining_into_fine_tuning(capsys):
     assert ["/meld-unlabelled-" in r["--data"] for r in runs] == [s == "pretrain" for s, _ in stages]
     assert all(r["--freeze-encoders"] is True for r in runs)  # the CPU's table: frozen MiniLM
     assert runs[0]["--no-distant"] is True and runs[4]["--tus-loss"] == "softmax" and "--tus-loss" not in runs[2]
-    assert not any("--d" in r or "--lr" in r for r in runs)  # train.py's FROZEN defaults
+    assert not any("--d" in r or "--lr" in r for r in runs)  # the frozen preset's defaults
 
 
 def test_pmeld_label_efficiency_and_end_to_end_runs(capsys):
     """Text and Text-Pre fine-tune on each share of the dialogues from one pre-training (run once);
-    end to end, the rows fine-tune MiniLM from the frozen pre-training, with the TCMP layers of
-    train.py's FROZEN"""
+    end to end, the rows fine-tune MiniLM from the frozen pre-training, with the TCMP layers of the
+    frozen preset"""
     runs = pmeld_commands(capsys, "--seeds", "3", "--rows", "Text", "Text-Pre")
     assert [(r["--stage"], r["--out"], r.get("--train-fraction"), r.get("--init")) for r in runs] == [
         ("finetune", "o/frozen/text/seed3/finetune-10pct", "0.1", None),
