@@ -41,40 +41,29 @@ from nanotcmp.training import optimizer, train_step
 # encoders: BERT-base on 32 x 24 tokens, HuBERT-base on 4 x 3 s of audio, fp32, random weights
 
 
-def transformers_quiet():
+def reference_class(name):
+    """-> transformers' model class for the encoder name and the keyword arguments it takes, its logging quiet"""
     import transformers
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    return transformers
-
-
-def save_reference(name, folder):
-    """Save a randomly initialised base-size reference encoder, as a checkpoint both sides load."""
-    transformers = transformers_quiet()
-    torch.manual_seed(0)
     if name == "bert":
-        ref = transformers.BertModel(transformers.BertConfig(), add_pooling_layer=False)
-    else:
-        ref = transformers.HubertModel(transformers.HubertConfig())
-    ref.save_pretrained(folder)
+        return transformers.BertModel, {"add_pooling_layer": False}
+    return transformers.HubertModel, {}
 
 
 def load_encoder(name, which, folder):
-    if which == "ref":
-        transformers = transformers_quiet()
-        if name == "bert":
-            return transformers.BertModel.from_pretrained(folder, add_pooling_layer=False).eval()
-        return transformers.HubertModel.from_pretrained(folder).eval()
-    return (Bert if name == "bert" else Hubert).from_pretrained(folder).eval()
+    """Our encoder ("ours") or transformers' ("ref") from folder, for inference"""
+    if which == "ours":
+        return (Bert if name == "bert" else Hubert).from_pretrained(folder).eval()
+    cls, kwargs = reference_class(name)
+    return cls.from_pretrained(folder, **kwargs).eval()
 
 
 def bench_inputs(name, device):
     g = torch.Generator().manual_seed(0)
-    if name == "bert":
-        ids = torch.randint(1000, 30000, (32, 24), generator=g)
-        return ids.to(device), torch.ones_like(ids).to(device)
-    wave = torch.randn(4, 3 * 16000, generator=g)
-    return wave.to(device), torch.ones_like(wave, dtype=torch.bool).to(device)
+    x = torch.randint(1000, 30000, (32, 24), generator=g) if name == "bert" else torch.randn(4, 3 * 16000, generator=g)
+    mask = torch.ones_like(x, dtype=torch.long if name == "bert" else torch.bool)  # no padding
+    return x.to(device), mask.to(device)
 
 
 def run_encoder(model, inputs):
@@ -84,9 +73,7 @@ def run_encoder(model, inputs):
         return model(x, mask)
     if isinstance(model, Hubert):
         return model(x, mask)[0]
-    if x.dtype == torch.long:
-        return model(input_ids=x, attention_mask=mask).last_hidden_state
-    return model(x, attention_mask=mask.long()).last_hidden_state
+    return model(x, attention_mask=mask.long()).last_hidden_state  # transformers'
 
 
 def sync(device):
@@ -94,31 +81,37 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def timed(device, run, *args):
+    """-> (the milliseconds run(*args) takes, the device waited for; its result)"""
+    sync(device)
+    t0 = time.perf_counter()
+    out = run(*args)
+    sync(device)
+    return (time.perf_counter() - t0) * 1000, out
+
+
 def memory_mark(device):
     """Start a peak-memory measurement -> the bytes in use now: CUDA's allocator on a GPU; on the CPU
     the process's resident size, its high-water mark reset to it (Linux only)"""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident size
-    return rss_kib("VmRSS") * 1024
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current resident size
+    return memory_peak(device)  # the peak just reset: the bytes in use now
 
 
 def memory_peak(device):
     """-> the peak bytes in use since memory_mark"""
-    return torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_kib("VmHWM") * 1024
-
-
-def rss_kib(field):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024  # in KiB there
 
 
 @torch.inference_mode()
 def peak_memory_mib(name, which, folder, device):
-    """Extra memory one forward needs beyond the loaded model: CUDA's allocator peak on a GPU;
-    on the CPU the process's resident high-water mark, reset after loading (Linux only)."""
+    """-> the MiB one forward needs beyond the loaded model (see memory_mark)"""
     model = load_encoder(name, which, folder).to(device)
     inputs = bench_inputs(name, device)
     for t in model.state_dict().values():
@@ -131,23 +124,21 @@ def peak_memory_mib(name, which, folder, device):
 @torch.inference_mode()
 def bench_encoders(device, reps, tmp):
     print(f"encoders on {device}, fp32, median of {reps} interleaved repetitions (random weights)")
-    print(f"{'model':<12}{'input':<14}{'ours ms':>10}{'ref ms':>10}{'ratio':>8}{'ours MiB':>10}{'ref MiB':>10}{'ratio':>8}")
+    print(f"{'model':<12}{'input':<14}{'ours ms':>10}{'ref ms':>10}{'ratio':>8}"
+          f"{'ours MiB':>10}{'ref MiB':>10}{'ratio':>8}")
     for name, label in (("bert", "32 x 24 tok"), ("hubert", "4 x 3 s")):
         folder = os.path.join(tmp, name)
-        save_reference(name, folder)
-        ours, ref = (load_encoder(name, which, folder).to(device) for which in ("ours", "ref"))
+        cls, kwargs = reference_class(name)
+        torch.manual_seed(0)
+        cls(cls.config_class(), **kwargs).save_pretrained(folder)  # random base-size weights, which both sides load
+        models = {which: load_encoder(name, which, folder).to(device) for which in ("ours", "ref")}
         inputs = bench_inputs(name, device)
-        diff = (run_encoder(ours, inputs) - run_encoder(ref, inputs)).abs().max().item()
+        diff = (run_encoder(models["ours"], inputs) - run_encoder(models["ref"], inputs)).abs().max().item()
         times = {"ours": [], "ref": []}
         for rep in range(reps):
-            pair = (("ours", ours), ("ref", ref))
-            for which, model in pair if rep % 2 else pair[::-1]:  # alternate who goes first
-                sync(device)
-                t0 = time.perf_counter()
-                run_encoder(model, inputs)
-                sync(device)
-                times[which].append((time.perf_counter() - t0) * 1000)
-        del ours, ref
+            for which in ("ours", "ref") if rep % 2 else ("ref", "ours"):  # alternate who goes first
+                times[which].append(timed(device, run_encoder, models[which], inputs)[0])
+        del models
         t_ours, t_ref = statistics.median(times["ours"]), statistics.median(times["ref"])
         mem = {which: float(subprocess.run(
             [sys.executable, __file__, "_memory", name, which, folder, "--device", str(device)],
@@ -177,12 +168,9 @@ def bench_stream(device, reps, turns=(2, 6, 11, 30), seconds=3.0, max_context=11
     for _ in range(reps):
         stream = Stream(model, tok, 60, max_context, device)
         for n in range(1, max(turns) + 1):
-            sync(device)
-            t0 = time.perf_counter()
-            stream.add(texts[n - 1], waves[n - 1])
-            sync(device)
+            ms, _ = timed(device, stream.add, texts[n - 1], waves[n - 1])
             if n in turns:
-                stream_ms[n].append((time.perf_counter() - t0) * 1000)
+                stream_ms[n].append(ms)
         for n in turns:  # naive: the context's utterances all encoded again at this turn
             ctx = list(range(max(0, n - max_context), n))
             batch = encoder_inputs([tok.encode(texts[i], 60) for i in ctx], [waves[i] for i in ctx])
@@ -208,9 +196,8 @@ def bench_stream(device, reps, turns=(2, 6, 11, 30), seconds=3.0, max_context=11
 
 
 def meld_like(folder, n_dialogues=12, seed=0):
-    """A dataset shaped like MELD for timing: dialogues of 6-20 turns, utterances of 1-15 s
-    (log-normal, median 3 s) and 5-25 words. The sound is noise and the words are random: only
-    the shapes matter here. -> its folder"""
+    """A dataset shaped like MELD for timing: dialogues of 6-20 turns, utterances of 1-15 s (log-normal,
+    median 3 s) and 5-25 words; noise and random words, as only the shapes matter -> its folder"""
     rng = np.random.default_rng(seed)
     words = [f"word{i}" for i in range(300)]
     os.makedirs(os.path.join(folder, "clips"))
@@ -230,15 +217,14 @@ def meld_like(folder, n_dialogues=12, seed=0):
 
 
 def train_model(size, data):
-    meta = load_meta(data)
-    with open(os.path.join(data, meta["vocab"]["path"])) as f:
+    with open(os.path.join(data, load_meta(data)["vocab"]["path"])) as f:
         vocab = sum(1 for _ in f)
     if size == "tiny":
-        bert, hubert, d = asdict(BertConfig(vocab_size=vocab, **TINY_BERT)), asdict(HubertConfig(**TINY_HUBERT)), 64
+        bert, hubert, d = BertConfig(vocab_size=vocab, **TINY_BERT), HubertConfig(**TINY_HUBERT), 64
     else:
-        bert, hubert, d = asdict(BertConfig(vocab_size=vocab)), asdict(HubertConfig()), 768
+        bert, hubert, d = BertConfig(vocab_size=vocab), HubertConfig(), 768
     torch.manual_seed(0)
-    return TCMP(TCMPConfig(d=d, bert=bert, hubert=hubert))
+    return TCMP(TCMPConfig(d=d, bert=asdict(bert), hubert=asdict(hubert)))
 
 
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
@@ -255,20 +241,12 @@ def mem_limit(device):
 # a step's windows: train.py's defaults on CUDA (tiny: 4, base: the authors' 64 in micro-batches of
 # 16); on the CPU, base end-to-end steps of 4 windows need more than 24 GiB
 WINDOWS = {"cuda": {"tiny": 4, "base": 64}, "cpu": {"tiny": 4, "base": 2}}
-
-
-def bench_settings(data, device, n, max_padding):
-    """train.py's settings on this device for pre-training steps of n windows, but k = 5 candidates
-    a target (the demo preset's) at every size"""
-    args = settings.parse_args(["--stage", "pretrain", "--data", data, "--batch-size", str(n), "--k", "5",
-                                "--max-padding", str(max_padding)], __doc__)
-    return settings.plan(args, device)[0]
+MODES = {"whole": "one padded batch", "buckets": "length buckets", "cache": "feature cache"}  # train's set-ups
 
 
 def epoch_shapes(make, n_steps, max_padding):
-    """Distinct encoder-call shapes over an epoch's batches, on the grid and as they would be without
-    it (each bucket padded to its own longest sequence and rows) -> {modality: (calls on the grid,
-    shapes on the grid, shapes without)}"""
+    """Distinct encoder-call shapes over an epoch's batches, on the grid and without it (each bucket padded to
+    its own longest sequence and rows) -> {modality: (calls on the grid, shapes on the grid, shapes without)}"""
     calls, shapes = {}, {}
     for step in range(n_steps):
         for _, batch, _ in make(step)[1]:
@@ -282,24 +260,8 @@ def epoch_shapes(make, n_steps, max_padding):
     return {key: (calls[key], len(shapes[key, True]), len(shapes[key, False])) for key in calls}
 
 
-def timed_steps(step, steps, device):
-    """-> (each call's seconds, the seconds each waited for its batch, the padding counts of its
-    micro-batches) of `steps` calls of step(), each waited for"""
-    sync(device)
-    times, waits, pads = [], [], []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        micro, waited = step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-        waits.append(waited)
-        pads += [counts for _, _, counts in micro]
-    return times, waits, pads
-
-
 def count_flops(step):
-    """-> the floating-point operations of one call of step(), counted on the eager model: a CUDA
-    graph's replay goes past the counter"""
+    """-> the floating-point operations of one call of step(), on the eager model (a CUDA graph's replay hides them)"""
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as counter:
         step()
@@ -307,8 +269,7 @@ def count_flops(step):
 
 
 def count_ops(step):
-    """-> the torch operations the host dispatches in one call of step(), backward included (a
-    CUDA graph's replay dispatches only its input copies)"""
+    """-> the torch operations the host dispatches in one call of step(), backward included"""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Counter(TorchDispatchMode):
@@ -324,23 +285,22 @@ def count_ops(step):
 
 
 def train_one(data, size, mode, steps, device):
-    """One set-up in this process, as train.py runs it: mode "whole" (one padded batch an encoder
-    call), "buckets" or "cache"; batches built ahead by nanotcmp/loader.py, as in train.py. The
-    timed steps follow an epoch of warm-up on CUDA (its new shapes are planned or captured once), a
-    step on the CPU.
+    """One set-up (a mode of MODES) in this process, as train.py runs it; the timed steps follow a warm-up: an epoch
+    on CUDA (its new shapes planned or captured once), a step on the CPU
     -> {ms, items_s, mib, padding, shapes, wait, ops, flops, cache_s}"""
     set_up_device(device)
     model = train_model(size, data).to(device)
     model.check_inputs = device.type == "cpu"
     split = Split(os.path.join(data, "pretrain.safetensors"))
     n = WINDOWS[device.type][size]
-    s = bench_settings(data, device, n, 1.0 if mode == "whole" else 0.1)
+    # train.py's settings on this device for steps of n windows, but k = 5 candidates a target (the demo preset's)
+    args = settings.parse_args(["--stage", "pretrain", "--data", data, "--batch-size", str(n), "--k", "5",
+                                "--max-padding", "1.0" if mode == "whole" else "0.1"], __doc__)
+    s = settings.plan(args, device)[0]
     cache_s = None
     if mode == "cache":
         model.freeze_encoders()
-        t0 = time.perf_counter()
-        attach_features(model, data, [split], device)
-        cache_s = time.perf_counter() - t0
+        cache_s = timed(device, attach_features, model, data, [split], device)[0] / 1000
     opt = optimizer(model, s)
     items = windows(split)
     per_epoch = steps_per_epoch(s, items, split)
@@ -353,9 +313,9 @@ def train_one(data, size, mode, steps, device):
     def step():
         t0 = time.perf_counter()
         _, micro = next(batches)
-        waited = time.perf_counter() - t0
+        waited_ms = (time.perf_counter() - t0) * 1000
         train_step(model, opt, [(share, to_device(batch, device)) for share, batch, _ in micro])
-        return micro, waited
+        return micro, waited_ms
 
     flops = count_flops(step) if device.type == "cuda" else None
     if device.type == "cuda":
@@ -376,10 +336,14 @@ def measure_steps(step, warm, steps, device):
         if "memory" not in str(e) and not isinstance(e, MemoryError):
             raise
         return None
-    times, waits, pads = timed_steps(step, steps, device)
-    peak = memory_peak(device) - base
+    times, waits, pads = [], [], []
+    for _ in range(steps):
+        ms, (micro, waited_ms) = timed(device, step)
+        times.append(ms)
+        waits.append(waited_ms)
+        pads += [counts for _, _, counts in micro]  # the padding counts of each micro-batch
     padding = {k: sum(p[k][0] for p in pads) / sum(p[k][1] for p in pads) for k in pads[0]}
-    return {"ms": statistics.median(times) * 1000, "mib": peak / 2**20, "padding": padding,
+    return {"ms": statistics.median(times), "mib": (memory_peak(device) - base) / 2**20, "padding": padding,
             "wait": sum(waits) / sum(times), "ops": count_ops(step)}
 
 
@@ -392,88 +356,74 @@ def run_script(script, cwd, *argv):
     return run.stdout
 
 
-def bench_demo(device, tmp):
-    """The README's main job on the demo, as a user runs it: python prepare.py && python train.py
-    (both stages, evaluation included) -> (seconds, train.py's lines but the step and confusion lines)"""
-    os.makedirs(tmp, exist_ok=True)
+def bench_demo(device, run):
+    """The README's main job on the demo, as a user runs it: python prepare.py && python train.py;
+    on a GPU, sample.py's probabilities there against the CPU's"""
+    os.makedirs(run)
     t0 = time.perf_counter()
-    run_script("prepare.py", tmp)
-    out = run_script("train.py", tmp, "--device", str(device))
-    return time.perf_counter() - t0, [line for line in out.splitlines() if not line.startswith(("step", " "))]
-
-
-def sample_probs(device, cwd):
-    """sample.py --json on the demo's example dialogue -> (turns, n_labels) probabilities"""
-    out = run_script("sample.py", cwd, "--json", "--device", str(device))
-    return np.array([list(json.loads(line)["probs"].values()) for line in out.splitlines()])
+    run_script("prepare.py", run)
+    out = run_script("train.py", run, "--device", str(device))
+    print(f"demo on {device}: python prepare.py && python train.py (both stages, evaluation included): "
+          f"{time.perf_counter() - t0:.0f} s" + (" (target <= 60 s on one H100)" if device.type == "cuda" else ""))
+    for line in out.splitlines():
+        if not line.startswith(("step", " ")):  # all but the step and confusion lines
+            print("  " + line)
+    if device.type != "cpu":
+        probs = []  # sample.py --json on the demo's example dialogue, here and on the CPU: (turns, labels) each
+        for d in (str(device), "cpu"):
+            out = run_script("sample.py", run, "--json", "--device", d)
+            probs.append(np.array([list(json.loads(line)["probs"].values()) for line in out.splitlines()]))
+        print(f"sample.py --device {device.type} against the CPU, the demo's example dialogue: max |difference| of the "
+              f"probabilities {abs(probs[0] - probs[1]).max():.4f} over {len(probs[0])} turns (bf16 rounding: ~0.01)")
 
 
 def bench_train(device, steps, tmp, timeout):
-    demo_s, lines = bench_demo(device, os.path.join(tmp, "run"))
-    print(f"demo on {device}: python prepare.py && python train.py (both stages, evaluation included): "
-          f"{demo_s:.0f} s" + (" (target <= 60 s on one H100)" if device.type == "cuda" else ""))
-    for line in lines:
-        print("  " + line)
-    if device.type != "cpu":
-        ours, cpu = (sample_probs(d, os.path.join(tmp, "run")) for d in (device, "cpu"))
-        print(f"sample.py --device {device.type} against the CPU, the demo's example dialogue: max |difference| of "
-              f"the probabilities {np.abs(ours - cpu).max():.4f} over {len(ours)} turns (bf16 rounding: ~0.01)")
-    demo = os.path.join(tmp, "run", "data", "demo")
-    meld = meld_like(os.path.join(tmp, "meld-like"))
-    set_ups = [(name, data, size, mode) for name, data, sizes in (("demo", demo, ("tiny",)),
-                                                                  ("MELD-like", meld, ("tiny", "base")))
-               for size in sizes for mode in ("whole", "buckets", "cache")]
-    peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
-    w = WINDOWS[device.type]
+    bench_demo(device, os.path.join(tmp, "run"))
+    demo, meld = os.path.join(tmp, "run", "data", "demo"), meld_like(os.path.join(tmp, "meld-like"))
+    cuda, w = device.type == "cuda", WINDOWS[device.type]
+    peak = next((v for k, v in PEAK_BF16.items() if cuda and k in torch.cuda.get_device_name()), None)
     print(f"\ntraining steps on {device}: pre-training, {w['tiny']} windows a step (base: {w['base']}), median of "
-          f"{steps} steps after a warm-up (random weights){', bf16 autocast' if device.type == 'cuda' else ', fp32'}")
+          f"{steps} steps after a warm-up (random weights){', bf16 autocast' if cuda else ', fp32'}")
     print(f"{'data':<11}{'size':<6}{'encoders':<18}{'ms/step':>10}{'windows/s':>11}" + (f"{'MFU':>7}" if peak else "")
           + f"{'peak MiB':>10}{'padding t/a':>13}{'shapes t/a (no grid)':>22}{'waits':>7}{'ops':>8}")
-    results = {}
-    for name, data, size, mode in set_ups:
-        label = {"whole": "one padded batch", "buckets": "length buckets", "cache": "feature cache"}[mode]
-        try:
-            r = json.loads(subprocess.run(
-                [sys.executable, __file__, "_train", data, size, mode, str(steps), "--device", str(device)],
-                check=True, capture_output=True, text=True, timeout=timeout).stdout.splitlines()[-1])
-        except subprocess.TimeoutExpired:
-            print(f"{name:<11}{size:<6}{label:<18}{'did not finish in':>21} {timeout:.0f} s")
-            continue
-        results[name, size, mode] = r
-        shapes = "/".join(f"{r['shapes'][k][1]} ({r['shapes'][k][2]})" if k in r["shapes"] else "-"
-                          for k in ("text", "audio"))
-        if r["oom"]:
-            print(f"{name:<11}{size:<6}{label:<18}{'out of memory':>21}   (limit {mem_limit(device) / 2**30:.0f} GiB)")
-            continue
-        pad = "/".join(f"{r['padding'][k]:.0%}" if k in r["padding"] else "-" for k in ("text", "audio"))
-        mfu = f"{r['flops'] / (r['ms'] / 1000) / peak:>7.1%}" if peak else ""
-        print(f"{name:<11}{size:<6}{label:<18}{r['ms']:>10.1f}{r['items_s']:>11.2f}{mfu}{r['mib']:>10.0f}{pad:>13}"
-              f"{shapes:>22}{r['wait']:>7.1%}{r['ops']:>8}"
-              + (f"   (cache built in {r['cache_s']:.1f} s)" if r["cache_s"] is not None else ""))
+    results, set_ups = {}, (("demo", demo, "tiny"), ("MELD-like", meld, "tiny"), ("MELD-like", meld, "base"))
+    for name, data, size in set_ups:
+        for mode, label in MODES.items():
+            row = f"{name:<11}{size:<6}{label:<18}"
+            try:
+                r = json.loads(subprocess.run(
+                    [sys.executable, __file__, "_train", data, size, mode, str(steps), "--device", str(device)],
+                    check=True, capture_output=True, text=True, timeout=timeout).stdout.splitlines()[-1])
+            except subprocess.TimeoutExpired:
+                print(f"{row}{'did not finish in':>21} {timeout:.0f} s")
+                continue
+            results[name, size, mode] = r
+            if r["oom"]:
+                print(f"{row}{'out of memory':>21}   (limit {mem_limit(device) / 2**30:.0f} GiB)")
+                continue
+            r["mfu"] = r["flops"] / (r["ms"] / 1000) / peak if peak else None  # model FLOPs utilisation
+            pad = "/".join(f"{r['padding'][k]:.0%}" if k in r["padding"] else "-" for k in ("text", "audio"))
+            shapes = "/".join(f"{r['shapes'][k][1]} ({r['shapes'][k][2]})" if k in r["shapes"] else "-"
+                              for k in ("text", "audio"))
+            cache = f"   (cache built in {r['cache_s']:.1f} s)" if r["cache_s"] is not None else ""
+            print(f"{row}{r['ms']:>10.1f}{r['items_s']:>11.2f}" + (f"{r['mfu']:>7.1%}" if peak else "")
+                  + f"{r['mib']:>10.0f}{pad:>13}{shapes:>22}{r['wait']:>7.1%}{r['ops']:>8}{cache}")
     print("\nshapes: distinct (rows, length) shapes of the encoder calls over an epoch, text/audio, and in brackets "
           "as many as each bucket padded to its own longest would give; waits: share of a step spent waiting for "
           "its batch; ops: torch operations the host dispatches in a step (a CUDA graph's replay: its input copies)")
-    compare_set_ups(results, device, peak)
-
-
-def compare_set_ups(results, device, peak):
-    """For each dataset and size: one padded batch against length buckets against the feature cache"""
-    for name, size in dict.fromkeys((n, s) for n, s, _ in results):
-        whole, buckets, cache = (results.get((name, size, m), {"oom": True}) for m in ("whole", "buckets", "cache"))
-        if buckets["oom"] or cache["oom"]:
+    for name, _, size in set_ups:  # one padded batch against length buckets against the feature cache
+        whole, bucketed, cache = (results.get((name, size, m), {"oom": True}) for m in MODES)
+        if bucketed["oom"] or cache["oom"]:
             continue
-        faster = "one padded batch does not fit" if whole["oom"] else f"{whole['ms'] / buckets['ms']:.2f}x the speed"
+        speed = "one padded batch does not fit" if whole["oom"] else f"{whole['ms'] / bucketed['ms']:.2f}x the speed"
         before = f"{whole['padding']['audio']:.1%} -> " if "padding" in whole else ""
-        print(f"{name} {size}: audio padding {before}{buckets['padding']['audio']:.1%} with buckets (target <= 10%), "
-              f"{faster}; feature cache step {cache['ms']:.1f} ms"
-              + (" (target <= 10 ms on one H100)" if device.type == "cuda" else "")
-              + f", {buckets['ms'] / cache['ms']:.0f}x faster than end-to-end"
-              + (" (target >= 50x)" if size == "base" else "")
-              + (f"; MFU with buckets {buckets['flops'] / (buckets['ms'] / 1000) / peak:.1%}"
-                 + (" (target >= 30%)" if size == "base" else "") if peak else ""))
-
-
-INNER_ARGS = {"_memory": 3, "_train": 4}  # the arguments of the processes encoders and train start
+        base = size == "base"  # the targets of speed-up and MFU are for base size
+        line = f"{name} {size}: audio padding {before}{bucketed['padding']['audio']:.1%} with buckets (target <= 10%), "
+        line += f"{speed}; feature cache step {cache['ms']:.1f} ms" + (" (target <= 10 ms on one H100)" if cuda else "")
+        line += f", {bucketed['ms'] / cache['ms']:.0f}x faster than end-to-end" + (" (target >= 50x)" if base else "")
+        if peak:
+            line += f"; MFU with buckets {bucketed['mfu']:.1%}" + (" (target >= 30%)" if base else "")
+        print(line)
 
 
 def main(argv=None):
@@ -485,8 +435,9 @@ def main(argv=None):
     parser.add_argument("--timeout", type=ranged(float, 0, above=True), default=3600,
                         help="train: seconds a set-up may take")
     a = parser.parse_args(argv)
-    if len(a.args) != INNER_ARGS.get(a.what, 0):
-        parser.error(f"{a.what} takes {INNER_ARGS.get(a.what, 'no')} arguments, not {len(a.args)}: {' '.join(a.args)}")
+    inner = {"_memory": 3, "_train": 4}  # the arguments of the processes encoders and train start
+    if len(a.args) != inner.get(a.what, 0):
+        parser.error(f"{a.what} takes {inner.get(a.what, 'no')} arguments, not {len(a.args)}: {' '.join(a.args)}")
     device = device_from(a.device, "bench.py")
     # Ctrl-C: subprocess.run ends its command, the temporary folder goes
     kept = "interrupted; the measurements printed so far stand, nothing else was kept"
@@ -500,7 +451,6 @@ def main(argv=None):
 
 
 def measure(a, device):
-    """Run the benchmark the command line asks for, on device"""
     if a.what == "_memory":  # one measurement in a fresh process, so earlier runs' memory does not hide it
         print(peak_memory_mib(*a.args, device))
     elif a.what == "_train":
