@@ -23,16 +23,14 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nanotcmp.files import DataError, read_json  # noqa: E402 (the repository's modules)
-from nanotcmp.settings import ranged  # noqa: E402
-from tables import ROOT, make_table_in, mean_std, read_metrics, run, run_chain, write_table  # noqa: E402
+from nanotcmp.settings import ranged  # noqa: E402 (the repository's)
+from tables import (epochs_kept, make_table_in, mean_std, means, read_metrics, run, run_chain, table_head,  # noqa: E402
+                    table_row, write_table)
 
 # row -> (its folder, train.py's options beyond --seed, whether it pre-trains)
-ROWS = {
-    "TCMP: pre-trained, then fine-tuned": ("tcmp", [], True),
-    "from scratch (no pre-training, every epoch)": ("scratch", ["--stage", "finetune", "--patience", "0"], False),
-    "w/o Dist (both stages)": ("wo-dist", ["--no-distant"], True),
-}
+ROWS = {"TCMP: pre-trained, then fine-tuned": ("tcmp", [], True),
+        "from scratch (no pre-training, every epoch)": ("scratch", ["--stage", "finetune", "--patience", "0"], False),
+        "w/o Dist (both stages)": ("wo-dist", ["--no-distant"], True)}
 ONE_THREAD = "TCMP on one thread"
 
 
@@ -44,54 +42,39 @@ def chain(row, seed, args):
     return [("all" if pretrains else "finetune", cmd, os.path.join(out, "finetune") if pretrains else out)]
 
 
-def pretraining(out):
-    """metrics.json of the pre-training beside a fine-tuning folder"""
-    try:
-        return read_json(os.path.join(ROOT, os.path.dirname(out), "pretrain", "metrics.json"), (), "a run of train.py")
-    except DataError as e:
-        raise SystemExit(f"demo.py: {e}") from None
-
-
 def table(args, prepare_seconds):
     """The Markdown tables, from the runs' metrics.json"""
-    def runs(row, seeds):
-        return [read_metrics(chain(row, seed, args)[0][2]) for seed in seeds]
-
     lines = [f"Demo test scores, percent, mean ± standard deviation over seeds {', '.join(map(str, args.seeds))}; "
              f"minutes: one run of train.py (both stages where it pre-trains), on {args.threads} threads "
              f"(python prepare.py: {prepare_seconds:.0f} s)", "",
-             "| row | WA | AA | macro-F1 | F1 of each seed | dev WA | epochs kept | minutes a run |",
-             "|---|---|---|---|---|---|---|---|"]
-    first = runs(next(iter(ROWS)), args.seeds)
+             *table_head("row", "WA", "AA", "macro-F1", "F1 of each seed", "dev WA", "epochs kept", "minutes a run")]
+    # the fine-tunings' metrics (a chain's one stage: its folder third), the one-thread row's on the first seed
+    fine = {row: [read_metrics(chain(row, seed, args)[0][2]) for seed in args.seeds] for row in ROWS}
+    fine[ONE_THREAD] = [read_metrics(chain(ONE_THREAD, args.seeds[0], args)[0][2])]
     for name, key in (("majority class", "test_majority"),
                       ("last emotion of the target speaker (reads the context's labels)", "test_last_emotion")):
-        s = first[0][key]
+        s = fine[next(iter(ROWS))][0][key]
         lines.append(f"| {name} | {s['wa']:.1f} | {s['aa']:.1f} | {s['f1']:.1f} | – | – | – | – |")
-    fine = {row: runs(row, args.seeds) for row in ROWS}
-    fine[ONE_THREAD] = runs(ONE_THREAD, args.seeds[:1])
     for row, ms in fine.items():
-        cells = [mean_std([m["test"][k] for m in ms]) for k in ("wa", "aa", "f1")]
-        cells += [", ".join(f"{m['test']['f1']:.1f}" for m in ms), mean_std([m["dev"]["wa"] for m in ms]),
-                  ", ".join(str(m["best_epoch"]) for m in ms), f"{np.mean([m['seconds'] for m in ms]) / 60:.1f}"]
-        name = f"{row} (seed {args.seeds[0]})" if row == ONE_THREAD else row
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(table_row([f"{row} (seed {args.seeds[0]})" if row == ONE_THREAD else row,
+                                *means([m["test"] for m in ms], ("wa", "aa", "f1")),
+                                ", ".join(f"{m['test']['f1']:.1f}" for m in ms), mean_std([m["dev"]["wa"] for m in ms]),
+                                epochs_kept(ms), f"{np.mean([m['seconds'] for m in ms]) / 60:.1f}"]))
     gain = [a["test"]["f1"] - b["test"]["f1"] for a, b in zip(*(fine[row] for row in list(ROWS)[:2]))]
     lines += ["", f"Pre-trained minus from scratch, macro-F1 of each seed: {', '.join(f'{g:+.1f}' for g in gain)} "
               f"(mean ± sd {mean_std(gain)})", "",
               "Pre-training: target utterance searching on the test split (chance: R5@1 20, R5@2 40), beside "
               "the word-overlap reference (no model: each candidate scored by the share of its word pieces "
               "found in the context, on the same candidate sets)", "",
-              "| pre-training of | T2T R5@1 | A2A R5@1 | M2M R5@1 | M2M R5@2 | epochs kept |",
-              "|---|---|---|---|---|---|"]
-    pre = {row: [pretraining(chain(row, seed, args)[0][2]) for seed in args.seeds]
-           for row, (_, _, pretrains) in ROWS.items() if pretrains}
+              *table_head("pre-training of", "T2T R5@1", "A2A R5@1", "M2M R5@1", "M2M R5@2", "epochs kept")]
+    pre = {row: [read_metrics(os.path.join(args.out, folder, f"seed{seed}", "pretrain"), timed=False)
+                 for seed in args.seeds] for row, (folder, _, pretrains) in ROWS.items() if pretrains}
     for row, ms in pre.items():
         cells = [mean_std([m["test"][beta][k] for m in ms])
                  for beta, k in (("T2T", "R5@1"), ("A2A", "R5@1"), ("M2M", "R5@1"), ("M2M", "R5@2"))]
-        lines.append(f"| {row} | " + " | ".join(cells + [", ".join(str(m["best_epoch"]) for m in ms)]) + " |")
-    overlap = [m["test_word_overlap"] for m in next(iter(pre.values()))]
-    lines.append("| word overlap with the context (no model) | – | – | "
-                 + " | ".join(mean_std([o[k] for o in overlap]) for k in ("R5@1", "R5@2")) + " | – |")
+        lines.append(table_row([row, *cells, epochs_kept(ms)]))
+    overlap = means([m["test_word_overlap"] for m in next(iter(pre.values()))], ("R5@1", "R5@2"))
+    lines.append(table_row(["word overlap with the context (no model)", "–", "–", *overlap, "–"]))
     return "\n".join(lines) + "\n"
 
 
@@ -105,23 +88,20 @@ def main(argv=None):
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = p.parse_args(argv)
     prepare = [sys.executable, "prepare.py", "--out", args.data]
-    chains = [chain(row, seed, args) for row in ROWS for seed in args.seeds]
-    one_thread = chain(ONE_THREAD, args.seeds[0], args)
+    chains = [(chain(row, seed, args), args.threads) for row in ROWS for seed in args.seeds]
+    chains.append((chain(ONE_THREAD, args.seeds[0], args), 1))  # the first seed again, on one thread
     if args.dry_run:
-        for cmd in [prepare] + [cmd for c in chains + [one_thread] for _, cmd, _ in c]:
+        for cmd in [prepare] + [cmd for c, _ in chains for _, cmd, _ in c]:
             print(shlex.join(cmd))
         return
-    make_table_in(args.out, lambda: make_table(args, prepare, chains, one_thread), "demo.py")
 
-
-def make_table(args, prepare, chains, one_thread):
-    t0 = time.time()
-    prepare_seconds = run(prepare)  # its output on the terminal
-    for cmds in chains:
-        run_chain(cmds, args.threads)
-    run_chain(one_thread, 1)
-    text = table(args, prepare_seconds)
-    write_table(args.out, text, t0, "demo.py")
+    def make_table():
+        t0 = time.time()
+        prepare_seconds = run(prepare)  # its output on the terminal
+        for cmds, threads in chains:
+            run_chain(cmds, threads)
+        write_table(args.out, table(args, prepare_seconds), t0, "demo.py")
+    make_table_in(args.out, make_table, "demo.py")
 
 
 if __name__ == "__main__":

@@ -34,15 +34,14 @@ from nanotcmp.data import load_meta  # noqa: E402 (the repository's)
 from nanotcmp.evaluate import selection_score  # noqa: E402
 from nanotcmp.files import DataError, file_sha256  # noqa: E402
 from nanotcmp.settings import ranged  # noqa: E402
-from tables import ROOT, done, make_table_in, mean_std, read_metrics, run, run_chain, write_table  # noqa: E402
+from tables import (ROOT, done, epochs_kept, make_table_in, mean_std, means, read_metrics, run, run_chain,  # noqa: E402
+                    table_head, table_row, write_table)
 
 # row -> (its folder, pre-training options or None for none, fine-tuning options)
-ROWS = {
-    "Text w/o Dist": ("text-wo-dist", None, ["--no-distant"]),
-    "Text": ("text", None, []),
-    "Text-Pre": ("text-pre", [], []),
-    "Text-Pre, softmax TUS": ("text-pre-softmax", ["--tus-loss", "softmax"], []),
-}
+ROWS = {"Text w/o Dist": ("text-wo-dist", None, ["--no-distant"]),
+        "Text": ("text", None, []),
+        "Text-Pre": ("text-pre", [], []),
+        "Text-Pre, softmax TUS": ("text-pre-softmax", ["--tus-loss", "softmax"], [])}
 LABEL_ROWS = ("Text", "Text-Pre")  # the label-efficiency table: without and with pre-training
 FRACTIONS = (0.1, 0.25, 1.0)  # of the training dialogues; dev and test stay whole
 # The authors' pre-training: 10 noise candidates, 64 windows a step, 30 epochs at most, stopped
@@ -53,14 +52,12 @@ FROZEN_PRETRAINING = ["--freeze-encoders"] + AUTHORS_PRETRAINING
 # the frozen pre-training; the encoder's rate and the epochs chosen on dev (--end-to-end --sweep)
 END_TO_END = ["--preset", "frozen", "--lr-encoder", "1e-5", "--epochs", "3"]
 # mode -> (pre-training options, fine-tuning options, rows run by default, shares of the training dialogues)
-MODES = {
-    "frozen": (FROZEN_PRETRAINING, ["--freeze-encoders"], list(ROWS), FRACTIONS),
-    # pre-training end to end costs several fine-tuning steps a step (docs/results.md): the rows
-    # pre-train frozen (the frozen table's runs) and fine-tune end to end
-    "e2e": (FROZEN_PRETRAINING, END_TO_END, list(ROWS)[:3], FRACTIONS),
-    # the paper: both stages end to end, at its rates (train.py's defaults with a checkpoint), 50 epochs
-    "paper": (AUTHORS_PRETRAINING, ["--epochs", "50"], list(ROWS)[:3], (1.0,)),
-}
+MODES = {"frozen": (FROZEN_PRETRAINING, ["--freeze-encoders"], list(ROWS), FRACTIONS),
+         # pre-training end to end costs several fine-tuning steps a step (docs/results.md): the rows
+         # pre-train frozen (the frozen table's runs) and fine-tune end to end
+         "e2e": (FROZEN_PRETRAINING, END_TO_END, list(ROWS)[:3], FRACTIONS),
+         # the paper: both stages end to end, at its rates (the paper preset), 50 epochs
+         "paper": (AUTHORS_PRETRAINING, ["--epochs", "50"], list(ROWS)[:3], (1.0,))}
 # The sweeps: fine-tuning Text (no pre-training) on dev -> {setting's folder: train.py's options}
 SWEEPS = {
     "frozen": {f"d{d}-dropout{p}-lr{lr}": ["--freeze-encoders", "--d", str(d), "--dropout", str(p), "--lr", lr,
@@ -74,6 +71,7 @@ SWEEPS = {
 PRETRAIN_SWEEP = {f"pretrain-lr{lr}": ["--lr", lr] for lr in ("2e-4", "1e-3", "3e-3")}
 EPOCH_CHOICES = {"frozen": (4, 8, 12), "e2e": (1, 2, 3)}  # the epochs a sweep chooses among
 SWEEP_SEEDS = {"frozen": [0, 1, 2], "e2e": [0]}  # an end-to-end epoch takes 3 to 5 minutes of a core
+RECALLS = ("R5@1", "R11@1")  # target utterance searching: the right candidate first among 5, among 11
 
 
 def minilm():
@@ -145,31 +143,27 @@ def chain(row, seed, fraction, args, datasets):
 
 def chains_of(args, datasets):
     """Every chain of the command: {(row, seed, fraction) or (setting, seed): chain}"""
-    if args.sweep:
-        def folder(name, seed):
-            return os.path.join(args.out, f"sweep-{args.mode}", name, f"seed{seed}")
-        chains = {(name, seed): [train("finetune", datasets[0], folder(name, seed), seed, args, options)]
-                  for name, options in SWEEPS[args.mode].items() for seed in args.seeds}
-        if args.mode == "frozen":
-            chains |= {(name, seed): [train("pretrain", datasets[1], folder(name, seed), seed, args,
-                                            FROZEN_PRETRAINING + options)]
-                       for name, options in PRETRAIN_SWEEP.items() for seed in args.seeds}
-        return chains
-    return {(row, seed, fraction): chain(row, seed, fraction, args, datasets) for row in args.rows
-            for fraction in args.fractions if fraction == 1 or row in LABEL_ROWS for seed in args.seeds}
+    if not args.sweep:
+        return {(row, seed, fraction): chain(row, seed, fraction, args, datasets) for row in args.rows
+                for fraction in args.fractions if fraction == 1 or row in LABEL_ROWS for seed in args.seeds}
+    settings = [("finetune", datasets[0], name, options) for name, options in SWEEPS[args.mode].items()]
+    if args.mode == "frozen":
+        settings += [("pretrain", datasets[1], name, FROZEN_PRETRAINING + options)
+                     for name, options in PRETRAIN_SWEEP.items()]
+    return {(name, seed): [train(stage, data, os.path.join(args.out, f"sweep-{args.mode}", name, f"seed{seed}"),
+                                 seed, args, options)]
+            for stage, data, name, options in settings for seed in args.seeds}
 
 
-def finished(chains, keys):
-    """[[metrics of each stage] for each key], or None while a run of them is not done"""
-    cs = [chains[k] for k in keys]
-    if not all(done(out) for c in cs for _, _, out in c):
-        return None
-    return [[read_metrics(out) for _, _, out in c] for c in cs]
-
-
-def missing(chains, keys):
-    n = sum(all(done(out) for _, _, out in chains[k]) for k in keys)
-    return f"not run yet ({n} of {len(keys)} runs done)"
+def done_rows(chains, rows, lines, columns):
+    """Each row of {name: its keys} whose runs are all done: (name, [[metrics of each stage] for each key]).
+    A row with runs not done yet gets, in lines, a row of `columns` cells saying how many are done."""
+    for name, keys in rows.items():
+        n = sum(all(done(out) for _, _, out in chains[k]) for k in keys)
+        if n < len(keys):
+            lines.append(f"| {name} | not run yet ({n} of {len(keys)} runs done) |" + " |" * (columns - 2))
+        else:
+            yield name, [[read_metrics(out) for _, _, out in chains[k]] for k in keys]
 
 
 def table(args, chains):
@@ -177,45 +171,39 @@ def table(args, chains):
     label-efficiency table and each row's wall time"""
     what = {"frozen": "MiniLM frozen", "e2e": "MiniLM trained end to end", "paper": "end to end, paper settings"}
     lines = [f"P-MELD test, percent, mean ± standard deviation over seeds {', '.join(map(str, args.seeds))} "
-             f"({what[args.mode]})", "", "| row | WA | AA | macro-F1 | dev WA | epochs kept | minutes a run |",
-             "|---|---|---|---|---|---|---|"]
+             f"({what[args.mode]})", "", *table_head("row", "WA", "AA", "macro-F1", "dev WA", "epochs kept",
+                                                     "minutes a run")]
+    rows, pre_rows, overlap, times, first = [], [], None, [], {}
     keys = {row: [(row, seed, 1.0) for seed in args.seeds] for row in args.rows}
-    runs = {row: finished(chains, ks) for row, ks in keys.items()}
-    first = next((r[0][-1] for r in runs.values() if r), None)
+    for row, r in done_rows(chains, keys, rows, 7):
+        fine = [stages[-1] for stages in r]
+        first = first or fine[0]  # the references' scores: the first finished row's first seed
+        minutes = [sum(m["seconds"] for m in stages) / 60 for stages in r]
+        times.append(f"{row} {sum(minutes):.1f}")
+        rows.append(table_row([row, *means([m["test"] for m in fine], ("wa", "aa", "f1")),
+                               mean_std([m["dev"]["wa"] for m in fine]), epochs_kept(fine), f"{np.mean(minutes):.1f}"]))
+        if len(r[0]) == 2:
+            pre = [stages[0] for stages in r]
+            overlap = means([m["test_word_overlap"] for m in pre], RECALLS)  # no model, on each seed's candidates
+            pre_rows.append(table_row([row, *means([m["dev"]["T2T"] for m in pre], RECALLS),
+                                       *means([m["test"]["T2T"] for m in pre], RECALLS), epochs_kept(pre)]))
     references = [("majority class", "test_majority"),
                   ("last emotion of the target speaker (reads the context's labels)", "test_last_emotion"),
                   ("logistic regression on [source ; response] (frozen features, L2 chosen on dev)", "test_linear")]
-    for name, key in references if first else ():
+    for name, key in references:
         if key in first:
             s = first[key]
             dev = f"{s['dev_wa']:.1f}" if "dev_wa" in s else "–"  # the linear reference's, at its chosen penalty
             lines.append(f"| {name} | {s['wa']:.1f} | {s['aa']:.1f} | {s['f1']:.1f} | {dev} | – | – |")
-    pre_lines, overlap, times = [], None, []
-    for row, r in runs.items():
-        if r is None:
-            lines.append(f"| {row} | {missing(chains, keys[row])} | | | | | |")
-            continue
-        fine = [stages[-1] for stages in r]
-        minutes = [sum(m["seconds"] for m in stages) / 60 for stages in r]
-        times.append(f"{row} {sum(minutes):.1f}")
-        lines.append(f"| {row} | " + " | ".join(mean_std([m["test"][k] for m in fine]) for k in ("wa", "aa", "f1"))
-                     + f" | {mean_std([m['dev']['wa'] for m in fine])} | "
-                     + ", ".join(str(m["best_epoch"]) for m in fine) + f" | {np.mean(minutes):.1f} |")
-        if len(r[0]) == 2:
-            pre = [stages[0] for stages in r]
-            overlap = [m["test_word_overlap"] for m in pre]  # no model, on each seed's candidate sets
-            pre_lines.append(f"| {row} | " + " | ".join(
-                mean_std([m[split]["T2T"][k] for m in pre]) for split in ("dev", "test")
-                for k in ("R5@1", "R11@1")) + " | " + ", ".join(str(m["best_epoch"]) for m in pre) + " |")
+    lines += rows
     if overlap:
-        pre_lines.append("| word overlap with the context (no model) | – | – | "
-                         + " | ".join(mean_std([o[k] for o in overlap]) for k in ("R5@1", "R11@1")) + " | – |")
-    if pre_lines:
-        lines += ["", "Pre-training on the unlabelled MELD dialogues"
-                  f"{' (MiniLM frozen)' if '--freeze-encoders' in MODES[args.mode][0] else ''}: target utterance "
-                  "searching, T2T (chance: R5@1 20, R11@1 9.1)", "",
-                  "| pre-training of | dev R5@1 | dev R11@1 | test R5@1 | test R11@1 | epochs kept |",
-                  "|---|---|---|---|---|---|"] + pre_lines
+        pre_rows.append(table_row(["word overlap with the context (no model)", "–", "–", *overlap, "–"]))
+    if pre_rows:
+        frozen = " (MiniLM frozen)" if "--freeze-encoders" in MODES[args.mode][0] else ""
+        lines += ["", f"Pre-training on the unlabelled MELD dialogues{frozen}: target utterance searching, T2T "
+                  "(chance: R5@1 20, R11@1 9.1)", "",
+                  *table_head("pre-training of", "dev R5@1", "dev R11@1", "test R5@1", "test R11@1", "epochs kept"),
+                  *pre_rows]
     if len(args.fractions) > 1 and all(row in args.rows for row in LABEL_ROWS):
         lines += [""] + label_efficiency(args, chains)
     if times:
@@ -229,23 +217,20 @@ def label_efficiency(args, chains):
     no_pre, pre = LABEL_ROWS
     lines = [f"Fine-tuned on a share of the training dialogues: {no_pre} (no pre-training) against {pre}, "
              "test, mean ± standard deviation over the seeds; the gain is Text-Pre's macro-F1 minus Text's, "
-             "seed by seed",
-             "", f"| training dialogues | samples | {no_pre} WA | {no_pre} F1 | {pre} WA | {pre} F1 | gain in F1, "
-             "each seed | linear reference F1 | epochs kept |", "|---|---|---|---|---|---|---|---|---|"]
-    for fraction in sorted(args.fractions):
-        runs = {row: finished(chains, [(row, seed, fraction) for seed in args.seeds]) for row in LABEL_ROWS}
-        if None in runs.values():
-            keys = [(row, seed, fraction) for row in LABEL_ROWS for seed in args.seeds]
-            lines.append(f"| {100 * fraction:g}% | {missing(chains, keys)} | | | | | | | |")
-            continue
-        a, b = ([stages[-1] for stages in runs[row]] for row in LABEL_ROWS)
+             "seed by seed", "",
+             *table_head("training dialogues", "samples", f"{no_pre} WA", f"{no_pre} F1", f"{pre} WA", f"{pre} F1",
+                         "gain in F1, each seed", "linear reference F1", "epochs kept")]
+    shares = {f"{100 * f:g}%": [(row, seed, f) for row in LABEL_ROWS for seed in args.seeds]
+              for f in sorted(args.fractions)}
+    for share, runs in done_rows(chains, shares, lines, 9):
+        fine = [stages[-1] for stages in runs]
+        a, b = fine[:len(args.seeds)], fine[len(args.seeds):]  # Text's runs, then Text-Pre's, seed by seed
         gains = [y["test"]["f1"] - x["test"]["f1"] for x, y in zip(a, b)]
         linear = [m["test_linear"]["f1"] for m in a if "test_linear" in m]
-        lines.append(f"| {100 * fraction:g}% | {a[0]['train_items']} | " + " | ".join(
-            mean_std([m["test"][k] for m in ms]) for ms in (a, b) for k in ("wa", "f1"))
-            + f" | {', '.join(f'{g:+.1f}' for g in gains)} (mean {np.mean(gains):+.1f}) | "
-            + (mean_std(linear) if linear else "–") + " | "
-            + " / ".join(", ".join(str(m["best_epoch"]) for m in ms) for ms in (a, b)) + " |")
+        lines.append(table_row([share, f"{a[0]['train_items']}", *means([m["test"] for m in a], ("wa", "f1")),
+                                *means([m["test"] for m in b], ("wa", "f1")),
+                                f"{', '.join(f'{g:+.1f}' for g in gains)} (mean {np.mean(gains):+.1f})",
+                                mean_std(linear) if linear else "–", f"{epochs_kept(a)} / {epochs_kept(b)}"]))
     return lines
 
 
@@ -256,26 +241,21 @@ def sweep_table(args, chains):
     choices = EPOCH_CHOICES[args.mode]
     lines = [f"Dev WA of fine-tuning Text ({'MiniLM frozen' if args.mode == 'frozen' else 'end to end'}), the best of "
              f"epochs 1 to E, mean ± standard deviation over seeds {', '.join(map(str, args.seeds))}; "
-             "no test score is read", "",
-             "| setting | " + " | ".join(f"E = {e}" for e in choices) + " | dev F1 at the kept epoch, E = "
-             f"{choices[-1]} | minutes a run |", "|---|" + "---|" * (len(choices) + 2)]
+             "no test score is read", "", *table_head("setting", *(f"E = {e}" for e in choices),
+                                                      f"dev F1 at the kept epoch, E = {choices[-1]}", "minutes a run")]
     best = None
-    for name in SWEEPS[args.mode]:
-        keys = [(name, seed) for seed in args.seeds]
-        r = finished(chains, keys)
-        if r is None:
-            lines.append(f"| {name} | {missing(chains, keys)} |" + " |" * (len(choices) + 1))
-            continue
-        curves = [[e["wa"] for e in stages[0]["dev_by_epoch"]] for stages in r]
+    settings = {name: [(name, seed) for seed in args.seeds] for name in SWEEPS[args.mode]}
+    for name, r in done_rows(chains, settings, lines, len(choices) + 3):
+        runs = [stages[0] for stages in r]
+        curves = [[e["wa"] for e in m["dev_by_epoch"]] for m in runs]
         cells = []
         for e in choices:
             kept = [max(c[:e]) for c in curves]
             cells.append(mean_std(kept))
             if best is None or (np.mean(kept), -e) > (best[0], -best[2]):
                 best = (np.mean(kept), name, e)
-        kept_f1 = [stages[0]["dev_by_epoch"][int(np.argmax(c))]["f1"] for stages, c in zip(r, curves)]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean_std(kept_f1)} | "
-                     f"{np.mean([stages[0]['seconds'] for stages in r]) / 60:.1f} |")
+        kept_f1 = [m["dev_by_epoch"][int(np.argmax(c))]["f1"] for m, c in zip(runs, curves)]
+        lines.append(table_row([name, *cells, mean_std(kept_f1), f"{np.mean([m['seconds'] for m in runs]) / 60:.1f}"]))
     if best:
         lines += ["", f"Chosen: {best[1]}, {best[2]} epochs (mean dev WA {best[0]:.1f})"]
     if args.mode == "frozen":
@@ -288,23 +268,17 @@ def pretrain_sweep_table(args, chains):
     recalls (train.py's rule), and the rate with the best mean of that over the seeds is chosen"""
     lines = ["Dev retrieval of pre-training (MiniLM frozen, T2T), mean ± standard deviation over seeds "
              f"{', '.join(map(str, args.seeds))}", "",
-             "| setting | dev R5@1 | dev R11@1 | mean dev recall (what a run keeps) | epochs kept | minutes a run |",
-             "|---|---|---|---|---|---|"]
+             *table_head("setting", "dev R5@1", "dev R11@1", "mean dev recall (what a run keeps)", "epochs kept",
+                         "minutes a run")]
     best = None
-    for name in PRETRAIN_SWEEP:
-        keys = [(name, seed) for seed in args.seeds]
-        r = finished(chains, keys)
-        if r is None:
-            lines.append(f"| {name} | {missing(chains, keys)} | | | | |")
-            continue
+    settings = {name: [(name, seed) for seed in args.seeds] for name in PRETRAIN_SWEEP}
+    for name, r in done_rows(chains, settings, lines, 6):
         runs = [stages[0] for stages in r]
         score = [selection_score(m["dev"]) for m in runs]
         if best is None or np.mean(score) > best[0]:
             best = (np.mean(score), name)
-        lines.append(f"| {name} | " + " | ".join(mean_std([m["dev"]["T2T"][k] for m in runs])
-                                                 for k in ("R5@1", "R11@1"))
-                     + f" | {mean_std(score)} | {', '.join(str(m['best_epoch']) for m in runs)} | "
-                     f"{np.mean([m['seconds'] for m in runs]) / 60:.1f} |")
+        lines.append(table_row([name, *means([m["dev"]["T2T"] for m in runs], RECALLS), mean_std(score),
+                                epochs_kept(runs), f"{np.mean([m['seconds'] for m in runs]) / 60:.1f}"]))
     if best:
         lines += ["", f"Chosen: {best[1]} (mean dev recall {best[0]:.1f})"]
     return lines
@@ -316,9 +290,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (an end-to-end sweep: 0)")
     p.add_argument("--rows", nargs="+", choices=list(ROWS), metavar="ROW",
                    help=f"rows to run (default: all of {', '.join(map(repr, ROWS))}; end to end, the first three)")
-    p.add_argument("--fractions", type=ranged(float, 0, 1, above=True), nargs="+",
-                   help="shares of the training dialogues that Text and Text-Pre fine-tune on (default: 0.1 0.25 1; "
-                        "--paper: 1)")
+    p.add_argument("--fractions", type=ranged(float, 0, 1, above=True), nargs="+", help="shares of the training "
+                   "dialogues that Text and Text-Pre fine-tune on (default: 0.1 0.25 1; --paper: 1)")
     p.add_argument("--end-to-end", action="store_true",
                    help="fine-tune MiniLM too (train.py without --freeze-encoders)")
     p.add_argument("--paper", action="store_true",
@@ -342,27 +315,25 @@ def main(argv=None):
     args.encoder = os.path.abspath(args.encoder) if args.encoder else minilm()
     check_encoder(args.encoder)
     args.out = args.out or f"out/pmeld{'' if tag == 'minilm' else '-' + tag}"
-    make_table_in(args.out, lambda: make_table(args, tag), "pmeld.py")
 
-
-def make_table(args, tag):
-    datasets = prepare(args.encoder, tag, args.data, args.dry_run)
-    chains = chains_of(args, datasets)
-    if args.dry_run:
-        for cmd in dict.fromkeys(shlex.join(cmd) for c in chains.values() for _, cmd, _ in c):  # each once
-            print(cmd)
-        return
-    t0 = time.time()
-    if not args.table:
-        run_all(args, chains)
-    text = (sweep_table if args.sweep else table)(args, chains)
-    write_table(args.out, text, t0, "pmeld.py", f"{'sweep-' if args.sweep else ''}{args.mode}.md")
+    def make_table():
+        chains = chains_of(args, prepare(args.encoder, tag, args.data, args.dry_run))
+        if args.dry_run:
+            for cmd in dict.fromkeys(shlex.join(cmd) for c in chains.values() for _, cmd, _ in c):  # each once
+                print(cmd)
+            return
+        t0 = time.time()
+        if not args.table:
+            run_all(args, chains)
+        write_table(args.out, (sweep_table if args.sweep else table)(args, chains), t0, "pmeld.py",
+                    f"{'sweep-' if args.sweep else ''}{args.mode}.md")
+    make_table_in(args.out, make_table, "pmeld.py")
 
 
 def run_all(args, chains):
     """Every chain not done yet, --jobs at once"""
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    stop = threading.Event()  # set by a run that fails, or by Ctrl-C: start no other run, end those under way
+    stop = threading.Event()  # set by a run that fails, or by Ctrl-C: no other run starts, those under way end
 
     def run_one(cmds):
         try:
@@ -384,8 +355,6 @@ def run_all(args, chains):
                     finished_run.result()
             except BaseException:
                 stop.set()
-                for r in runs:
-                    r.cancel()
                 raise
 
 

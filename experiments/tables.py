@@ -1,9 +1,8 @@
 """
-Results tables made of train.py runs (experiments/): run each stage's command once, its output in a
-log beside its folder and its wall time in <folder>/seconds.json, and summarise the runs' metrics.json
-as mean ± standard deviation over seeds. A run with a metrics.json and a seconds.json is never run
-again, so a table cut short (Ctrl-C, a failed run) continues where it stopped: the same command runs
-the others, a run that was cut short from its start.
+Results tables made of train.py runs (experiments/): run each stage's command once, its output in a log beside
+its folder and its wall time in <folder>/seconds.json, and summarise the runs' metrics.json as mean ± standard
+deviation over seeds. A run with a metrics.json and a seconds.json is never run again, so a table cut short
+(Ctrl-C, a failed run) continues where it stopped: the same command runs the others, a run cut short from its start.
 """
 import contextlib
 import os
@@ -66,7 +65,6 @@ def run(cmd, log=None, env=None, stop=None):
 
 
 def done(out):
-    """Has the run in folder out finished, its metrics.json and seconds.json written?"""
     return all(os.path.isfile(os.path.join(ROOT, out, name)) for name in ("metrics.json", "seconds.json"))
 
 
@@ -117,16 +115,35 @@ def write_table(out, text, t0, name, file="table.md"):
     print(text + f"\n{(time.time() - t0) / 60:.1f} min: {os.path.join(out, file)}")
 
 
-def read_metrics(out):
-    """metrics.json of a run, with its wall time (seconds.json) as its "seconds" """
+def read_metrics(out, timed=True):
+    """metrics.json of a run, with its wall time (seconds.json) as its "seconds" where timed"""
     try:
         metrics = read_json(os.path.join(ROOT, out, "metrics.json"), (), "a run of train.py")
-        seconds = read_json(os.path.join(ROOT, out, "seconds.json"), (), "a run of this table")
+        seconds = read_json(os.path.join(ROOT, out, "seconds.json"), (), "a run of this table") if timed else None
     except DataError as e:
         raise SystemExit(f"{script()}: {e}") from None
-    return {**metrics, "seconds": seconds}
+    return {**metrics, "seconds": seconds} if timed else metrics
 
 
 def mean_std(values, digits=1):
     v = np.asarray(values, dtype=np.float64)
     return f"{v.mean():.{digits}f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.{digits}f}"
+
+
+def means(scores, keys):
+    """mean ± standard deviation over the runs' scores (dicts) of each key"""
+    return [mean_std([s[k] for s in scores]) for k in keys]
+
+
+def epochs_kept(runs):
+    """The best dev epoch of each run, the one it keeps: "3, 5, 4" """
+    return ", ".join(str(m["best_epoch"]) for m in runs)
+
+
+def table_row(cells):
+    return "| " + " | ".join(cells) + " |"
+
+
+def table_head(*columns):
+    """A Markdown table's first two lines: its columns' names, then the line under them"""
+    return [table_row(columns), "|---" * len(columns) + "|"]
