@@ -23,7 +23,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from nanotcmp import settings
 from nanotcmp.audio import SAMPLE_RATE, save_wav
 from nanotcmp.cuda_graphs import CudaGraphs
 from nanotcmp.data import Split, buckets, encoder_inputs, load_meta, to_device, windows
@@ -32,7 +31,7 @@ from nanotcmp.files import one_line_errors
 from nanotcmp.loader import ahead, step_batches, steps_per_epoch
 from nanotcmp.model import Bert, BertConfig, Hubert, HubertConfig, TCMP, TCMPConfig
 from nanotcmp.processes import device_from, set_up_device
-from nanotcmp.settings import TINY_BERT, TINY_HUBERT, ranged
+from nanotcmp.settings import TINY_BERT, TINY_HUBERT, parse_args, plan, ranged
 from nanotcmp.stream import Stream
 from nanotcmp.tokenizer import WordPiece
 from nanotcmp.training import optimizer, train_step
@@ -294,9 +293,9 @@ def train_one(data, size, mode, steps, device):
     split = Split(os.path.join(data, "pretrain.safetensors"))
     n = WINDOWS[device.type][size]
     # train.py's settings on this device for steps of n windows, but k = 5 candidates a target (the demo preset's)
-    args = settings.parse_args(["--stage", "pretrain", "--data", data, "--batch-size", str(n), "--k", "5",
-                                "--max-padding", "1.0" if mode == "whole" else "0.1"], __doc__)
-    s = settings.plan(args, device)[0]
+    args = parse_args(["--stage", "pretrain", "--data", data, "--batch-size", str(n), "--k", "5",
+                       "--max-padding", "1.0" if mode == "whole" else "0.1"], __doc__)
+    s = plan(args, device)[0]
     cache_s = None
     if mode == "cache":
         model.freeze_encoders()

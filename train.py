@@ -28,14 +28,14 @@ from nanotcmp.evaluate import describe, evaluate, final_scores, selection_score
 from nanotcmp.files import one_line_errors, write_json
 from nanotcmp.loader import ahead, step_batches, steps_per_epoch
 from nanotcmp.meter import Meter, NonFiniteLoss
-from nanotcmp.processes import barrier, broadcast, device_from, print0, rank, world
+from nanotcmp.processes import barrier, broadcast, print0, rank, world
 from nanotcmp.training import open_splits, optimizer, set_up_model, train_step
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = settings.parse_args(argv, __doc__)
-    device = processes.start(device_from(args.device, "train.py"))  # under torchrun: this process's GPU
+    device = processes.start(args.device)  # under torchrun: this process's GPU
     stages = settings.plan(args, device)  # the settings of each stage: pre-training, fine-tuning or both
     try:
         with one_line_errors("train.py", lambda: interrupted(stages, argv), (NonFiniteLoss,)):
@@ -50,7 +50,7 @@ def main(argv=None):
 
 def train(s, device):
     """One stage with its settings s -> its run folder (None when stopped by --max-steps)"""
-    print0(settings.describe(s))
+    print0(settings.as_line(s))
     # the data: windows of dialogues (pre-training) or samples (fine-tuning), memory-mapped
     meta = load_meta(s.data)
     train_split, items, dev, test = open_splits(s, meta)

@@ -16,8 +16,6 @@ import numpy as np
 import torch
 import torchaudio.functional as AF
 
-from nanotcmp.files import write_atomic
-
 SAMPLE_RATE = 16000
 MIN_SAMPLES = 400  # HuBERT's receptive field (25 ms): a shorter clip cannot be encoded
 
@@ -142,15 +140,12 @@ def load_audio(path, max_seconds=None):
 
 
 def save_wav(path, samples, rate=SAMPLE_RATE):
-    """Mono int16 samples -> a 16-bit WAV, written whole or not at all."""
+    """Mono int16 samples -> a 16-bit WAV (prepare.py writes its clips in a folder it swaps in whole)."""
     samples = np.asarray(samples)
     if samples.dtype != np.int16 or samples.ndim != 1:
         raise ValueError(f"save_wav wants 1-D int16 samples, got {samples.dtype} of shape {samples.shape}")
-
-    def write(tmp):
-        with wave.open(tmp, "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(rate)
-            w.writeframes(samples.astype("<i2").tobytes())
-    write_atomic(os.fspath(path), write)
+    with wave.open(os.fspath(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(samples.astype("<i2").tobytes())

@@ -66,9 +66,9 @@ def word_overlap_scores(split, seed):
     wins, scores = windows(split), []
     for i in range(math.ceil(len(wins) / EVAL_BATCH)):
         rows, targets, noise = eval_targets(split, wins, seed, i)
-        for (w, j), others in zip(targets, noise):
-            context = set(np.concatenate([split.tokens_of(u)[1:-1] for u in rows[w][:j]]).tolist())
-            words = [set(split.tokens_of(u)[1:-1].tolist()) for u in [rows[w][j], *others]]  # without [CLS], [SEP]
+        for (win, j), others in zip(targets, noise):
+            context = set(np.concatenate([split.tokens_of(u)[1:-1] for u in rows[win][:j]]).tolist())
+            words = [set(split.tokens_of(u)[1:-1].tolist()) for u in [rows[win][j], *others]]  # without [CLS], [SEP]
             scores.append([len(w & context) / max(len(w), 1) for w in words])
     return recalls(np.array(scores))
 

@@ -17,8 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from nanotcmp.data import encoder_inputs, to_device
 from nanotcmp.files import DataError, clean_leftovers, make_folder, write_atomic
-from nanotcmp.processes import autocast
-from nanotcmp.processes import barrier, print0, rank, world
+from nanotcmp.processes import autocast, barrier, print0, rank, world
 
 FEATURE_BATCH = 32  # utterances an encoder call while filling the cache
 

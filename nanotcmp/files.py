@@ -20,6 +20,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 from safetensors import SafetensorError
 
+from nanotcmp.processes import print0
+
 
 class DataError(ValueError):
     """A file or folder that is missing, damaged, unfitting or cannot be written; the message is one
@@ -35,7 +37,7 @@ def one_line_errors(script, interrupted, errors=()):
     except (DataError, *errors) as e:
         raise SystemExit(f"{script}: {e}") from None
     except KeyboardInterrupt:
-        print(f"{script}: {interrupted()}", file=sys.stderr, flush=True)
+        print0(f"{script}: {interrupted()}", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
 
 # -----------------------------------------------------------------------------
@@ -127,7 +129,7 @@ def clean_leftovers(folder):
     process no longer running) -> their names, said in a line"""
     gone = []
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        m = re.fullmatch(r".+\.(?:safetensors|json|pt|wav)\.([0-9]{1,9})\.tmp", name)  # the files runs write
+        m = re.fullmatch(r".+\.(?:safetensors|json|pt)\.([0-9]{1,9})\.tmp", name)  # the files runs write
         if m and not pid_alive(int(m[1])):
             with contextlib.suppress(FileNotFoundError):  # (another run cleaning the same folder)
                 os.remove(os.path.join(folder, name))
@@ -201,12 +203,14 @@ def staging(out):
 def remove_staged(out, ours, script):
     """Remove what staging runs killed outright (kill -9, a power cut) left beside out: out.tmp-PID,
     half a folder, and out.old-PID, the folder a run killed mid-swap was replacing (put back when out
-    is gone). Only folders whose every name matches ours (a regex), of processes no longer running."""
+    is gone). Only folders whose every name matches ours (a regex), of processes no longer running (one
+    of this process's id is an earlier process's: this one has not staged anything yet)."""
     parent, name = os.path.split(out)
     for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
         m = re.fullmatch(re.escape(name) + r"\.(tmp|old)-(\d+)", entry)
         path = os.path.join(parent, entry)
-        if not m or pid_alive(int(m[2])) or os.path.islink(path) or not os.path.isdir(path) or \
+        running = m and int(m[2]) != os.getpid() and pid_alive(int(m[2]))
+        if not m or running or os.path.islink(path) or not os.path.isdir(path) or \
                 not all(ours.fullmatch(f) for f in os.listdir(path)):
             continue
         if m[1] == "old" and not os.path.exists(out):

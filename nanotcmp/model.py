@@ -539,20 +539,20 @@ class TCMP(nn.Module):
         c = self.config
         H = self.encode(batch)
         P = self.interact(H, batch["ctx"], batch["ctx_mask"])
-        s = self.tus_scores(H, P, batch)
+        logits = self.tus_scores(H, P, batch)
         parts = {}
-        intra = [s[beta] for beta in ("t", "a") if beta in s]
+        intra = [logits[beta] for beta in ("t", "a") if beta in logits]
         if c.tus in ("intra", "both") and intra:
             parts["intra"] = tus_loss(intra, c.tus_loss)
-        if c.tus in ("inter", "both") and "m" in s:
-            parts["inter"] = tus_loss([s["m"]], c.tus_loss)
+        if c.tus in ("inter", "both") and "m" in logits:
+            parts["inter"] = tus_loss([logits["m"]], c.tus_loss)
         if not parts:
             raise ValueError(f"--tus {c.tus} has no loss with the modalities {c.modalities}")
         total = c.zeta * sum(parts.values())  # Eq. 16, 21
         if "m" in self.streams:
             parts["clip"] = clip_loss(H["t"], H["a"], self.logit_scale)
             total = total + c.eta * parts["clip"]
-        return s, total, parts
+        return logits, total, parts
 
 
 def tus_loss(logits, kind):

@@ -9,7 +9,24 @@ import argparse
 import math
 import os
 
-from nanotcmp.processes import print0, world
+from nanotcmp.processes import device_from, print0, world
+
+def ranged(kind, low=None, high=None, above=False, below=False):
+    """An argparse type: a number of kind (int or float) within [low, high], or (low, ... when above,
+    ..., high) when below; argparse names the option in its error"""
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(x) or (low is not None and (x < low or above and x == low)) or \
+                (high is not None and (x > high or below and x == high)):
+            interval = (f"{'(' if above else '['}{'-inf' if low is None else low}, "
+                        f"{'inf' if high is None else high}{')' if below or high is None else ']'}")
+            raise argparse.ArgumentTypeError(f"{text} is outside {interval}")
+        return x
+    return parse
+
 
 # A value that is a dict depends on the stage ("pretrain", "finetune"), then on the device ("cuda", "cpu").
 PRESETS = {
@@ -25,7 +42,7 @@ PRESETS = {
         patience={"pretrain": 0,  # every epoch
                   "finetune": 3},  # on 20 labelled dialogues a pre-trained model is best after an epoch or two
         lr=1e-3,  # everything learns from scratch, with larger steps than a checkpoint's fine-tuning
-        lr_encoder=1e-3,  # the tiny encoders too
+        lr_encoder=None,  # --lr's: the tiny encoders learn from scratch too
     ),
     # checkpoints kept fixed (--freeze-encoders): only the TCMP layers learn, from a few thousand samples;
     # chosen on P-MELD's dev split over 3 seeds (docs/results.md, "How the settings were chosen")
@@ -52,13 +69,23 @@ PRESETS = {
         lr_encoder=2e-6,  # the encoders, fine-tuned gently
     ),
 }
+# the options a preset gives: their type (and range) and what they set
+PRESET_OPTIONS = {"d": (ranged(int, 1), "model width"),
+                  "dropout": (ranged(float, 0, 1, below=True), "dropout of the TCMP layers"),
+                  "k": (ranged(int, 2), "candidates a target in pre-training: 1 true + k-1 noise"),
+                  "batch_size": (ranged(int, 1), "windows (pre-training) or samples (fine-tuning) a step"),
+                  "epochs": (ranged(int, 1), "epochs of a stage, at most"),
+                  "patience": (ranged(int, 0), "stop a stage after this many epochs without a better dev score "
+                                                "(0: never)"),
+                  "lr": (ranged(float, 0), "everything but the encoders"),
+                  "lr_encoder": (ranged(float, 0), "the encoders")}
 # how fast a run goes, the same in every preset
 SPEED = dict(
-    micro_windows=16,  # a pre-training micro-batch holds at most this many windows; more are accumulated
     shape_grid={"cuda": True, "cpu": False},  # a GPU plans each encoder shape once; on the CPU a grid only pads
     workers={"cuda": 4, "cpu": 0},  # processes building batches ahead; on the CPU they would take its cores
 )
 # the tiny encoders' sizes (the demo's, and the tests')
+MICRO_WINDOWS = 16  # a pre-training micro-batch holds at most this many windows; more are accumulated
 TINY_BERT = dict(dim=64, n_layer=2, n_head=2, ffn_dim=128, max_positions=128)
 TINY_HUBERT = dict(dim=64, n_layer=2, n_head=2, ffn_dim=128, conv_dim=(16,) * 7, pos_kernel=16, pos_groups=4,
                    normalize_wave=True)
@@ -70,33 +97,19 @@ HOW_TO_RUN = ("stage", "preset", "out", "workers", "device", "resume", "overwrit
               "save_every", "compile", "cuda_graphs", "no_cache")
 
 
-def ranged(kind, low=None, high=None, above=False, below=False):
-    """An argparse type: a number of kind (int or float) within [low, high], or (low, ... when above,
-    ..., high) when below; argparse names the option in its error"""
-    def parse(text):
-        try:
-            x = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not math.isfinite(x) or (low is not None and (x < low or above and x == low)) or \
-                (high is not None and (x > high or below and x == high)):
-            interval = (f"{'(' if above else '['}{'-inf' if low is None else low}, "
-                        f"{'inf' if high is None else high}{')' if below or high is None else ']'}")
-            raise argparse.ArgumentTypeError(f"{text} is outside {interval}")
-        return x
-    return parse
-
-
 def by_preset(key):
     """A setting's values in the presets, as a help string shows them"""
     def show(v):
-        return ", ".join(f"{k} {show(x)}" for k, x in v.items()) if isinstance(v, dict) else f"{v:g}"
+        if isinstance(v, dict):
+            return ", ".join(f"{k} {show(x)}" for k, x in v.items())
+        return "--lr's" if v is None else f"{v:g}"
     return "; ".join(f"{name}: {show(p[key])}" for name, p in PRESETS.items())
 
 
 def parse_args(argv, description):
-    """train.py's command line -> argparse's namespace, the options checked against each other"""
+    """train.py's command line -> argparse's namespace (device: a torch.device), the options checked"""
     args = options(description).parse_args(argv)
+    args.device = device_from(args.device, "train.py")  # a device this machine lacks is named first
     if args.compile and args.cuda_graphs == "all":
         raise SystemExit("train.py: --compile and --cuda-graphs all both take the encoders: choose one")
     if args.resume and args.overwrite:
@@ -121,11 +134,8 @@ def options(description):
                    "both encoders tiny, else frozen with --freeze-encoders, else paper)")
     p.add_argument("--init", help="fine-tune from this pre-training run's folder")
     p.add_argument("--out", help="default: out/<data>-<stage>; with --stage all, OUT/pretrain and OUT/finetune")
-    number = {"d": (int, 1), "k": (int, 2), "batch_size": (int, 1), "epochs": (int, 1), "patience": (int, 0),
-              "lr": (float, 0), "lr_encoder": (float, 0)}
-    for key, (kind, low) in number.items():
-        p.add_argument("--" + key.replace("_", "-"), type=ranged(kind, low), help=f"default: {by_preset(key)}")
-    p.add_argument("--dropout", type=ranged(float, 0, 1, below=True), help=f"default: {by_preset('dropout')}")
+    for key, (kind, what) in PRESET_OPTIONS.items():
+        p.add_argument("--" + key.replace("_", "-"), type=kind, help=f"{what} (default: {by_preset(key)})")
     p.add_argument("--encoder-dropout", type=ranged(float, 0, 1, below=True),
                    help="dropout inside BERT and HuBERT (default: the checkpoint's, 0.1 for tiny ones)")
     p.add_argument("--max-steps", type=ranged(int, 1), help="stop (with a resumable state) after this many steps")
@@ -143,19 +153,19 @@ def options(description):
     p.add_argument("--max-padding", type=ranged(float, 0, 1), default=0.1,
                    help="length buckets: padding share each encoder batch may have (1: one padded batch)")
     p.add_argument("--shape-grid", choices=["on", "off"], help="pad the encoder batches to shapes of a fixed grid, "
-                   "which a GPU plans once each (default: on with CUDA, off on the CPU)")
+                   "which a GPU plans once each (default: on with CUDA, off on the CPU, where it only pads)")
     p.add_argument("--micro-batches", type=ranged(int, 1), help="a step's batch is split into these, each with its own "
                    "noise candidates and CLIP negatives; more of them than processes accumulate gradients (default: "
-                   f"one a process, or more to keep each within {SPEED['micro_windows']} windows)")
+                   f"one a process, or more to keep each within {MICRO_WINDOWS} windows)")
     p.add_argument("--freeze-encoders", action="store_true", help="keep BERT and HuBERT fixed: their pooled outputs "
                    "are computed once and cached beside the dataset")
     p.add_argument("--no-cache", action="store_true", help="with --freeze-encoders: run the encoders every step")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoders")
     p.add_argument("--cuda-graphs", choices=["off", "context", "all"], default="context", help="on CUDA, run the "
                    "context interactions (with 'all' the encoders too) as CUDA graphs, one a shape, each keeping its "
-                   "activations' memory: 'all' suits encoders of MiniLM's size or smaller")
+                   "activations' memory: 'all' suits encoders of MiniLM's size or smaller (default: context)")
     p.add_argument("--workers", type=ranged(int, 0), help="processes building batches ahead (default: 4 on CUDA, 0 "
-                   "on the CPU)")
+                   "on the CPU, where they would take its cores)")
     p.add_argument("--log-every", type=ranged(int, 1), default=10)
     p.add_argument("--save-every", type=ranged(int, 1), default=50, help="steps between resumable states")
     return p
@@ -192,9 +202,11 @@ def stage_settings(stage, args, device, out, init, batch_size):
         return value
     given = vars(args) | {"batch_size": batch_size, "shape_grid": args.shape_grid and args.shape_grid == "on"}
     chosen = {key: default(v) if given.get(key) is None else given[key] for key, v in (PRESETS[preset] | SPEED).items()}
-    n_proc, b, micro_windows = world(), chosen["batch_size"], chosen.pop("micro_windows")
-    # default: one micro-batch a process, or more where a process's share of windows exceeds micro_windows
-    n_micro = args.micro_batches or n_proc * (math.ceil(b / n_proc / micro_windows) if stage == "pretrain" else 1)
+    if chosen["lr_encoder"] is None:
+        chosen["lr_encoder"] = chosen["lr"]
+    n_proc, b = world(), chosen["batch_size"]
+    # default: one micro-batch a process, or more where a process's share of windows exceeds MICRO_WINDOWS
+    n_micro = args.micro_batches or n_proc * (math.ceil(b / n_proc / MICRO_WINDOWS) if stage == "pretrain" else 1)
     if n_micro % n_proc:
         raise SystemExit(f"train.py: --micro-batches {n_micro} does not divide among {n_proc} processes")
     if b < n_micro:
@@ -211,9 +223,9 @@ def stage_settings(stage, args, device, out, init, batch_size):
                                  "overwrite": args.overwrite or (args.resume and not resume)})
 
 
-def describe(s):
+def as_line(s):
     """The line a stage starts with: its preset, and the value of every setting a preset gives"""
-    keys = [k for k in PRESETS[s.preset] | SPEED if k != "micro_windows"] + ["micro_batches"]
+    keys = list(PRESETS[s.preset] | SPEED) + ["micro_batches"]
     return f"{s.stage} settings (preset {s.preset}): " + ", ".join(f"{k} {shown(getattr(s, k))}" for k in keys)
 
 

@@ -1,6 +1,6 @@
 """
-The pieces train.py puts together, which bench.py uses too: a stage's data, the model of a stage's
-settings with its checkpoints loaded, its optimiser, and one training step.
+The pieces train.py puts together: a stage's data, the model of a stage's settings with its
+checkpoints loaded, its optimiser, and one training step (which bench.py times, with the optimiser).
 """
 import contextlib
 import os
@@ -24,6 +24,7 @@ def open_splits(s, meta):
     """-> (the training split, its items: windows or samples, dev, test); a dataset that lacks one,
     or whose split has nothing to train or evaluate on, is a one-line error. Fine-tuning keeps the
     samples of a share of the training dialogues, drawn by the seed (--train-fraction)."""
+    modalities_of(s, meta)  # a modality the dataset lacks is named first, before the splits are read
     train_name = "pretrain" if s.stage == "pretrain" and "pretrain" in meta["splits"] else "train"
     missing = [name for name in (train_name, "dev", "test") if name not in meta["splits"]]
     if missing:
