@@ -175,12 +175,17 @@ def read_json(path, keys, made_by):
 # a folder built aside and swapped in whole (prepare.py's datasets)
 
 
+def staged(out, kind):
+    """This process's folder beside out: "tmp", the one being built, or "old", the one it replaces"""
+    return f"{out}.{kind}-{os.getpid()}"
+
+
 @contextlib.contextmanager
 def staging(out):
     """Build a folder in a temporary one beside out (a real path, no link), then swap it in: a
     stopped run never leaves half a folder, and the old one stays until the new one is complete. A
     run killed outright leaves its folder, out.tmp-PID, for the next run to remove (remove_staged)."""
-    tmp, old = f"{out}.tmp-{os.getpid()}", f"{out}.old-{os.getpid()}"
+    tmp, old = staged(out, "tmp"), staged(out, "old")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         os.makedirs(tmp)
@@ -234,7 +239,7 @@ def staged_path(path, out, shown):
     """A path in out's staging folder -> the path it will have, under out as the user gave it (shown)"""
     if path is None:
         return shown
-    real, tmp = os.path.realpath(path), f"{out}.tmp-{os.getpid()}"
+    real, tmp = os.path.realpath(path), staged(out, "tmp")
     if real == tmp:
         return shown
     return os.path.join(shown, os.path.relpath(real, tmp)) if real.startswith(tmp + os.sep) else path

@@ -84,8 +84,8 @@ SPEED = dict(
     shape_grid={"cuda": True, "cpu": False},  # a GPU plans each encoder shape once; on the CPU a grid only pads
     workers={"cuda": 4, "cpu": 0},  # processes building batches ahead; on the CPU they would take its cores
 )
-# the tiny encoders' sizes (the demo's, and the tests')
 MICRO_WINDOWS = 16  # a pre-training micro-batch holds at most this many windows; more are accumulated
+# the tiny encoders' sizes (the demo's, and the tests')
 TINY_BERT = dict(dim=64, n_layer=2, n_head=2, ffn_dim=128, max_positions=128)
 TINY_HUBERT = dict(dim=64, n_layer=2, n_head=2, ffn_dim=128, conv_dim=(16,) * 7, pos_kernel=16, pos_groups=4,
                    normalize_wave=True)
