@@ -28,8 +28,9 @@ from safetensors.numpy import save_file
 from nanotcmp.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, NoFFmpeg, load_audio, save_wav
 from nanotcmp.data import dialogue_ranges, is_dataset, line_problem, make_samples
 from nanotcmp.demo import DEMO_LABELS, demo_vocab, generate_dialogues, synthesize_clip
-from nanotcmp.files import (DataError, cannot_read, cannot_write, file_in_the_way, file_sha256, one_line_errors,
-                            remove_staged, staged_path, staging, worker_pool, writes_out)
+from nanotcmp.files import (DataError, cannot_read, cannot_write, file_in_the_way, file_sha256, given_path,
+                            mode_of_folder, one_line_errors, remove_staged, staged_path, staging, worker_pool,
+                            writes_out)
 from nanotcmp.settings import ranged
 from nanotcmp.tokenizer import WordPiece
 
@@ -219,9 +220,19 @@ def read_dialogues(args, folder, problems):
     if any(with_audio) and not all(with_audio):
         raise DataError(f"{utts[with_audio.index(False)].where}: no audio, while other utterances have some "
                         f"(a dataset is text-only or has audio for every utterance)")
-    labels = args.labels.split(",") if args.labels else sorted({u.label for u in utts if u.label is not None})
-    if args.labels and (bad := [name for name in labels if not name.strip() or labels.count(name) > 1]):
-        raise DataError(f"--labels {args.labels}: " + (f"{bad[0]!r} is there twice" if bad[0].strip() else
+    first = {}  # each spelling of a label -> the first line with it
+    for u in utts:
+        if u.label is not None:
+            first.setdefault(u.label, u.where)
+    for name in first:  # "neutral " beside "neutral" would be a class of its own
+        if (other := next(n for n in first if n.strip().casefold() == name.strip().casefold())) != name:
+            raise DataError(f"{first[name]}: label {name!r} differs from {other!r} ({first[other]}) only by spaces "
+                            f"or case: spell each class one way")
+    labels = args.labels.split(",") if args.labels else sorted(first)
+    folded = [name.strip().casefold() for name in labels]
+    if args.labels and (bad := [name for name, f in zip(labels, folded) if not f or folded.count(f) > 1]):
+        raise DataError(f"--labels {args.labels}: " + (f"{bad[0]!r} is there twice (spaces and case aside)"
+                                                       if bad[0].strip() else
                                                        "an empty class name (a comma too many?)"))
     return Corpus(splits, tuple(labels), args.vocab)
 
@@ -342,7 +353,8 @@ def pack(corpus, folder, args, problems):
     check_packed(packed, corpus.labels)
     splits = {}
     for split, (arrays, metadata, cut, names, dropped) in packed.items():
-        write_split(os.path.join(folder, f"{split}.safetensors"), arrays, metadata)
+        path = os.path.join(folder, f"{split}.safetensors")
+        write_split(path, arrays, metadata)
         u, samples = len(arrays["utt_label"]), arrays["samples"]
         words = sum(len(bytes(arrays["text"][a:a + n]).split()) for a, n in arrays["utt_text"])
         splits[split] = {
@@ -352,7 +364,8 @@ def pack(corpus, folder, args, problems):
             "avg_context": round(float((samples[:, 1] - samples[:, 0]).mean()), 3) if len(samples) else 0.0,
             "avg_words": round(words / max(u, 1), 3),
             "audio_seconds": round(len(arrays["audio"]) / SAMPLE_RATE, 1),
-            "audio_cut": cut, "dropped": dropped}
+            "audio_cut": cut, "dropped": dropped,
+            "sha256": file_sha256(path)}  # so meta.json's own sha256 tells one dataset from another
     vocab_rel = os.path.relpath(corpus.vocab, folder)
     return {"labels": list(corpus.labels), "modalities": ["text"] if text_only else ["text", "audio"],
             "sample_rate": SAMPLE_RATE,
@@ -370,9 +383,7 @@ def write_split(path, arrays, metadata):
         if not (code := re.search(r"\(os error (\d+)\)", str(e))):
             raise
         raise OSError(int(code[1]), os.strerror(int(code[1])), path) from None
-    # save_file writes a private temporary file (mode 600) and renames it: give the split the mode
-    # any file written here gets, its folder's (made under the umask) without the execute bits
-    os.chmod(path, os.stat(os.path.dirname(path)).st_mode & 0o666)
+    mode_of_folder(path)
 
 
 def check_packed(packed, labels):
@@ -405,33 +416,31 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", parents=[common], help="the embedded synthetic demo")
-    p.add_argument("--out", default="data/demo")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=given_path, default="data/demo")
+    p.add_argument("--seed", type=ranged(int, 0), default=0)
     p = sub.add_parser("meld", parents=[common], help="P-MELD (or, with --unlabelled, a pre-training corpus)")
-    p.add_argument("--csv-dir", default=MELD_DIR, help="folder of {train,dev,test}_sent_emo.csv (default: the "
+    p.add_argument("--csv-dir", type=given_path, default=MELD_DIR, help="folder of {train,dev,test}_sent_emo.csv (default: the "
                                                       "transcripts this repository carries, meld/)")
-    p.add_argument("--media-dir", help="folder of train_splits/, dev_splits_complete/, "
+    p.add_argument("--media-dir", type=given_path, help="folder of train_splits/, dev_splits_complete/, "
                                        "output_repeated_splits_test/; without it the dataset is text-only")
-    p.add_argument("--vocab", required=True)
+    p.add_argument("--vocab", type=given_path, required=True)
     p.add_argument("--unlabelled", action="store_true", help="drop the labels: a pre-training corpus")
-    p.add_argument("--out")
+    p.add_argument("--out", type=given_path)
     p = sub.add_parser("iemocap", parents=[common], help="P-IEM")
-    p.add_argument("--root", required=True, help="the IEMOCAP_full_release folder")
-    p.add_argument("--vocab", required=True)
+    p.add_argument("--root", type=given_path, required=True, help="the IEMOCAP_full_release folder")
+    p.add_argument("--vocab", type=given_path, required=True)
     p.add_argument("--text-only", action="store_true")
-    p.add_argument("--out", default="data/p-iem")
+    p.add_argument("--out", type=given_path, default="data/p-iem")
     p = sub.add_parser("dialogues", parents=[common], help="dialogues in nanotcmp's JSONL format")
-    p.add_argument("--from", dest="src", required=True, help="a .jsonl file, or a folder of them (one split each)")
-    p.add_argument("--vocab", required=True)
+    p.add_argument("--from", dest="src", type=given_path, required=True, help="a .jsonl file, or a folder of them (one split each)")
+    p.add_argument("--vocab", type=given_path, required=True)
     p.add_argument("--labels", help="comma-separated class names, in order (default: the labels found, sorted)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", type=given_path, required=True)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["demo"] + list(argv)  # the demo is the default command
     args = parser.parse_args(argv)
     if args.command == "meld" and args.out is None:
         args.out = "data/meld-unlabelled" if args.unlabelled else "data/p-meld"
-    if not args.out:
-        sys.exit("prepare.py: --out is empty: give the folder to write the dataset in")
     return args
 
 
@@ -492,12 +501,12 @@ def main(argv):
                             if writes_out(e, out) else cannot_read(e)) from None
         except BrokenProcessPool:
             raise DataError(f"a process decoding audio died (out of memory?): try fewer --workers ({kept})") from None
-    print_stats(meta)
-    if problems.dropped:
-        print(f"--skip-bad dropped {len(problems.dropped)} utterances, e.g.:")
-        print("\n".join("  " + m for _, m in problems.dropped[:10]))
-    link = os.path.islink(os.path.normpath(args.out))
-    print(f"wrote {args.out}{f' (a link: the dataset is in {out})' if link else ''} in {time.time() - t0:.1f} s")
+        print_stats(meta)
+        if problems.dropped:
+            print(f"--skip-bad dropped {len(problems.dropped)} utterances, e.g.:")
+            print("\n".join("  " + m for _, m in problems.dropped[:10]))
+        link = os.path.islink(os.path.normpath(args.out))
+        print(f"wrote {args.out}{f' (a link: the dataset is in {out})' if link else ''} in {time.time() - t0:.1f} s")
 
 
 if __name__ == "__main__":

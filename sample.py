@@ -21,7 +21,7 @@ import time
 from nanotcmp.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, NoFFmpeg, load_audio
 from nanotcmp.checkpoint import load_run
 from nanotcmp.data import line_problem
-from nanotcmp.files import DataError, one_line_errors
+from nanotcmp.files import DataError, given_path, one_line_errors
 from nanotcmp.model import TCMP, TCMPConfig
 from nanotcmp.processes import device_from
 from nanotcmp.stream import Stream
@@ -38,7 +38,7 @@ def load_checkpoint(folder, device):
         raise DataError(f"--ckpt {folder} is a file; give a run's folder (config.json, model.safetensors)")
     if not os.path.isdir(folder):
         raise DataError(f"no checkpoint at {folder}; train one with: python train.py")
-    config, tensors = load_run(folder)
+    config, tensors = load_run(folder, "finetune")
     if config["stage"] != "finetune":
         raise DataError(f"{folder} is a {config['stage']} run; give a fine-tuning run (--ckpt)")
     try:
@@ -59,10 +59,10 @@ def load_checkpoint(folder, device):
 def audio_cut(config, folder):
     """The seconds of audio a turn keeps: the run's max_seconds, the cut prepare.py made of the clips
     it learnt from"""
-    seconds = config["max_seconds"]
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= MIN_SAMPLES / SAMPLE_RATE:
-        raise DataError(f"{os.path.join(folder, 'config.json')}: max_seconds must be a number of "
-                        f"seconds, at least {MIN_SAMPLES / SAMPLE_RATE}, not {json.dumps(seconds)}")
+    seconds = config["max_seconds"]  # a number (load_run)
+    if not seconds >= MIN_SAMPLES / SAMPLE_RATE:
+        raise DataError(f"{os.path.join(folder, 'config.json')}: max_seconds must be at least "
+                        f"{MIN_SAMPLES / SAMPLE_RATE} seconds, not {seconds}")
     return seconds
 
 
@@ -130,9 +130,9 @@ def open_turns(dialogue):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dialogue", nargs="?", default="data/demo/example_dialogue.jsonl",
+    p.add_argument("dialogue", nargs="?", type=given_path, default="data/demo/example_dialogue.jsonl",
                    help="a JSONL dialogue, or - for standard input")
-    p.add_argument("--ckpt", default="out/demo-finetune", help="a fine-tuning run's folder")
+    p.add_argument("--ckpt", type=given_path, default="out/demo-finetune", help="a fine-tuning run's folder")
     p.add_argument("--json", action="store_true", help="one JSON object a line instead of the bar charts")
     p.add_argument("--keep-going", action="store_true", help="on standard input: report a bad turn, then go on")
     p.add_argument("--device", default="auto", help="auto (cuda when there is one) | cpu | cuda")
@@ -179,8 +179,4 @@ def converse(args, speakers):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BrokenPipeError:  # the reader went away (sample.py ... | head): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(141)
+    main()

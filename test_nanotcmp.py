@@ -20,6 +20,8 @@ import re
 import shlex
 import shutil
 import signal
+import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -42,7 +44,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import nanotcmp.model as M
-from nanotcmp import demo, settings
+from nanotcmp import demo, evaluate, features, processes, settings, training
 import bench
 import prepare
 import sample
@@ -55,6 +57,7 @@ from nanotcmp.data import (LENGTH_GRID, ROW_GRID, Split, buckets, draw_noise, en
 from nanotcmp.evaluate import LINEAR_L2, linear_reference, logistic_regression, nearby_vectors, word_overlap_scores
 from nanotcmp.demo import synthesize
 from nanotcmp.files import DataError
+from nanotcmp.loader import eval_batches
 from nanotcmp.metrics import confusion, emotion_scores, last_emotion_scores, majority_scores, recall_at
 from nanotcmp.model import GRU, Bert, ContextInteraction, Hubert, NearbyContext, clip_loss, tus_loss
 from nanotcmp.tokenizer import WordPiece
@@ -1556,7 +1559,7 @@ def test_generic_jsonl_mp4_through_ffmpeg(tmp_path):
 
 def test_the_demo_learns(tmp_path):
     """python train.py with its defaults, on the demo: pre-training finds the next utterance by what
-    the conversation says of it (M2M R5@1 far above chance, 20, while the word-overlap reference
+    the conversation says of it (M2M R5@1 about twice chance, 20, while the word-overlap reference
     stays near chance), and fine-tuning from it beats the majority class by far and reaches the
     last-emotion reference, which reads the context's labels."""
     run_prepare("demo", "--out", tmp_path / "demo")
@@ -1564,7 +1567,7 @@ def test_the_demo_learns(tmp_path):
     pre = json.loads((tmp_path / "run/pretrain/metrics.json").read_text())
     fine = json.loads((tmp_path / "run/finetune/metrics.json").read_text())
     print(json.dumps({"pretrain": pre, "finetune": fine}))
-    assert pre["test"]["M2M"]["R5@1"] >= 45 and pre["test"]["M2M"]["R5@2"] >= 70
+    assert pre["test"]["M2M"]["R5@1"] >= 38 and pre["test"]["M2M"]["R5@2"] >= 62
     assert pre["test_word_overlap"]["R5@1"] <= 25
     assert fine["test"]["f1"] >= fine["test_majority"]["f1"] + 40
     assert fine["test"]["f1"] >= fine["test_last_emotion"]["f1"] - 3
@@ -1925,7 +1928,7 @@ def test_demo_table_is_the_mean_and_standard_deviation_of_the_runs(tmp_path):
     lines = table.table(args, 12.0).splitlines()
     assert "| TCMP: pre-trained, then fine-tuned | 50.0 ± 0.0 | 50.0 ± 0.0 | 61.0 ± 1.0 | 60.0, 61.0, 62.0 | " \
            "50.0 ± 0.0 | 1, 2, 3 | 2.0 |" in lines
-    assert "| TCMP on one thread (seed 0) | 50.0 ± 0.0 | 50.0 ± 0.0 | 61.0 ± 0.0 | 61.0 | 50.0 ± 0.0 | 1 | 1.0 |" in lines
+    assert "| TCMP on one thread (seed 0) | 50.0 | 50.0 | 61.0 | 61.0 | 50.0 | 1 | 1.0 |" in lines
     # the gain of each seed: 60 - 50, 61 - 52, 62 - 54
     assert any(line.startswith("Pre-trained minus from scratch, macro-F1 of each seed: +10.0, +9.0, +8.0 "
                                "(mean ± sd 9.0 ± 1.0)") for line in lines)
@@ -2677,7 +2680,7 @@ def test_prepare_replaces_only_its_own_datasets(tmp_path):
 
 @pytest.mark.parametrize("option, value", [("--max-tokens", 0), ("--max-tokens", 2), ("--max-context", 0),
                                            ("--max-context", 1), ("--max-seconds", -1), ("--max-seconds", 0.01),
-                                           ("--workers", 0), ("--max-tokens", "x")])
+                                           ("--workers", 0), ("--max-tokens", "x"), ("--seed", -1), ("--out", "")])
 def test_prepare_options_are_checked_where_parsed(tmp_path, capsys, option, value):
     bad_option(capsys, prepare.main, ["demo", "--out", tmp_path / "o", option, value], option)
     assert not (tmp_path / "o").exists()
@@ -2929,7 +2932,7 @@ def test_kill_9_ends_the_workers_and_the_next_run_cleans_up(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["killed_run.py", "out", "pids", "src"]
 
 
-def test_prepare_paths_of_the_wrong_kind_are_one_line(tmp_path, monkeypatch):
+def test_prepare_paths_of_the_wrong_kind_are_one_line(tmp_path):
     src = text_dialogue(tmp_path)
     file = tmp_path / "file"
     file.write_text("x")
@@ -2947,7 +2950,9 @@ def test_prepare_paths_of_the_wrong_kind_are_one_line(tmp_path, monkeypatch):
         (["dialogues", "--from", src, "--vocab", vocab, "--labels", "happy,sad,"],
          "--labels happy,sad,: an empty class name (a comma too many?)"),
         (["dialogues", "--from", src, "--vocab", vocab, "--labels", "happy,sad,happy"],
-         "--labels happy,sad,happy: 'happy' is there twice"),
+         "--labels happy,sad,happy: 'happy' is there twice (spaces and case aside)"),
+        (["dialogues", "--from", src, "--vocab", vocab, "--labels", "happy,sad, Happy"],
+         "--labels happy,sad, Happy: 'happy' is there twice (spaces and case aside)"),
     ]
     for argv, says in cases:
         with pytest.raises(SystemExit) as e:
@@ -2957,11 +2962,6 @@ def test_prepare_paths_of_the_wrong_kind_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         prepare_text(tmp_path / "src", tmp_path / "o")
     assert e.value.code == f"prepare.py: cannot read {tmp_path / 'src/dev.jsonl'}: it is a folder, not a file"
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as e:
-        prepare_text(src, "")
-    assert e.value.code == "prepare.py: --out is empty: give the folder to write the dataset in"
-    assert sorted(os.listdir(tmp_path)) == ["file", "src"]
 
 
 def test_meld_csv_cut_short_or_with_an_open_quote(tmp_path):
@@ -3003,7 +3003,8 @@ def test_non_finite_loss_stops_with_the_step_and_parts(small_demo, tmp_path, mon
                                            ("--k", 1), ("--d", 0), ("--dropout", 1), ("--encoder-dropout", -0.1),
                                            ("--max-padding", 1.5), ("--micro-batches", 0), ("--workers", -1),
                                            ("--log-every", 0), ("--save-every", 0), ("--max-steps", 0),
-                                           ("--lr", "nan")])
+                                           ("--lr", "nan"), ("--seed", -1), ("--data", ""), ("--init", " "),
+                                           ("--out", ""), ("--text-encoder", "")])
 def test_train_options_are_checked_where_parsed(small_demo, tmp_path, capsys, option, value):
     bad_option(capsys, train.main, ["--data", small_demo, "--out", tmp_path / "o", option, value], option)
     assert not (tmp_path / "o").exists()
@@ -3405,8 +3406,10 @@ def test_sample_names_what_is_wrong_with_its_inputs(demo_ckpt, tmp_path, capsys,
     ckpt = tmp_path / "ckpt"
     shutil.copytree(demo_ckpt / "all", ckpt)
     for key, value, text in (("labels", ["negative"], "labels must be a list of 3 names, not [\"negative\"]"),
-                             ("max_seconds", "15", "max_seconds must be a number of seconds, at least 0.025, "
-                                                   "not \"15\"")):
+                             ("max_seconds", "15", "max_seconds is \"15\", where train.py writes a number"),
+                             ("max_seconds", 0.01, "max_seconds must be at least 0.025 seconds, not 0.01"),
+                             ("max_tokens", 60.5, "max_tokens is 60.5, where train.py writes an integer"),
+                             ("vocab", "vocab.txt", "vocab is \"vocab.txt\", where train.py writes an object")):
         config = json.loads((demo_ckpt / "all/config.json").read_text())
         config[key] = value
         (ckpt / "config.json").write_text(json.dumps(config))
@@ -3524,3 +3527,228 @@ def test_table_runs_are_checked(tmp_path):
     assert json.loads((run / "seconds.json").read_text()) > 0
     (run / "metrics.json").write_text('{"test": ')
     one_line(stops(lambda: tables.read_metrics(str(run))), f"{run / 'metrics.json'}: not valid JSON")
+    (run / "metrics.json").write_text('{"dev": {}}')  # edited by hand
+    one_line(stops(lambda: tables.read_metrics(str(run))), f"{run / 'metrics.json'}: no test: is {run} a run of")
+
+
+def test_seeds_of_a_table_are_distinct_and_not_negative(capsys):
+    for name in ("demo", "pmeld"):
+        main = load_experiment(name).main
+        bad_option(capsys, main, ["--dry-run", "--seeds", "-1"], "--seeds")
+        with pytest.raises(SystemExit) as e:
+            main(["--dry-run", "--seeds", "0", "1", "0"])
+        assert e.value.code == 2 and "--seeds: seed 0 is given twice" in capsys.readouterr().err
+    assert tables.mean_std([61.04]) == "61.0" and tables.mean_std([1.0, 2.0]) == "1.5 ± 0.7"
+
+# -----------------------------------------------------------------------------
+# nothing silently wrong: a changed dataset, labels spelled two ways, empty paths, torchrun's
+# variables, scores that depend on the card, and the like
+
+
+def test_resume_refuses_a_dataset_prepared_again(tmp_path):
+    data, out = tmp_path / "demo", tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prepare, "DEMO_DIALOGUES", SMALL_DEMO)
+        run_prepare("demo", "--out", data, "--workers", 1)
+        argv = ["--stage", "finetune", "--data", data, "--out", out, "--batch-size", "8", "--log-every", "100"]
+        assert train.main([*argv, "--max-steps", "1"]) is None
+        run_prepare("demo", "--out", data, "--workers", 1)  # the same dataset again: byte for byte
+        assert train.main([*argv, "--max-steps", "2", "--resume"]) is None
+        run_prepare("demo", "--out", data, "--workers", 1, "--seed", 1)  # another one, in its place
+    refused_run([*argv, "--resume"], rf"^train.py: --resume: {re.escape(str(out / 'state.pt'))} is a run on "
+                                     rf"{re.escape(str(data))} as it was before prepare.py wrote it again")
+    assert torch.load(out / "state.pt", weights_only=False)["step"] == 2
+
+
+def test_labels_spelled_two_ways_are_refused(tmp_path):
+    lines = [{"dialogue": d, "speaker": "AB"[i % 2], "text": f"turn {i}", "label": "neutral"}
+             for d in ("a", "b") for i in range(4)]
+    write_jsonl(tmp_path / "src/train.jsonl", lines[:4])
+    write_jsonl(tmp_path / "src/test.jsonl", lines[4:6] + [{**lines[6], "label": "neutral "}, lines[7]])
+    with pytest.raises(SystemExit) as e:
+        prepare_text(tmp_path / "src", tmp_path / "o")
+    assert e.value.code == (f"prepare.py: {tmp_path / 'src/test.jsonl'}:3: label 'neutral ' differs from 'neutral' "
+                            f"({tmp_path / 'src/test.jsonl'}:1) only by spaces or case: spell each class one way")
+    write_jsonl(tmp_path / "src/test.jsonl", lines[4:6] + [{**lines[6], "label": "Neutral"}, lines[7]])
+    with pytest.raises(SystemExit, match="label 'Neutral' differs from 'neutral'"):
+        prepare_text(tmp_path / "src", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_empty_paths_are_refused_by_every_script(demo_ckpt, tmp_path, capsys):
+    """--init "$RUN" with RUN unset: an error, not a run without --init"""
+    for main, argv, option in ((sample.main, ["", "--ckpt", demo_ckpt / "all"], "dialogue"),
+                               (sample.main, ["--ckpt", ""], "--ckpt"),
+                               (prepare.main, ["dialogues", "--from", "", "--vocab", "v", "--out", "o"], "--from"),
+                               (prepare.main, ["dialogues", "--from", "f", "--vocab", " ", "--out", "o"], "--vocab"),
+                               (prepare.main, ["meld", "--vocab", "v", "--media-dir", ""], "--media-dir"),
+                               (load_experiment("demo").main, ["--dry-run", "--out", ""], "--out"),
+                               (load_experiment("pmeld").main, ["--dry-run", "--encoder", ""], "--encoder")):
+        bad_option(capsys, main, argv, option)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_variables_in_a_plain_shell(tmp_path, monkeypatch, capsys):
+    """WORLD_SIZE left set, without the rest: one line; all set, and no other process: a bounded wait,
+    said as it starts, then one line"""
+    monkeypatch.setattr(processes, "JOIN_SECONDS", 1)
+    argv = ["--data", tmp_path, "--device", "cpu"]
+    for env, says in (({"WORLD_SIZE": "2"}, "^train.py: WORLD_SIZE=2 is set but not RANK, LOCAL_RANK, MASTER_ADDR, "
+                                            "MASTER_PORT: these are torchrun's variables"),
+                      ({"WORLD_SIZE": "two"}, "^train.py: WORLD_SIZE=two is not a number of processes"),
+                      ({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "1"}, "^train.py: RANK=2 is not a number below WORLD_SIZE=2")):
+        with monkeypatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            refused_run(argv, says)
+    for rank in (0, 1):  # the first process holds the meeting point, the others look for it
+        port = free_port()
+        with monkeypatch.context() as mp:
+            for k, v in {"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                         "MASTER_PORT": str(port)}.items():
+                mp.setenv(k, v)
+            t0 = time.time()
+            refused_run(argv, rf"^train.py: the 2 processes of WORLD_SIZE=2 did not all meet at 127.0.0.1:{port} "
+                              rf"within 1 s \(.*\): start them all with torchrun, or unset WORLD_SIZE")
+        assert time.time() - t0 < 30 and not torch.distributed.is_initialized()
+        assert f"process {rank} of 2 (RANK, WORLD_SIZE): waiting up to 1 s for the others" in capsys.readouterr().err
+
+
+def test_utterances_longer_than_the_text_encoders_positions_are_refused(tmp_path):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prepare, "DEMO_DIALOGUES", SMALL_DEMO)
+        run_prepare("demo", "--out", tmp_path / "d", "--workers", 1, "--max-tokens", 300)
+    refused_run(["--data", tmp_path / "d", "--out", tmp_path / "r"],
+                "^train.py: .* was prepared with --max-tokens 300, longer than the 128 word pieces the text encoder "
+                "takes: prepare it again with --max-tokens 128$")
+    assert not (tmp_path / "r").exists()
+    for n in (100, 128, 512):  # on the shape grid, an utterance is padded to the grid's next length
+        limit = training.positions(n)
+        assert limit <= n and LENGTH_GRID[np.searchsorted(LENGTH_GRID, limit)] == limit
+        assert LENGTH_GRID[np.searchsorted(LENGTH_GRID, limit) + 1] > n and (limit == n) == (n in (128, 512))
+
+
+def test_a_non_finite_loss_before_the_first_save_says_none_was_kept(small_demo, tmp_path, monkeypatch):
+    classify = M.TCMP.classify
+    monkeypatch.setattr(M.TCMP, "classify", lambda self, batch: classify(self, batch) * float("nan"))
+    refused_run(["--stage", "finetune", "--data", small_demo, "--out", tmp_path / "r", "--batch-size", "8"],
+                r"^train.py: non-finite loss at step 1: wce nan; no state was saved before it")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_folder_of_both_stages_or_unfinished_says_what_to_give(demo_ckpt, small_demo, tmp_path, capsys):
+    both = tmp_path / "both"
+    shutil.copytree(demo_ckpt / "all", both / "finetune")
+    (both / "pretrain").mkdir()
+    example = small_demo / "example_dialogue.jsonl"
+    one_line(stops(lambda: run_sample(capsys, example, "--ckpt", both)),
+             f"sample.py: {both} is the folder of a run of both stages (train.py --stage all): give its finetune "
+             f"folder, {both / 'finetune'}")
+    fine = ["--stage", "finetune", "--data", small_demo, "--out", tmp_path / "f", "--batch-size", "8"]
+    refused_run([*fine, "--init", both], f"give its pretrain folder, {re.escape(str(both / 'pretrain'))}$")
+    unfinished = tmp_path / "unfinished"
+    train.main(["--stage", "pretrain", "--data", small_demo, "--out", unfinished, "--max-steps", "1"])
+    says = (f"{unfinished} is a run of train.py that has kept no model yet (stopped before its first epoch ended): "
+            f"continue it with python train.py --resume --out {unfinished}")
+    one_line(stops(lambda: run_sample(capsys, example, "--ckpt", unfinished)), says)
+    refused_run([*fine, "--init", unfinished], re.escape(says))
+
+
+def test_a_runs_files_are_as_readable_as_its_folder(demo_ckpt, small_demo):
+    """safetensors writes a private file: a teammate given the run folder could read its config,
+    not its model"""
+    for folder in (demo_ckpt / "all", small_demo):
+        modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in folder.iterdir() if f.is_file()}
+        assert set(modes.values()) == {stat.S_IMODE(folder.stat().st_mode) & 0o666}, modes
+
+
+def wav_of_rate(path, rate):
+    write_sine_wav(path)
+    data = bytearray(path.read_bytes())
+    data[24:28] = rate.to_bytes(4, "little")  # the fmt chunk's sample rate
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_wav_of_0_hz_is_bad_audio(demo_ckpt, tmp_path, capsys):
+    clip = wav_of_rate(tmp_path / "zero.wav", 0)
+    with pytest.raises(AudioError, match=r"zero.wav: corrupt WAV file \(its header says 0 samples a second\)"):
+        load_audio(clip)
+    turns = three_turns(tmp_path / "t.jsonl", audio=["zero.wav"] * 3)
+    one_line(stops(lambda: run_sample(capsys, turns, "--ckpt", demo_ckpt / "all")),
+             f"sample.py: {turns}:1: {clip}: corrupt WAV file (its header says 0 samples a second)")
+
+
+def test_a_closed_output_pipe_stops_every_script_quietly(small_demo, tmp_path):
+    """train.py ... | head -1, and the like: exit 141 (SIGPIPE's), no traceback"""
+    for cmd in (["train.py", "--stage", "finetune", "--data", small_demo, "--out", tmp_path / "r", "--max-steps", "1"],
+                ["prepare.py", "--out", tmp_path / "d", "--workers", "1"]):
+        proc = subprocess.Popen([sys.executable, str(ROOT / cmd[0]), *map(str, cmd[1:])], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()  # before the first line is written
+        err = proc.stderr.read().decode()
+        assert proc.wait(120) == 141 and "Traceback" not in err, err
+
+
+def test_retrieval_and_emotion_scores_are_computed_in_float32(small_demo, monkeypatch):
+    """On a GPU the encoders run in bf16; the TCMP layers' scores after them in float32, where bf16
+    would round the true candidate and a noise one to one value (a tie counts as a miss)"""
+    bf16 = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    monkeypatch.setattr(evaluate, "autocast", lambda device: bf16())
+    s = stage_settings("--data", small_demo, stage="pretrain")
+    torch.manual_seed(0)
+    model = build_model(s, load_meta(small_demo)).eval()
+    split = Split(small_demo / "dev.safetensors")
+    seen = []  # the scores of each retrieval
+    monkeypatch.setattr(evaluate, "recalls", lambda scores: seen.append(scores) or {})
+    evaluate.retrieval_scores(model, split, s, torch.device("cpu"))
+    batch = next(iter(eval_batches(s, split, "pretrain", windows(split), model.config.modalities)))
+    with torch.no_grad():
+        with bf16():
+            H = model.encode(batch)
+        H = {beta: h.float() for beta, h in H.items()}
+        logits = model.tus_scores(H, model.interact(H, batch["ctx"], batch["ctx_mask"]), batch)
+    for i, beta in enumerate(model.streams):
+        assert np.array_equal(seen[i][:len(logits[beta])], logits[beta].numpy())
+        assert (seen[i][:, 1:] != seen[i][:, :1]).all()  # no noise candidate ties the true one
+
+
+def test_the_kept_pretraining_epoch_is_chosen_on_the_retrievals_the_run_trains():
+    dev = {beta: {"R5@1": 40.0, "R5@2": 60.0} for beta in ("T2T", "A2A", "M2M")}
+    better_m2m = {**dev, "M2M": {"R5@1": 90.0, "R5@2": 95.0}}
+    assert evaluate.selection_score(better_m2m, "intra") == evaluate.selection_score(dev, "intra") == 50.0
+    assert evaluate.selection_score(better_m2m, "inter") > evaluate.selection_score(dev, "inter")
+    assert evaluate.selection_score(better_m2m, "both") > evaluate.selection_score(dev, "both")
+
+
+def test_noise_never_reads_as_its_target(tmp_path):
+    """MELD repeats a scene's lines under other dialogue ids: such a line is never noise for its target"""
+    write_jsonl(tmp_path / "src/train.jsonl", [
+        {"dialogue": f"d{d}", "speaker": "AB"[i % 2], "text": "Okay." if i % 3 == 0 else f"line {i} of {d}"}
+        for d in range(4) for i in range(6)])
+    prepare_text(tmp_path / "src", tmp_path / "o")
+    split = Split(tmp_path / "o/train.safetensors")
+    reads = [split.tokens_of(u).tobytes() for u in range(len(split))]
+    targets = [u for u in range(len(split)) if reads.count(reads[u]) > 1] * 10  # the Okays, each drawn for 10 times
+    for among in (None, list(range(len(split)))):
+        noise = draw_noise(split, targets, 11, np.random.default_rng(0), among)
+        assert all(reads[n] != reads[t] for t, row in zip(targets, noise) for n in row)
+        assert (split.utt_dialogue[noise] != split.utt_dialogue[targets][:, None]).all()
+
+
+def test_the_feature_cache_is_keyed_by_the_encoders_code_too(small_demo):
+    class PooledOtherwise(Bert):  # the same config and weights, other code
+        pass
+    model = small_model(small_demo)
+    other = PooledOtherwise(model.bert.config)
+    other.load_state_dict(model.bert.state_dict())
+    assert features.encoder_hash(model.bert) != features.encoder_hash(other)
+    again = Bert(model.bert.config)
+    again.load_state_dict(model.bert.state_dict())
+    assert features.encoder_hash(model.bert) == features.encoder_hash(again)

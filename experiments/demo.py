@@ -23,8 +23,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nanotcmp.settings import ranged  # noqa: E402 (the repository's)
-from tables import (epochs_kept, make_table_in, mean_std, means, read_metrics, run, run_chain, table_head,  # noqa: E402
+from nanotcmp.files import given_path  # noqa: E402 (the repository's)
+from nanotcmp.settings import ranged  # noqa: E402
+from tables import (add_seeds, epochs_kept, make_table_in, mean_std, means, read_metrics, run, run_chain, table_head,  # noqa: E402
                     table_row, write_table)
 
 # row -> (its folder, train.py's options beyond --seed, whether it pre-trains)
@@ -80,11 +81,11 @@ def table(args, prepare_seconds):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add_seeds(p, default=[0, 1, 2])
     p.add_argument("--threads", type=ranged(int, 1), default=os.cpu_count() or 1,
                    help="threads of each run (default: every core); the one-thread row has one")
-    p.add_argument("--data", default="data/demo")
-    p.add_argument("--out", default="out/demo-table")
+    p.add_argument("--data", type=given_path, default="data/demo")
+    p.add_argument("--out", type=given_path, default="out/demo-table")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = p.parse_args(argv)
     prepare = [sys.executable, "prepare.py", "--out", args.data]

@@ -32,9 +32,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanotcmp.data import load_meta  # noqa: E402 (the repository's)
 from nanotcmp.evaluate import selection_score  # noqa: E402
-from nanotcmp.files import DataError, file_sha256  # noqa: E402
+from nanotcmp.files import DataError, file_sha256, given_path  # noqa: E402
 from nanotcmp.settings import ranged  # noqa: E402
-from tables import (ROOT, done, epochs_kept, make_table_in, mean_std, means, read_metrics, run, run_chain,  # noqa: E402
+from tables import (ROOT, add_seeds, done, epochs_kept, make_table_in, mean_std, means, read_metrics, run, run_chain,  # noqa: E402
                     table_head, table_row, write_table)
 
 # row -> (its folder, pre-training options or None for none, fine-tuning options)
@@ -274,7 +274,7 @@ def pretrain_sweep_table(args, chains):
     settings = {name: [(name, seed) for seed in args.seeds] for name in PRETRAIN_SWEEP}
     for name, r in done_rows(chains, settings, lines, 6):
         runs = [stages[0] for stages in r]
-        score = [selection_score(m["dev"]) for m in runs]
+        score = [selection_score(m["dev"], "both") for m in runs]
         if best is None or np.mean(score) > best[0]:
             best = (np.mean(score), name)
         lines.append(table_row([name, *means([m["dev"]["T2T"] for m in runs], RECALLS), mean_std(score),
@@ -286,8 +286,8 @@ def pretrain_sweep_table(args, chains):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--encoder", help="a BERT-family checkpoint folder (default: the installed all-MiniLM-L6-v2)")
-    p.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (an end-to-end sweep: 0)")
+    p.add_argument("--encoder", type=given_path, help="a BERT-family checkpoint folder (default: the installed all-MiniLM-L6-v2)")
+    add_seeds(p, help="default: 0 1 2 (an end-to-end sweep: 0)")
     p.add_argument("--rows", nargs="+", choices=list(ROWS), metavar="ROW",
                    help=f"rows to run (default: all of {', '.join(map(repr, ROWS))}; end to end, the first three)")
     p.add_argument("--fractions", type=ranged(float, 0, 1, above=True), nargs="+", help="shares of the training "
@@ -300,8 +300,8 @@ def main(argv=None):
                    "the encoder's rate and the epochs) on dev")
     p.add_argument("--jobs", type=ranged(int, 1), default=1, help="runs at once, sharing the CPU's cores")
     p.add_argument("--threads", type=ranged(int, 1), help="threads a run (default: the cores / --jobs)")
-    p.add_argument("--data", default="data", help="where the two datasets are prepared")
-    p.add_argument("--out", help="default: out/pmeld[-<encoder folder>]")
+    p.add_argument("--data", type=given_path, default="data", help="where the two datasets are prepared")
+    p.add_argument("--out", type=given_path, help="default: out/pmeld[-<encoder folder>]")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--table", action="store_true", help="write the table of the runs finished so far, run nothing")
     args = p.parse_args(argv)

@@ -4,6 +4,7 @@ its folder and its wall time in <folder>/seconds.json, and summarise the runs' m
 deviation over seeds. A run with a metrics.json and a seconds.json is never run again, so a table cut short
 (Ctrl-C, a failed run) continues where it stopped: the same command runs the others, a run cut short from its start.
 """
+import argparse
 import contextlib
 import os
 import shlex
@@ -14,6 +15,7 @@ import time
 import numpy as np
 
 from nanotcmp.files import DataError, one_line_errors, read_json, write_json, write_text
+from nanotcmp.settings import ranged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: where commands run
 
@@ -118,7 +120,7 @@ def write_table(out, text, t0, name, file="table.md"):
 def read_metrics(out, timed=True):
     """metrics.json of a run, with its wall time (seconds.json) as its "seconds" where timed"""
     try:
-        metrics = read_json(os.path.join(ROOT, out, "metrics.json"), (), "a run of train.py")
+        metrics = read_json(os.path.join(ROOT, out, "metrics.json"), ("test",), "a run of train.py")
         seconds = read_json(os.path.join(ROOT, out, "seconds.json"), (), "a run of this table") if timed else None
     except DataError as e:
         raise SystemExit(f"{script()}: {e}") from None
@@ -126,8 +128,22 @@ def read_metrics(out, timed=True):
 
 
 def mean_std(values, digits=1):
+    """mean ± standard deviation; one run's value alone (it has no deviation, not one of 0)"""
     v = np.asarray(values, dtype=np.float64)
-    return f"{v.mean():.{digits}f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.{digits}f}"
+    return f"{v.mean():.{digits}f}" + (f" ± {v.std(ddof=1):.{digits}f}" if len(v) > 1 else "")
+
+
+class Seeds(argparse.Action):
+    """--seeds: each once (a seed given twice would count twice in every mean)"""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if twice := sorted({s for s in values if values.count(s) > 1}):
+            parser.error(f"{option_string}: seed {twice[0]} is given twice; give each seed once")
+        setattr(namespace, self.dest, values)
+
+
+def add_seeds(p, **kwargs):
+    p.add_argument("--seeds", type=ranged(int, 0), nargs="+", action=Seeds, **kwargs)
 
 
 def means(scores, keys):

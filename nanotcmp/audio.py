@@ -79,6 +79,8 @@ def read_wav(data, name):
         raise AudioError(f"{name}: corrupt WAV file (header cut short)") from None
     if n == 0:
         raise AudioError(f"{name}: empty WAV file (0 frames)")
+    if rate <= 0:
+        raise AudioError(f"{name}: corrupt WAV file (its header says {rate} samples a second)")
     got = len(raw) // (channels * width)  # the header's frame count is only a promise
     if got < n:
         raise AudioError(f"{name}: truncated WAV file (header says {n} frames, file holds {got})")

@@ -18,7 +18,7 @@ from nanotcmp.data import is_dataset
 from nanotcmp.files import (DataError, cannot_write, clean_leftovers, file_sha256, make_folder, read_json, write_atomic,
                             write_json)
 from nanotcmp.processes import barrier, gather, print0, rank, world
-from nanotcmp.settings import compared, shown
+from nanotcmp.settings import STAGES, compared, shown
 
 
 def save_model(model, out, stage, meta, data):
@@ -33,12 +33,24 @@ def save_model(model, out, stage, meta, data):
     write_json(os.path.join(out, "config.json"), config)
 
 
-def load_run(folder):
+def load_run(folder, stage):
     """A run folder written by train.py -> (its config.json, its model's tensors), checked: both
-    files there and complete, the vocabulary where config.json says, unchanged (its sha256)"""
+    files there and complete, config.json's values of the types train.py writes, the vocabulary
+    where config.json says, unchanged (its sha256). stage: the stage wanted, for the folder of a run
+    of both stages"""
     config_path, model_path = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
-    config = read_json(config_path, ("stage", "model", "labels", "vocab", "max_tokens", "max_context", "max_seconds"),
-                       "a run of train.py")
+    if not os.path.isfile(config_path) and any(os.path.isdir(os.path.join(folder, s)) for s in STAGES):
+        raise DataError(f"{folder} is the folder of a run of both stages (train.py --stage all): give its {stage} "
+                        f"folder, {os.path.join(folder, stage)}")
+    if not os.path.isfile(config_path) and os.path.isfile(os.path.join(folder, "state.pt")):
+        raise DataError(f"{folder} is a run of train.py that has kept no model yet (stopped before its first epoch "
+                        f"ended): continue it with python train.py --resume --out {folder} and the options it was "
+                        f"started with")
+    config = read_json(config_path, CONFIG_TYPES, "a run of train.py")
+    if bad := [k for k, kind in CONFIG_TYPES.items() if not isinstance(config[k], kind) or isinstance(config[k], bool)]:
+        kind = {str: "a string", dict: "an object", list: "a list", int: "an integer", float: "a number"}
+        raise DataError(f"{config_path}: {bad[0]} is {json.dumps(config[bad[0]])}, where train.py writes "
+                        f"{kind[CONFIG_TYPES[bad[0]][0]]}: put back the run's own config.json, or train again")
     if not os.path.isfile(model_path):
         raise DataError(f"{model_path} not found: is {folder} a run of train.py?")
     try:
@@ -46,7 +58,7 @@ def load_run(folder):
     except (SafetensorError, OSError, ValueError) as e:
         raise DataError(f"{model_path}: unreadable or incomplete ({e}); train again or copy it again") from None
     vocab = config["vocab"]
-    if not os.path.isfile(vocab.get("path", "")):
+    if not isinstance(vocab.get("path"), str) or not os.path.isfile(vocab["path"]):
         raise DataError(f"{config_path}: the run's vocabulary {vocab.get('path')} is not there (moved or deleted?); "
                         f"put it back, or set its path in config.json")
     if file_sha256(vocab["path"]) != vocab.get("sha256"):
@@ -55,6 +67,9 @@ def load_run(folder):
     return config, tensors
 
 
+# config.json's keys and the types of their values (the first type named in errors)
+CONFIG_TYPES = {"stage": (str,), "model": (dict,), "labels": (list,), "vocab": (dict,), "max_tokens": (int,),
+                "max_context": (int,), "max_seconds": (float, int)}
 RUN_FILES = ("model.safetensors", "config.json", "metrics.json", "log.json", "state.pt")
 
 
@@ -138,7 +153,7 @@ def load_init(model, folder, meta):
     """Start fine-tuning from a pre-training run of the same vocabulary and modalities: every tensor
     but the emotion head must fit."""
     try:
-        config, ckpt = load_run(folder)
+        config, ckpt = load_run(folder, "pretrain")
     except DataError as e:
         raise DataError(f"--init: {e}") from None
     if config["stage"] != "pretrain":
@@ -212,6 +227,9 @@ def resume(path, model, opt, device, settings):
     if len(state["rng"]) != world():
         raise DataError(f"--resume: {path} was saved by {len(state['rng'])} processes, "
                          f"this run has {world()}")
+    if state["settings"].get("dataset") != settings["dataset"]:
+        raise DataError(f"--resume: {path} is a run on {settings['--data']} as it was before prepare.py wrote it again "
+                        f"(its meta.json has changed): start again with --overwrite, or prepare the dataset as it was")
     for option, value in settings.items():
         if state["settings"].get(option) != value:
             raise DataError(f"--resume: {path} is a run of {option} {shown(state['settings'].get(option))}, this "

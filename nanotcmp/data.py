@@ -19,6 +19,7 @@ open it, but nanotcmp never loads it: numpy memory-maps its arrays in place.
 
 Utterances are stored dialogue by dialogue, in spoken order.
 """
+import functools
 import json
 import os
 import struct
@@ -70,6 +71,12 @@ class Split:
 
     def __len__(self):
         return len(self.utt_label)
+
+    @functools.cached_property
+    def text_id(self):
+        """(U,) int64: an id of each utterance's word pieces, the same for utterances that read alike"""
+        ids = {}
+        return np.array([ids.setdefault(self.tokens_of(i).tobytes(), len(ids)) for i in range(len(self))], np.int64)
 
     def tokens_of(self, i):
         start, length = self.utt_tokens[i]
@@ -256,20 +263,31 @@ def windows(split, size=11, stride=5):
 
 
 def draw_noise(split, targets, k, rng, among=None):
-    """k-1 noise candidates for each target utterance id, from other dialogues: drawn among
-    (utterance ids, e.g. the batch's own, which are encoded anyway) when it spans two dialogues or
-    more, else from the whole split -> (N, k-1) utterance ids"""
+    """k-1 noise candidates for each target utterance id, from other dialogues and never reading as
+    the target does (MELD repeats a scene's lines under other dialogue ids): drawn among (utterance
+    ids, e.g. the batch's own, which are encoded anyway) when it spans two dialogues or more, else
+    from the whole split -> (N, k-1) utterance ids"""
     if len(split.dialogues) < 2:  # no other dialogue to draw from: the redraws below would never end
         raise DataError(f"{split.path} holds one dialogue: noise candidates come from other dialogues")
-    targets = np.asarray(targets)
+    targets, text_id = np.asarray(targets), split.text_id
+
+    def clash(noise):  # (N, k-1) bool: of the target's dialogue, or the target's very word pieces
+        return (split.utt_dialogue[noise] == split.utt_dialogue[targets][:, None]) | \
+            (text_id[noise] == text_id[targets][:, None])
     if among is None or len(set(split.utt_dialogue[among].tolist())) < 2:
         among = np.arange(len(split))
     among = np.asarray(among)
     noise = among[rng.integers(len(among), size=(len(targets), k - 1))]
-    clash = split.utt_dialogue[noise] == split.utt_dialogue[targets][:, None]
-    while clash.any():  # redraw the ones from the target's own dialogue
-        noise[clash] = among[rng.integers(len(among), size=int(clash.sum()))]
-        clash = split.utt_dialogue[noise] == split.utt_dialogue[targets][:, None]
+    for _ in range(100):  # redraw the ones that clash
+        if not (bad := clash(noise)).any():
+            return noise
+        noise[bad] = among[rng.integers(len(among), size=int(bad.sum()))]
+    for i in np.flatnonzero(clash(noise).any(1)):  # few of among fit these targets: the split's that do
+        fit = np.flatnonzero((split.utt_dialogue != split.utt_dialogue[targets[i]]) & (text_id != text_id[targets[i]]))
+        if not len(fit):
+            raise DataError(f"{split.path}: every utterance of other dialogues reads as utterance {targets[i]} "
+                            f"does: there is no noise candidate for it")
+        noise[i] = fit[rng.integers(len(fit), size=k - 1)]
     return noise
 
 

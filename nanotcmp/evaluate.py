@@ -31,9 +31,18 @@ def predict(model, split, s, device):
     model.eval()
     preds = []
     for batch in eval_batches(s, split, "finetune", split.samples, model.config.modalities):
-        with autocast(device):
-            preds.append(model.classify(to_device(batch, device)).argmax(-1).cpu())
+        batch = to_device(batch, device)
+        preds.append(model.next_emotion(encoded(model, batch, device), batch["ctx"], batch["ctx_mask"]).argmax(-1).cpu())
     return split.samples[:, 2], torch.cat(preds).numpy()
+
+
+def encoded(model, batch, device):
+    """A batch's utterances encoded (Eq. 2-6) in the device's precision, then in float32: the TCMP
+    layers after them run in float32 in evaluation, so that scores never tie where bf16 rounds two
+    candidates or classes to one value (a tie counts as a miss), and do not depend on the card"""
+    with autocast(device):
+        H = model.encode(batch)
+    return {beta: h.float() for beta, h in H.items()}
 
 
 @torch.no_grad()
@@ -44,11 +53,10 @@ def retrieval_scores(model, split, s, device):
     scores = {beta: [] for beta in model.streams}
     for batch in eval_batches(s, split, "pretrain", windows(split), model.config.modalities):
         batch = to_device(batch, device)
-        with autocast(device):
-            H = model.encode(batch)
-            logits = model.tus_scores(H, model.interact(H, batch["ctx"], batch["ctx_mask"]), batch)
+        H = encoded(model, batch, device)
+        logits = model.tus_scores(H, model.interact(H, batch["ctx"], batch["ctx_mask"]), batch)
         for beta in model.streams:
-            scores[beta].append(logits[beta].float().cpu())
+            scores[beta].append(logits[beta].cpu())
     names = {"t": "T2T", "a": "A2A", "m": "M2M"}
     return {names[beta]: recalls(torch.cat(batches).numpy()) for beta, batches in scores.items()}
 
@@ -120,12 +128,16 @@ def linear_reference(train, dev, test, modalities, weights, n_labels):
     return {**report, "l2": best, "dev_wa": dev_wa[best]}
 
 
-def selection_score(scores):
+TRAINED_BY = {"intra": ("T2T", "A2A"), "inter": ("M2M",), "both": ("T2T", "A2A", "M2M")}  # --tus -> retrievals
+
+
+def selection_score(scores, tus):
     """What keeps a model: dev WA in fine-tuning; in pre-training the mean of the dev recalls
-    (R5@1, R5@2, R11@1, R11@2 of every retrieval the model does)"""
+    (R5@1, R5@2, R11@1, R11@2) of the retrievals --tus trains (M2M under intra, say, comes from an
+    untrained fusion layer)"""
     if "wa" in scores:
         return scores["wa"]
-    return float(np.mean([v for by_beta in scores.values() for v in by_beta.values()]))
+    return float(np.mean([v for beta in TRAINED_BY[tus] if beta in scores for v in scores[beta].values()]))
 
 
 def describe(scores):

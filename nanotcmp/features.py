@@ -5,6 +5,7 @@ change, so they are computed once for every utterance of a dataset and kept besi
 the TCMP layers.
 """
 import hashlib
+import inspect
 import json
 import os
 import time
@@ -23,10 +24,14 @@ FEATURE_BATCH = 32  # utterances an encoder call while filling the cache
 
 
 def encoder_hash(encoder):
-    """sha256 of an encoder's config (but its dropout, off when frozen) and weights: what its
-    cached features are keyed by"""
+    """sha256 of what computes an encoder's cached features, which they are keyed by: its config
+    (but its dropout, off when frozen), its weights, and the code, this file's and the encoder's
+    (model.py: a change to the encoders or to their pooling is a new key), with torch's version"""
     config = {k: v for k, v in asdict(encoder.config).items() if k != "dropout"}
-    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode() + torch.__version__.encode())
+    for path in (__file__, inspect.getfile(type(encoder))):
+        with open(path, "rb") as f:
+            h.update(f.read())
     for name, t in encoder.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())

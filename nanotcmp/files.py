@@ -4,6 +4,7 @@ killed runs left of them), a dataset folder built aside and swapped in whole, wo
 leave Ctrl-C to their parent and end with it, and errors as one line that names the path at fault
 and what to do.
 """
+import argparse
 import contextlib
 import errno
 import hashlib
@@ -31,7 +32,8 @@ class DataError(ValueError):
 @contextlib.contextmanager
 def one_line_errors(script, interrupted, errors=()):
     """A script's body: a DataError (or one of errors) stops it with one line, Ctrl-C with the line
-    interrupted() returns (what is kept) and exit code 130"""
+    interrupted() returns (what is kept) and exit code 130. A reader of its output that goes away
+    (script | head) stops it quietly, as it stops cat: exit code 141, SIGPIPE's."""
     try:
         yield
     except (DataError, *errors) as e:
@@ -39,6 +41,17 @@ def one_line_errors(script, interrupted, errors=()):
     except KeyboardInterrupt:
         print0(f"{script}: {interrupted()}", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout on exit)
+        raise SystemExit(141) from None
+
+
+def given_path(text):
+    """An argparse type: a path option's value, which must not be empty (--init "$RUN" with RUN unset
+    would otherwise mean no --init at all); argparse names the option in its error"""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path: give a file or folder (is a shell variable unset?)")
+    return text
 
 # -----------------------------------------------------------------------------
 # errors as one line
@@ -113,6 +126,7 @@ def write_atomic(path, write, remedy="choose another --out"):
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         write(tmp)
+        mode_of_folder(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -122,6 +136,13 @@ def write_atomic(path, write, remedy="choose another --out"):
         if writing:  # (an out-of-memory RuntimeError, say, is not one)
             raise cannot_write(path, e, remedy) from None
         raise
+
+
+def mode_of_folder(path):
+    """Give a file written by a library the mode of any file written in its folder (the folder's, made
+    under the umask, without the execute bits): safetensors writes a private one (mode 600), which
+    a teammate given the folder could not read"""
+    os.chmod(path, os.stat(os.path.dirname(os.path.abspath(path))).st_mode & 0o666)
 
 
 def clean_leftovers(folder):
@@ -141,7 +162,7 @@ def clean_leftovers(folder):
 
 def file_sha256(path):
     with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def write_text(path, text):

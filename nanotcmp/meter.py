@@ -67,8 +67,10 @@ class Meter:
         if math.isfinite(bad):
             parts = ", ".join(f"{k} {v.item():.4g}" for k, v in self.bad_parts.items())
             where = f": {parts}" if world() == 1 else ""  # the parts are one process's share: shown when alone
-            raise NonFiniteLoss(f"non-finite loss at step {int(bad)}{where}; "
-                                f"the last good state is {os.path.join(self.out, 'state.pt')}")
+            state = os.path.join(self.out, "state.pt")
+            kept = f"the last good state is {state}" if os.path.isfile(state) else \
+                "no state was saved before it (one is saved every --save-every steps and at each epoch's end)"
+            raise NonFiniteLoss(f"non-finite loss at step {int(bad)}{where}; {kept}")
 
     @contextlib.contextmanager
     def pause(self, epoch_end):

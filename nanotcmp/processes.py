@@ -4,6 +4,9 @@ a process's rank and the world size are read from the process group torchrun's e
 starts, never kept in globals of our own. On a device the model runs in one precision (autocast).
 """
 import os
+import socket
+import sys
+import time
 from datetime import timedelta
 
 import torch
@@ -25,17 +28,70 @@ def device_from(name, script):
     return device
 
 
+JOIN_SECONDS = 300  # how long processes started by hand with torchrun's variables wait for each other
+
+
 def start(device):
     """Join the process group when started by torchrun (WORLD_SIZE > 1) -> this process's device:
     its own GPU, one per process"""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    n = torchrun_world()
+    if n > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         # the others wait while the first process fills the feature cache and evaluates
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
+        backend, timeout = "nccl" if device.type == "cuda" else "gloo", timedelta(hours=2)
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun started every process: they meet at once
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=meet(n), rank=int(os.environ["RANK"]), world_size=n, timeout=timeout)
     set_up_device(device)
     return device
+
+
+def torchrun_world():
+    """The number of processes torchrun's variables say, checked: all of them there, as numbers"""
+    n = os.environ.get("WORLD_SIZE", "1")
+    if not n.isdigit():
+        raise SystemExit(f"train.py: WORLD_SIZE={n} is not a number of processes: unset it, or start with torchrun")
+    if int(n) > 1:
+        names = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        if missing := [v for v in names if not os.environ.get(v)]:
+            raise SystemExit(f"train.py: WORLD_SIZE={n} is set but not {', '.join(missing)}: these are torchrun's "
+                             f"variables; start with torchrun --nproc_per_node={n} train.py ..., or unset WORLD_SIZE")
+        if bad := [v for v in ("RANK", "LOCAL_RANK", "MASTER_PORT") if not os.environ[v].isdigit()] or \
+                ([] if int(os.environ["RANK"]) < int(n) else ["RANK"]):
+            raise SystemExit(f"train.py: {bad[0]}={os.environ[bad[0]]} is not a number"
+                             f"{f' below WORLD_SIZE={n}' if bad[0] == 'RANK' else ''}: start with torchrun")
+    return int(n)
+
+
+def meet(n):
+    """The processes' meeting point when torchrun's variables were set by hand (or left in a shell):
+    the first process holds it, the others connect; each waits JOIN_SECONDS at most, saying so"""
+    host, port, me = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["RANK"])
+    print(f"train.py: process {me} of {n} (RANK, WORLD_SIZE): waiting up to {JOIN_SECONDS} s for the others at "
+          f"{host}:{port} (MASTER_ADDR, MASTER_PORT)", file=sys.stderr, flush=True)
+    wait, deadline = timedelta(seconds=JOIN_SECONDS), time.monotonic() + JOIN_SECONDS
+    try:
+        if me == 0:
+            store = dist.TCPStore(host, port, n, is_master=True, timeout=wait, wait_for_workers=True)
+        else:
+            while True:  # (torch's own connecting logs every failed try)
+                try:
+                    socket.create_connection((host, port), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise dist.DistError("nothing answers there") from None
+                    time.sleep(0.5)
+            store = dist.TCPStore(host, port, n, is_master=False, timeout=wait)
+    except dist.DistError as e:
+        raise SystemExit(f"train.py: the {n} processes of WORLD_SIZE={n} did not all meet at {host}:{port} within "
+                         f"{JOIN_SECONDS} s ({str(e).splitlines()[0]}): start them all with torchrun, or unset "
+                         f"WORLD_SIZE to train in one process") from None
+    store.set_timeout(timedelta(hours=2))
+    return store
 
 
 def stop():

@@ -9,6 +9,7 @@ import argparse
 import math
 import os
 
+from nanotcmp.files import file_sha256, given_path
 from nanotcmp.processes import device_from, print0, world
 
 def ranged(kind, low=None, high=None, above=False, below=False):
@@ -126,14 +127,14 @@ def options(description):
     """train.py's options: a preset gives the default of those without one here"""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=["pretrain", "finetune", "all"], default="all")
-    p.add_argument("--data", default="data/demo", help="a dataset made by prepare.py")
-    p.add_argument("--text-encoder", default="tiny", help="a BERT checkpoint folder, or 'tiny' (random, small)")
-    p.add_argument("--audio-encoder", default="tiny", help="a HuBERT checkpoint folder, or 'tiny'")
+    p.add_argument("--data", type=given_path, default="data/demo", help="a dataset made by prepare.py")
+    p.add_argument("--text-encoder", type=given_path, default="tiny", help="a BERT checkpoint folder, or 'tiny' (random, small)")
+    p.add_argument("--audio-encoder", type=given_path, default="tiny", help="a HuBERT checkpoint folder, or 'tiny'")
     p.add_argument("--modalities", choices=["text", "audio", "all"], default="all")
     p.add_argument("--preset", choices=list(PRESETS), help="the defaults of the options below (default: demo with "
                    "both encoders tiny, else frozen with --freeze-encoders, else paper)")
-    p.add_argument("--init", help="fine-tune from this pre-training run's folder")
-    p.add_argument("--out", help="default: out/<data>-<stage>; with --stage all, OUT/pretrain and OUT/finetune")
+    p.add_argument("--init", type=given_path, help="fine-tune from this pre-training run's folder")
+    p.add_argument("--out", type=given_path, help="default: out/<data>-<stage>; with --stage all, OUT/pretrain and OUT/finetune")
     for key, (kind, what) in PRESET_OPTIONS.items():
         p.add_argument("--" + key.replace("_", "-"), type=kind, help=f"{what} (default: {by_preset(key)})")
     p.add_argument("--encoder-dropout", type=ranged(float, 0, 1, below=True),
@@ -144,7 +145,7 @@ def options(description):
     p.add_argument("--tus-loss", choices=["bce", "softmax"], default="bce")
     p.add_argument("--train-fraction", type=ranged(float, 0, 1, above=True), default=1.0,
                    help="fine-tune on this share of the training dialogues, drawn by --seed (dev and test stay whole)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=ranged(int, 0), default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last state (with --stage "
                    "all: whichever stage it stopped in)")
@@ -236,7 +237,9 @@ def compared(s):
     values = {k: path(v) if k in ("data", "text_encoder", "audio_encoder", "init") else v
               for k, v in vars(s).items() if k not in HOW_TO_RUN}
     values["train_fraction"] = s.train_fraction if s.stage == "finetune" else 1.0
-    return {"--" + k.replace("_", "-"): v for k, v in values.items()}
+    # the dataset as it is: its meta.json holds the sha256 of each split (prepare.py's rebuild changes it)
+    return {"--" + k.replace("_", "-"): v for k, v in values.items()} | {
+        "dataset": file_sha256(os.path.join(s.data, "meta.json"))}
 
 
 def shown(value):

@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanotcmp.checkpoint import load_init
 from nanotcmp.cuda_graphs import CudaGraphs, compile_encoders
-from nanotcmp.data import Split, keep_dialogues, windows
+from nanotcmp.data import LENGTH_GRID, Split, keep_dialogues, windows
 from nanotcmp.features import attach_features
 from nanotcmp.files import DataError, file_sha256
 from nanotcmp.model import Bert, BertConfig, Hubert, HubertConfig, TCMP, TCMPConfig
@@ -90,6 +90,9 @@ def build_model(s, meta):
     if bert and bert["vocab_size"] != vocab_size:
         raise DataError(f"{s.text_encoder} has {bert['vocab_size']} word pieces, the dataset's vocabulary "
                         f"{vocab_size}: prepare the dataset with this encoder's vocab.txt")
+    if bert and meta["settings"]["max_tokens"] > (limit := positions(bert["max_positions"])):
+        raise DataError(f"{s.data} was prepared with --max-tokens {meta['settings']['max_tokens']}, longer than the "
+                        f"{limit} word pieces the text encoder takes: prepare it again with --max-tokens {limit}")
     config = TCMPConfig(d=s.d, n_labels=max(len(meta["labels"]), 1), modalities=modalities, distant=not s.no_distant,
                         tus=s.tus, tus_loss=s.tus_loss, dropout=s.dropout, bert=bert, hubert=hubert)
     model = TCMP(config)
@@ -100,6 +103,13 @@ def build_model(s, meta):
     if s.stage == "finetune" and s.init:
         load_init(model, s.init, meta)
     return model
+
+
+def positions(max_positions):
+    """The longest utterance, in word pieces, that a text encoder of max_positions takes: the length
+    of the shape grid at or below it, as an utterance may be padded up to the next (max_positions
+    itself for the usual powers of two)"""
+    return int(LENGTH_GRID[LENGTH_GRID <= max_positions].max())
 
 
 def set_up_model(s, meta, splits, device):
