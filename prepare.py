@@ -29,9 +29,9 @@ from nanotcmp.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, NoFFmpeg, load_
 from nanotcmp.data import dialogue_ranges, is_dataset, line_problem, make_samples
 from nanotcmp.demo import DEMO_LABELS, demo_vocab, generate_dialogues, synthesize_clip
 from nanotcmp.files import (DataError, cannot_read, cannot_write, file_in_the_way, file_sha256, given_path,
-                            mode_of_folder, one_line_errors, remove_staged, staged_path, staging, worker_pool,
+                            one_line_errors, open_mode, remove_staged, staged_path, staging, worker_pool,
                             writes_out)
-from nanotcmp.settings import ranged
+from nanotcmp.settings import SEED, ranged
 from nanotcmp.tokenizer import WordPiece
 
 
@@ -383,7 +383,7 @@ def write_split(path, arrays, metadata):
         if not (code := re.search(r"\(os error (\d+)\)", str(e))):
             raise
         raise OSError(int(code[1]), os.strerror(int(code[1])), path) from None
-    mode_of_folder(path)
+    open_mode(path)
 
 
 def check_packed(packed, labels):
@@ -417,10 +417,11 @@ def parse_args(argv):
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", parents=[common], help="the embedded synthetic demo")
     p.add_argument("--out", type=given_path, default="data/demo")
-    p.add_argument("--seed", type=ranged(int, 0), default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p = sub.add_parser("meld", parents=[common], help="P-MELD (or, with --unlabelled, a pre-training corpus)")
-    p.add_argument("--csv-dir", type=given_path, default=MELD_DIR, help="folder of {train,dev,test}_sent_emo.csv (default: the "
-                                                      "transcripts this repository carries, meld/)")
+    p.add_argument("--csv-dir", type=given_path, default=MELD_DIR,
+                   help="folder of {train,dev,test}_sent_emo.csv (default: the transcripts this repository carries, "
+                        "meld/)")
     p.add_argument("--media-dir", type=given_path, help="folder of train_splits/, dev_splits_complete/, "
                                        "output_repeated_splits_test/; without it the dataset is text-only")
     p.add_argument("--vocab", type=given_path, required=True)
@@ -432,7 +433,8 @@ def parse_args(argv):
     p.add_argument("--text-only", action="store_true")
     p.add_argument("--out", type=given_path, default="data/p-iem")
     p = sub.add_parser("dialogues", parents=[common], help="dialogues in nanotcmp's JSONL format")
-    p.add_argument("--from", dest="src", type=given_path, required=True, help="a .jsonl file, or a folder of them (one split each)")
+    p.add_argument("--from", dest="src", type=given_path, required=True,
+                   help="a .jsonl file, or a folder of them (one split each)")
     p.add_argument("--vocab", type=given_path, required=True)
     p.add_argument("--labels", help="comma-separated class names, in order (default: the labels found, sorted)")
     p.add_argument("--out", type=given_path, required=True)

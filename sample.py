@@ -52,6 +52,10 @@ def load_checkpoint(folder, device):
             and all(isinstance(name, str) for name in labels)):
         raise DataError(f"{os.path.join(folder, 'config.json')}: labels must be a list of "
                         f"{model.config.n_labels} names, not {json.dumps(labels)}")
+    if model.text and config["max_tokens"] > model.bert.config.max_positions:
+        raise DataError(f"{os.path.join(folder, 'config.json')}: max_tokens {config['max_tokens']} is more than the "
+                        f"{model.bert.config.max_positions} positions of the run's text encoder; put back the run's "
+                        f"own config.json")
     tok = WordPiece.from_file(config["vocab"]["path"])
     return model.to(device).eval(), tok, config
 

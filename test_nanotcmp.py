@@ -3003,8 +3003,8 @@ def test_non_finite_loss_stops_with_the_step_and_parts(small_demo, tmp_path, mon
                                            ("--k", 1), ("--d", 0), ("--dropout", 1), ("--encoder-dropout", -0.1),
                                            ("--max-padding", 1.5), ("--micro-batches", 0), ("--workers", -1),
                                            ("--log-every", 0), ("--save-every", 0), ("--max-steps", 0),
-                                           ("--lr", "nan"), ("--seed", -1), ("--data", ""), ("--init", " "),
-                                           ("--out", ""), ("--text-encoder", "")])
+                                           ("--lr", "nan"), ("--seed", -1), ("--seed", 2 ** 32), ("--data", ""),
+                                           ("--init", " "), ("--out", ""), ("--text-encoder", "")])
 def test_train_options_are_checked_where_parsed(small_demo, tmp_path, capsys, option, value):
     bad_option(capsys, train.main, ["--data", small_demo, "--out", tmp_path / "o", option, value], option)
     assert not (tmp_path / "o").exists()
@@ -3409,6 +3409,8 @@ def test_sample_names_what_is_wrong_with_its_inputs(demo_ckpt, tmp_path, capsys,
                              ("max_seconds", "15", "max_seconds is \"15\", where train.py writes a number"),
                              ("max_seconds", 0.01, "max_seconds must be at least 0.025 seconds, not 0.01"),
                              ("max_tokens", 60.5, "max_tokens is 60.5, where train.py writes an integer"),
+                             ("max_tokens", 300, "max_tokens 300 is more than the 128 positions of the run's text "
+                                                 "encoder"),
                              ("vocab", "vocab.txt", "vocab is \"vocab.txt\", where train.py writes an object")):
         config = json.loads((demo_ckpt / "all/config.json").read_text())
         config[key] = value
@@ -3665,7 +3667,9 @@ def test_a_runs_files_are_as_readable_as_its_folder(demo_ckpt, small_demo):
     not its model"""
     for folder in (demo_ckpt / "all", small_demo):
         modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in folder.iterdir() if f.is_file()}
-        assert set(modes.values()) == {stat.S_IMODE(folder.stat().st_mode) & 0o666}, modes
+        umask = os.umask(0o22)
+        os.umask(umask)
+        assert set(modes.values()) == {0o666 & ~umask}, modes
 
 
 def wav_of_rate(path, rate):
@@ -3677,18 +3681,27 @@ def wav_of_rate(path, rate):
 
 
 def test_a_wav_of_0_hz_is_bad_audio(demo_ckpt, tmp_path, capsys):
+    for rate in (0, 999, 2 ** 32 - 1):  # 4 GHz: resampling would ask for terabytes
+        with pytest.raises(AudioError, match=rf"x.wav: corrupt WAV file \(its header says {rate} samples a second, "
+                                             rf"audio has 1,000 to 768,000\)"):
+            load_audio(wav_of_rate(tmp_path / "x.wav", rate))
+    for rate in (1000, 768000):
+        assert len(load_audio(wav_of_rate(tmp_path / "x.wav", rate))[0]) == round(8000 * SAMPLE_RATE / rate)
+    src = generic_dialogues(tmp_path / "src")
+    wav_of_rate(tmp_path / "src/clips/d1_1.wav", 0)
+    with pytest.raises(SystemExit, match=rf"^prepare.py: {re.escape(str(src))}:2: .*d1_1.wav: corrupt WAV file \(its "
+                                         rf"header says 0 samples a second"):
+        run_prepare("dialogues", "--from", src, "--vocab", minilm_dir() / "vocab.txt", "--out", tmp_path / "o")
     clip = wav_of_rate(tmp_path / "zero.wav", 0)
-    with pytest.raises(AudioError, match=r"zero.wav: corrupt WAV file \(its header says 0 samples a second\)"):
-        load_audio(clip)
     turns = three_turns(tmp_path / "t.jsonl", audio=["zero.wav"] * 3)
     one_line(stops(lambda: run_sample(capsys, turns, "--ckpt", demo_ckpt / "all")),
-             f"sample.py: {turns}:1: {clip}: corrupt WAV file (its header says 0 samples a second)")
+             f"sample.py: {turns}:1: {clip}: corrupt WAV file (its header says 0 samples a second")
 
 
 def test_a_closed_output_pipe_stops_every_script_quietly(small_demo, tmp_path):
     """train.py ... | head -1, and the like: exit 141 (SIGPIPE's), no traceback"""
     for cmd in (["train.py", "--stage", "finetune", "--data", small_demo, "--out", tmp_path / "r", "--max-steps", "1"],
-                ["prepare.py", "--out", tmp_path / "d", "--workers", "1"]):
+                ["prepare.py", "--out", tmp_path / "d", "--workers", "1"], ["experiments/demo.py", "--dry-run"]):
         proc = subprocess.Popen([sys.executable, str(ROOT / cmd[0]), *map(str, cmd[1:])], cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         proc.stdout.close()  # before the first line is written
@@ -3752,3 +3765,22 @@ def test_the_feature_cache_is_keyed_by_the_encoders_code_too(small_demo):
     again = Bert(model.bert.config)
     again.load_state_dict(model.bert.state_dict())
     assert features.encoder_hash(model.bert) == features.encoder_hash(again)
+
+
+def test_a_folder_named_tiny_is_not_the_tiny_encoder(small_demo, tmp_path, monkeypatch, capsys):
+    (tmp_path / "tiny").mkdir()
+    monkeypatch.chdir(tmp_path)
+    train.main(["--stage", "finetune", "--data", small_demo, "--out", tmp_path / "r", "--max-steps", "1",
+                "--modalities", "text"])
+    assert "train.py: --text-encoder tiny is the tiny random encoder, not the folder ./tiny here (give ./tiny for " \
+           "it)" in capsys.readouterr().out
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit) as e:
+        processes.start(torch.device("cuda"))
+    assert e.value.code == "train.py: LOCAL_RANK=1, but this machine has 1 GPUs: start at most one process a GPU"

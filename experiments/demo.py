@@ -25,8 +25,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanotcmp.files import given_path  # noqa: E402 (the repository's)
 from nanotcmp.settings import ranged  # noqa: E402
-from tables import (add_seeds, epochs_kept, make_table_in, mean_std, means, read_metrics, run, run_chain, table_head,  # noqa: E402
-                    table_row, write_table)
+from tables import (add_seeds, epochs_kept, make_table_in, mean_std, means, read_metrics, run, run_chain,  # noqa: E402
+                    table_head, table_row, write_table)
 
 # row -> (its folder, train.py's options beyond --seed, whether it pre-trains)
 ROWS = {"TCMP: pre-trained, then fine-tuned": ("tcmp", [], True),
@@ -91,12 +91,12 @@ def main(argv=None):
     prepare = [sys.executable, "prepare.py", "--out", args.data]
     chains = [(chain(row, seed, args), args.threads) for row in ROWS for seed in args.seeds]
     chains.append((chain(ONE_THREAD, args.seeds[0], args), 1))  # the first seed again, on one thread
-    if args.dry_run:
-        for cmd in [prepare] + [cmd for c, _ in chains for _, cmd, _ in c]:
-            print(shlex.join(cmd))
-        return
 
     def make_table():
+        if args.dry_run:
+            for cmd in [prepare] + [cmd for c, _ in chains for _, cmd, _ in c]:
+                print(shlex.join(cmd))
+            return
         t0 = time.time()
         prepare_seconds = run(prepare)  # its output on the terminal
         for cmds, threads in chains:

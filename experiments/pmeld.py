@@ -34,8 +34,8 @@ from nanotcmp.data import load_meta  # noqa: E402 (the repository's)
 from nanotcmp.evaluate import selection_score  # noqa: E402
 from nanotcmp.files import DataError, file_sha256, given_path  # noqa: E402
 from nanotcmp.settings import ranged  # noqa: E402
-from tables import (ROOT, add_seeds, done, epochs_kept, make_table_in, mean_std, means, read_metrics, run, run_chain,  # noqa: E402
-                    table_head, table_row, write_table)
+from tables import (ROOT, add_seeds, done, epochs_kept, make_table_in, mean_std, means, read_metrics, run,  # noqa: E402
+                    run_chain, table_head, table_row, write_table)
 
 # row -> (its folder, pre-training options or None for none, fine-tuning options)
 ROWS = {"Text w/o Dist": ("text-wo-dist", None, ["--no-distant"]),
@@ -286,7 +286,8 @@ def pretrain_sweep_table(args, chains):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--encoder", type=given_path, help="a BERT-family checkpoint folder (default: the installed all-MiniLM-L6-v2)")
+    p.add_argument("--encoder", type=given_path,
+                   help="a BERT-family checkpoint folder (default: the installed all-MiniLM-L6-v2)")
     add_seeds(p, help="default: 0 1 2 (an end-to-end sweep: 0)")
     p.add_argument("--rows", nargs="+", choices=list(ROWS), metavar="ROW",
                    help=f"rows to run (default: all of {', '.join(map(repr, ROWS))}; end to end, the first three)")

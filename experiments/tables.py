@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from nanotcmp.files import DataError, one_line_errors, read_json, write_json, write_text
-from nanotcmp.settings import ranged
+from nanotcmp.settings import SEED
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: where commands run
 
@@ -143,7 +143,7 @@ class Seeds(argparse.Action):
 
 
 def add_seeds(p, **kwargs):
-    p.add_argument("--seeds", type=ranged(int, 0), nargs="+", action=Seeds, **kwargs)
+    p.add_argument("--seeds", type=SEED, nargs="+", action=Seeds, **kwargs)
 
 
 def means(scores, keys):

@@ -18,6 +18,7 @@ import torchaudio.functional as AF
 
 SAMPLE_RATE = 16000
 MIN_SAMPLES = 400  # HuBERT's receptive field (25 ms): a shorter clip cannot be encoded
+RATES = (1000, 768000)  # the sample rates a WAV header may say, in Hz
 
 
 class AudioError(ValueError):
@@ -79,8 +80,9 @@ def read_wav(data, name):
         raise AudioError(f"{name}: corrupt WAV file (header cut short)") from None
     if n == 0:
         raise AudioError(f"{name}: empty WAV file (0 frames)")
-    if rate <= 0:
-        raise AudioError(f"{name}: corrupt WAV file (its header says {rate} samples a second)")
+    if not RATES[0] <= rate <= RATES[1]:  # (0 Hz would divide by zero, 4 GHz fill the memory resampling)
+        raise AudioError(f"{name}: corrupt WAV file (its header says {rate} samples a second, audio has "
+                         f"{RATES[0]:,} to {RATES[1]:,})")
     got = len(raw) // (channels * width)  # the header's frame count is only a promise
     if got < n:
         raise AudioError(f"{name}: truncated WAV file (header says {n} frames, file holds {got})")

@@ -32,7 +32,8 @@ def predict(model, split, s, device):
     preds = []
     for batch in eval_batches(s, split, "finetune", split.samples, model.config.modalities):
         batch = to_device(batch, device)
-        preds.append(model.next_emotion(encoded(model, batch, device), batch["ctx"], batch["ctx_mask"]).argmax(-1).cpu())
+        logits = model.next_emotion(encoded(model, batch, device), batch["ctx"], batch["ctx_mask"])
+        preds.append(logits.argmax(-1).cpu())
     return split.samples[:, 2], torch.cat(preds).numpy()
 
 

@@ -126,7 +126,7 @@ def write_atomic(path, write, remedy="choose another --out"):
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         write(tmp)
-        mode_of_folder(tmp)
+        open_mode(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -138,11 +138,14 @@ def write_atomic(path, write, remedy="choose another --out"):
         raise
 
 
-def mode_of_folder(path):
-    """Give a file written by a library the mode of any file written in its folder (the folder's, made
-    under the umask, without the execute bits): safetensors writes a private one (mode 600), which
-    a teammate given the folder could not read"""
-    os.chmod(path, os.stat(os.path.dirname(os.path.abspath(path))).st_mode & 0o666)
+UMASK = os.umask(0o22)  # read once, at import (os.umask both sets and returns it)
+os.umask(UMASK)
+
+
+def open_mode(path):
+    """Give a file written by a library the mode open() gives a new file (0o666 less the umask):
+    safetensors writes a private one (mode 600), which a teammate given the folder could not read"""
+    os.chmod(path, 0o666 & ~UMASK)
 
 
 def clean_leftovers(folder):

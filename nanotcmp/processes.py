@@ -38,6 +38,9 @@ def start(device):
     if n > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            if device.index >= torch.cuda.device_count():
+                raise SystemExit(f"train.py: LOCAL_RANK={device.index}, but this machine has "
+                                 f"{torch.cuda.device_count()} GPUs: start at most one process a GPU")
             torch.cuda.set_device(device)
         # the others wait while the first process fills the feature cache and evaluates
         backend, timeout = "nccl" if device.type == "cuda" else "gloo", timedelta(hours=2)

@@ -29,6 +29,8 @@ def ranged(kind, low=None, high=None, above=False, below=False):
     return parse
 
 
+SEED = ranged(int, 0, 2 ** 32 - 1)  # an argparse type: a seed, as torch and numpy take it (and seed + rank)
+
 # A value that is a dict depends on the stage ("pretrain", "finetune"), then on the device ("cuda", "cpu").
 PRESETS = {
     # both encoders tiny and random (--text-encoder tiny --audio-encoder tiny): the demo, from scratch
@@ -128,13 +130,15 @@ def options(description):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=["pretrain", "finetune", "all"], default="all")
     p.add_argument("--data", type=given_path, default="data/demo", help="a dataset made by prepare.py")
-    p.add_argument("--text-encoder", type=given_path, default="tiny", help="a BERT checkpoint folder, or 'tiny' (random, small)")
+    p.add_argument("--text-encoder", type=given_path, default="tiny",
+                   help="a BERT checkpoint folder, or 'tiny' (random, small)")
     p.add_argument("--audio-encoder", type=given_path, default="tiny", help="a HuBERT checkpoint folder, or 'tiny'")
     p.add_argument("--modalities", choices=["text", "audio", "all"], default="all")
     p.add_argument("--preset", choices=list(PRESETS), help="the defaults of the options below (default: demo with "
                    "both encoders tiny, else frozen with --freeze-encoders, else paper)")
     p.add_argument("--init", type=given_path, help="fine-tune from this pre-training run's folder")
-    p.add_argument("--out", type=given_path, help="default: out/<data>-<stage>; with --stage all, OUT/pretrain and OUT/finetune")
+    p.add_argument("--out", type=given_path,
+                   help="default: out/<data>-<stage>; with --stage all, OUT/pretrain and OUT/finetune")
     for key, (kind, what) in PRESET_OPTIONS.items():
         p.add_argument("--" + key.replace("_", "-"), type=kind, help=f"{what} (default: {by_preset(key)})")
     p.add_argument("--encoder-dropout", type=ranged(float, 0, 1, below=True),
@@ -145,7 +149,7 @@ def options(description):
     p.add_argument("--tus-loss", choices=["bce", "softmax"], default="bce")
     p.add_argument("--train-fraction", type=ranged(float, 0, 1, above=True), default=1.0,
                    help="fine-tune on this share of the training dialogues, drawn by --seed (dev and test stay whole)")
-    p.add_argument("--seed", type=ranged(int, 0), default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last state (with --stage "
                    "all: whichever stage it stopped in)")

@@ -16,7 +16,7 @@ from nanotcmp.data import LENGTH_GRID, Split, keep_dialogues, windows
 from nanotcmp.features import attach_features
 from nanotcmp.files import DataError, file_sha256
 from nanotcmp.model import Bert, BertConfig, Hubert, HubertConfig, TCMP, TCMPConfig
-from nanotcmp.processes import autocast, rank, world
+from nanotcmp.processes import autocast, print0, rank, world
 from nanotcmp.settings import TINY_BERT, TINY_HUBERT
 
 
@@ -61,10 +61,13 @@ def modalities_of(s, meta):
 def encoder_config(path, cls, tiny, dropout):
     """-> (config dict, pretrained weights or None) of an encoder: a checkpoint folder or 'tiny';
     dropout: its dropout rate, None to keep the checkpoint's"""
+    option = f"--{'text' if cls is Bert else 'audio'}-encoder"
+    if path == "tiny" and os.path.exists("tiny"):
+        print0(f"train.py: {option} tiny is the tiny random encoder, not the folder ./tiny here (give ./tiny for it)")
     try:
         enc = None if path == "tiny" else cls.from_pretrained(path)
     except (FileNotFoundError, ValueError) as e:  # the loader's messages name the file and what is wrong
-        raise DataError(f"--{'text' if cls is Bert else 'audio'}-encoder: {e}") from None
+        raise DataError(f"{option}: {e}") from None
     config = asdict(tiny if enc is None else enc.config)
     if dropout is not None:
         config["dropout"] = dropout
