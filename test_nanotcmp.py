@@ -3730,6 +3730,15 @@ def test_retrieval_and_emotion_scores_are_computed_in_float32(small_demo, monkey
     for i, beta in enumerate(model.streams):
         assert np.array_equal(seen[i][:len(logits[beta])], logits[beta].numpy())
         assert (seen[i][:, 1:] != seen[i][:, :1]).all()  # no noise candidate ties the true one
+    fine = stage_settings("--data", small_demo)
+    model = small_model(small_demo)
+    _, predicted = evaluate.predict(model, split, fine, torch.device("cpu"))
+    batch = next(iter(eval_batches(fine, split, "finetune", split.samples, model.config.modalities)))
+    with torch.no_grad():
+        with bf16():
+            H = model.encode(batch)
+        logits = model.next_emotion({beta: h.float() for beta, h in H.items()}, batch["ctx"], batch["ctx_mask"])
+    assert logits.dtype == torch.float32 and np.array_equal(predicted[:len(logits)], logits.argmax(-1).numpy())
 
 
 def test_the_kept_pretraining_epoch_is_chosen_on_the_retrievals_the_run_trains():

@@ -8,7 +8,7 @@ from collections import deque
 import torch
 
 from nanotcmp.data import encoder_inputs, to_device
-from nanotcmp.processes import autocast
+from nanotcmp.evaluate import encoded
 
 
 class Stream:
@@ -24,15 +24,14 @@ class Stream:
         """One more utterance -> the next emotion's probabilities (n_labels,), or None before turn 2"""
         batch = encoder_inputs([self.tok.encode(text, self.max_tokens)] if self.model.text else None,
                                [wave] if self.model.audio else None, grid=self.device.type == "cuda")
-        with autocast(self.device):  # bf16 on a GPU, as in training
-            H = self.model.encode(to_device(batch, self.device))
-            for beta, cache in self.cache.items():
-                cache.append(H[beta][0])
-            self.turns += 1
-            if self.turns < 2:
-                return None
-            L = len(self.cache[self.model.streams[0]])
-            ctx = torch.arange(L, device=self.device)[None]  # (1, L): the cached utterances, in order
-            cached = {beta: torch.stack(list(cache)) for beta, cache in self.cache.items()}  # β -> (L, d)
-            logits = self.model.next_emotion(cached, ctx, torch.ones_like(ctx, dtype=torch.bool))
-        return logits.float().softmax(-1)[0].cpu()
+        H = encoded(self.model, to_device(batch, self.device), self.device)  # as evaluation encodes
+        for beta, cache in self.cache.items():
+            cache.append(H[beta][0])
+        self.turns += 1
+        if self.turns < 2:
+            return None
+        L = len(self.cache[self.model.streams[0]])
+        ctx = torch.arange(L, device=self.device)[None]  # (1, L): the cached utterances, in order
+        cached = {beta: torch.stack(list(cache)) for beta, cache in self.cache.items()}  # β -> (L, d)
+        logits = self.model.next_emotion(cached, ctx, torch.ones_like(ctx, dtype=torch.bool))
+        return logits.softmax(-1)[0].cpu()
