@@ -228,9 +228,9 @@ def read_dialogues(args, folder, problems):
         if (other := next(n for n in first if n.strip().casefold() == name.strip().casefold())) != name:
             raise DataError(f"{first[name]}: label {name!r} differs from {other!r} ({first[other]}) only by spaces "
                             f"or case: spell each class one way")
-    labels = args.labels.split(",") if args.labels else sorted(first)
+    labels = args.labels.split(",") if args.labels is not None else sorted(first)
     folded = [name.strip().casefold() for name in labels]
-    if args.labels and (bad := [name for name, f in zip(labels, folded) if not f or folded.count(f) > 1]):
+    if args.labels is not None and (bad := [name for name, f in zip(labels, folded) if not f or folded.count(f) > 1]):
         raise DataError(f"--labels {args.labels}: " + (f"{bad[0]!r} is there twice (spaces and case aside)"
                                                        if bad[0].strip() else
                                                        "an empty class name (a comma too many?)"))

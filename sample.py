@@ -20,7 +20,7 @@ import time
 
 from nanotcmp.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, NoFFmpeg, load_audio
 from nanotcmp.checkpoint import load_run
-from nanotcmp.data import line_problem
+from nanotcmp.data import line_problem, positions
 from nanotcmp.files import DataError, given_path, one_line_errors
 from nanotcmp.model import TCMP, TCMPConfig
 from nanotcmp.processes import device_from
@@ -47,15 +47,15 @@ def load_checkpoint(folder, device):
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0]
         raise DataError(f"{folder} does not match this code's TCMP ({first})") from None
-    labels = config["labels"]
-    if not (isinstance(labels, list) and len(labels) == model.config.n_labels
-            and all(isinstance(name, str) for name in labels)):
+    labels = config["labels"]  # a list (load_run)
+    if len(labels) != model.config.n_labels or not all(isinstance(name, str) for name in labels):
         raise DataError(f"{os.path.join(folder, 'config.json')}: labels must be a list of "
                         f"{model.config.n_labels} names, not {json.dumps(labels)}")
-    if model.text and config["max_tokens"] > model.bert.config.max_positions:
-        raise DataError(f"{os.path.join(folder, 'config.json')}: max_tokens {config['max_tokens']} is more than the "
-                        f"{model.bert.config.max_positions} positions of the run's text encoder; put back the run's "
-                        f"own config.json")
+    longest = positions(model.bert.config.max_positions) if model.text else float("inf")
+    for key, low, high in (("max_tokens", 3, longest), ("max_context", 2, float("inf"))):  # prepare.py's ranges
+        if not low <= config[key] <= high:
+            raise DataError(f"{os.path.join(folder, 'config.json')}: {key} {config[key]} is outside [{low}, {high}] "
+                            f"(prepare.py's, and the run's text encoder's); put back the run's own config.json")
     tok = WordPiece.from_file(config["vocab"]["path"])
     return model.to(device).eval(), tok, config
 

@@ -2947,6 +2947,8 @@ def test_prepare_paths_of_the_wrong_kind_are_one_line(tmp_path):
         (["dialogues", "--from", src, "--vocab", f"{vocab}/"], f"--vocab: cannot read {vocab}/: {vocab} is a file, "
                                                                 f"not a folder"),
         (["dialogues", "--from", f"{src}/", "--vocab", vocab], f"--from {src}/: {src} is a file, not a folder"),
+        (["dialogues", "--from", src, "--vocab", vocab, "--labels", ""], "--labels : an empty class name (a comma too "
+                                                                          "many?)"),
         (["dialogues", "--from", src, "--vocab", vocab, "--labels", "happy,sad,"],
          "--labels happy,sad,: an empty class name (a comma too many?)"),
         (["dialogues", "--from", src, "--vocab", vocab, "--labels", "happy,sad,happy"],
@@ -3017,6 +3019,9 @@ def test_training_refuses_bad_set_ups_before_starting(small_demo, tmp_path):
     with pytest.raises(SystemExit, match="has no audio .*use --modalities text"):
         train.main(["--data", str(tmp_path / "text"), "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit, match="^train.py: --tus inter trains the fused retrieval \\(M2M\\), which needs "
+                                         "text and audio: use --tus intra with --modalities text$"):
+        train.main(["--stage", "pretrain", "--data", str(small_demo), "--tus", "inter", "--modalities", "text"])
     with pytest.raises(SystemExit, match="a batch of 4 cannot be split into 8 micro-batches"):
         train.main(["--stage", "pretrain", "--data", str(small_demo), "--micro-batches", "8",
                     "--out", str(tmp_path / "x")])
@@ -3409,8 +3414,9 @@ def test_sample_names_what_is_wrong_with_its_inputs(demo_ckpt, tmp_path, capsys,
                              ("max_seconds", "15", "max_seconds is \"15\", where train.py writes a number"),
                              ("max_seconds", 0.01, "max_seconds must be at least 0.025 seconds, not 0.01"),
                              ("max_tokens", 60.5, "max_tokens is 60.5, where train.py writes an integer"),
-                             ("max_tokens", 300, "max_tokens 300 is more than the 128 positions of the run's text "
-                                                 "encoder"),
+                             ("max_tokens", 300, "max_tokens 300 is outside [3, 128] (prepare.py's, and the run's "
+                                                 "text encoder's)"),
+                             ("max_context", 0, "max_context 0 is outside [2, inf]"),
                              ("vocab", "vocab.txt", "vocab is \"vocab.txt\", where train.py writes an object")):
         config = json.loads((demo_ckpt / "all/config.json").read_text())
         config[key] = value
@@ -3620,6 +3626,26 @@ def test_torchrun_variables_in_a_plain_shell(tmp_path, monkeypatch, capsys):
                               rf"within 1 s \(.*\): start them all with torchrun, or unset WORLD_SIZE")
         assert time.time() - t0 < 30 and not torch.distributed.is_initialized()
         assert f"process {rank} of 2 (RANK, WORLD_SIZE): waiting up to 1 s for the others" in capsys.readouterr().err
+    with socket.socket() as taken, monkeypatch.context() as mp:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                     "MASTER_PORT": str(port)}.items():
+            mp.setenv(k, v)
+        refused_run(argv, rf"^train.py: cannot hold the meeting point 127.0.0.1:{port} \(MASTER_ADDR, MASTER_PORT\): "
+                          rf".*address already in use; choose another MASTER_PORT$")
+        mp.setenv("MASTER_PORT", "70000")
+        refused_run(argv, "^train.py: MASTER_PORT=70000 is not a number below 65536")
+    # three processes, one never started: the two that came end with one line each, no stack
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from nanotcmp import processes; "
+            f"processes.JOIN_SECONDS = 3; import train; train.main(['--device', 'cpu', '--data', {str(tmp_path)!r}])")
+    env = {**os.environ, "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for p in procs:
+        err = p.communicate(timeout=120)[1].splitlines()
+        assert p.wait() == 1 and len(err) == 2 and "did not all meet" in err[1], err
 
 
 def test_utterances_longer_than_the_text_encoders_positions_are_refused(tmp_path):
@@ -3662,7 +3688,7 @@ def test_a_run_folder_of_both_stages_or_unfinished_says_what_to_give(demo_ckpt, 
     refused_run([*fine, "--init", unfinished], re.escape(says))
 
 
-def test_a_runs_files_are_as_readable_as_its_folder(demo_ckpt, small_demo):
+def test_a_runs_files_get_the_mode_open_gives(demo_ckpt, small_demo):
     """safetensors writes a private file: a teammate given the run folder could read its config,
     not its model"""
     for folder in (demo_ckpt / "all", small_demo):
@@ -3702,7 +3728,8 @@ def test_a_closed_output_pipe_stops_every_script_quietly(small_demo, tmp_path):
     """train.py ... | head -1, and the like: exit 141 (SIGPIPE's), no traceback"""
     for cmd in (["train.py", "--stage", "finetune", "--data", small_demo, "--out", tmp_path / "r", "--max-steps", "1"],
                 ["prepare.py", "--out", tmp_path / "d", "--workers", "1"], ["experiments/demo.py", "--dry-run"]):
-        proc = subprocess.Popen([sys.executable, str(ROOT / cmd[0]), *map(str, cmd[1:])], cwd=ROOT,
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # what is left in the buffer too
+        proc = subprocess.Popen([sys.executable, str(ROOT / cmd[0]), *map(str, cmd[1:])], cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         proc.stdout.close()  # before the first line is written
         err = proc.stderr.read().decode()
@@ -3758,10 +3785,18 @@ def test_noise_never_reads_as_its_target(tmp_path):
     split = Split(tmp_path / "o/train.safetensors")
     reads = [split.tokens_of(u).tobytes() for u in range(len(split))]
     targets = [u for u in range(len(split)) if reads.count(reads[u]) > 1] * 10  # the Okays, each drawn for 10 times
-    for among in (None, list(range(len(split)))):
+    okays = [u for u in range(len(split)) if reads.count(reads[u]) > 1]
+    # among: the whole split, or a batch where the other dialogue's utterances all read as the target
+    for among in (None, [u for u in range(len(split)) if split.utt_dialogue[u] == 0] + okays):
         noise = draw_noise(split, targets, 11, np.random.default_rng(0), among)
         assert all(reads[n] != reads[t] for t, row in zip(targets, noise) for n in row)
         assert (split.utt_dialogue[noise] != split.utt_dialogue[targets][:, None]).all()
+    write_jsonl(tmp_path / "okay/train.jsonl", [{"dialogue": f"d{d}", "speaker": "AB"[i % 2], "text": "Okay."}
+                                                for d in range(2) for i in range(3)])
+    prepare_text(tmp_path / "okay", tmp_path / "o2")
+    split = Split(tmp_path / "o2/train.safetensors")
+    with pytest.raises(DataError, match="every utterance of other dialogues reads as utterance 2 does"):
+        draw_noise(split, [2], 5, np.random.default_rng(0))
 
 
 def test_the_feature_cache_is_keyed_by_the_encoders_code_too(small_demo):

@@ -35,10 +35,11 @@ from nanotcmp.training import open_splits, optimizer, set_up_model, train_step
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = settings.parse_args(argv, __doc__)
-    device = processes.start(args.device)  # under torchrun: this process's GPU
-    stages = settings.plan(args, device)  # the settings of each stage: pre-training, fine-tuning or both
+    stages = []  # the settings of each stage: pre-training, fine-tuning or both
     try:
         with one_line_errors("train.py", lambda: interrupted(stages, argv), (NonFiniteLoss,)):
+            device = processes.start(args.device)  # under torchrun: this process's GPU
+            stages += settings.plan(args, device)
             claim_folders(stages)  # before anything is trained: no folder holds an old run beside a new one
             for s in stages:
                 if train(s, device) is None:  # stopped by --max-steps

@@ -227,14 +227,14 @@ def resume(path, model, opt, device, settings):
     if len(state["rng"]) != world():
         raise DataError(f"--resume: {path} was saved by {len(state['rng'])} processes, "
                          f"this run has {world()}")
-    if state["settings"].get("dataset") != settings["dataset"]:
-        raise DataError(f"--resume: {path} is a run on {settings['--data']} as it was before prepare.py wrote it again "
-                        f"(its meta.json has changed): start again with --overwrite, or prepare the dataset as it was")
     for option, value in settings.items():
-        if state["settings"].get(option) != value:
+        if option != "dataset" and state["settings"].get(option) != value:
             raise DataError(f"--resume: {path} is a run of {option} {shown(state['settings'].get(option))}, this "
                             f"command gives {option} {shown(value)}: resume with the run's settings, or start "
                             f"again with --overwrite")
+    if state["settings"].get("dataset") != settings["dataset"]:
+        raise DataError(f"--resume: {path} is a run on {settings['--data']} as it was before prepare.py wrote it again "
+                        f"(its meta.json has changed): start again with --overwrite, or prepare the dataset as it was")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
     cpu_rng, cuda_rng = state["rng"][rank()]

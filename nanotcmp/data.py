@@ -119,6 +119,13 @@ def on_grid(n, grid):
     return int(grid[np.searchsorted(grid, n)])
 
 
+def positions(max_positions):
+    """The longest utterance, in word pieces, that a text encoder of max_positions takes: the length
+    of the grid at or below it, as an utterance may be padded up to the next (max_positions itself
+    for the usual powers of two)"""
+    return int(LENGTH_GRID[LENGTH_GRID <= max_positions].max())
+
+
 def buckets(lengths, max_padding=0.1, grid=True):
     """Length buckets for an encoder batch, each padded to a shape on the grid (grid=False: to its
     own longest sequence and rows): sorted by length, a bucket grows while its padding share (padded

@@ -25,11 +25,11 @@ FEATURE_BATCH = 32  # utterances an encoder call while filling the cache
 
 def encoder_hash(encoder):
     """sha256 of what computes an encoder's cached features, which they are keyed by: its config
-    (but its dropout, off when frozen), its weights, and the code, this file's and the encoder's
-    (model.py: a change to the encoders or to their pooling is a new key), with torch's version"""
+    (but its dropout, off when frozen), its weights, and the code: this file, the encoder's (model.py:
+    a change to the encoders or their pooling is a new key) and data.py's padding, with torch's version"""
     config = {k: v for k, v in asdict(encoder.config).items() if k != "dropout"}
     h = hashlib.sha256(json.dumps(config, sort_keys=True).encode() + torch.__version__.encode())
-    for path in (__file__, inspect.getfile(type(encoder))):
+    for path in (__file__, inspect.getfile(type(encoder)), inspect.getfile(encoder_inputs)):
         with open(path, "rb") as f:
             h.update(f.read())
     for name, t in encoder.state_dict().items():

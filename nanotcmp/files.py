@@ -36,6 +36,8 @@ def one_line_errors(script, interrupted, errors=()):
     (script | head) stops it quietly, as it stops cat: exit code 141, SIGPIPE's."""
     try:
         yield
+        if sys.stdout is not None:
+            sys.stdout.flush()  # here, where a closed pipe is still caught, not at exit
     except (DataError, *errors) as e:
         raise SystemExit(f"{script}: {e}") from None
     except KeyboardInterrupt:
@@ -145,7 +147,8 @@ os.umask(UMASK)
 def open_mode(path):
     """Give a file written by a library the mode open() gives a new file (0o666 less the umask):
     safetensors writes a private one (mode 600), which a teammate given the folder could not read"""
-    os.chmod(path, 0o666 & ~UMASK)
+    with contextlib.suppress(OSError):  # (a file system without modes)
+        os.chmod(path, 0o666 & ~UMASK)
 
 
 def clean_leftovers(folder):

@@ -62,10 +62,10 @@ def torchrun_world():
         if missing := [v for v in names if not os.environ.get(v)]:
             raise SystemExit(f"train.py: WORLD_SIZE={n} is set but not {', '.join(missing)}: these are torchrun's "
                              f"variables; start with torchrun --nproc_per_node={n} train.py ..., or unset WORLD_SIZE")
-        if bad := [v for v in ("RANK", "LOCAL_RANK", "MASTER_PORT") if not os.environ[v].isdigit()] or \
-                ([] if int(os.environ["RANK"]) < int(n) else ["RANK"]):
-            raise SystemExit(f"train.py: {bad[0]}={os.environ[bad[0]]} is not a number"
-                             f"{f' below WORLD_SIZE={n}' if bad[0] == 'RANK' else ''}: start with torchrun")
+        below = {"RANK": int(n), "LOCAL_RANK": int(n), "MASTER_PORT": 65536}  # (a port is 1 to 65535)
+        if bad := [v for v in below if not os.environ[v].isdigit() or int(os.environ[v]) >= below[v]]:
+            raise SystemExit(f"train.py: {bad[0]}={os.environ[bad[0]]} is not a number below "
+                             f"{f'WORLD_SIZE={n}' if bad[0] != 'MASTER_PORT' else 65536}: start with torchrun")
     return int(n)
 
 
@@ -76,25 +76,40 @@ def meet(n):
     print(f"train.py: process {me} of {n} (RANK, WORLD_SIZE): waiting up to {JOIN_SECONDS} s for the others at "
           f"{host}:{port} (MASTER_ADDR, MASTER_PORT)", file=sys.stderr, flush=True)
     wait, deadline = timedelta(seconds=JOIN_SECONDS), time.monotonic() + JOIN_SECONDS
+    if me == 0:  # holds the meeting point
+        try:
+            store = dist.TCPStore(host, port, n, is_master=True, timeout=wait, wait_for_workers=False)
+        except dist.DistNetworkError as e:  # (the port taken, say)
+            raise SystemExit(f"train.py: cannot hold the meeting point {host}:{port} (MASTER_ADDR, MASTER_PORT): "
+                             f"{str(e).splitlines()[0]}; choose another MASTER_PORT") from None
     try:
-        if me == 0:
-            store = dist.TCPStore(host, port, n, is_master=True, timeout=wait, wait_for_workers=True)
-        else:
-            while True:  # (torch's own connecting logs every failed try)
-                try:
-                    socket.create_connection((host, port), timeout=1).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise dist.DistError("nothing answers there") from None
-                    time.sleep(0.5)
+        if me != 0:
+            while not reachable(host, port):  # (torch's own connecting would log every failed try)
+                if time.monotonic() > deadline:
+                    raise dist.DistError("nothing answers there")
+                time.sleep(0.5)
             store = dist.TCPStore(host, port, n, is_master=False, timeout=wait)
+        store.add("met", 1)
+        while (met := store.add("met", 0)) < n:  # every process waits for all of them
+            if time.monotonic() > deadline:
+                raise dist.DistError(f"{met} of them came")
+            time.sleep(0.2)
+            if me != 0 and not reachable(host, port):  # (asking a store that is gone logs a stack)
+                raise dist.DistError("the first process gave up")
     except dist.DistError as e:
         raise SystemExit(f"train.py: the {n} processes of WORLD_SIZE={n} did not all meet at {host}:{port} within "
                          f"{JOIN_SECONDS} s ({str(e).splitlines()[0]}): start them all with torchrun, or unset "
                          f"WORLD_SIZE to train in one process") from None
     store.set_timeout(timedelta(hours=2))
     return store
+
+
+def reachable(host, port):
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def stop():

@@ -119,6 +119,9 @@ def parse_args(argv, description):
         raise SystemExit("train.py: --resume continues the run in --out, --overwrite replaces it: choose one")
     if args.train_fraction < 1 and args.stage == "pretrain":
         raise SystemExit("train.py: --train-fraction is a share of the labelled dialogues, for --stage finetune or all")
+    if args.tus == "inter" and args.modalities != "all" and args.stage != "finetune":
+        raise SystemExit(f"train.py: --tus inter trains the fused retrieval (M2M), which needs text and audio: use "
+                         f"--tus intra with --modalities {args.modalities}")
     if args.init and args.stage != "finetune":
         raise SystemExit(f"train.py: --init is for --stage finetune (--stage {args.stage} "
                          f"{'fine-tunes from its own pre-training' if args.stage == 'all' else 'starts from scratch'})")

@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanotcmp.checkpoint import load_init
 from nanotcmp.cuda_graphs import CudaGraphs, compile_encoders
-from nanotcmp.data import LENGTH_GRID, Split, keep_dialogues, windows
+from nanotcmp.data import Split, keep_dialogues, positions, windows
 from nanotcmp.features import attach_features
 from nanotcmp.files import DataError, file_sha256
 from nanotcmp.model import Bert, BertConfig, Hubert, HubertConfig, TCMP, TCMPConfig
@@ -106,13 +106,6 @@ def build_model(s, meta):
     if s.stage == "finetune" and s.init:
         load_init(model, s.init, meta)
     return model
-
-
-def positions(max_positions):
-    """The longest utterance, in word pieces, that a text encoder of max_positions takes: the length
-    of the shape grid at or below it, as an utterance may be padded up to the next (max_positions
-    itself for the usual powers of two)"""
-    return int(LENGTH_GRID[LENGTH_GRID <= max_positions].max())
 
 
 def set_up_model(s, meta, splits, device):
