@@ -66,7 +66,7 @@ def train(s, device):
     print0(f"{s.stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters ({n_trained / 1e6:.2f} M "
            f"trained), {len(items)} {unit}, {s.epochs} epochs of {per_epoch} steps, {device}"
            + (f" x {world()} processes" if world() > 1 else ""))
-    with run_folder(s, model, opt, device, total, per_epoch) as progress:  # new, or resumed from its state.pt
+    with run_folder(s, meta, model, opt, device, total, per_epoch) as progress:  # new, or resumed from its state.pt
         if progress is None:  # (resumed, it was done)
             return s.out
         meter = Meter(device, progress.step, s.out, unit)

@@ -118,10 +118,11 @@ def claim_folders(stages):
 
 
 @contextlib.contextmanager
-def run_folder(s, model, opt, device, total, per_epoch):
+def run_folder(s, meta, model, opt, device, total, per_epoch):
     """A stage's run folder, made ready (what a killed run left there removed) -> its Progress:
     resumed from state.pt with --resume, else new; None for a run resumed once it was done. A stage
-    that fails before writing anything in the folder it made leaves no folder behind."""
+    that fails before writing anything in the folder it made leaves no folder behind. meta: the
+    dataset's, whose sha256 the run keeps with its settings"""
     created = rank() == 0 and not os.path.isdir(s.out)
     try:
         if rank() == 0:
@@ -129,7 +130,8 @@ def run_folder(s, model, opt, device, total, per_epoch):
             clean_leftovers(s.out)
         barrier()
         path = os.path.join(s.out, "state.pt")
-        progress = resume(path, model, opt, device, compared(s)) if s.resume else Progress(settings=compared(s))
+        settings = compared(s) | {"dataset": meta["sha256"]}  # (prepare.py's rebuild changes meta.json)
+        progress = resume(path, model, opt, device, settings) if s.resume else Progress(settings=settings)
         done = progress.finished(total, per_epoch, s.patience) and os.path.isfile(os.path.join(s.out, "metrics.json"))
         if done:
             print0(f"{s.stage} was done: {s.out} (--resume has nothing to continue)")

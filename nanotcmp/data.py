@@ -27,7 +27,7 @@ import struct
 import numpy as np
 import torch
 
-from nanotcmp.files import DataError, read_json
+from nanotcmp.files import DataError, file_sha256, read_json
 
 DTYPES = {"I16": np.int16, "I32": np.int32, "I64": np.int64, "U8": np.uint8}
 
@@ -88,8 +88,11 @@ class Split:
 
 
 def load_meta(folder):
-    return read_json(os.path.join(folder, "meta.json"), ("labels", "modalities", "vocab", "settings", "splits"),
-                     "a dataset made by prepare.py")
+    """meta.json, and as "sha256" its own: which dataset a run trains on, for --resume (it holds the
+    sha256 of every split)"""
+    path = os.path.join(folder, "meta.json")
+    meta = read_json(path, ("labels", "modalities", "vocab", "settings", "splits"), "a dataset made by prepare.py")
+    return meta | {"sha256": file_sha256(path)}
 
 
 def is_dataset(folder):

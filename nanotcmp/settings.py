@@ -9,7 +9,7 @@ import argparse
 import math
 import os
 
-from nanotcmp.files import file_sha256, given_path
+from nanotcmp.files import given_path
 from nanotcmp.processes import device_from, print0, world
 
 def ranged(kind, low=None, high=None, above=False, below=False):
@@ -244,9 +244,7 @@ def compared(s):
     values = {k: path(v) if k in ("data", "text_encoder", "audio_encoder", "init") else v
               for k, v in vars(s).items() if k not in HOW_TO_RUN}
     values["train_fraction"] = s.train_fraction if s.stage == "finetune" else 1.0
-    # the dataset as it is: its meta.json holds the sha256 of each split (prepare.py's rebuild changes it)
-    return {"--" + k.replace("_", "-"): v for k, v in values.items()} | {
-        "dataset": file_sha256(os.path.join(s.data, "meta.json"))}
+    return {"--" + k.replace("_", "-"): v for k, v in values.items()}
 
 
 def shown(value):
