@@ -220,21 +220,29 @@ def read_dialogues(args, folder, problems):
     if any(with_audio) and not all(with_audio):
         raise DataError(f"{utts[with_audio.index(False)].where}: no audio, while other utterances have some "
                         f"(a dataset is text-only or has audio for every utterance)")
+    return Corpus(splits, class_names(utts, args.labels), args.vocab)
+
+
+def class_names(utts, given):
+    """The classes: given (--labels, comma-separated) or the labels found, sorted. Two names of one
+    class spelled two ways are refused: "neutral " beside "neutral" would be a class of its own."""
+    def folded(name):
+        return name.strip().casefold()
     first = {}  # each spelling of a label -> the first line with it
     for u in utts:
         if u.label is not None:
             first.setdefault(u.label, u.where)
-    for name in first:  # "neutral " beside "neutral" would be a class of its own
-        if (other := next(n for n in first if n.strip().casefold() == name.strip().casefold())) != name:
+    for name in first:
+        if (other := next(n for n in first if folded(n) == folded(name))) != name:
             raise DataError(f"{first[name]}: label {name!r} differs from {other!r} ({first[other]}) only by spaces "
                             f"or case: spell each class one way")
-    labels = args.labels.split(",") if args.labels is not None else sorted(first)
-    folded = [name.strip().casefold() for name in labels]
-    if args.labels is not None and (bad := [name for name, f in zip(labels, folded) if not f or folded.count(f) > 1]):
-        raise DataError(f"--labels {args.labels}: " + (f"{bad[0]!r} is there twice (spaces and case aside)"
-                                                       if bad[0].strip() else
-                                                       "an empty class name (a comma too many?)"))
-    return Corpus(splits, tuple(labels), args.vocab)
+    if given is None:
+        return tuple(sorted(first))
+    labels = given.split(",")
+    if bad := [name for name in labels if not folded(name) or list(map(folded, labels)).count(folded(name)) > 1]:
+        raise DataError(f"--labels {given}: " + (f"{bad[0]!r} is there twice (spaces and case aside)"
+                                                 if bad[0].strip() else "an empty class name (a comma too many?)"))
+    return tuple(labels)
 
 
 DEMO_DIALOGUES = {"pretrain": 200, "train": 20, "dev": 52, "test": 52}  # pretrain: unlabelled
