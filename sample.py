@@ -5,6 +5,7 @@ speaker (the speaker of the turn before last) feel when they next speak?
 python sample.py                               # the demo's example dialogue, the demo's fine-tuned model
 python sample.py DIALOGUE.jsonl --ckpt DIR     # one dialogue in the generic JSONL format
 python sample.py - --ckpt DIR [--keep-going]   # turns on standard input, each answered as soon as it is read
+python sample.py --ckpt DIR --score DATA       # the model's scores on a prepared dataset's dev and test splits
 
 A turn is one JSON line: {"speaker": "Ross", "text": "Hi.", "audio": "clips/d1_0.wav"}, the audio
 path relative to the file (to the working directory on standard input), needed only by a model
@@ -13,19 +14,24 @@ note on standard error says so). Each utterance is encoded once; a turn costs it
 plus the GRUs and the attention over the cached vectors of at most max_context utterances.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 
 from nanotcmp.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, NoFFmpeg, load_audio
+from nanotcmp import settings
 from nanotcmp.checkpoint import load_run
-from nanotcmp.data import line_problem, positions
+from nanotcmp.data import line_problem, load_meta, positions
+from nanotcmp.evaluate import score_run
+from nanotcmp.features import attach_features
 from nanotcmp.files import DataError, given_path, one_line_errors
 from nanotcmp.model import TCMP, TCMPConfig
 from nanotcmp.processes import device_from
 from nanotcmp.stream import Stream
 from nanotcmp.tokenizer import WordPiece
+from nanotcmp.training import class_weights, open_splits
 
 
 class BadTurn(DataError):
@@ -139,14 +145,46 @@ def main(argv=None):
     p.add_argument("--ckpt", type=given_path, default="out/demo-finetune", help="a fine-tuning run's folder")
     p.add_argument("--json", action="store_true", help="one JSON object a line instead of the bar charts")
     p.add_argument("--keep-going", action="store_true", help="on standard input: report a bad turn, then go on")
+    p.add_argument("--score", type=given_path, metavar="DATA", help="instead of answering a dialogue, score the "
+                   "model on the dev and test splits of DATA, a dataset prepare.py made with the run's vocabulary and "
+                   "labels: WA, AA, macro-F1, weighted-F1, each class's precision, recall and F1 and the confusion "
+                   "matrices, beside the references (with --json: as one JSON object, the tables on standard error)")
     p.add_argument("--device", default="auto", help="auto (cuda when there is one) | cpu | cuda")
     args = p.parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):  # what the terminal cannot show is written \x.. escaped, not a crash
         sys.stdout.reconfigure(errors="backslashreplace")
+    if args.score:
+        with one_line_errors("sample.py", lambda: "interrupted"):
+            return score(args)
     answered = []  # the speaker of each turn answered
     with one_line_errors("sample.py", lambda: f"interrupted; the turns answered so far ({len(answered)}) were "
                                               f"printed", (NoFFmpeg,)):  # (the machine's problem, not the turn's)
         converse(args, answered)
+
+
+def score(args):
+    """--score: the model's dev and test scores on a prepared dataset, beside the references"""
+    device = device_from(args.device, "sample.py")
+    model, _, config = load_checkpoint(args.ckpt, device)
+    meta = load_meta(args.score)
+    if meta["vocab"]["sha256"] != config["vocab"]["sha256"]:
+        raise DataError(f"{args.score} is prepared with another vocabulary than {args.ckpt} learnt with "
+                        f"({config['vocab']['path']}): their ids differ; prepare it with that one")
+    if meta["labels"] != config["labels"]:
+        raise DataError(f"{args.score} has the labels {', '.join(meta['labels'])}, {args.ckpt} answers "
+                        f"{', '.join(config['labels'])}: score it on a dataset of its own labels")
+    s = settings.for_scoring(args.score, model.config.modalities, device)
+    train, _, dev, test = open_splits(s, meta)
+    model.class_weights.copy_(class_weights(train, model.config.n_labels))  # (the linear reference's)
+    if config["frozen"]:  # the cached features the run learnt from (computed now if not there)
+        model.freeze_encoders()
+        attach_features(model, args.score, (train, dev, test), device)
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        print(f"{args.ckpt} on {args.score}:")
+        report = score_run(model, s, (train, dev, test), config["labels"], device)
+    if args.json:
+        print(json.dumps(report))
+    return report
 
 
 def converse(args, speakers):

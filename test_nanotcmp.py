@@ -57,8 +57,8 @@ from nanotcmp.data import (LENGTH_GRID, ROW_GRID, Split, buckets, draw_noise, en
 from nanotcmp.evaluate import LINEAR_L2, linear_reference, logistic_regression, nearby_vectors, word_overlap_scores
 from nanotcmp.demo import synthesize
 from nanotcmp.files import DataError
-from nanotcmp.loader import eval_batches
-from nanotcmp.metrics import confusion, emotion_scores, last_emotion_scores, majority_scores, recall_at
+from nanotcmp.loader import eval_batches, steps_per_epoch
+from nanotcmp.metrics import class_scores, confusion, emotion_scores, last_emotion_scores, majority_scores, recall_at
 from nanotcmp.model import GRU, Bert, ContextInteraction, Hubert, NearbyContext, clip_loss, tus_loss
 from nanotcmp.tokenizer import WordPiece
 from nanotcmp.training import build_model, class_weights, train_step
@@ -551,7 +551,7 @@ def test_eq6_fusion_and_eq22_head_by_hand(small_demo):
         rows, last = torch.arange(3), batch["ctx_mask"].sum(1)  # each sample's target position
         p = torch.cat([P["t"][rows, last], P["a"][rows, last], P["m"][rows, last]], 1)
         logits = torch.tanh(p @ model.head1.weight.T + model.head1.bias) @ model.head2.weight.T + model.head2.bias
-        assert max_diff(model.classify(batch), logits) < 1e-6  # Eq. 22 before its softmax
+        assert max_diff(model.next_emotion(H, batch["ctx"], batch["ctx_mask"]), logits) < 1e-6  # Eq. 22 before its softmax
 
 
 def test_eq7_8_gru_matches_torch_gru():
@@ -745,9 +745,46 @@ def test_text_only_never_runs_hubert(small_demo, tmp_path, monkeypatch):
     train.main(["--data", str(small_demo), "--modalities", "text", "--out", str(tmp_path / "run"),
                 "--epochs", "1", "--log-every", "100"])
     metrics = json.loads((tmp_path / "run/finetune/metrics.json").read_text())
-    assert set(metrics["test"]) == {"wa", "aa", "f1", "confusion"}
+    assert set(metrics["test"]) == {"wa", "aa", "f1", "wf1", "confusion"}
     pre = json.loads((tmp_path / "run/pretrain/metrics.json").read_text())
     assert set(pre["test"]) == {"T2T"} and set(pre["test"]["T2T"]) == {"R5@1", "R5@2", "R11@1", "R11@2"}
+
+
+def test_context_emotions_learn_each_labelled_context_utterance(small_demo):
+    # the loss of --context-emotions against each distinct context utterance encoded alone, with its own label
+    model = small_model(small_demo, "--context-emotions", "0.5")
+    model.class_weights.copy_(torch.tensor([0.5, 1.0, 2.0]))
+    split = Split(small_demo / "train.safetensors")
+    samples = split.samples[:12]
+    _, loss, parts = model(finetune_batch(split, samples, model.config.modalities))
+    ids = sorted({u for first, target, _ in samples for u in range(first, target) if split.utt_label[u] >= 0})
+    assert len(ids) > 5 and len({int(split.utt_label[u]) for u in ids}) > 1
+    with torch.no_grad():
+        H = [model.encode(make_batch(split, [[u]], modalities=model.config.modalities)[0]) for u in ids]
+        x = torch.stack([torch.cat([h[beta][0] for beta in model.streams]) for h in H])  # (U, 3d)
+        y = torch.tensor([int(split.utt_label[u]) for u in ids])
+        nll = -(x @ model.recognise.weight.T + model.recognise.bias).log_softmax(-1)[torch.arange(len(ids)), y]
+        want = (model.class_weights[y] * nll).mean()
+    assert abs(parts["context"].item() - want.item()) < TOL
+    assert abs(loss.item() - (parts["wce"] + 0.5 * want).item()) < TOL
+    assert not hasattr(small_model(small_demo), "recognise")  # the paper's model: no such head
+
+
+def test_cosine_schedule_sets_each_steps_rate(small_demo, tmp_path):
+    opt = torch.optim.Adam([{"params": [torch.zeros(1, requires_grad=True)], "lr": 1e-3, "peak": 1e-3},
+                            {"params": [torch.zeros(1, requires_grad=True)], "lr": 2e-6, "peak": 2e-6}])
+    for kind, step, factor in (("cosine", 0, 1.0), ("cosine", 25, (1 + math.cos(math.pi / 4)) / 2),
+                               ("cosine", 50, 0.5), ("cosine", 99, (1 + math.cos(math.pi * 0.99)) / 2),
+                               ("constant", 99, 1.0)):
+        training.set_rates(opt, SimpleNamespace(lr_schedule=kind), step, 100)
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3 * factor, 2e-6 * factor], rel=1e-12)
+    # train.py sets the rate of each step: after 3 of an epoch's steps, the third's
+    train.main(["--stage", "finetune", "--data", str(small_demo), "--out", str(tmp_path / "r"), "--batch-size", "8",
+                "--lr", "1e-3", "--lr-schedule", "cosine", "--epochs", "2", "--max-steps", "3"])
+    state = torch.load(tmp_path / "r/state.pt", weights_only=False)
+    split = Split(small_demo / "train.safetensors")
+    total = 2 * steps_per_epoch(SimpleNamespace(stage="finetune", batch_size=8, micro_batches=1), split.samples, split)
+    assert state["opt"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * (1 + math.cos(math.pi * 2 / total)) / 2)
 
 
 def test_confusion_rows_are_true_classes():
@@ -769,7 +806,9 @@ def test_three_classes_seven_samples_one_never_predicted():
     assert s["wa"] == pytest.approx(100 * 3 / 7)
     assert s["aa"] == pytest.approx(100 * 7 / 18)
     assert s["f1"] == pytest.approx(100 / 3)
-    assert all(type(s[k]) is float for k in ("wa", "aa", "f1"))
+    # weighted F1: (3 * 2/3 + 2 * 1/3 + 2 * 0) / 7 = 8/21
+    assert s["wf1"] == pytest.approx(100 * 8 / 21)
+    assert all(type(s[k]) is float for k in ("wa", "aa", "f1", "wf1"))
 
 
 def test_class_absent_from_y_true():
@@ -790,7 +829,7 @@ def test_class_absent_from_y_true():
 def test_perfect_predictions():
     t = [2, 0, 1, 1, 0, 2, 2]
     s = emotion_scores(t, t, 4)  # class 3 never appears: left out, not counted as 0
-    assert (s["wa"], s["aa"], s["f1"]) == (100.0, 100.0, 100.0)
+    assert (s["wa"], s["aa"], s["f1"], s["wf1"]) == (100.0, 100.0, 100.0, 100.0)
 
 
 def test_majority_baseline():
@@ -910,22 +949,27 @@ def test_recall_at_constant_scores_never_lucky():
     assert [recall_at(scores, true, m) for m in range(1, 6)] == [0.0, 0.0, 0.0, 0.0, 100.0]
 
 
-def reference_aa_f1(t, p, n_classes):
-    """The definitions, one class at a time, in plain Python: precision, recall, F1 = 2PR/(P+R)."""
-    recalls, f1s = [], []
+def reference_scores(t, p, n_classes):
+    """The definitions, one class at a time, in plain Python: precision, recall, F1 = 2PR/(P+R)
+    -> (AA, macro F1, weighted F1, each class's (precision, recall, F1), None where undefined)"""
+    recalls, f1s, weighted, classes = [], [], 0.0, []
     for c in range(n_classes):
         tp = sum(1 for a, b in zip(t, p) if a == c and b == c)
         n_true, n_pred = t.count(c), p.count(c)
         if n_true:
             recalls.append(tp / n_true)
+        prec = tp / n_pred if n_pred else None
+        rec = tp / n_true if n_true else None
+        f1 = None
         if n_true or n_pred:
-            prec = tp / n_pred if n_pred else 0.0
-            rec = tp / n_true if n_true else 0.0
-            f1s.append(2 * prec * rec / (prec + rec) if prec + rec else 0.0)
-    return 100 * sum(recalls) / len(recalls), 100 * sum(f1s) / len(f1s)
+            f1 = 2 * (prec or 0) * (rec or 0) / ((prec or 0) + (rec or 0)) if (prec or 0) + (rec or 0) else 0.0
+            f1s.append(f1)
+            weighted += f1 * n_true / len(t)
+        classes.append(tuple(None if v is None else 100 * v for v in (prec, rec, f1)))
+    return 100 * sum(recalls) / len(recalls), 100 * sum(f1s) / len(f1s), 100 * weighted, classes
 
 
-def test_aa_f1_against_reference_loop():
+def test_scores_against_reference_loop():
     rng = random.Random(0)
     for _ in range(20):
         n_classes = rng.randint(2, 7)
@@ -936,11 +980,17 @@ def test_aa_f1_against_reference_loop():
         p_classes = rng.sample(range(n_classes), rng.randint(1, n_classes))
         t = [rng.choice(t_classes) for _ in range(n)]
         p = [rng.choice(p_classes) if rng.random() < 0.6 else x for x in t]
-        want_aa, want_f1 = reference_aa_f1(t, p, n_classes)
+        want_aa, want_f1, want_wf1, want_classes = reference_scores(t, p, n_classes)
         got = emotion_scores(t, p, n_classes)
         assert got["aa"] == pytest.approx(want_aa)
         assert got["f1"] == pytest.approx(want_f1)
+        assert got["wf1"] == pytest.approx(want_wf1)
         assert got["wa"] == pytest.approx(100 * sum(a == b for a, b in zip(t, p)) / n)
+        per_class = class_scores(got["confusion"])
+        assert per_class["support"] == [t.count(c) for c in range(n_classes)]
+        for c, want in enumerate(want_classes):
+            for key, w in zip(("precision", "recall", "f1"), want):
+                assert per_class[key][c] == (None if w is None else pytest.approx(w))
 
 
 def exercise_steps(path):
@@ -1806,9 +1856,9 @@ def pmeld_args(tmp_path, mode, **kw):
 def test_pmeld_table_is_the_mean_and_standard_deviation_of_the_runs(tmp_path):
     pmeld = load_experiment("pmeld")
     args = pmeld_args(tmp_path, "frozen")
-    reference = {"wa": 46.2, "aa": 33.3, "f1": 21.1}
+    reference = {"wa": 46.2, "aa": 33.3, "f1": 21.1, "wf1": 29.2}
     for seed, w in zip(args.seeds, [40.0, 44.0, 48.0]):
-        scores = {"wa": w, "aa": 30.0 + seed, "f1": 20.0}
+        scores = {"wa": w, "aa": 30.0 + seed, "f1": 20.0, "wf1": 25.0 + 2 * seed}
         for row in ("text", "text-pre"):
             write_run(tmp_path / f"frozen/{row}/seed{seed}/finetune", {
                 "best_epoch": seed + 1, "dev": scores, "test": scores, "test_majority": reference,
@@ -1820,31 +1870,31 @@ def test_pmeld_table_is_the_mean_and_standard_deviation_of_the_runs(tmp_path):
     lines = pmeld.table(args, pmeld.chains_of(args, ["p", "u"])).splitlines()
     # WA 40, 44, 48: mean 44, sample standard deviation 4; 1, 2 and 3 minutes: 2 a run, 2 more pre-training
     assert [line for line in lines if line.startswith("| Text")] == [
-        "| Text | 44.0 ± 4.0 | 31.0 ± 1.0 | 20.0 ± 0.0 | 44.0 ± 4.0 | 1, 2, 3 | 2.0 |",
-        "| Text-Pre | 44.0 ± 4.0 | 31.0 ± 1.0 | 20.0 ± 0.0 | 44.0 ± 4.0 | 1, 2, 3 | 4.0 |",
+        "| Text | 44.0 ± 4.0 | 31.0 ± 1.0 | 20.0 ± 0.0 | 27.0 ± 2.0 | 44.0 ± 4.0 | 1, 2, 3 | 2.0 |",
+        "| Text-Pre | 44.0 ± 4.0 | 31.0 ± 1.0 | 20.0 ± 0.0 | 27.0 ± 2.0 | 44.0 ± 4.0 | 1, 2, 3 | 4.0 |",
         "| Text-Pre | 32.0 ± 2.0 | 20.0 ± 0.0 | 32.0 ± 2.0 | 20.0 ± 0.0 | 4, 4, 4 |"]
     assert "| word overlap with the context (no model) | – | – | 26.0 ± 1.0 | 15.0 ± 0.0 | – |" in lines
     assert "| logistic regression on [source ; response] (frozen features, L2 chosen on dev) | 46.2 | 33.3 | 21.1 | " \
-           "45.0 | – | – |" in lines
+           "29.2 | 45.0 | – | – |" in lines
     assert lines[-1] == ("Wall time of each row, all its runs (pre-training included), minutes: Text 6.0, "
                          "Text-Pre 12.0")
     (tmp_path / "frozen/text/seed1/finetune/seconds.json").unlink()  # a run not finished: its row waits
     lines = pmeld.table(args, pmeld.chains_of(args, ["p", "u"])).splitlines()
-    assert "| Text | not run yet (2 of 3 runs done) | | | | | |" in lines
+    assert "| Text | not run yet (2 of 3 runs done) | | | | | | |" in lines
 
 
 def test_pmeld_table_writes_the_runs_finished_so_far_and_runs_nothing(tmp_path, monkeypatch):
     pmeld = load_experiment("pmeld")
     fake_runs(monkeypatch, pmeld, AssertionError("ran a row"))
-    scores = {"wa": 50.0, "aa": 40.0, "f1": 30.0}
+    scores = {"wa": 50.0, "aa": 40.0, "f1": 30.0, "wf1": 45.0}
     for seed in (0, 1, 2):
         write_run(tmp_path / f"o/e2e/text/seed{seed}/finetune", {"best_epoch": 1, "dev": scores, "test": scores,
                                                                  "test_majority": scores, "test_last_emotion": scores},
                   60.0)
     pmeld.main(["--table", "--end-to-end", "--encoder", str(minilm_dir()), "--out", str(tmp_path / "o")])
     lines = (tmp_path / "o/e2e.md").read_text().splitlines()
-    assert "| Text | 50.0 ± 0.0 | 40.0 ± 0.0 | 30.0 ± 0.0 | 50.0 ± 0.0 | 1, 1, 1 | 1.0 |" in lines
-    assert "| Text w/o Dist | not run yet (0 of 3 runs done) | | | | | |" in lines
+    assert "| Text | 50.0 ± 0.0 | 40.0 ± 0.0 | 30.0 ± 0.0 | 45.0 ± 0.0 | 50.0 ± 0.0 | 1, 1, 1 | 1.0 |" in lines
+    assert "| Text w/o Dist | not run yet (0 of 3 runs done) | | | | | | |" in lines
 
 
 def test_pmeld_label_efficiency_table_pairs_the_seeds(tmp_path):
@@ -1911,13 +1961,13 @@ def test_demo_table_runs_train_py_as_a_reader_would(capsys):
 def test_demo_table_is_the_mean_and_standard_deviation_of_the_runs(tmp_path):
     table = load_experiment("demo")
     args = SimpleNamespace(out=str(tmp_path), seeds=[0, 1, 2], threads=2, data="d")
-    reference = {"wa": 40.0, "aa": 33.3, "f1": 19.0}
+    reference = {"wa": 40.0, "aa": 33.3, "f1": 19.0, "wf1": 23.0}
     recalls = {"T2T": {"R5@1": 40.0}, "A2A": {"R5@1": 30.0}, "M2M": {"R5@1": 50.0, "R5@2": 70.0}}
     for seed in args.seeds:
         for row, f1 in (("tcmp", 60.0 + seed), ("scratch", 50.0 + 2 * seed), ("wo-dist", 55.0), ("tcmp-one-thread", 61.0)):
             if row == "tcmp-one-thread" and seed:
                 continue
-            scores = {"wa": 50.0, "aa": 50.0, "f1": f1}
+            scores = {"wa": 50.0, "aa": 50.0, "f1": f1, "wf1": f1 - 5}
             pretrains = row != "scratch"
             write_run(tmp_path / row / f"seed{seed}" / ("finetune" if pretrains else ""),
                   {"best_epoch": seed + 1, "dev": scores, "test": scores, "test_majority": reference,
@@ -1926,15 +1976,15 @@ def test_demo_table_is_the_mean_and_standard_deviation_of_the_runs(tmp_path):
                 write_run(tmp_path / row / f"seed{seed}" / "pretrain", {"best_epoch": 4, "test": recalls,
                       "test_word_overlap": {"R5@1": 21.0 + seed, "R5@2": 41.0}})
     lines = table.table(args, 12.0).splitlines()
-    assert "| TCMP: pre-trained, then fine-tuned | 50.0 ± 0.0 | 50.0 ± 0.0 | 61.0 ± 1.0 | 60.0, 61.0, 62.0 | " \
-           "50.0 ± 0.0 | 1, 2, 3 | 2.0 |" in lines
-    assert "| TCMP on one thread (seed 0) | 50.0 | 50.0 | 61.0 | 61.0 | 50.0 | 1 | 1.0 |" in lines
+    assert "| TCMP: pre-trained, then fine-tuned | 50.0 ± 0.0 | 50.0 ± 0.0 | 61.0 ± 1.0 | 56.0 ± 1.0 | " \
+           "60.0, 61.0, 62.0 | 50.0 ± 0.0 | 1, 2, 3 | 2.0 |" in lines
+    assert "| TCMP on one thread (seed 0) | 50.0 | 50.0 | 61.0 | 56.0 | 61.0 | 50.0 | 1 | 1.0 |" in lines
     # the gain of each seed: 60 - 50, 61 - 52, 62 - 54
     assert any(line.startswith("Pre-trained minus from scratch, macro-F1 of each seed: +10.0, +9.0, +8.0 "
                                "(mean ± sd 9.0 ± 1.0)") for line in lines)
     assert "| w/o Dist (both stages) | 40.0 ± 0.0 | 30.0 ± 0.0 | 50.0 ± 0.0 | 70.0 ± 0.0 | 4, 4, 4 |" in lines
     assert "| word overlap with the context (no model) | – | – | 22.0 ± 1.0 | 41.0 ± 0.0 | – |" in lines
-    assert "| majority class | 40.0 | 33.3 | 19.0 | – | – | – | – |" in lines
+    assert "| majority class | 40.0 | 33.3 | 19.0 | 23.0 | – | – | – | – |" in lines
 
 # -----------------------------------------------------------------------------
 # sample.py: real-time pre-recognition
@@ -1955,6 +2005,46 @@ def run_sample(capsys, *argv):
     return capsys.readouterr().out
 
 
+def test_score_gives_a_runs_own_scores_and_each_class(small_demo, demo_ckpt, tmp_path, capsys):
+    # sample.py --score on the run's dataset: metrics.json's test scores and references, and its kept
+    # epoch's dev scores, to the last digit, run end to end (the encoders in each batch) or frozen (the cache)
+    frozen = tmp_path / "frozen"
+    train.main(["--stage", "finetune", "--data", str(small_demo), "--epochs", "2", "--out", str(frozen),
+                "--freeze-encoders", "--log-every", "100"])
+    labels = load_meta(small_demo)["labels"]
+    for run in (demo_ckpt / "all", frozen):
+        metrics = json.loads((run / "metrics.json").read_text())
+        capsys.readouterr()  # (what training printed)
+        report = json.loads(run_sample(capsys, "--ckpt", run, "--score", small_demo, "--json"))
+        assert report["test"] == metrics["test"]
+        assert {k: v for k, v in report["dev"].items() if k != "confusion"} == metrics["dev"]
+        assert ("test_linear" in report) == (run == frozen)  # the linear reference reads frozen features
+        assert {k: v for k, v in report.items() if k.startswith("test_")} == \
+               {k: v for k, v in metrics.items() if k.startswith("test_")}
+    sample.main(["--ckpt", str(frozen), "--score", str(small_demo)])
+    out = capsys.readouterr().out
+    per = class_scores(report["test"]["confusion"])
+    for i, label in enumerate(labels):  # each class's row of the test split's table, then its confusion row
+        cells = ["-" if v is None else f"{v:.1f}" for v in (per["precision"][i], per["recall"][i], per["f1"][i])]
+        assert re.search(rf"^  {label} +{' +'.join(map(re.escape, cells))} +{per['support'][i]}$", out, re.M)
+        assert re.search(rf"^  {label} +{' +'.join(map(str, report['test']['confusion'][i]))}$", out, re.M)
+    assert f"weighted-F1 {report['test']['wf1']:.2f}" in out
+
+
+def test_score_refuses_a_dataset_of_other_words_or_labels(small_demo, demo_ckpt, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(small_demo, data, ignore=shutil.ignore_patterns("features"))
+    meta = json.loads((data / "meta.json").read_text())
+    for change, says in (({"labels": ["a", "b", "c"]}, r"has the labels a, b, c, .* answers .*: score it on a "
+                                                        r"dataset of its own labels"),
+                         ({"vocab": {**meta["vocab"], "sha256": "0" * 64}}, r"is prepared with another vocabulary "
+                                                                            r"than .*: their ids differ")):
+        (data / "meta.json").write_text(json.dumps(meta | change))
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--ckpt", str(demo_ckpt / "all"), "--score", str(data)])
+        assert re.fullmatch(rf"sample.py: {data} {says}.*", str(e.value.code)), e.value.code
+
+
 def test_streaming_equals_batch_evaluation(small_demo, demo_ckpt, capsys):
     example = small_demo / "example_dialogue.jsonl"
     out = run_sample(capsys, example, "--ckpt", demo_ckpt / "all", "--json")
@@ -1969,7 +2059,8 @@ def test_streaming_equals_batch_evaluation(small_demo, demo_ckpt, capsys):
         assert abs(sum(a["probs"].values()) - 1) < 1e-5 and list(a["probs"]) == config["labels"]
         row = np.array([[max(0, n - config["max_context"]), n, 0]])
         with torch.no_grad():
-            want = model.classify(finetune_batch(test, row, model.config.modalities)).softmax(-1)[0]
+            batch = finetune_batch(test, row, model.config.modalities)
+            want = model.next_emotion(model.encode(batch), batch["ctx"], batch["ctx_mask"]).softmax(-1)[0]
         assert max(abs(a["probs"][k] - want[i].item()) for i, k in enumerate(config["labels"])) <= 1e-5
 
 
@@ -2988,13 +3079,13 @@ def test_meld_csv_cut_short_or_with_an_open_quote(tmp_path):
 
 def test_non_finite_loss_stops_with_the_step_and_parts(small_demo, tmp_path, monkeypatch):
     calls = {"n": 0}
-    classify = M.TCMP.classify
+    next_emotion = M.TCMP.next_emotion
 
-    def poisoned(self, batch):
+    def poisoned(self, *args):
         calls["n"] += 1
-        logits = classify(self, batch)
+        logits = next_emotion(self, *args)
         return logits * float("nan") if calls["n"] == 4 else logits
-    monkeypatch.setattr(M.TCMP, "classify", poisoned)
+    monkeypatch.setattr(M.TCMP, "next_emotion", poisoned)
     with pytest.raises(SystemExit, match=r"non-finite loss at step 4: wce nan; the last good state is .*state.pt"):
         train.main(["--stage", "finetune", "--data", str(small_demo), "--out", str(tmp_path / "r"),
                     "--batch-size", "8", "--save-every", "3"])
@@ -3663,8 +3754,8 @@ def test_utterances_longer_than_the_text_encoders_positions_are_refused(tmp_path
 
 
 def test_a_non_finite_loss_before_the_first_save_says_none_was_kept(small_demo, tmp_path, monkeypatch):
-    classify = M.TCMP.classify
-    monkeypatch.setattr(M.TCMP, "classify", lambda self, batch: classify(self, batch) * float("nan"))
+    next_emotion = M.TCMP.next_emotion
+    monkeypatch.setattr(M.TCMP, "next_emotion", lambda self, *args: next_emotion(self, *args) * float("nan"))
     refused_run(["--stage", "finetune", "--data", small_demo, "--out", tmp_path / "r", "--batch-size", "8"],
                 r"^train.py: non-finite loss at step 1: wce nan; no state was saved before it")
     assert not (tmp_path / "r").exists()

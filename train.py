@@ -29,7 +29,7 @@ from nanotcmp.files import one_line_errors, write_json
 from nanotcmp.loader import ahead, step_batches, steps_per_epoch
 from nanotcmp.meter import Meter, NonFiniteLoss
 from nanotcmp.processes import barrier, broadcast, print0, rank, world
-from nanotcmp.training import open_splits, optimizer, set_up_model, train_step
+from nanotcmp.training import open_splits, optimizer, set_rates, set_up_model, train_step
 
 
 def main(argv=None):
@@ -74,6 +74,7 @@ def train(s, device):
         batches = iter(ahead(make, total, s.workers, progress.step))  # built ahead by worker processes
         while not progress.finished(total, per_epoch, s.patience):  # a step
             micro = meter.fetch(batches)  # this process's micro-batches of the step
+            set_rates(opt, s, progress.step, total)
             loss, parts = train_step(runner, opt, [(share, to_device(batch, device)) for share, batch, _ in micro])
             progress.step += 1
             meter.add(progress.step, loss, parts)

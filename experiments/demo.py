@@ -25,8 +25,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanotcmp.files import given_path  # noqa: E402 (the repository's)
 from nanotcmp.settings import ranged  # noqa: E402
-from tables import (add_seeds, epochs_kept, make_table_in, mean_std, means, read_metrics, run, run_chain,  # noqa: E402
-                    table_head, table_row, write_table)
+from tables import (SCORES, add_seeds, epochs_kept, make_table_in, mean_std, means, read_metrics, run,  # noqa: E402
+                    run_chain, scores_of, table_head, table_row, write_table)
 
 # row -> (its folder, train.py's options beyond --seed, whether it pre-trains)
 ROWS = {"TCMP: pre-trained, then fine-tuned": ("tcmp", [], True),
@@ -48,17 +48,16 @@ def table(args, prepare_seconds):
     lines = [f"Demo test scores, percent, mean ± standard deviation over seeds {', '.join(map(str, args.seeds))}; "
              f"minutes: one run of train.py (both stages where it pre-trains), on {args.threads} threads "
              f"(python prepare.py: {prepare_seconds:.0f} s)", "",
-             *table_head("row", "WA", "AA", "macro-F1", "F1 of each seed", "dev WA", "epochs kept", "minutes a run")]
+             *table_head("row", *SCORES.values(), "macro-F1 of each seed", "dev WA", "epochs kept", "minutes a run")]
     # the fine-tunings' metrics (a chain's one stage: its folder third), the one-thread row's on the first seed
     fine = {row: [read_metrics(chain(row, seed, args)[0][2]) for seed in args.seeds] for row in ROWS}
     fine[ONE_THREAD] = [read_metrics(chain(ONE_THREAD, args.seeds[0], args)[0][2])]
     for name, key in (("majority class", "test_majority"),
                       ("last emotion of the target speaker (reads the context's labels)", "test_last_emotion")):
-        s = fine[next(iter(ROWS))][0][key]
-        lines.append(f"| {name} | {s['wa']:.1f} | {s['aa']:.1f} | {s['f1']:.1f} | – | – | – | – |")
+        lines.append(table_row([name, *scores_of(fine[next(iter(ROWS))][0][key]), "–", "–", "–", "–"]))
     for row, ms in fine.items():
         lines.append(table_row([f"{row} (seed {args.seeds[0]})" if row == ONE_THREAD else row,
-                                *means([m["test"] for m in ms], ("wa", "aa", "f1")),
+                                *means([m["test"] for m in ms], SCORES),
                                 ", ".join(f"{m['test']['f1']:.1f}" for m in ms), mean_std([m["dev"]["wa"] for m in ms]),
                                 epochs_kept(ms), f"{np.mean([m['seconds'] for m in ms]) / 60:.1f}"]))
     gain = [a["test"]["f1"] - b["test"]["f1"] for a, b in zip(*(fine[row] for row in list(ROWS)[:2]))]

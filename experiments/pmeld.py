@@ -34,8 +34,8 @@ from nanotcmp.data import load_meta  # noqa: E402 (the repository's)
 from nanotcmp.evaluate import selection_score  # noqa: E402
 from nanotcmp.files import DataError, file_sha256, given_path  # noqa: E402
 from nanotcmp.settings import ranged  # noqa: E402
-from tables import (ROOT, add_seeds, done, epochs_kept, make_table_in, mean_std, means, read_metrics, run,  # noqa: E402
-                    run_chain, table_head, table_row, write_table)
+from tables import (ROOT, SCORES, add_seeds, done, epochs_kept, make_table_in, mean_std, means, read_metrics,  # noqa: E402
+                    run, run_chain, scores_of, table_head, table_row, write_table)
 
 # row -> (its folder, pre-training options or None for none, fine-tuning options)
 ROWS = {"Text w/o Dist": ("text-wo-dist", None, ["--no-distant"]),
@@ -171,16 +171,16 @@ def table(args, chains):
     label-efficiency table and each row's wall time"""
     what = {"frozen": "MiniLM frozen", "e2e": "MiniLM trained end to end", "paper": "end to end, paper settings"}
     lines = [f"P-MELD test, percent, mean ± standard deviation over seeds {', '.join(map(str, args.seeds))} "
-             f"({what[args.mode]})", "", *table_head("row", "WA", "AA", "macro-F1", "dev WA", "epochs kept",
+             f"({what[args.mode]})", "", *table_head("row", *SCORES.values(), "dev WA", "epochs kept",
                                                      "minutes a run")]
     rows, pre_rows, overlap, times, first = [], [], None, [], {}
     keys = {row: [(row, seed, 1.0) for seed in args.seeds] for row in args.rows}
-    for row, r in done_rows(chains, keys, rows, 7):
+    for row, r in done_rows(chains, keys, rows, 8):
         fine = [stages[-1] for stages in r]
         first = first or fine[0]  # the references' scores: the first finished row's first seed
         minutes = [sum(m["seconds"] for m in stages) / 60 for stages in r]
         times.append(f"{row} {sum(minutes):.1f}")
-        rows.append(table_row([row, *means([m["test"] for m in fine], ("wa", "aa", "f1")),
+        rows.append(table_row([row, *means([m["test"] for m in fine], SCORES),
                                mean_std([m["dev"]["wa"] for m in fine]), epochs_kept(fine), f"{np.mean(minutes):.1f}"]))
         if len(r[0]) == 2:
             pre = [stages[0] for stages in r]
@@ -194,7 +194,7 @@ def table(args, chains):
         if key in first:
             s = first[key]
             dev = f"{s['dev_wa']:.1f}" if "dev_wa" in s else "–"  # the linear reference's, at its chosen penalty
-            lines.append(f"| {name} | {s['wa']:.1f} | {s['aa']:.1f} | {s['f1']:.1f} | {dev} | – | – |")
+            lines.append(table_row([name, *scores_of(s), dev, "–", "–"]))
     lines += rows
     if overlap:
         pre_rows.append(table_row(["word overlap with the context (no model)", "–", "–", *overlap, "–"]))

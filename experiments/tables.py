@@ -146,6 +146,14 @@ def add_seeds(p, **kwargs):
     p.add_argument("--seeds", type=SEED, nargs="+", action=Seeds, **kwargs)
 
 
+SCORES = {"wa": "WA", "aa": "AA", "f1": "macro-F1", "wf1": "weighted-F1"}  # an emotion table's scores, its columns
+
+
+def scores_of(s):
+    """One run's emotion scores (a dict) as table cells"""
+    return [f"{s[k]:.1f}" for k in SCORES]
+
+
 def means(scores, keys):
     """mean ± standard deviation over the runs' scores (dicts) of each key"""
     return [mean_std([s[k] for s in scores]) for k in keys]

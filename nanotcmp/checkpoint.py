@@ -26,7 +26,7 @@ def save_model(model, out, stage, meta, data):
     fine-tuning's --init; meta, data: the dataset's meta.json and folder"""
     write_atomic(os.path.join(out, "model.safetensors"),
                  lambda p: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, p))
-    config = {"stage": stage, "model": asdict(model.config), "labels": meta["labels"],
+    config = {"stage": stage, "model": asdict(model.config), "frozen": model.frozen, "labels": meta["labels"],
               "vocab": {**meta["vocab"], "path": os.path.abspath(os.path.join(data, meta["vocab"]["path"]))},
               **{k: meta["settings"][k] for k in ("max_tokens", "max_context", "max_seconds")},  # prepare.py's cuts
               "data": os.path.abspath(data)}
@@ -47,8 +47,10 @@ def load_run(folder, stage):
                         f"ended): continue it with python train.py --resume --out {folder} and the options it was "
                         f"started with")
     config = read_json(config_path, CONFIG_TYPES, "a run of train.py")
-    if bad := [k for k, kind in CONFIG_TYPES.items() if not isinstance(config[k], kind) or isinstance(config[k], bool)]:
-        kind = {str: "a string", dict: "an object", list: "a list", int: "an integer", float: "a number"}
+    if bad := [k for k, kind in CONFIG_TYPES.items()
+               if not isinstance(config[k], kind) or isinstance(config[k], bool) != (kind[0] is bool)]:
+        kind = {str: "a string", dict: "an object", list: "a list", int: "an integer", float: "a number",
+                bool: "true or false"}
         raise DataError(f"{config_path}: {bad[0]} is {json.dumps(config[bad[0]])}, where train.py writes "
                         f"{kind[CONFIG_TYPES[bad[0]][0]]}: put back the run's own config.json, or train again")
     if not os.path.isfile(model_path):
@@ -68,7 +70,7 @@ def load_run(folder, stage):
 
 
 # config.json's keys and the types of their values (the first type named in errors)
-CONFIG_TYPES = {"stage": (str,), "model": (dict,), "labels": (list,), "vocab": (dict,), "max_tokens": (int,),
+CONFIG_TYPES = {"stage": (str,), "model": (dict,), "frozen": (bool,), "labels": (list,), "vocab": (dict,), "max_tokens": (int,),
                 "max_context": (int,), "max_seconds": (float, int)}
 RUN_FILES = ("model.safetensors", "config.json", "metrics.json", "log.json", "state.pt")
 
@@ -153,7 +155,7 @@ def interrupted(stages, argv):
 
 def load_init(model, folder, meta):
     """Start fine-tuning from a pre-training run of the same vocabulary and modalities: every tensor
-    but the emotion head must fit."""
+    but the emotion heads (Eq. 22's and --context-emotions') must fit."""
     try:
         config, ckpt = load_run(folder, "pretrain")
     except DataError as e:
@@ -175,7 +177,7 @@ def load_init(model, folder, meta):
         raise DataError(f"--init {folder} was trained with the vocabulary {config['vocab']['path']}, "
                          f"the dataset is prepared with another ({meta['vocab']['path']}): their ids differ")
     path, state = os.path.join(folder, "model.safetensors"), model.state_dict()
-    wanted = [n for n in state if not n.startswith(("head1.", "head2."))]
+    wanted = [n for n in state if not n.startswith(("head1.", "head2.", "recognise."))]
     bad = [f"{n}: model {tuple(state[n].shape)}, checkpoint "
            f"{tuple(ckpt[n].shape) if n in ckpt else 'missing'}" for n in wanted
            if n not in ckpt or ckpt[n].shape != state[n].shape]

@@ -231,10 +231,12 @@ def to_device(batch, device):
 
 
 def finetune_batch(split, samples, modalities, max_padding=0.1, grid=True):
-    """samples: (B, 3) rows of split.samples -> batch with labels (B,)"""
-    batch, _ = make_batch(split, [list(range(first, target)) for first, target, _ in samples], modalities=modalities,
-                          max_padding=max_padding, grid=grid)
+    """samples: (B, 3) rows of split.samples -> batch with labels (B,) and the label of each of its
+    distinct utterances, utt_labels (U,) (-1 where unlabelled)"""
+    batch, where = make_batch(split, [list(range(first, target)) for first, target, _ in samples],
+                              modalities=modalities, max_padding=max_padding, grid=grid)
     batch["labels"] = torch.tensor([int(y) for _, _, y in samples])
+    batch["utt_labels"] = torch.from_numpy(split.utt_label[list(where)].astype(np.int64))  # (where: in batch order)
     return batch
 
 

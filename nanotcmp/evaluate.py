@@ -1,8 +1,8 @@
 """
 Evaluation on dev and test, and the references that need no model. Pre-training is scored by
 target utterance searching (R5@1, R5@2, R11@1, R11@2 of T2T, A2A and M2M) beside a word-overlap
-reference; fine-tuning by WA, AA and macro-F1 beside the majority class and the last emotion of
-the target speaker (docs/results.md, "Training").
+reference; fine-tuning by WA, AA, macro-F1 and weighted-F1 beside the majority class and the last
+emotion of the target speaker (docs/results.md, "Training").
 """
 import math
 
@@ -11,14 +11,14 @@ import torch
 
 from nanotcmp.data import last_own_labels, to_device, windows
 from nanotcmp.loader import EVAL_BATCH, eval_batches, eval_targets
-from nanotcmp.metrics import emotion_scores, last_emotion_scores, majority_scores, recall_at
+from nanotcmp.metrics import class_scores, emotion_scores, last_emotion_scores, majority_scores, recall_at
 from nanotcmp.model import weighted_cross_entropy
 from nanotcmp.processes import autocast
 
 
 def evaluate(model, split, s, device):
-    """Dev or test scores of stage s.stage: retrieval (pre-training) or WA, AA, macro-F1 and the
-    confusion matrix"""
+    """Dev or test scores of stage s.stage: retrieval (pre-training) or WA, AA, macro-F1,
+    weighted-F1 and the confusion matrix"""
     if s.stage == "pretrain":
         return retrieval_scores(model, split, s, device)
     y, p = predict(model, split, s, device)
@@ -144,7 +144,7 @@ def selection_score(scores, tus):
 def describe(scores):
     """Scores as a log line: emotion scores, recalls, or recalls by retrieval (T2T, A2A, M2M)"""
     if "wa" in scores:
-        return f"WA {scores['wa']:.2f} AA {scores['aa']:.2f} F1 {scores['f1']:.2f}"
+        return f"WA {scores['wa']:.2f} AA {scores['aa']:.2f} macro-F1 {scores['f1']:.2f} weighted-F1 {scores['wf1']:.2f}"
     if all(isinstance(v, float) for v in scores.values()):
         return " ".join(f"{k} {v:.1f}" for k, v in scores.items())
     return " | ".join(f"{b} {describe(s)}" for b, s in scores.items())
@@ -152,8 +152,7 @@ def describe(scores):
 
 def final_scores(model, s, progress, splits, n_items, labels, device):
     """The kept model's scores on test (of dev's best epoch) and the references beside them, printed
-    -> metrics.json's content: the run's dev and test scores, and "test_word_overlap" | "test_majority",
-    "test_last_emotion" and, with a feature cache, "test_linear": the references' scores"""
+    -> metrics.json's content: the run's dev and test scores, and "test_word_overlap" | the references'"""
     train_split, dev, test = splits
     scores, best = evaluate(model, test, s, device), progress.best
     report = {"stage": s.stage, "train_items": n_items, "best_epoch": best["epoch"], "dev": best["dev"],
@@ -163,9 +162,31 @@ def final_scores(model, s, progress, splits, n_items, labels, device):
         report["test_word_overlap"] = word_overlap_scores(test, s.seed)
         print(f"  word overlap (no model): {describe(report['test_word_overlap'])}")
         return report
+    report |= references(model, splits)
+    show_classes("test", scores, labels)
+    return report
+
+
+def score_run(model, s, splits, labels, device):
+    """A fine-tuned model's dev and test scores and the references, printed with each class's
+    scores and the confusion matrices -> {"dev": scores, "test": scores, references}"""
+    report = {}
+    for split in splits[1:]:
+        report[split.name] = evaluate(model, split, s, device)
+        print(f"{split.name} ({len(split.samples)} samples): {describe(report[split.name])}")
+    report |= references(model, splits)
+    for split in splits[1:]:
+        show_classes(split.name, report[split.name], labels)
+    return report
+
+
+def references(model, splits):
+    """The scores beside a model's on test, printed: "test_majority", "test_last_emotion" and, with
+    a feature cache (frozen encoders), "test_linear" (without their confusion matrices)"""
+    train_split, dev, test = splits
     n, y_train, y_test = model.config.n_labels, train_split.samples[:, 2], test.samples[:, 2]
-    report["test_majority"] = majority_scores(y_train, y_test, n)
-    report["test_last_emotion"] = last_emotion_scores(y_train, y_test, last_own_labels(test), n)
+    report = {"test_majority": majority_scores(y_train, y_test, n),
+              "test_last_emotion": last_emotion_scores(y_train, y_test, last_own_labels(test), n)}
     for key in ("test_majority", "test_last_emotion"):
         del report[key]["confusion"]
     if train_split.features:  # frozen encoders: the linear reference on their cached features
@@ -175,7 +196,19 @@ def final_scores(model, s, progress, splits, n_items, labels, device):
                       ("logistic regression on [source ; response]", "test_linear")):
         if key in report:
             print(f"  {name}: {describe(report[key])}")
-    print("confusion (rows true, columns predicted; " + ", ".join(labels) + "):")
-    for row in scores["confusion"]:
-        print("  " + " ".join(f"{v:6d}" for v in row))
     return report
+
+
+def show_classes(name, scores, labels):
+    """Each class's precision, recall and F1 on a split, and its confusion matrix, as a table"""
+    width = max(8, *map(len, labels))
+    per = class_scores(scores["confusion"])
+    print(f"{name}, each class (percent):\n  {'':<{width}} precision  recall     F1  samples")
+    for i, label in enumerate(labels):
+        cells = " ".join(f"{'-' if v is None else f'{v:.1f}':>{w}}" for v, w in
+                         zip((per["precision"][i], per["recall"][i], per["f1"][i]), (9, 7, 6)))
+        print(f"  {label:<{width}} {cells} {per['support'][i]:8d}")
+    print(f"{name}, confusion (rows true, columns predicted):\n  {'':<{width}}" +
+          "".join(f" {label:>{width}}" for label in labels))
+    for label, row in zip(labels, scores["confusion"]):
+        print(f"  {label:<{width}}" + "".join(f" {v:{width}d}" for v in row))

@@ -1,6 +1,7 @@
 """
-The paper's metrics, numpy only. Emotion: WA (accuracy), AA (mean per-class recall) and
-macro F1, all from one confusion matrix. Pre-training: R_k@m of target utterance searching.
+The paper's metrics, numpy only. Emotion: WA (accuracy), AA (mean per-class recall), macro F1
+and the weighted F1 that the ERC literature reports (each class's F1 weighted by its share of the
+true labels), all from one confusion matrix. Pre-training: R_k@m of target utterance searching.
 Every score is in percent (0-100). Inputs may be lists, numpy arrays or torch tensors.
 """
 
@@ -48,19 +49,43 @@ def _aa(cm):
     return 100.0 * float(np.mean(np.diag(cm)[present] / support[present]))
 
 
-def _f1(cm):
-    # F1 = 2PR/(P+R) = 2tp / (2tp + fp + fn), which is 0 (not 0/0) whenever the class was true or
-    # predicted but never both; the classes neither true nor predicted are left out, as in
-    # scikit-learn's f1_score(average="macro", labels=<the classes seen>)
-    tp = np.diag(cm)
+def _f1s(cm):
+    # each class's F1 = 2PR/(P+R) = 2tp / (2tp + fp + fn), which is 0 (not 0/0) whenever the class
+    # was true or predicted but never both -> (F1 of each class, whether it was true or predicted)
     denom = cm.sum(0) + cm.sum(1)  # = 2tp + fp + fn
-    seen = denom > 0
-    return 100.0 * float(np.mean(2 * tp[seen] / denom[seen]))
+    return 2 * np.diag(cm) / np.maximum(denom, 1), denom > 0
+
+
+def _f1(cm):
+    # the classes neither true nor predicted are left out, as in scikit-learn's
+    # f1_score(average="macro", labels=<the classes seen>)
+    f1, seen = _f1s(cm)
+    return 100.0 * float(np.mean(f1[seen]))
+
+
+def _wf1(cm):
+    # scikit-learn's f1_score(average="weighted"): each class's F1 weighted by its support
+    support = cm.sum(1)
+    return 100.0 * float(_f1s(cm)[0] @ support / support.sum())
 
 
 def emotion_scores(y_true, y_pred, n_classes):
+    """-> WA, AA, macro F1 ("f1"), weighted F1 ("wf1"), in percent, and the confusion matrix"""
     cm = confusion(y_true, y_pred, n_classes)
-    return {"wa": _wa(cm), "aa": _aa(cm), "f1": _f1(cm), "confusion": cm.tolist()}
+    return {"wa": _wa(cm), "aa": _aa(cm), "f1": _f1(cm), "wf1": _wf1(cm), "confusion": cm.tolist()}
+
+
+def class_scores(cm):
+    """A confusion matrix (rows true) -> each class's precision, recall and F1 in percent, None
+    where 0/0 (a class never predicted has no precision, one never true no recall), and its support"""
+    cm = np.asarray(cm)
+    tp, predicted, true = np.diag(cm), cm.sum(0), cm.sum(1)
+    f1, seen = _f1s(cm)
+
+    def share(a, b):
+        return [100.0 * float(x / y) if y else None for x, y in zip(a, b)]
+    return {"precision": share(tp, predicted), "recall": share(tp, true),
+            "f1": [100.0 * float(v) if s else None for v, s in zip(f1, seen)], "support": true.tolist()}
 
 
 def majority_class(y_train, n_classes):

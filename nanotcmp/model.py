@@ -323,6 +323,7 @@ class TCMPConfig:
     tus_loss: str = "bce"                 # "bce" (the sound reading of Eq. 14-15) or "softmax" (authors' code)
     zeta: float = 0.5                     # Eq. 21
     eta: float = 0.5
+    context_emotions: float = 0.0         # weight of the loss recognising each context utterance's emotion
     dropout: float = 0.1
     bert: dict = None                     # BertConfig / HubertConfig fields, None when the modality is off
     hubert: dict = None
@@ -446,6 +447,8 @@ class TCMP(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.head1 = nn.Linear(len(self.streams) * c.d, c.d)  # Eq. 22
         self.head2 = nn.Linear(c.d, c.n_labels)
+        if c.context_emotions:  # not in the paper: the emotion of each utterance from its vectors [H^t ; H^a ; H^m]
+            self.recognise = nn.Linear(len(self.streams) * c.d, c.n_labels)
         # Eq. 23's class weights ω, from the training split (not saved with the model)
         self.register_buffer("class_weights", torch.ones(c.n_labels), persistent=False)
         # the encoders check their inputs (ids in the vocabulary, waveforms long enough), a host-device
@@ -504,19 +507,22 @@ class TCMP(nn.Module):
         (fine-tuning) the emotion logits (B, n_labels) and, given labels, the loss of Eq. 23."""
         if "targets" in batch:
             return self.pretrain_loss(batch)
-        logits = self.classify(batch)
+        H = self.encode(batch)
+        logits = self.next_emotion(H, batch["ctx"], batch["ctx_mask"])
         if "labels" not in batch:
             return logits, None, {}
         loss = weighted_cross_entropy(logits, batch["labels"], self.class_weights)
-        return logits, loss, {"wce": loss}
+        parts = {"wce": loss}
+        if self.config.context_emotions:  # the batch's distinct labelled utterances, each once
+            known = batch["utt_labels"] >= 0  # (U,)
+            u = self.recognise(self.drop(torch.cat([H[beta][known] for beta in self.streams], -1)))
+            parts["context"] = weighted_cross_entropy(u, batch["utt_labels"][known], self.class_weights)
+            loss = loss + self.config.context_emotions * parts["context"]
+        return logits, loss, parts
 
     def interact(self, H, ctx, ctx_mask):
         """Context vectors P^β for every target position: ctx (B, L) indexes H's utterances -> {β: (B, L+1, d)}"""
         return {beta: self.context[beta](self.drop(H[beta][ctx]), ctx_mask) for beta in self.streams}
-
-    def classify(self, batch):
-        """Fine-tuning: logits (B, n_labels) of the next emotion after each context, Eq. 22 (before its softmax)"""
-        return self.next_emotion(self.encode(batch), batch["ctx"], batch["ctx_mask"])
 
     def next_emotion(self, H, ctx, ctx_mask):
         """Encoded utterances H, contexts ctx (B, L) indexing them -> logits (B, n_labels) of the target

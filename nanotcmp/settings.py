@@ -29,6 +29,15 @@ def ranged(kind, low=None, high=None, above=False, below=False):
     return parse
 
 
+def one_of(*names):
+    """An argparse type: one of names (a choice a preset can give)"""
+    def parse(text):
+        if text not in names:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(names)}")
+        return text
+    return parse
+
+
 SEED = ranged(int, 0, 2 ** 32 - 1)  # an argparse type: a seed, as torch and numpy take it (and seed + rank)
 
 # A value that is a dict depends on the stage ("pretrain", "finetune"), then on the device ("cuda", "cpu").
@@ -46,6 +55,8 @@ PRESETS = {
                   "finetune": 3},  # on 20 labelled dialogues a pre-trained model is best after an epoch or two
         lr=1e-3,  # everything learns from scratch, with larger steps than a checkpoint's fine-tuning
         lr_encoder=None,  # --lr's: the tiny encoders learn from scratch too
+        lr_schedule="constant",
+        context_emotions=0.0,
     ),
     # checkpoints kept fixed (--freeze-encoders): only the TCMP layers learn, from a few thousand samples;
     # chosen on P-MELD's dev split over 3 seeds (docs/results.md, "How the settings were chosen")
@@ -58,6 +69,8 @@ PRESETS = {
         patience=0,  # every epoch
         lr={"pretrain": 1e-3, "finetune": 3e-4},  # the best mean dev recall; the best mean dev WA
         lr_encoder=2e-6,  # the paper's (the encoders do not learn: unused)
+        lr_schedule="constant",
+        context_emotions=0.0,
     ),
     # checkpoints trained end to end: the paper's settings (§4.2)
     "paper": dict(
@@ -70,6 +83,8 @@ PRESETS = {
         patience=0,  # every epoch
         lr={"pretrain": 2e-4, "finetune": 2e-5},  # everything but the encoders
         lr_encoder=2e-6,  # the encoders, fine-tuned gently
+        lr_schedule="constant",
+        context_emotions=0.0,  # the paper's loss alone
     ),
 }
 # the options a preset gives: their type (and range) and what they set
@@ -81,7 +96,12 @@ PRESET_OPTIONS = {"d": (ranged(int, 1), "model width"),
                   "patience": (ranged(int, 0), "stop a stage after this many epochs without a better dev score "
                                                 "(0: never)"),
                   "lr": (ranged(float, 0), "everything but the encoders"),
-                  "lr_encoder": (ranged(float, 0), "the encoders")}
+                  "lr_encoder": (ranged(float, 0), "the encoders"),
+                  "lr_schedule": (one_of("constant", "cosine"), "the rates through a stage: constant, or cosine "
+                                                               "(from --lr and --lr-encoder down to 0 at the last epoch)"),
+                  "context_emotions": (ranged(float, 0), "fine-tuning: the weight, beside Eq. 23's loss, of a loss "
+                                                         "that recognises each labelled context utterance's emotion "
+                                                         "(0: none, as the paper)")}
 # how fast a run goes, the same in every preset
 SPEED = dict(
     shape_grid={"cuda": True, "cpu": False},  # a GPU plans each encoder shape once; on the CPU a grid only pads
@@ -105,7 +125,7 @@ def by_preset(key):
     def show(v):
         if isinstance(v, dict):
             return ", ".join(f"{k} {show(x)}" for k, x in v.items())
-        return "--lr's" if v is None else f"{v:g}"
+        return "--lr's" if v is None else v if isinstance(v, str) else f"{v:g}"
     return "; ".join(f"{name}: {show(p[key])}" for name, p in PRESETS.items())
 
 
@@ -229,6 +249,14 @@ def stage_settings(stage, args, device, out, init, batch_size):
     return argparse.Namespace(**{**vars(args), **chosen, "stage": stage, "preset": preset, "out": out, "init": init,
                                  "micro_batches": n_micro, "resume": resume,
                                  "overwrite": args.overwrite or (args.resume and not resume)})
+
+
+def for_scoring(data, modalities, device):
+    """The settings a fine-tuned model is scored with outside train.py (sample.py --score): train.py's
+    defaults, on all of data's splits"""
+    return argparse.Namespace(stage="finetune", data=data, modalities="all" if len(modalities) > 1 else modalities[0],
+                              train_fraction=1.0, max_padding=options("").get_default("max_padding"),
+                              **{k: v[device.type] for k, v in SPEED.items()})
 
 
 def as_line(s):

@@ -3,6 +3,7 @@ The pieces train.py puts together: a stage's data, the model of a stage's settin
 checkpoints loaded, its optimiser, and one training step (which bench.py times, with the optimiser).
 """
 import contextlib
+import math
 import os
 from dataclasses import asdict
 
@@ -97,7 +98,8 @@ def build_model(s, meta):
         raise DataError(f"{s.data} was prepared with --max-tokens {meta['settings']['max_tokens']}, longer than the "
                         f"{limit} word pieces the text encoder takes: prepare it again with --max-tokens {limit}")
     config = TCMPConfig(d=s.d, n_labels=max(len(meta["labels"]), 1), modalities=modalities, distant=not s.no_distant,
-                        tus=s.tus, tus_loss=s.tus_loss, dropout=s.dropout, bert=bert, hubert=hubert)
+                        tus=s.tus, tus_loss=s.tus_loss, context_emotions=s.context_emotions if s.stage == "finetune" else 0.0,
+                        dropout=s.dropout, bert=bert, hubert=hubert)
     model = TCMP(config)
     if bert_w:
         model.bert.load_state_dict(bert_w)
@@ -138,11 +140,20 @@ def class_weights(train, n_labels):
 
 
 def optimizer(model, s):
-    """Adam with two learning rates, the encoders' and the rest's (paper §4.2)"""
+    """Adam with two learning rates, the encoders' and the rest's (paper §4.2), each its group's "peak"
+    (see set_rates)"""
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in trained if n.startswith(("bert.", "hubert.")) == enc], "lr": rate}
+    groups = [{"params": [p for n, p in trained if n.startswith(("bert.", "hubert.")) == enc], "lr": rate, "peak": rate}
               for enc, rate in ((True, s.lr_encoder), (False, s.lr))]
     return torch.optim.Adam([g for g in groups if g["params"]], betas=(0.9, 0.999), fused=True)
+
+
+def set_rates(opt, s, step, total):
+    """--lr-schedule: each group's rate for step (counted from 0) of the stage's total: its peak, or
+    with cosine its peak * (1 + cos(pi * step / total)) / 2"""
+    factor = 1.0 if s.lr_schedule == "constant" else (1 + math.cos(math.pi * step / total)) / 2
+    for g in opt.param_groups:
+        g["lr"] = g["peak"] * factor
 
 
 def train_step(runner, opt, micro):
