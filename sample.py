@@ -22,12 +22,11 @@ import time
 
 from nanotcmp.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, NoFFmpeg, load_audio
 from nanotcmp import settings
-from nanotcmp.checkpoint import load_run
+from nanotcmp.checkpoint import load_model
 from nanotcmp.data import line_problem, load_meta, positions
 from nanotcmp.evaluate import score_run
 from nanotcmp.features import attach_features
 from nanotcmp.files import DataError, given_path, one_line_errors
-from nanotcmp.model import TCMP, TCMPConfig
 from nanotcmp.processes import device_from
 from nanotcmp.stream import Stream
 from nanotcmp.tokenizer import WordPiece
@@ -44,15 +43,9 @@ def load_checkpoint(folder, device):
         raise DataError(f"--ckpt {folder} is a file; give a run's folder (config.json, model.safetensors)")
     if not os.path.isdir(folder):
         raise DataError(f"no checkpoint at {folder}; train one with: python train.py")
-    config, tensors = load_run(folder, "finetune")
+    model, config = load_model(folder, "finetune")
     if config["stage"] != "finetune":
         raise DataError(f"{folder} is a {config['stage']} run; give a fine-tuning run (--ckpt)")
-    try:
-        model = TCMP(TCMPConfig(**{**config["model"], "modalities": tuple(config["model"]["modalities"])}))
-        model.load_state_dict(tensors)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise DataError(f"{folder} does not match this code's TCMP ({first})") from None
     labels = config["labels"]  # a list (load_run)
     if len(labels) != model.config.n_labels or not all(isinstance(name, str) for name in labels):
         raise DataError(f"{os.path.join(folder, 'config.json')}: labels must be a list of "
@@ -63,7 +56,7 @@ def load_checkpoint(folder, device):
             raise DataError(f"{os.path.join(folder, 'config.json')}: {key} {config[key]} is outside [{low}, {high}] "
                             f"(prepare.py's, and the run's text encoder's); put back the run's own config.json")
     tok = WordPiece.from_file(config["vocab"]["path"])
-    return model.to(device).eval(), tok, config
+    return model.to(device), tok, config
 
 
 def audio_cut(config, folder):
@@ -176,8 +169,7 @@ def score(args):
     s = settings.for_scoring(args.score, model.config.modalities, device)
     train, _, dev, test = open_splits(s, meta)
     model.class_weights.copy_(class_weights(train, model.config.n_labels))  # (the linear reference's)
-    if config["frozen"]:  # the cached features the run learnt from (computed now if not there)
-        model.freeze_encoders()
+    if model.frozen:  # the cached features the run learnt from (computed now if not there)
         attach_features(model, args.score, (train, dev, test), device)
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         print(f"{args.ckpt} on {args.score}:")

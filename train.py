@@ -18,11 +18,10 @@ import os
 import sys
 import time
 
-from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanotcmp import processes, settings
-from nanotcmp.checkpoint import claim_folders, interrupted, run_folder, save_model, save_state
+from nanotcmp.checkpoint import claim_folders, interrupted, load_kept, run_folder, save_model, save_state
 from nanotcmp.data import load_meta, to_device
 from nanotcmp.evaluate import describe, evaluate, final_scores, selection_score
 from nanotcmp.files import one_line_errors, write_json
@@ -93,7 +92,7 @@ def train(s, device):
         if progress.step < total:
             print0(f"stopped after epoch {progress.step // per_epoch}: dev has not improved for {s.patience} epochs")
     if rank() == 0:  # the kept model on test, beside the references
-        model.load_state_dict(load_file(os.path.join(s.out, "model.safetensors")))
+        load_kept(model, s.out)
         report = final_scores(model, s, progress, (train_split, dev, test), len(items), meta["labels"], device)
         write_json(os.path.join(s.out, "metrics.json"), report)
         print(f"{s.stage} done in {time.time() - meter.t0:.0f} s: {s.out}")

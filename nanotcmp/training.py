@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanotcmp.checkpoint import load_init
+from nanotcmp.checkpoint import ENCODERS, load_init, weights_sha256
 from nanotcmp.cuda_graphs import CudaGraphs, compile_encoders
 from nanotcmp.data import Split, keep_dialogues, positions, windows
-from nanotcmp.features import attach_features
+from nanotcmp.features import attach_features, attach_hidden
 from nanotcmp.files import DataError, file_sha256
 from nanotcmp.model import Bert, BertConfig, Hubert, HubertConfig, TCMP, TCMPConfig
 from nanotcmp.processes import autocast, print0, rank, world
@@ -94,6 +94,10 @@ def build_model(s, meta):
     if bert and bert["vocab_size"] != vocab_size:
         raise DataError(f"{s.text_encoder} has {bert['vocab_size']} word pieces, the dataset's vocabulary "
                         f"{vocab_size}: prepare the dataset with this encoder's vocab.txt")
+    own = os.path.join(s.text_encoder, "vocab.txt")  # a checkpoint's own vocabulary, which its ids are of
+    if bert_w and os.path.isfile(own) and file_sha256(own) != meta["vocab"]["sha256"]:
+        raise DataError(f"{s.data} was prepared with another vocabulary than {own}, of the same size: its ids "
+                        f"would mean other word pieces; prepare it with --vocab {own}")
     if bert and meta["settings"]["max_tokens"] > (limit := positions(bert["max_positions"])):
         raise DataError(f"{s.data} was prepared with --max-tokens {meta['settings']['max_tokens']}, longer than the "
                         f"{limit} word pieces the text encoder takes: prepare it again with --max-tokens {limit}")
@@ -107,6 +111,11 @@ def build_model(s, meta):
         model.hubert.load_state_dict(hubert_w)
     if s.stage == "finetune" and s.init:
         load_init(model, s.init, meta)
+    # what config.json names: the encoders a frozen run reads from their folders, and the vocabulary
+    folders = {"text": s.text_encoder if bert_w else None, "audio": s.audio_encoder if hubert_w else None}
+    model.checkpoints = {key: (path, weights_sha256(getattr(model, ENCODERS[key])))
+                         for key, path in folders.items() if path and s.freeze_encoders}
+    model.vocab_file = own if bert_w and os.path.isfile(own) else vocab
     return model
 
 
@@ -125,6 +134,11 @@ def set_up_model(s, meta, splits, device):
         model.class_weights.copy_(class_weights(splits[0], model.config.n_labels))
     if s.freeze_encoders and not s.no_cache:
         attach_features(model, s.data, splits, device)
+    if s.fixed_layers:
+        if s.fixed_layers >= model.bert.config.n_layer:
+            raise DataError(f"--fixed-layers {s.fixed_layers} leaves none of {s.text_encoder}'s "
+                            f"{model.bert.config.n_layer} layers to train: give fewer, or --freeze-encoders")
+        attach_hidden(model.fix_layers(s.fixed_layers), s.data, splits, device)
     if s.compile:
         compile_encoders(model)
     if device.type == "cuda" and s.cuda_graphs != "off":
