@@ -2019,7 +2019,7 @@ def test_score_gives_a_runs_own_scores_and_each_class(small_demo, demo_ckpt, tmp
         capsys.readouterr()  # (what training printed)
         report = json.loads(run_sample(capsys, "--ckpt", run, "--score", data, "--json"))
         assert report["test"] == metrics["test"]
-        assert {k: v for k, v in report["dev"].items() if k != "confusion"} == metrics["dev"]
+        assert report["dev"] == metrics["dev"]
         assert ("test_linear" in report) == (run == frozen)  # the linear reference reads frozen features
         assert {k: v for k, v in report.items() if k.startswith("test_")} == \
                {k: v for k, v in metrics.items() if k.startswith("test_")}
@@ -3960,6 +3960,19 @@ def test_the_kept_pretraining_epoch_is_chosen_on_the_retrievals_the_run_trains()
     assert evaluate.selection_score(better_m2m, "intra") == evaluate.selection_score(dev, "intra") == 50.0
     assert evaluate.selection_score(better_m2m, "inter") > evaluate.selection_score(dev, "inter")
     assert evaluate.selection_score(better_m2m, "both") > evaluate.selection_score(dev, "both")
+
+
+def test_an_epoch_that_answers_one_class_is_never_kept(small_demo, tmp_path, monkeypatch):
+    # epoch 1 answers class 0 for every dev sample with the better WA, epoch 2 answers two classes
+    one_class = {"wa": 60.0, "aa": 33.3, "f1": 25.0, "wf1": 45.0, "confusion": [[6, 0, 0], [3, 0, 0], [1, 0, 0]]}
+    two = {"wa": 50.0, "aa": 40.0, "f1": 35.0, "wf1": 48.0, "confusion": [[4, 2, 0], [2, 1, 0], [1, 0, 0]]}
+    assert evaluate.selection_score(one_class, "both") == -math.inf < evaluate.selection_score(two, "both") == 50.0
+    epochs = iter([one_class, two, one_class])
+    monkeypatch.setattr(train, "evaluate", lambda *a: next(epochs))
+    train.main(["--stage", "finetune", "--data", small_demo, "--out", tmp_path / "r", "--epochs", "3",
+                "--patience", "0", "--log-every", "100"])
+    metrics = json.loads((tmp_path / "r/metrics.json").read_text())
+    assert metrics["best_epoch"] == 2 and metrics["dev"] == two and metrics["dev_by_epoch"] == [one_class, two, one_class]
 
 
 def test_noise_never_reads_as_its_target(tmp_path):

@@ -106,7 +106,7 @@ def end_epoch(s, epoch, progress, model, dev, meta, device, t_start):
     if rank() == 0:
         scores = evaluate(model, dev, s, device)
         print(f"epoch {epoch} ({time.time() - t_start:.0f} s) dev: {describe(scores)}")
-        progress.dev_by_epoch.append({k: v for k, v in scores.items() if k != "confusion"})
+        progress.dev_by_epoch.append(scores)
         if progress.best is None or selection_score(scores, s.tus) > selection_score(progress.best["dev"], s.tus):
             progress.best = {"epoch": epoch, "dev": progress.dev_by_epoch[-1]}
             save_model(model, s.out, s.stage, meta, s.data)

@@ -133,11 +133,13 @@ TRAINED_BY = {"intra": ("T2T", "A2A"), "inter": ("M2M",), "both": ("T2T", "A2A",
 
 
 def selection_score(scores, tus):
-    """What keeps a model: dev WA in fine-tuning; in pre-training the mean of the dev recalls
-    (R5@1, R5@2, R11@1, R11@2) of the retrievals --tus trains (M2M under intra, say, comes from an
-    untrained fusion layer)"""
+    """What keeps a model: dev WA in fine-tuning (the paper's rule), but never for an epoch that
+    answers one class for every sample (-inf: that is the majority class, not a model, and its WA can
+    be high); in pre-training the mean of the dev recalls (R5@1, R5@2, R11@1, R11@2) of the
+    retrievals --tus trains (M2M under intra, say, comes from an untrained fusion layer)"""
     if "wa" in scores:
-        return scores["wa"]
+        answered = sum(1 for column in zip(*scores["confusion"]) if any(column))
+        return scores["wa"] if answered > 1 else -math.inf
     return float(np.mean([v for beta in TRAINED_BY[tus] if beta in scores for v in scores[beta].values()]))
 
 
