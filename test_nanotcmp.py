@@ -1844,9 +1844,12 @@ def test_pmeld_label_efficiency_and_end_to_end_runs(capsys):
         ("pretrain", "o/pretrain-frozen/text-pre/seed3", True), ("finetune", "o/e2e/text-pre/seed3/finetune", False)]
     assert e2e[2] == runs[3]  # the frozen table's pre-training, the same command
     assert all(e2e[i]["--preset"] == "frozen" for i in (0, 1, 3))  # the frozen preset's TCMP layers
-    sweep = pmeld_commands(capsys, "--end-to-end", "--sweep")
-    assert [(r["--out"], r["--seed"], r["--lr-encoder"]) for r in sweep] == [
-        (f"o/sweep-e2e/lr-encoder{r}/seed0", "0", r) for r in ("1e-5", "3e-5", "1e-4")]
+    assert all(e2e[i]["--fixed-layers"] == "4" and e2e[i]["--patience"] == "3" for i in (0, 1, 3))
+    sweep = pmeld_commands(capsys, "--end-to-end", "--sweep", "--seeds", "0")
+    assert [(r["--out"], r["--lr-encoder"], r.get("--fixed-layers"), r["--epochs"]) for r in sweep] == [
+        ("o/sweep-e2e/all-layers-3epochs/seed0", "1e-5", None, "3"),
+        ("o/sweep-e2e/fixed4-3epochs/seed0", "1e-5", "4", "3"),
+        *((f"o/sweep-e2e/fixed4-lr-encoder{r}/seed0", r, "4", "12") for r in ("1e-5", "3e-5", "1e-4"))]
 
 
 def pmeld_args(tmp_path, mode, **kw):
@@ -1918,18 +1921,36 @@ def test_pmeld_label_efficiency_table_pairs_the_seeds(tmp_path):
 
 def test_pmeld_sweep_chooses_on_dev_the_best_mean_and_the_fewest_epochs(tmp_path):
     pmeld = load_experiment("pmeld")
-    args = pmeld_args(tmp_path, "e2e", sweep=True, seeds=[0, 1])
-    curves = {"lr-encoder1e-5": [[40, 45, 44], [42, 41, 46]],  # best of epochs 1-E: 41 43.5 45.5
-              "lr-encoder3e-5": [[44, 46, 40], [45, 45, 45]],  # 44.5 45.5 45.5
-              "lr-encoder1e-4": [[30, 30, 30], [30, 30, 30]]}
+    args = pmeld_args(tmp_path, "frozen", sweep=True, seeds=[0, 1])
+    a, b, c = list(pmeld.EPOCH_GRID)[:3]
+    curves = {a: [[40, 41, 42, 43, 45] + [40] * 7, [42, 41, 40, 40, 46] + [40] * 7],  # best of epochs 1-E (E = 4,
+              b: [[44, 46] + [40] * 10, [45] * 12],                                      # 8, 12): 42.5 45.5 45.5
+              c: [[30] * 12, [30] * 12]}                                                 # 45.5 45.5 45.5
     for name, by_seed in curves.items():
         for seed, curve in enumerate(by_seed):
-            write_run(tmp_path / f"sweep-e2e/{name}/seed{seed}", {"dev_by_epoch": [{"wa": w, "f1": w / 2} for w in curve],
-                                                                  "test": {"wa": 99.0}}, 120.0)
+            write_run(tmp_path / f"sweep-frozen/{name}/seed{seed}", {
+                "dev_by_epoch": [{"wa": w, "f1": w / 2} for w in curve], "test": {"wa": 99.0}}, 120.0)
     text = pmeld.sweep_table(args, pmeld.chains_of(args, ["p", "u"]))
-    assert "| lr-encoder1e-5 | 41.0 ± 1.4 | 43.5 ± 2.1 | 45.5 ± 0.7 | 22.8 ± 0.4 | 2.0 |" in text
-    # 45.5 first reached at E = 2 by 3e-5; 1e-5 reaches it only at E = 3
-    assert text.endswith("Chosen: lr-encoder3e-5, 2 epochs (mean dev WA 45.5)\n") and "99" not in text
+    assert f"| {a} | 42.5 ± 0.7 | 45.5 ± 0.7 | 45.5 ± 0.7 | 22.8 ± 0.4 | 2.0 |" in text
+    # 45.5 first reached at E = 4 by b; a reaches it only at E = 8
+    assert f"Chosen: {b}, 4 epochs (mean dev WA 45.5)" in text and "99" not in text
+
+
+def test_pmeld_whole_runs_choose_on_dev_macro_f1_among_their_candidates(tmp_path):
+    pmeld = load_experiment("pmeld")
+    args = pmeld_args(tmp_path, "e2e", sweep=True, seeds=[0, 1])
+    f1 = {"all-layers-3epochs": 60.0, "fixed4-3epochs": 20.0, "fixed4-lr-encoder1e-5": 40.0,
+          "fixed4-lr-encoder3e-5": 45.0, "fixed4-lr-encoder1e-4": 41.0}
+    assert list(pmeld.WHOLE_RUNS["e2e"]) == list(f1)
+    for name, score in f1.items():
+        for seed in args.seeds:
+            dev = {"wa": 70.0 - score, "aa": 30.0, "f1": score + seed, "wf1": 35.0}
+            write_run(tmp_path / f"sweep-e2e/{name}/seed{seed}", {"best_epoch": 2 + seed, "dev": dev,
+                                                                  "test": {"wa": 99.0}}, 60.0)
+    text = pmeld.sweep_table(args, pmeld.chains_of(args, ["p", "u"]))
+    assert "| fixed4-lr-encoder3e-5 | 25.0 ± 0.0 | 30.0 ± 0.0 | 45.5 ± 0.7 | 35.0 ± 0.0 | 2, 3 | 1.0 |" in text
+    # the best macro-F1 of the candidates (the 3-epoch runs are evidence, not candidates), not the best WA
+    assert text.endswith("Chosen: fixed4-lr-encoder3e-5 (mean dev macro-F1 45.5)\n") and "99" not in text
 
 
 def test_a_table_starts_a_run_cut_short_again(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ pre-training is worth when labels are few (10%, 25% and all of the training dial
 python experiments/pmeld.py --jobs 2                        # frozen MiniLM, on the feature cache
 python experiments/pmeld.py --jobs 2 --end-to-end           # MiniLM trained with the TCMP layers
 python experiments/pmeld.py --jobs 2 --sweep                # how the frozen settings were chosen on dev
-python experiments/pmeld.py --jobs 2 --end-to-end --sweep   # how the encoder's rate and the epochs were
+python experiments/pmeld.py --jobs 2 --end-to-end --sweep   # how the fixed layers and the encoder's rate were
 python experiments/pmeld.py --paper                         # as the paper: d 768, its rates, 50 epochs (a GPU)
 python experiments/pmeld.py ... --dry-run                   # print every command, run nothing
 python experiments/pmeld.py ... --table                     # the table of the runs finished so far
@@ -49,34 +49,41 @@ FRACTIONS = (0.1, 0.25, 1.0)  # of the training dialogues; dev and test stay who
 AUTHORS_PRETRAINING = ["--k", "11", "--batch-size", "64", "--epochs", "30", "--patience", "10"]
 FROZEN_PRETRAINING = ["--freeze-encoders"] + AUTHORS_PRETRAINING
 # End to end, the TCMP layers learn with the frozen preset's settings, so that Text-Pre fine-tunes from
-# the frozen pre-training; the encoder's rate and the epochs chosen on dev (--end-to-end --sweep)
-END_TO_END = ["--preset", "frozen", "--lr-encoder", "1e-5", "--epochs", "3"]
+# the frozen pre-training; MiniLM's embeddings and first 4 layers stay fixed, its top 2 layers learn at
+# the encoder's rate, until dev stops improving (--end-to-end --sweep chose them)
+END_TO_END = ["--preset", "frozen", "--fixed-layers", "4", "--epochs", "12", "--patience", "3"]
+LR_ENCODER = "1e-5"
 # mode -> (pre-training options, fine-tuning options, rows run by default, shares of the training dialogues)
 MODES = {"frozen": (FROZEN_PRETRAINING, ["--freeze-encoders"], list(ROWS), FRACTIONS),
          # pre-training end to end costs several fine-tuning steps a step (docs/results.md): the rows
          # pre-train frozen (the frozen table's runs) and fine-tune end to end
-         "e2e": (FROZEN_PRETRAINING, END_TO_END, list(ROWS)[:3], FRACTIONS),
+         "e2e": (FROZEN_PRETRAINING, END_TO_END + ["--lr-encoder", LR_ENCODER], list(ROWS)[:3], FRACTIONS),
          # the paper: both stages end to end, at its rates (the paper preset), 50 epochs
          "paper": (AUTHORS_PRETRAINING, ["--epochs", "50"], list(ROWS)[:3], (1.0,))}
-# The sweeps: fine-tuning Text (no pre-training) on dev -> {setting's folder: train.py's options}
-SWEEPS = {
-    "frozen": {f"d{d}-dropout{p}-lr{lr}": ["--freeze-encoders", "--d", str(d), "--dropout", str(p), "--lr", lr,
-                                           "--epochs", "12"]
-               for d, p, lr in [(d, p, lr) for d in (64, 128) for p in (0.1, 0.3) for lr in ("1e-4", "3e-4", "1e-3")]
-               + [(256, 0.1, "1e-4"), (256, 0.1, "3e-4")]},  # d 256 below both at dropout 0.1: no more of it
-    "e2e": {f"lr-encoder{r}": ["--preset", "frozen", "--lr-encoder", r, "--epochs", "3"]
-            for r in ("1e-5", "3e-5", "1e-4")},
-}
-# ... then at the chosen width, dropout and rate, the schedule and the loss on the context's emotions,
-# each a whole run of its own epochs (a cosine run's first epochs are not a shorter run's)
-TRAINING_SWEEP = {f"{schedule}-context{w}{'-12epochs' if e == 12 else ''}": [
-    "--freeze-encoders", "--lr-schedule", schedule, "--context-emotions", str(w), "--epochs", str(e)]
-    for schedule, w, e in [("constant", 0, 8), ("constant", 0.5, 8), ("cosine", 0, 8), ("cosine", 0.5, 8),
-                           ("cosine", 1, 8), ("cosine", 2, 8), ("cosine", 0.5, 12), ("cosine", 1, 12)]}
+# The sweeps, fine-tuning Text (no pre-training) on dev. MiniLM frozen: width, dropout and rate over 12
+# epochs (one run gives what runs of 4 and 8 keep: its first epochs are theirs, at a constant rate)
+EPOCH_GRID = {f"d{d}-dropout{p}-lr{lr}": ["--freeze-encoders", "--d", str(d), "--dropout", str(p), "--lr", lr,
+                                          "--lr-schedule", "constant", "--context-emotions", "0", "--epochs", "12"]
+              for d, p, lr in [(d, p, lr) for d in (64, 128) for p in (0.1, 0.3) for lr in ("1e-4", "3e-4", "1e-3")]
+              + [(256, 0.1, "1e-4"), (256, 0.1, "3e-4")]}  # d 256 below both at dropout 0.1: no more of it
+EPOCH_CHOICES = (4, 8, 12)  # the epochs the grid chooses among
+# ... then whole runs, each of its own epochs (a cosine run's first epochs are not a shorter run's):
+# {mode: ({setting's folder: train.py's options}, the settings chosen among)}. MiniLM frozen, at the
+# chosen width, dropout and rate: the schedule and the loss on the context's emotions. End to end: all
+# of MiniLM learning against its top 2 layers alone, at the former 3 epochs, then the encoder's rate.
+WHOLE_RUNS = {
+    "frozen": {f"{schedule}-context{w}{'-12epochs' if e == 12 else ''}": [
+        "--freeze-encoders", "--lr-schedule", schedule, "--context-emotions", str(w), "--epochs", str(e)]
+        for schedule, w, e in [("constant", 0, 8), ("constant", 0.5, 8), ("cosine", 0, 8), ("cosine", 0.5, 8),
+                               ("cosine", 1, 8), ("cosine", 2, 8), ("cosine", 0.5, 12), ("cosine", 1, 12)]},
+    "e2e": {"all-layers-3epochs": ["--preset", "frozen", "--lr-encoder", "1e-5", "--epochs", "3",
+                                   "--lr-schedule", "constant", "--context-emotions", "0"],
+            "fixed4-3epochs": ["--preset", "frozen", "--lr-encoder", "1e-5", "--epochs", "3",
+                               "--lr-schedule", "constant", "--context-emotions", "0", "--fixed-layers", "4"],
+            **{f"fixed4-lr-encoder{r}": END_TO_END + ["--lr-encoder", r] for r in ("1e-5", "3e-5", "1e-4")}}}
+CHOSEN_AMONG = {"frozen": list(WHOLE_RUNS["frozen"]), "e2e": [n for n in WHOLE_RUNS["e2e"] if "lr-encoder" in n]}
 # ... and pre-training with MiniLM frozen, at train.py's default rate and above it
 PRETRAIN_SWEEP = {f"pretrain-lr{lr}": ["--lr", lr] for lr in ("2e-4", "1e-3", "3e-3")}
-EPOCH_CHOICES = {"frozen": (4, 8, 12), "e2e": (1, 2, 3)}  # the epochs a sweep chooses among
-SWEEP_SEEDS = {"frozen": [0, 1, 2], "e2e": [0]}  # an end-to-end epoch takes 3 to 5 minutes of a core
 RECALLS = ("R5@1", "R11@1")  # target utterance searching: the right candidate first among 5, among 11
 
 
@@ -152,9 +159,9 @@ def chains_of(args, datasets):
     if not args.sweep:
         return {(row, seed, fraction): chain(row, seed, fraction, args, datasets) for row in args.rows
                 for fraction in args.fractions if fraction == 1 or row in LABEL_ROWS for seed in args.seeds}
-    settings = [("finetune", datasets[0], name, options) for name, options in SWEEPS[args.mode].items()]
+    settings = [("finetune", datasets[0], name, options) for name, options in WHOLE_RUNS[args.mode].items()]
     if args.mode == "frozen":
-        settings += [("finetune", datasets[0], name, options) for name, options in TRAINING_SWEEP.items()]
+        settings += [("finetune", datasets[0], name, options) for name, options in EPOCH_GRID.items()]
         settings += [("pretrain", datasets[1], name, FROZEN_PRETRAINING + options)
                      for name, options in PRETRAIN_SWEEP.items()]
     return {(name, seed): [train(stage, data, os.path.join(args.out, f"sweep-{args.mode}", name, f"seed{seed}"),
@@ -242,21 +249,22 @@ def label_efficiency(args, chains):
 
 
 def sweep_table(args, chains):
-    """A sweep's dev WA: for each setting and number of epochs E, the mean over the seeds of the
-    best dev WA of epochs 1 to E (what a run of E epochs keeps: its first E epochs are this run's),
-    and the choice: the best mean, the fewest epochs among equals"""
-    choices = EPOCH_CHOICES[args.mode]
-    lines = [f"Dev WA of fine-tuning Text ({'MiniLM frozen' if args.mode == 'frozen' else 'end to end'}), the best of "
-             f"epochs 1 to E, mean ± standard deviation over seeds {', '.join(map(str, args.seeds))}; "
-             "no test score is read", "", *table_head("setting", *(f"E = {e}" for e in choices),
-                                                      f"dev F1 at the kept epoch, E = {choices[-1]}", "minutes a run")]
+    """A sweep's tables: MiniLM frozen, the epoch grid, the whole runs and the pre-training's rates;
+    end to end, the whole runs"""
+    if args.mode == "e2e":
+        return "\n".join(whole_runs_table(args, chains)) + "\n"
+    lines = [f"Dev WA of fine-tuning Text (MiniLM frozen, constant rate, no loss on the context's emotions), the best "
+             f"of epochs 1 to E, mean ± standard deviation over seeds {', '.join(map(str, args.seeds))}; "
+             "no test score is read", "", *table_head("setting", *(f"E = {e}" for e in EPOCH_CHOICES),
+                                                      f"dev F1 at the kept epoch, E = {EPOCH_CHOICES[-1]}",
+                                                      "minutes a run")]
     best = None
-    settings = {name: [(name, seed) for seed in args.seeds] for name in SWEEPS[args.mode]}
-    for name, r in done_rows(chains, settings, lines, len(choices) + 3):
+    settings = {name: [(name, seed) for seed in args.seeds] for name in EPOCH_GRID}
+    for name, r in done_rows(chains, settings, lines, len(EPOCH_CHOICES) + 3):
         runs = [stages[0] for stages in r]
         curves = [[e["wa"] for e in m["dev_by_epoch"]] for m in runs]
         cells = []
-        for e in choices:
+        for e in EPOCH_CHOICES:
             kept = [max(c[:e]) for c in curves]
             cells.append(mean_std(kept))
             if best is None or (np.mean(kept), -e) > (best[0], -best[2]):
@@ -265,23 +273,23 @@ def sweep_table(args, chains):
         lines.append(table_row([name, *cells, mean_std(kept_f1), f"{np.mean([m['seconds'] for m in runs]) / 60:.1f}"]))
     if best:
         lines += ["", f"Chosen: {best[1]}, {best[2]} epochs (mean dev WA {best[0]:.1f})"]
-    if args.mode == "frozen":
-        lines += [""] + training_sweep_table(args, chains) + [""] + pretrain_sweep_table(args, chains)
+    lines += [""] + whole_runs_table(args, chains) + [""] + pretrain_sweep_table(args, chains)
     return "\n".join(lines) + "\n"
 
 
-def training_sweep_table(args, chains):
-    """The schedule and the context's emotions: each run keeps its best dev WA epoch (train.py's rule),
-    and the setting with the best mean dev macro-F1 there is chosen"""
-    lines = ["Dev scores of fine-tuning Text (MiniLM frozen, d 64, dropout 0.3, rate 3e-4) at each run's kept epoch, "
-             f"mean ± standard deviation over seeds {', '.join(map(str, args.seeds))}; no test score is read", "",
+def whole_runs_table(args, chains):
+    """The dev scores of the whole runs at each one's kept epoch (train.py's rule: the best dev WA);
+    of CHOSEN_AMONG, the setting with the best mean dev macro-F1 there is chosen"""
+    what = "MiniLM frozen, d 64, dropout 0.3, rate 3e-4" if args.mode == "frozen" else "end to end"
+    lines = [f"Dev scores of fine-tuning Text ({what}) at each run's kept epoch, mean ± standard deviation over "
+             f"seeds {', '.join(map(str, args.seeds))}; no test score is read", "",
              *table_head("setting", *(f"dev {name}" for name in SCORES.values()), "epochs kept", "minutes a run")]
     best = None
-    settings = {name: [(name, seed) for seed in args.seeds] for name in TRAINING_SWEEP}
+    settings = {name: [(name, seed) for seed in args.seeds] for name in WHOLE_RUNS[args.mode]}
     for name, r in done_rows(chains, settings, lines, len(SCORES) + 3):
         runs = [stages[0] for stages in r]
         f1 = np.mean([m["dev"]["f1"] for m in runs])
-        if best is None or f1 > best[0]:
+        if name in CHOSEN_AMONG[args.mode] and (best is None or f1 > best[0]):
             best = (f1, name)
         lines.append(table_row([name, *means([m["dev"] for m in runs], SCORES), epochs_kept(runs),
                                 f"{np.mean([m['seconds'] for m in runs]) / 60:.1f}"]))
@@ -315,7 +323,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoder", type=given_path,
                    help="a BERT-family checkpoint folder (default: the installed all-MiniLM-L6-v2)")
-    add_seeds(p, help="default: 0 1 2 (an end-to-end sweep: 0)")
+    add_seeds(p, help="default: 0 1 2")
     p.add_argument("--rows", nargs="+", choices=list(ROWS), metavar="ROW",
                    help=f"rows to run (default: all of {', '.join(map(repr, ROWS))}; end to end, the first three)")
     p.add_argument("--fractions", type=ranged(float, 0, 1, above=True), nargs="+", help="shares of the training "
@@ -336,7 +344,7 @@ def main(argv=None):
     if args.paper and args.sweep:
         raise SystemExit("pmeld.py: --paper runs the paper's settings, --sweep chooses ours: choose one")
     args.mode = "paper" if args.paper else "e2e" if args.end_to_end else "frozen"
-    args.seeds = args.seeds or (SWEEP_SEEDS[args.mode] if args.sweep else [0, 1, 2])
+    args.seeds = args.seeds or [0, 1, 2]
     args.rows = args.rows or MODES[args.mode][2]
     args.fractions = sorted(set(args.fractions or MODES[args.mode][3]))
     tag = os.path.basename(os.path.normpath(args.encoder)) if args.encoder else "minilm"
