@@ -1929,11 +1929,11 @@ def test_pmeld_sweep_chooses_on_dev_the_best_mean_and_the_fewest_epochs(tmp_path
     for name, by_seed in curves.items():
         for seed, curve in enumerate(by_seed):
             write_run(tmp_path / f"sweep-frozen/{name}/seed{seed}", {
-                "dev_by_epoch": [{"wa": w, "f1": w / 2} for w in curve], "test": {"wa": 99.0}}, 120.0)
+                "dev_by_epoch": [{"f1": f, "wa": f / 2} for f in curve], "test": {"wa": 99.0}}, 120.0)
     text = pmeld.sweep_table(args, pmeld.chains_of(args, ["p", "u"]))
     assert f"| {a} | 42.5 ± 0.7 | 45.5 ± 0.7 | 45.5 ± 0.7 | 22.8 ± 0.4 | 2.0 |" in text
     # 45.5 first reached at E = 4 by b; a reaches it only at E = 8
-    assert f"Chosen: {b}, 4 epochs (mean dev WA 45.5)" in text and "99" not in text
+    assert f"Chosen: {b}, 4 epochs (mean dev macro-F1 45.5)" in text and "99" not in text
 
 
 def test_pmeld_whole_runs_choose_on_dev_macro_f1_among_their_candidates(tmp_path):
@@ -3983,11 +3983,13 @@ def test_the_kept_pretraining_epoch_is_chosen_on_the_retrievals_the_run_trains()
     assert evaluate.selection_score(better_m2m, "both") > evaluate.selection_score(dev, "both")
 
 
-def test_an_epoch_that_answers_one_class_is_never_kept(small_demo, tmp_path, monkeypatch):
+def test_the_kept_epoch_has_the_best_dev_macro_f1_and_answers_more_than_one_class(small_demo, tmp_path, monkeypatch):
     # epoch 1 answers class 0 for every dev sample with the better WA, epoch 2 answers two classes
     one_class = {"wa": 60.0, "aa": 33.3, "f1": 25.0, "wf1": 45.0, "confusion": [[6, 0, 0], [3, 0, 0], [1, 0, 0]]}
     two = {"wa": 50.0, "aa": 40.0, "f1": 35.0, "wf1": 48.0, "confusion": [[4, 2, 0], [2, 1, 0], [1, 0, 0]]}
-    assert evaluate.selection_score(one_class, "both") == -math.inf < evaluate.selection_score(two, "both") == 50.0
+    assert evaluate.selection_score(one_class, "both") == -math.inf < evaluate.selection_score(two, "both") == 35.0
+    # else the better dev macro-F1, whatever the WA
+    assert evaluate.selection_score({**two, "wa": 40.0, "f1": 36.0}, "both") > evaluate.selection_score(two, "both")
     epochs = iter([one_class, two, one_class])
     monkeypatch.setattr(train, "evaluate", lambda *a: next(epochs))
     train.main(["--stage", "finetune", "--data", small_demo, "--out", tmp_path / "r", "--epochs", "3",

@@ -253,32 +253,32 @@ def sweep_table(args, chains):
     end to end, the whole runs"""
     if args.mode == "e2e":
         return "\n".join(whole_runs_table(args, chains)) + "\n"
-    lines = [f"Dev WA of fine-tuning Text (MiniLM frozen, constant rate, no loss on the context's emotions), the best "
-             f"of epochs 1 to E, mean ± standard deviation over seeds {', '.join(map(str, args.seeds))}; "
+    lines = [f"Dev macro-F1 of fine-tuning Text (MiniLM frozen, constant rate, no loss on the context's emotions), the "
+             f"best of epochs 1 to E, mean ± standard deviation over seeds {', '.join(map(str, args.seeds))}; "
              "no test score is read", "", *table_head("setting", *(f"E = {e}" for e in EPOCH_CHOICES),
-                                                      f"dev F1 at the kept epoch, E = {EPOCH_CHOICES[-1]}",
+                                                      f"dev WA at the kept epoch, E = {EPOCH_CHOICES[-1]}",
                                                       "minutes a run")]
     best = None
     settings = {name: [(name, seed) for seed in args.seeds] for name in EPOCH_GRID}
     for name, r in done_rows(chains, settings, lines, len(EPOCH_CHOICES) + 3):
         runs = [stages[0] for stages in r]
-        curves = [[e["wa"] for e in m["dev_by_epoch"]] for m in runs]
+        curves = [[e["f1"] for e in m["dev_by_epoch"]] for m in runs]
         cells = []
         for e in EPOCH_CHOICES:
             kept = [max(c[:e]) for c in curves]
             cells.append(mean_std(kept))
             if best is None or (np.mean(kept), -e) > (best[0], -best[2]):
                 best = (np.mean(kept), name, e)
-        kept_f1 = [m["dev_by_epoch"][int(np.argmax(c))]["f1"] for m, c in zip(runs, curves)]
-        lines.append(table_row([name, *cells, mean_std(kept_f1), f"{np.mean([m['seconds'] for m in runs]) / 60:.1f}"]))
+        kept_wa = [m["dev_by_epoch"][int(np.argmax(c))]["wa"] for m, c in zip(runs, curves)]
+        lines.append(table_row([name, *cells, mean_std(kept_wa), f"{np.mean([m['seconds'] for m in runs]) / 60:.1f}"]))
     if best:
-        lines += ["", f"Chosen: {best[1]}, {best[2]} epochs (mean dev WA {best[0]:.1f})"]
+        lines += ["", f"Chosen: {best[1]}, {best[2]} epochs (mean dev macro-F1 {best[0]:.1f})"]
     lines += [""] + whole_runs_table(args, chains) + [""] + pretrain_sweep_table(args, chains)
     return "\n".join(lines) + "\n"
 
 
 def whole_runs_table(args, chains):
-    """The dev scores of the whole runs at each one's kept epoch (train.py's rule: the best dev WA);
+    """The dev scores of the whole runs at each one's kept epoch (train.py's rule: the best dev macro-F1);
     of CHOSEN_AMONG, the setting with the best mean dev macro-F1 there is chosen"""
     what = "MiniLM frozen, d 64, dropout 0.3, rate 3e-4" if args.mode == "frozen" else "end to end"
     lines = [f"Dev scores of fine-tuning Text ({what}) at each run's kept epoch, mean ± standard deviation over "

@@ -133,13 +133,16 @@ TRAINED_BY = {"intra": ("T2T", "A2A"), "inter": ("M2M",), "both": ("T2T", "A2A",
 
 
 def selection_score(scores, tus):
-    """What keeps a model: dev WA in fine-tuning (the paper's rule), but never for an epoch that
-    answers one class for every sample (-inf: that is the majority class, not a model, and its WA can
-    be high); in pre-training the mean of the dev recalls (R5@1, R5@2, R11@1, R11@2) of the
-    retrievals --tus trains (M2M under intra, say, comes from an untrained fusion layer)"""
+    """What keeps a model. In fine-tuning dev macro-F1, where the paper keeps the best dev WA: a dev
+    split's balance of classes may differ from the training split's and test's (P-MELD's dev has 40%
+    negative samples, train and test 32% and 34%), and WA then rewards the epoch that over-predicts
+    dev's larger classes; macro-F1 weighs each class alike, as Eq. 23's loss does. Never an epoch that
+    answers one class for every sample (-inf): that is the majority class, not a model. In
+    pre-training the mean of the dev recalls (R5@1, R5@2, R11@1, R11@2) of the retrievals --tus
+    trains (M2M under intra, say, comes from an untrained fusion layer)"""
     if "wa" in scores:
         answered = sum(1 for column in zip(*scores["confusion"]) if any(column))
-        return scores["wa"] if answered > 1 else -math.inf
+        return scores["f1"] if answered > 1 else -math.inf
     return float(np.mean([v for beta in TRAINED_BY[tus] if beta in scores for v in scores[beta].values()]))
 
 
@@ -153,7 +156,7 @@ def describe(scores):
 
 
 def final_scores(model, s, progress, splits, n_items, labels, device):
-    """The kept model's scores on test (of dev's best epoch) and the references beside them, printed
+    """The kept model's scores on test (of the best dev epoch, selection_score) and the references beside them, printed
     -> metrics.json's content: the run's dev and test scores, and "test_word_overlap" | the references'"""
     train_split, dev, test = splits
     scores, best = evaluate(model, test, s, device), progress.best
