@@ -552,7 +552,8 @@ def test_eq6_fusion_and_eq22_head_by_hand(small_demo):
         rows, last = torch.arange(3), batch["ctx_mask"].sum(1)  # each sample's target position
         p = torch.cat([P["t"][rows, last], P["a"][rows, last], P["m"][rows, last]], 1)
         logits = torch.tanh(p @ model.head1.weight.T + model.head1.bias) @ model.head2.weight.T + model.head2.bias
-        assert max_diff(model.next_emotion(H, batch["ctx"], batch["ctx_mask"]), logits) < 1e-6  # Eq. 22 before its softmax
+        # Eq. 22 before its softmax
+        assert max_diff(model.next_emotion(H, batch["ctx"], batch["ctx_mask"]), logits) < 1e-6
 
 
 def test_eq7_8_gru_matches_torch_gru():
@@ -3995,7 +3996,8 @@ def test_the_kept_epoch_has_the_best_dev_macro_f1_and_answers_more_than_one_clas
     train.main(["--stage", "finetune", "--data", small_demo, "--out", tmp_path / "r", "--epochs", "3",
                 "--patience", "0", "--log-every", "100"])
     metrics = json.loads((tmp_path / "r/metrics.json").read_text())
-    assert metrics["best_epoch"] == 2 and metrics["dev"] == two and metrics["dev_by_epoch"] == [one_class, two, one_class]
+    assert metrics["best_epoch"] == 2 and metrics["dev"] == two
+    assert metrics["dev_by_epoch"] == [one_class, two, one_class]
 
 
 def test_noise_never_reads_as_its_target(tmp_path):

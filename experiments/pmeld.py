@@ -34,8 +34,8 @@ from nanotcmp.data import load_meta  # noqa: E402 (the repository's)
 from nanotcmp.evaluate import selection_score  # noqa: E402
 from nanotcmp.files import DataError, file_sha256, given_path  # noqa: E402
 from nanotcmp.settings import ranged  # noqa: E402
-from tables import (ROOT, SCORES, add_seeds, done, epochs_kept, make_table_in, mean_std, means, read_metrics,  # noqa: E402
-                    run, run_chain, scores_of, table_head, table_row, write_table)
+from tables import (ROOT, SCORES, add_seeds, done, epochs_kept, make_table_in, mean_std, means,  # noqa: E402
+                    read_metrics, run, run_chain, scores_of, table_head, table_row, write_table)
 
 # row -> (its folder, pre-training options or None for none, fine-tuning options)
 ROWS = {"Text w/o Dist": ("text-wo-dist", None, ["--no-distant"]),

@@ -149,7 +149,8 @@ def selection_score(scores, tus):
 def describe(scores):
     """Scores as a log line: emotion scores, recalls, or recalls by retrieval (T2T, A2A, M2M)"""
     if "wa" in scores:
-        return f"WA {scores['wa']:.2f} AA {scores['aa']:.2f} macro-F1 {scores['f1']:.2f} weighted-F1 {scores['wf1']:.2f}"
+        return (f"WA {scores['wa']:.2f} AA {scores['aa']:.2f} macro-F1 {scores['f1']:.2f} "
+                f"weighted-F1 {scores['wf1']:.2f}")
     if all(isinstance(v, float) for v in scores.values()):
         return " ".join(f"{k} {v:.1f}" for k, v in scores.items())
     return " | ".join(f"{b} {describe(s)}" for b, s in scores.items())

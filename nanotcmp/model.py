@@ -476,7 +476,8 @@ class TCMP(nn.Module):
         """Train the text encoder's layers above its first n only: the embeddings and those n keep their
         weights, and the batches bring their outputs, the hidden states after layer n (computed once)"""
         self.fixed_layers = n
-        for module in (self.bert.tok_emb, self.bert.pos_emb, self.bert.type_emb, self.bert.emb_ln, *self.bert.layers[:n]):
+        b = self.bert
+        for module in (b.tok_emb, b.pos_emb, b.type_emb, b.emb_ln, *b.layers[:n]):
             module.requires_grad_(False)
         return self
 

@@ -97,8 +97,8 @@ PRESET_OPTIONS = {"d": (ranged(int, 1), "model width"),
                                                 "(0: never)"),
                   "lr": (ranged(float, 0), "everything but the encoders"),
                   "lr_encoder": (ranged(float, 0), "the encoders"),
-                  "lr_schedule": (one_of("constant", "cosine"), "the rates through a stage: constant, or cosine "
-                                                               "(from --lr and --lr-encoder down to 0 at the last epoch)"),
+                  "lr_schedule": (one_of("constant", "cosine"), "the rates through a stage: constant, or cosine (from "
+                                                               "--lr and --lr-encoder down to 0 at the last epoch)"),
                   "context_emotions": (ranged(float, 0), "fine-tuning: the weight, beside Eq. 23's loss, of a loss "
                                                          "that recognises each labelled context utterance's emotion "
                                                          "(0: none, as the paper)")}

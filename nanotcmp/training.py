@@ -102,8 +102,8 @@ def build_model(s, meta):
         raise DataError(f"{s.data} was prepared with --max-tokens {meta['settings']['max_tokens']}, longer than the "
                         f"{limit} word pieces the text encoder takes: prepare it again with --max-tokens {limit}")
     config = TCMPConfig(d=s.d, n_labels=max(len(meta["labels"]), 1), modalities=modalities, distant=not s.no_distant,
-                        tus=s.tus, tus_loss=s.tus_loss, context_emotions=s.context_emotions if s.stage == "finetune" else 0.0,
-                        dropout=s.dropout, bert=bert, hubert=hubert)
+                        tus=s.tus, tus_loss=s.tus_loss, dropout=s.dropout, bert=bert, hubert=hubert,
+                        context_emotions=s.context_emotions if s.stage == "finetune" else 0.0)
     model = TCMP(config)
     if bert_w:
         model.bert.load_state_dict(bert_w)
