@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanotcmp.data import load_meta  # noqa: E402 (the repository's)
 from nanotcmp.evaluate import selection_score  # noqa: E402
 from nanotcmp.files import DataError, file_sha256, given_path  # noqa: E402
-from nanotcmp.settings import ranged  # noqa: E402
+from nanotcmp.settings import PRESETS, ranged  # noqa: E402
 from tables import (ROOT, SCORES, add_seeds, done, epochs_kept, make_table_in, mean_std, means,  # noqa: E402
                     read_metrics, run, run_chain, scores_of, table_head, table_row, write_table)
 
@@ -280,7 +280,9 @@ def sweep_table(args, chains):
 def whole_runs_table(args, chains):
     """The dev scores of the whole runs at each one's kept epoch (train.py's rule: the best dev macro-F1);
     of CHOSEN_AMONG, the setting with the best mean dev macro-F1 there is chosen"""
-    what = "MiniLM frozen, d 64, dropout 0.3, rate 3e-4" if args.mode == "frozen" else "end to end"
+    f = PRESETS["frozen"]
+    what = (f"MiniLM frozen, the frozen preset's d {f['d']}, dropout {f['dropout']}, rate {f['lr']['finetune']:g}"
+            if args.mode == "frozen" else "end to end")
     lines = [f"Dev scores of fine-tuning Text ({what}) at each run's kept epoch, mean ± standard deviation over "
              f"seeds {', '.join(map(str, args.seeds))}; no test score is read", "",
              *table_head("setting", *(f"dev {name}" for name in SCORES.values()), "epochs kept", "minutes a run")]
