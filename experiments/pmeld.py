@@ -37,11 +37,15 @@ from nanotcmp.settings import PRESETS, ranged  # noqa: E402
 from tables import (ROOT, SCORES, add_seeds, done, epochs_kept, make_table_in, mean_std, means,  # noqa: E402
                     read_metrics, run, run_chain, scores_of, table_head, table_row, write_table)
 
-# row -> (its folder, pre-training options or None for none, fine-tuning options)
+# row -> (its folder, pre-training options or None for none, fine-tuning options); rows of the same
+# pre-training share it (the first such row's folder)
+CONTEXT_EMOTIONS = ["--context-emotions", "0.5"]  # beyond the paper: a loss on each context utterance's emotion
 ROWS = {"Text w/o Dist": ("text-wo-dist", None, ["--no-distant"]),
         "Text": ("text", None, []),
         "Text-Pre": ("text-pre", [], []),
-        "Text-Pre, softmax TUS": ("text-pre-softmax", ["--tus-loss", "softmax"], [])}
+        "Text-Pre, softmax TUS": ("text-pre-softmax", ["--tus-loss", "softmax"], []),
+        "Text, context emotions": ("text-context", None, CONTEXT_EMOTIONS),
+        "Text-Pre, context emotions": ("text-pre-context", [], CONTEXT_EMOTIONS)}
 LABEL_ROWS = ("Text", "Text-Pre")  # the label-efficiency table: without and with pre-training
 FRACTIONS = (0.1, 0.25, 1.0)  # of the training dialogues; dev and test stay whole
 # The authors' pre-training: 10 noise candidates, 64 windows a step, 30 epochs at most, stopped
@@ -69,19 +73,22 @@ EPOCH_GRID = {f"d{d}-dropout{p}-lr{lr}": ["--freeze-encoders", "--d", str(d), "-
 EPOCH_CHOICES = (4, 8, 12)  # the epochs the grid chooses among
 # ... then whole runs, each of its own epochs (a cosine run's first epochs are not a shorter run's):
 # {mode: ({setting's folder: train.py's options}, the settings chosen among)}. MiniLM frozen, at the
-# chosen width, dropout and rate: the schedule and the loss on the context's emotions. End to end: all
-# of MiniLM learning against its top 2 layers alone, at the former 3 epochs, then the encoder's rate.
+# chosen width, dropout and rate: the schedule and the loss on the context's emotions. End to end, with
+# 4 layers fixed: the encoder's rate, then at 3e-5 the schedule and the loss on the context's emotions;
+# and all of MiniLM learning against its top 2 layers alone, at the former 3 epochs.
 WHOLE_RUNS = {
     "frozen": {f"{schedule}-context{w}{'-12epochs' if e == 12 else ''}": [
         "--freeze-encoders", "--lr-schedule", schedule, "--context-emotions", str(w), "--epochs", str(e)]
         for schedule, w, e in [("constant", 0, 8), ("constant", 0.5, 8), ("cosine", 0, 8), ("cosine", 0.5, 8),
                                ("cosine", 1, 8), ("cosine", 2, 8), ("cosine", 0.5, 12), ("cosine", 1, 12)]},
-    "e2e": {"all-layers-3epochs": ["--preset", "frozen", "--lr-encoder", "1e-5", "--epochs", "3",
+    "e2e": {**{f"fixed4-lr-encoder{r}": END_TO_END + ["--lr-encoder", r] for r in ("1e-5", "3e-5", "1e-4")},
+            "fixed4-lr-encoder3e-5-cosine": END_TO_END + ["--lr-encoder", "3e-5", "--lr-schedule", "cosine"],
+            "fixed4-lr-encoder3e-5-context0.5": END_TO_END + ["--lr-encoder", "3e-5"] + CONTEXT_EMOTIONS,
+            "all-layers-3epochs": ["--preset", "frozen", "--lr-encoder", "1e-5", "--epochs", "3",
                                    "--lr-schedule", "constant", "--context-emotions", "0"],
             "fixed4-3epochs": ["--preset", "frozen", "--lr-encoder", "1e-5", "--epochs", "3",
-                               "--lr-schedule", "constant", "--context-emotions", "0", "--fixed-layers", "4"],
-            **{f"fixed4-lr-encoder{r}": END_TO_END + ["--lr-encoder", r] for r in ("1e-5", "3e-5", "1e-4")}}}
-CHOSEN_AMONG = {"frozen": list(WHOLE_RUNS["frozen"]), "e2e": [n for n in WHOLE_RUNS["e2e"] if "lr-encoder" in n]}
+                               "--lr-schedule", "constant", "--context-emotions", "0", "--fixed-layers", "4"]}}
+CHOSEN_AMONG = {"frozen": list(WHOLE_RUNS["frozen"]), "e2e": [n for n in WHOLE_RUNS["e2e"] if "3epochs" not in n]}
 # ... and pre-training with MiniLM frozen, at train.py's default rate and above it
 PRETRAIN_SWEEP = {f"pretrain-lr{lr}": ["--lr", lr] for lr in ("2e-4", "1e-3", "3e-3")}
 RECALLS = ("R5@1", "R11@1")  # target utterance searching: the right candidate first among 5, among 11
@@ -149,7 +156,8 @@ def chain(row, seed, fraction, args, datasets):
     if pre is None:
         return [train("finetune", datasets[0], out, seed, args, fine)]
     kind = "frozen" if "--freeze-encoders" in pretraining else "e2e"
-    pre_out = os.path.join(args.out, f"pretrain-{kind}", folder, f"seed{seed}")
+    shared = next(f for f, p, _ in ROWS.values() if p == pre)
+    pre_out = os.path.join(args.out, f"pretrain-{kind}", shared, f"seed{seed}")
     return [train("pretrain", datasets[1], pre_out, seed, args, pretraining + pre),
             train("finetune", datasets[0], out, seed, args, fine + ["--init", pre_out])]
 
