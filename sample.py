@@ -20,8 +20,8 @@ import os
 import sys
 import time
 
-from nanotcmp.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, NoFFmpeg, load_audio
 from nanotcmp import settings
+from nanotcmp.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, NoFFmpeg, load_audio
 from nanotcmp.checkpoint import load_model
 from nanotcmp.data import line_problem, load_meta, positions
 from nanotcmp.evaluate import score_run

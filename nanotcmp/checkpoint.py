@@ -158,8 +158,7 @@ def load_model(folder, stage):
 
 # config.json's keys and the types of their values (the first type named in errors)
 CONFIG_TYPES = {"stage": (str,), "model": (dict,), "frozen": (bool,), "encoders": (dict,), "labels": (list,),
-                "vocab": (dict,), "max_tokens": (int,),
-                "max_context": (int,), "max_seconds": (float, int)}
+                "vocab": (dict,), "max_tokens": (int,), "max_context": (int,), "max_seconds": (float, int)}
 RUN_FILES = ("model.safetensors", "config.json", "metrics.json", "log.json", "state.pt")
 
 
