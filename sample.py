@@ -169,9 +169,9 @@ def score(args):
     s = settings.for_scoring(args.score, model.config.modalities, device)
     train, _, dev, test = open_splits(s, meta)
     model.class_weights.copy_(class_weights(train, model.config.n_labels))  # (the linear reference's)
-    if model.frozen:  # the cached features the run learnt from (computed now if not there)
-        attach_features(model, args.score, (train, dev, test), device)
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        if model.frozen:  # the cached features the run learnt from (computed now if not there)
+            attach_features(model, args.score, (train, dev, test), device)
         print(f"{args.ckpt} on {args.score}:")
         report = score_run(model, s, (train, dev, test), config["labels"], device)
     if args.json:

@@ -193,9 +193,9 @@ def table(args, chains):
     label-efficiency table and each row's wall time"""
     what = {"frozen": "MiniLM frozen", "e2e": "MiniLM trained end to end", "paper": "end to end, paper settings"}
     lines = [f"P-MELD test, percent, mean ± standard deviation over seeds {', '.join(map(str, args.seeds))} "
-             f"({what[args.mode]})", "", *table_head("row", *SCORES.values(), "dev WA", "epochs kept",
+             f"({what[args.mode]})", "", *table_head("row", *SCORES.values(), "dev macro-F1", "epochs kept",
                                                      "minutes a run")]
-    rows, pre_rows, overlap, times, first = [], [], None, [], {}
+    rows, pre_rows, overlap, times, first, pretrainings = [], [], None, [], {}, set()
     keys = {row: [(row, seed, 1.0) for seed in args.seeds] for row in args.rows}
     for row, r in done_rows(chains, keys, rows, 8):
         fine = [stages[-1] for stages in r]
@@ -203,8 +203,9 @@ def table(args, chains):
         minutes = [sum(m["seconds"] for m in stages) / 60 for stages in r]
         times.append(f"{row} {sum(minutes):.1f}")
         rows.append(table_row([row, *means([m["test"] for m in fine], SCORES),
-                               mean_std([m["dev"]["wa"] for m in fine]), epochs_kept(fine), f"{np.mean(minutes):.1f}"]))
-        if len(r[0]) == 2:
+                               mean_std([m["dev"]["f1"] for m in fine]), epochs_kept(fine), f"{np.mean(minutes):.1f}"]))
+        if len(r[0]) == 2 and chains[keys[row][0]][0][2] not in pretrainings:  # each pre-training once
+            pretrainings.add(chains[keys[row][0]][0][2])
             pre = [stages[0] for stages in r]
             overlap = means([m["test_word_overlap"] for m in pre], RECALLS)  # no model, on each seed's candidates
             pre_rows.append(table_row([row, *means([m["dev"]["T2T"] for m in pre], RECALLS),
@@ -215,7 +216,7 @@ def table(args, chains):
     for name, key in references:
         if key in first:
             s = first[key]
-            dev = f"{s['dev_wa']:.1f}" if "dev_wa" in s else "–"  # the linear reference's, at its chosen penalty
+            dev = f"WA {s['dev_wa']:.1f}" if "dev_wa" in s else "–"  # the linear reference's, at its chosen penalty
             lines.append(table_row([name, *scores_of(s), dev, "–", "–"]))
     lines += rows
     if overlap:
