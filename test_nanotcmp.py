@@ -1841,7 +1841,8 @@ def test_pmeld_rows_chain_pretraining_into_fine_tuning(capsys):
     assert [r.get("--init") for r in runs] == [None, None, None, "o/pretrain-frozen/text-pre/seed7", None,
                                                 "o/pretrain-frozen/text-pre-softmax/seed7", None,
                                                 "o/pretrain-frozen/text-pre/seed7"]
-    assert runs[6]["--context-emotions"] == runs[7]["--context-emotions"] == "0.5" and "--context-emotions" not in runs[1]
+    assert runs[6]["--context-emotions"] == runs[7]["--context-emotions"] == "0.5"
+    assert "--context-emotions" not in runs[1]
     assert all(r["--seed"] == "7" and r["--modalities"] == "text" for r in runs)
     assert ["/meld-unlabelled-" in r["--data"] for r in runs] == [s == "pretrain" for s, _ in stages]
     assert all(r["--freeze-encoders"] is True for r in runs)  # the CPU's table: frozen MiniLM

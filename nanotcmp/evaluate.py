@@ -157,8 +157,9 @@ def describe(scores):
 
 
 def final_scores(model, s, progress, splits, n_items, labels, device):
-    """The kept model's scores on test (of the best dev epoch, selection_score) and the references beside them, printed
-    -> metrics.json's content: the run's dev and test scores, and "test_word_overlap" | the references'"""
+    """The kept model's scores on test (of the best dev epoch by selection_score) and the references
+    beside them, printed -> metrics.json's content: the run's dev and test scores, and
+    "test_word_overlap" | the references' (see references)"""
     train_split, dev, test = splits
     scores, best = evaluate(model, test, s, device), progress.best
     report = {"stage": s.stage, "train_items": n_items, "best_epoch": best["epoch"], "dev": best["dev"],

@@ -521,7 +521,8 @@ class TCMP(nn.Module):
     def forward(self, batch):
         """What a training step calls, the same in both stages -> (output, loss, {part: value}). A
         batch with targets (pre-training): the TUS logits {β: (N, k)} and the loss of Eq. 21; else
-        (fine-tuning) the emotion logits (B, n_labels) and, given labels, the loss of Eq. 23."""
+        (fine-tuning) the emotion logits (B, n_labels) and, given labels, the loss of Eq. 23 (with
+        --context-emotions, plus its weight times the loss on the context utterances' emotions)."""
         if "targets" in batch:
             return self.pretrain_loss(batch)
         H = self.encode(batch)
