@@ -54,9 +54,9 @@ AUTHORS_PRETRAINING = ["--k", "11", "--batch-size", "64", "--epochs", "30", "--p
 FROZEN_PRETRAINING = ["--freeze-encoders"] + AUTHORS_PRETRAINING
 # End to end, the TCMP layers learn with the frozen preset's settings, so that Text-Pre fine-tunes from
 # the frozen pre-training; MiniLM's embeddings and first 4 layers stay fixed, its top 2 layers learn at
-# the encoder's rate, until dev stops improving (--end-to-end --sweep chose them)
+# the encoder's rate, until dev stops improving (the fixed layers measured at the former settings)
 END_TO_END = ["--preset", "frozen", "--fixed-layers", "4", "--epochs", "12", "--patience", "3"]
-LR_ENCODER = "1e-5"
+LR_ENCODER = "1e-5"  # the former table's, until --end-to-end --sweep has chosen among its rates
 # mode -> (pre-training options, fine-tuning options, rows run by default, shares of the training dialogues)
 MODES = {"frozen": (FROZEN_PRETRAINING, ["--freeze-encoders"], list(ROWS), FRACTIONS),
          # pre-training end to end costs several fine-tuning steps a step (docs/results.md): the rows
