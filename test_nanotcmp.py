@@ -2098,9 +2098,13 @@ def test_a_frozen_run_names_its_encoder_and_keeps_only_its_own_layers(small_demo
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setattr(importlib.metadata, "packages_distributions", lambda: {"some_encoder": ["some-encoder"]})
     run = tmp_path / "run"
-    train.main(["--stage", "finetune", "--data", data, "--modalities", "text", "--text-encoder", enc,
-                "--freeze-encoders", "--epochs", "2", "--out", run, "--log-every", "100"])
+    command = ["--stage", "finetune", "--data", data, "--modalities", "text", "--text-encoder", enc,
+               "--freeze-encoders", "--epochs", "2", "--out", run, "--log-every", "100"]
+    train.main(command)
     assert not [k for k in load_file(run / "model.safetensors") if k.startswith("bert.")]
+    assert not [k for k in torch.load(run / "state.pt", weights_only=False)["model"] if k.startswith("bert.")]
+    train.main(command + ["--resume"])  # the state, without the encoder, into the model that has it
+    assert "finetune was done" in capsys.readouterr().out
     config = json.loads((run / "config.json").read_text())
     assert {k: v for k, v in config["encoders"]["text"].items() if k != "sha256"} == \
         {"package": "some_encoder", "pip": "some-encoder", "path": "model"}

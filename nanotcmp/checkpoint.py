@@ -34,9 +34,8 @@ def save_model(model, out, stage, meta, data):
     fine-tuning's --init; meta, data: the dataset's meta.json and folder. The encoders a frozen run
     read from checkpoint folders are not saved: config.json names them (model.checkpoints)."""
     named = model.checkpoints if model.frozen else {}  # {modality: (its checkpoint folder, weights_sha256)}
-    skip = tuple(ENCODERS[key] + "." for key in named)
-    write_atomic(os.path.join(out, "model.safetensors"), lambda p: save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith(skip)}, p))
+    write_atomic(os.path.join(out, "model.safetensors"),
+                 lambda p: save_file({k: v.contiguous() for k, v in own_tensors(model).items()}, p))
     config = {"stage": stage, "model": asdict(model.config), "frozen": model.frozen, "labels": meta["labels"],
               "encoders": {key: {**reference(path), "sha256": sha} for key, (path, sha) in named.items()},
               "vocab": {"sha256": meta["vocab"]["sha256"], **reference(model.vocab_file)},
@@ -45,12 +44,22 @@ def save_model(model, out, stage, meta, data):
     write_json(os.path.join(out, "config.json"), config)
 
 
-def load_kept(model, out):
-    """The kept model of the run folder out back into the model that trained it (the encoders a
-    frozen run names are not in model.safetensors: they stay as they are)"""
-    missing, unexpected = model.load_state_dict(load_file(os.path.join(out, "model.safetensors")), strict=False)
+def own_tensors(model):
+    """The tensors a run keeps of its model (model.safetensors, state.pt): all but those of the
+    encoders a frozen run names (model.checkpoints), which stay as their checkpoints have them"""
     named = tuple(ENCODERS[key] + "." for key in (model.checkpoints if model.frozen else {}))
-    assert not unexpected and all(name.startswith(named) for name in missing), "save_model out of date"
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(named)}
+
+
+def load_own(model, tensors):
+    """own_tensors back into the model that made them"""
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    assert not unexpected and set(missing) == set(model.state_dict()) - set(own_tensors(model)), "own_tensors changed"
+
+
+def load_kept(model, out):
+    """The kept model of the run folder out back into the model that trained it"""
+    load_own(model, load_file(os.path.join(out, "model.safetensors")))
 
 
 def reference(path):
@@ -302,7 +311,7 @@ def save_state(path, model, opt, progress, device):
     """state.pt, which --resume continues from, with every process's random state (dropout's)"""
     rngs = gather((torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None))
     if rank() == 0:
-        write_atomic(path, lambda p: torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+        write_atomic(path, lambda p: torch.save({"model": own_tensors(model), "opt": opt.state_dict(),
                                                  **asdict(progress), "rng": rngs}, p))
     barrier()
 
@@ -332,7 +341,7 @@ def resume(path, model, opt, device, settings):
     if state["settings"].get("dataset") != settings["dataset"]:
         raise DataError(f"--resume: {path} is a run on {settings['--data']} as it was before prepare.py wrote it again "
                         f"(its meta.json has changed): start again with --overwrite, or prepare the dataset as it was")
-    model.load_state_dict(state["model"])
+    load_own(model, state["model"])
     opt.load_state_dict(state["opt"])
     cpu_rng, cuda_rng = state["rng"][rank()]
     torch.set_rng_state(cpu_rng)
