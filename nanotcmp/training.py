@@ -157,7 +157,8 @@ def optimizer(model, s):
     """Adam with two learning rates, the encoders' and the rest's (paper §4.2), each its group's "peak"
     (see set_rates)"""
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in trained if n.startswith(("bert.", "hubert.")) == enc], "lr": rate, "peak": rate}
+    encoders = tuple(name + "." for name in ENCODERS.values())
+    groups = [{"params": [p for n, p in trained if n.startswith(encoders) == enc], "lr": rate, "peak": rate}
               for enc, rate in ((True, s.lr_encoder), (False, s.lr))]
     return torch.optim.Adam([g for g in groups if g["params"]], betas=(0.9, 0.999), fused=True)
 
