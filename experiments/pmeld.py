@@ -56,14 +56,6 @@ FROZEN_PRETRAINING = ["--freeze-encoders"] + AUTHORS_PRETRAINING
 # the frozen pre-training; MiniLM's embeddings and first 4 layers stay fixed, its top 2 layers learn at
 # the encoder's rate, until dev stops improving (the fixed layers measured at the former settings)
 END_TO_END = ["--preset", "frozen", "--fixed-layers", "4", "--epochs", "12", "--patience", "3"]
-LR_ENCODER = "1e-5"  # the former table's, until --end-to-end --sweep has chosen among its rates
-# mode -> (pre-training options, fine-tuning options, rows run by default, shares of the training dialogues)
-MODES = {"frozen": (FROZEN_PRETRAINING, ["--freeze-encoders"], list(ROWS), FRACTIONS),
-         # pre-training end to end costs several fine-tuning steps a step (docs/results.md): the rows
-         # pre-train frozen (the frozen table's runs) and fine-tune end to end
-         "e2e": (FROZEN_PRETRAINING, END_TO_END + ["--lr-encoder", LR_ENCODER], list(ROWS)[:3], FRACTIONS),
-         # the paper: both stages end to end, at its rates (the paper preset), 50 epochs
-         "paper": (AUTHORS_PRETRAINING, ["--epochs", "50"], list(ROWS)[:3], (1.0,))}
 # The sweeps, fine-tuning Text (no pre-training) on dev. MiniLM frozen: width, dropout and rate over 12
 # epochs (one run gives what runs of 4 and 8 keep: its first epochs are theirs, at a constant rate)
 EPOCH_GRID = {f"d{d}-dropout{p}-lr{lr}": ["--freeze-encoders", "--d", str(d), "--dropout", str(p), "--lr", lr,
@@ -89,6 +81,14 @@ WHOLE_RUNS = {
             "fixed4-3epochs": ["--preset", "frozen", "--lr-encoder", "1e-5", "--epochs", "3",
                                "--lr-schedule", "constant", "--context-emotions", "0", "--fixed-layers", "4"]}}
 CHOSEN_AMONG = {"frozen": list(WHOLE_RUNS["frozen"]), "e2e": [n for n in WHOLE_RUNS["e2e"] if "3epochs" not in n]}
+E2E_SETTING = "fixed4-lr-encoder3e-5-context0.5"  # the best mean dev macro-F1 of --end-to-end --sweep
+# mode -> (pre-training options, fine-tuning options, rows run by default, shares of the training dialogues)
+MODES = {"frozen": (FROZEN_PRETRAINING, ["--freeze-encoders"], list(ROWS), FRACTIONS),
+         # pre-training end to end costs several fine-tuning steps a step (docs/results.md): the rows
+         # pre-train frozen (the frozen table's runs) and fine-tune end to end
+         "e2e": (FROZEN_PRETRAINING, WHOLE_RUNS["e2e"][E2E_SETTING], list(ROWS)[:3], FRACTIONS),
+         # the paper: both stages end to end, at its rates (the paper preset), 50 epochs
+         "paper": (AUTHORS_PRETRAINING, ["--epochs", "50"], list(ROWS)[:3], (1.0,))}
 # ... and pre-training with MiniLM frozen, at train.py's default rate and above it
 PRETRAIN_SWEEP = {f"pretrain-lr{lr}": ["--lr", lr] for lr in ("2e-4", "1e-3", "3e-3")}
 RECALLS = ("R5@1", "R11@1")  # target utterance searching: the right candidate first among 5, among 11
