@@ -54,7 +54,8 @@ AUTHORS_PRETRAINING = ["--k", "11", "--batch-size", "64", "--epochs", "30", "--p
 FROZEN_PRETRAINING = ["--freeze-encoders"] + AUTHORS_PRETRAINING
 # End to end, the TCMP layers learn with the frozen preset's settings, so that Text-Pre fine-tunes from
 # the frozen pre-training; MiniLM's embeddings and first 4 layers stay fixed, its top 2 layers learn at
-# the encoder's rate, until dev stops improving (the fixed layers measured at the former settings)
+# the encoder's rate, until dev stops improving (the sweep: the same dev scores as all 6 learning, in a
+# third of the time)
 END_TO_END = ["--preset", "frozen", "--fixed-layers", "4", "--epochs", "12", "--patience", "3"]
 # The sweeps, fine-tuning Text (no pre-training) on dev. MiniLM frozen: width, dropout and rate over 12
 # epochs (one run gives what runs of 4 and 8 keep: its first epochs are theirs, at a constant rate)
