@@ -36,6 +36,7 @@ from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the references are built locally, never downloaded
 
+import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
@@ -50,7 +51,7 @@ import bench
 import prepare
 import sample
 import train
-from nanotcmp.audio import SAMPLE_RATE, AudioError, load_audio, save_wav
+from nanotcmp.audio import SAMPLE_RATE, AudioError, ffmpeg_command, load_audio, save_wav
 from nanotcmp.cuda_graphs import CudaGraphs, compile_encoders
 from nanotcmp.data import (LENGTH_GRID, ROW_GRID, Split, buckets, draw_noise, encoder_inputs, keep_dialogues,
                            finetune_batch, last_own_labels, line_problem, load_meta, make_batch, padding,
@@ -108,9 +109,9 @@ def run_prepare(*argv):
 
 
 def ffmpeg(*args):
-    # the project's CI installs ffmpeg, so a missing one fails these tests instead of skipping them
-    assert shutil.which("ffmpeg"), "these tests need ffmpeg on PATH (apt-get install ffmpeg)"
-    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", *map(str, args)], check=True)
+    # requirements-dev.txt installs imageio-ffmpeg, so a missing ffmpeg fails these tests, never skips them
+    assert ffmpeg_command(), "these tests need ffmpeg: pip install -r requirements-dev.txt installs one"
+    subprocess.run([ffmpeg_command(), "-nostdin", "-v", "error", "-y", *map(str, args)], check=True)
 
 
 def write_jsonl(path, lines):
@@ -2710,11 +2711,21 @@ def test_tokenizer_rejects_max_len_below_two(max_len):
         tokenizer().encode("hello", max_len=max_len)
 
 
-def test_missing_ffmpeg(tmp_path, monkeypatch):
-    (tmp_path / "x.mp4").write_bytes(b"\0" * 100)
-    monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(RuntimeError, match="apt-get install ffmpeg"):
-        load_audio(tmp_path / "x.mp4")
+def no_ffmpeg(monkeypatch):
+    """A machine with no ffmpeg on PATH and no imageio-ffmpeg"""
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # its import raises ImportError
+
+
+def test_ffmpeg_comes_from_pip_when_none_is_on_path(tmp_path, monkeypatch):
+    want = write_sine_wav(tmp_path / "x.wav", seconds=0.5)
+    ffmpeg("-i", tmp_path / "x.wav", tmp_path / "x.flac")  # lossless: every ffmpeg gives back the same samples
+    monkeypatch.setenv("PATH", str(tmp_path))  # a bare machine: the binary of imageio-ffmpeg's wheel
+    assert shutil.which("ffmpeg") is None and ffmpeg_command() == imageio_ffmpeg.get_ffmpeg_exe()
+    np.testing.assert_array_equal(load_audio(tmp_path / "x.flac")[0], want)
+    no_ffmpeg(monkeypatch)
+    with pytest.raises(RuntimeError, match=r"neither on PATH nor installed by pip: `pip install imageio-ffmpeg`"):
+        load_audio(tmp_path / "x.flac")
 
 
 @pytest.mark.parametrize("kind, says", [
@@ -2724,7 +2735,7 @@ def test_missing_ffmpeg(tmp_path, monkeypatch):
 def test_bad_files(tmp_path, kind, says):
     path = make_bad(tmp_path, kind)
     if kind == "corrupt_mp4":
-        assert shutil.which("ffmpeg"), "this test needs ffmpeg on PATH"
+        assert ffmpeg_command(), "this test needs ffmpeg: pip install -r requirements-dev.txt installs one"
     with pytest.raises(AudioError, match=says) as e:
         load_audio(path)
     assert str(path) in str(e.value)
@@ -3083,7 +3094,7 @@ def test_wav_streamed_to_a_pipe_is_read_to_its_end(tmp_path):
     want = write_sine_wav(tmp_path / "in.wav", seconds=0.3)
     for codec in ("pcm_s16le", "pcm_f32le"):
         with open(tmp_path / "piped.wav", "wb") as f:  # ffmpeg ... pipe:1 > piped.wav
-            subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", tmp_path / "in.wav", "-c:a", codec, "-f", "wav",
+            subprocess.run([ffmpeg_command(), "-nostdin", "-v", "error", "-i", tmp_path / "in.wav", "-c:a", codec, "-f", "wav",
                             "pipe:1"], stdout=f, check=True)
         data = (tmp_path / "piped.wav").read_bytes()
         assert data[4:8] == b"\xff\xff\xff\xff" and data[data.index(b"data") + 4:][:4] == b"\xff\xff\xff\xff"
@@ -3558,9 +3569,9 @@ def test_sample_names_a_line_that_is_not_utf8(demo_ckpt, tmp_path, capsys):
 
 def test_missing_ffmpeg_is_named_and_not_skipped(tmp_path, monkeypatch, demo_ckpt, small_demo, capsys):
     src = generic_dialogues(tmp_path, mp4=True)
-    monkeypatch.setattr(shutil, "which", lambda name: None)
+    no_ffmpeg(monkeypatch)
     for skip in ([], ["--skip-bad"]):
-        with pytest.raises(SystemExit, match="needs the ffmpeg command-line tool, which is not on PATH"):
+        with pytest.raises(SystemExit, match="needs the ffmpeg command-line tool, which is neither on PATH"):
             run_prepare("dialogues", "--from", src, "--vocab", minilm_dir() / "vocab.txt", "--out", tmp_path / "o",
                         "--workers", 1, *skip)
     turns = write_jsonl(tmp_path / "turns.jsonl", [{"speaker": "A", "text": "hi", "audio": "clips/d1_0.mp4"}])

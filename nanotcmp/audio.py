@@ -2,8 +2,9 @@
 Audio in and out: every clip becomes 16 kHz mono int16, the input HuBERT expects.
 
 load_audio reads PCM and IEEE float WAV with the standard library's `wave`; anything else (MELD
-ships .mp4) is first decoded by the ffmpeg command-line tool to a float WAV on a pipe, at its native
-rate and channels, so there is one reader, and mixing to mono and resampling happen in one place.
+ships .mp4) is first decoded by the ffmpeg command-line tool (the one on PATH, or the one the
+imageio-ffmpeg package ships) to a float WAV on a pipe, at its native rate and channels, so there
+is one reader, and mixing to mono and resampling happen in one place.
 Float samples that are NaN or infinite are refused, never stored as full-scale clicks.
 """
 import io
@@ -101,14 +102,26 @@ def read_wav(data, name):
     return x.astype(np.float32).reshape(n, channels), rate
 
 
+def ffmpeg_command():
+    """The ffmpeg command-line tool: the one on PATH, else the one the imageio-ffmpeg package ships
+    (`pip install imageio-ffmpeg`; requirements-dev.txt installs it), else None"""
+    if found := shutil.which("ffmpeg"):
+        return found
+    try:
+        import imageio_ffmpeg
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError):  # not installed, or a package without its binary
+        return None
+
+
 def decode_with_ffmpeg(path):
     """Any media ffmpeg reads -> read_wav's output, through a 32-bit float WAV on a pipe (no file to
     leave behind; float: NaN and inf reach read_wav, which refuses them, rather than full scale)."""
-    if shutil.which("ffmpeg") is None:
-        raise NoFFmpeg(f"reading {path} needs the ffmpeg command-line tool, which is not on PATH: "
-                           "install it with `apt-get install ffmpeg`, `brew install ffmpeg` or "
-                           "`conda install -c conda-forge ffmpeg`")
-    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", path, "-vn", "-acodec", "pcm_f32le", "-f", "wav", "pipe:1"]
+    if (ffmpeg := ffmpeg_command()) is None:
+        raise NoFFmpeg(f"reading {path} needs the ffmpeg command-line tool, which is neither on PATH nor "
+                       "installed by pip: `pip install imageio-ffmpeg` (a wheel with the binary), or "
+                       "`apt-get install ffmpeg`, `brew install ffmpeg`")
+    cmd = [ffmpeg, "-nostdin", "-v", "error", "-i", path, "-vn", "-acodec", "pcm_f32le", "-f", "wav", "pipe:1"]
     r = subprocess.run(cmd, capture_output=True)
     if r.returncode != 0:
         last = (r.stderr.decode("utf-8", "replace").strip().splitlines() or [f"exit status {r.returncode}"])[-1]
