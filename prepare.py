@@ -411,6 +411,10 @@ def check_packed(packed, labels):
 LEFTOVER_FILES = re.compile(r".*\.safetensors|\.tmp\w*|meta\.json|vocab\.txt|example_dialogue\.jsonl|clips")
 
 
+VOCAB = ("the vocab.txt of the text encoder that train.py's --text-encoder will load (e.g. "
+         "weights/bert-base-uncased/vocab.txt; the demo's: data/demo/vocab.txt)")
+
+
 def parse_args(argv):
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--max-tokens", type=ranged(int, 3), default=60,
@@ -421,34 +425,35 @@ def parse_args(argv):
                         help="longer audio is cut (and counted); at least 0.025, HuBERT's receptive field")
     common.add_argument("--skip-bad", action="store_true", help="drop bad utterances (counted) instead of stopping")
     common.add_argument("--workers", type=ranged(int, 1), default=os.cpu_count(), help="processes decoding audio")
+    text = argparse.ArgumentParser(add_help=False)  # the corpora of real text
+    text.add_argument("--vocab", type=given_path, help=VOCAB)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", parents=[common], help="the embedded synthetic demo")
     p.add_argument("--out", type=given_path, default="data/demo")
     p.add_argument("--seed", type=SEED, default=0)
-    p = sub.add_parser("meld", parents=[common], help="P-MELD (or, with --unlabelled, a pre-training corpus)")
+    p = sub.add_parser("meld", parents=[common, text], help="P-MELD (or, with --unlabelled, a pre-training corpus)")
     p.add_argument("--csv-dir", type=given_path, default=MELD_DIR,
                    help="folder of {train,dev,test}_sent_emo.csv (default: the transcripts this repository carries, "
                         "meld/)")
     p.add_argument("--media-dir", type=given_path, help="folder of train_splits/, dev_splits_complete/, "
                                        "output_repeated_splits_test/; without it the dataset is text-only")
-    p.add_argument("--vocab", type=given_path, required=True)
     p.add_argument("--unlabelled", action="store_true", help="drop the labels: a pre-training corpus")
     p.add_argument("--out", type=given_path)
-    p = sub.add_parser("iemocap", parents=[common], help="P-IEM")
+    p = sub.add_parser("iemocap", parents=[common, text], help="P-IEM")
     p.add_argument("--root", type=given_path, required=True, help="the IEMOCAP_full_release folder")
-    p.add_argument("--vocab", type=given_path, required=True)
     p.add_argument("--text-only", action="store_true")
     p.add_argument("--out", type=given_path, default="data/p-iem")
-    p = sub.add_parser("dialogues", parents=[common], help="dialogues in nanotcmp's JSONL format")
+    p = sub.add_parser("dialogues", parents=[common, text], help="dialogues in nanotcmp's JSONL format")
     p.add_argument("--from", dest="src", type=given_path, required=True,
                    help="a .jsonl file, or a folder of them (one split each)")
-    p.add_argument("--vocab", type=given_path, required=True)
     p.add_argument("--labels", help="comma-separated class names, in order (default: the labels found, sorted)")
     p.add_argument("--out", type=given_path, required=True)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["demo"] + list(argv)  # the demo is the default command
     args = parser.parse_args(argv)
+    if args.command != "demo" and args.vocab is None:
+        parser.error(f"{args.command} needs --vocab: {VOCAB}")
     if args.command == "meld" and args.out is None:
         args.out = "data/meld-unlabelled" if args.unlabelled else "data/p-meld"
     return args

@@ -15,6 +15,7 @@ plus the GRUs and the attention over the cached vectors of at most max_context u
 """
 import argparse
 import contextlib
+import glob
 import json
 import os
 import sys
@@ -33,6 +34,9 @@ from nanotcmp.tokenizer import WordPiece
 from nanotcmp.training import class_weights, open_splits
 
 
+ENGLISH = "checkpoints/p-meld-minilm"  # the model that knows English, shipped with the repository
+
+
 class BadTurn(DataError):
     """A turn that cannot be read: with --keep-going on standard input, skipped"""
 
@@ -42,7 +46,9 @@ def load_checkpoint(folder, device):
     if os.path.isfile(folder):
         raise DataError(f"--ckpt {folder} is a file; give a run's folder (config.json, model.safetensors)")
     if not os.path.isdir(folder):
-        raise DataError(f"no checkpoint at {folder}; train one with: python train.py")
+        runs = ", ".join(runs_near(folder)) or "none"
+        raise DataError(f"no run at {folder} (fine-tuned runs near it: {runs}); the demo's is made by "
+                        f"python prepare.py && python train.py")
     model, config = load_model(folder, "finetune")
     if config["stage"] != "finetune":
         raise DataError(f"{folder} is a {config['stage']} run; give a fine-tuning run (--ckpt)")
@@ -57,6 +63,23 @@ def load_checkpoint(folder, device):
                             f"(prepare.py's, and the run's text encoder's); put back the run's own config.json")
     tok = WordPiece.from_file(config["vocab"]["path"])
     return model.to(device), tok, config
+
+
+def runs_near(folder):
+    """The fine-tuning runs in the nearest folder above folder that exists, one or two levels down"""
+    near = os.path.dirname(os.path.normpath(folder))
+    while near and not os.path.isdir(near):
+        near = os.path.dirname(near)
+    runs = []
+    for path in sorted(glob.glob(os.path.join(near, "*", "config.json")) +
+                       glob.glob(os.path.join(near, "*", "*", "config.json"))):
+        try:
+            with open(path) as f:
+                if json.load(f).get("stage") == "finetune":
+                    runs.append(os.path.dirname(path))
+        except (OSError, ValueError, AttributeError):  # not a run's config.json
+            continue
+    return runs
 
 
 def audio_cut(config, folder):
@@ -86,7 +109,8 @@ def parse_turn(line, where, base, max_seconds, dialogue):
     wave, cut = None, False
     if max_seconds is not None:
         if not turn.get("audio"):
-            raise BadTurn(f"{where}: this turn has no audio, and the model uses audio")
+            raise BadTurn(f"{where}: this turn has no audio, and the model uses audio: give each turn an \"audio\" "
+                          f"file, or answer text with a text-only run (--ckpt {ENGLISH}: English, no training)")
         path = os.path.join(base, turn["audio"])
         if os.path.isdir(path):
             raise BadTurn(f"{where}: {path} is a folder, not an audio file")
@@ -111,7 +135,7 @@ def report(turn, speaker, text, target, probs, labels, ms, as_json):
         for i, (name, p) in enumerate(zip(labels, probs)):
             lead = f"  {target} next:" if i == 0 else ""
             print(f"{lead:<{len(target) + 9}} {name:<{width}} {p:5.2f} {'█' * round(float(p) * 30)}")
-        print(f"  ({ms:.0f} ms)")
+        print(f"  (answered in {ms:.0f} ms)")
 
 
 def open_turns(dialogue):
@@ -186,6 +210,10 @@ def converse(args, speakers):
     max_seconds = audio_cut(config, args.ckpt) if model.audio else None
     stream = Stream(model, tok, config["max_tokens"], config["max_context"], device)
     lines, base, name = open_turns(args.dialogue)
+    if not args.json:
+        print(f"{args.ckpt} ({' and '.join(model.config.modalities)}) on {name}: after each turn N, the chances of "
+              f"each emotion\nin the next utterance of the speaker of turn N-1 (so from turn 2 on), and the time to "
+              f"answer\n")
     dialogue = None
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -201,6 +229,12 @@ def converse(args, speakers):
         if cut:
             print(f"sample.py: {name}:{i}: audio longer than {max_seconds:g} s, cut to its first {max_seconds:g} s "
                   f"(the run's max_seconds, as prepare.py cut the clips it learnt from)", file=sys.stderr, flush=True)
+        words, unknown = tok.unknown_words(text) if model.text else ([], [])
+        if 2 * len(unknown) > len(words):
+            print(f"sample.py: {name}:{i}: {len(unknown)} of {len(words)} words are not in the model's vocabulary "
+                  f"({tok.vocab_size} word pieces), {', '.join(unknown[:4])}{', ...' * (len(unknown) > 4)}: to it "
+                  f"each is [UNK], and its answer means little; a model that knows English: --ckpt {ENGLISH}",
+                  file=sys.stderr, flush=True)
         dialogue = dialogue or this_dialogue
         probs = stream.add(text, wave)
         target = speakers[-1] if speakers else None  # the source: the speaker of turn N-1

@@ -2206,8 +2206,26 @@ def test_text_only_checkpoint_needs_no_audio(demo_ckpt, tmp_path, capsys):
                                                (("A", "hello there"), ("Zed", "hi"), ("A", "how are you?"))])
     answers = [json.loads(l) for l in run_sample(capsys, turns, "--ckpt", demo_ckpt / "text", "--json").splitlines()]
     assert [a["target_speaker"] for a in answers] == ["A", "Zed"]  # a speaker never seen in training is fine
-    with pytest.raises(SystemExit, match=re.escape(f"{turns}:1: this turn has no audio, and the model uses audio")):
+    with pytest.raises(SystemExit, match=re.escape(f"{turns}:1: this turn has no audio, and the model uses audio: give "
+                                                   f"each turn an \"audio\" file, or answer text with a text-only run "
+                                                   f"(--ckpt checkpoints/p-meld-minilm: English, no training)")):
         run_sample(capsys, turns, "--ckpt", demo_ckpt / "all")
+
+
+def test_a_turn_of_words_the_model_does_not_know_is_pointed_out(demo_ckpt, small_demo, tmp_path, capsys):
+    known = json.loads((small_demo / "example_dialogue.jsonl").read_text().splitlines()[0])["text"]
+    turns = write_jsonl(tmp_path / "t.jsonl", [{"speaker": "A", "text": known},
+                                               {"speaker": "B", "text": "Haven't they fixed the heating yet?"}])
+    sample.main([str(turns), "--ckpt", str(demo_ckpt / "text")])
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{demo_ckpt / 'text'} (text) on {turns}: after each turn N, the chances of each emotion")
+    tok = WordPiece.from_file(small_demo / "vocab.txt")
+    words = [w for w in "haven t they fixed the heating yet".split() if tok.wordpiece(w) == ["[UNK]"]]
+    assert len(words) > 3, words  # the demo's vocabulary lacks most of them
+    assert err.splitlines() == [f"sample.py: {turns}:2: {len(words)} of 7 words are not in the model's vocabulary "
+                                f"({tok.vocab_size} word pieces), {', '.join(words[:4])}{', ...' * (len(words) > 4)}: "
+                                f"to it each is [UNK], and its answer means little; a model that knows English: "
+                                f"--ckpt checkpoints/p-meld-minilm"]  # none for turn 1, of the demo's words
 
 
 def test_stdin_answers_each_turn_as_soon_as_it_is_read(small_demo, demo_ckpt):
@@ -3505,9 +3523,32 @@ def test_bad_turns_are_named(demo_ckpt, tmp_path, capsys, monkeypatch, line, say
     assert "stdin:2: " in captured.err and "(skipped)" in captured.err
 
 
+def test_a_fresh_clone_is_told_what_to_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # nothing prepared, nothing trained
+    with pytest.raises(SystemExit, match=re.escape("train.py: data/demo/meta.json not found: is data/demo a dataset "
+                                                   "made by prepare.py (python prepare.py makes the demo's)?")):
+        train.main([])
+    with pytest.raises(SystemExit, match=re.escape("sample.py: no run at out/demo-finetune (fine-tuned runs near it: "
+                                                   "none); the demo's is made by python prepare.py && python train.py")):
+        sample.main([])
+    with pytest.raises(SystemExit):
+        prepare.main(["dialogues", "--from", "mine.jsonl", "--out", "data/mine"])
+    assert capsys.readouterr().err.splitlines()[-1].endswith(  # (the program's name is pytest's here)
+        "error: dialogues needs --vocab: the vocab.txt of the text encoder that train.py's --text-encoder "
+        "will load (e.g. weights/bert-base-uncased/vocab.txt; the demo's: data/demo/vocab.txt)")
+
+
 def test_bad_checkpoints_are_named(demo_ckpt, small_demo, tmp_path, capsys):
-    with pytest.raises(SystemExit, match=re.escape(f"no checkpoint at {tmp_path / 'none'}")):
-        run_sample(capsys, small_demo / "example_dialogue.jsonl", "--ckpt", tmp_path / "none")
+    # a mistyped path: the fine-tuning runs near it are named (not a pre-training run, not an encoder)
+    shutil.copytree(demo_ckpt / "all", tmp_path / "out/demo/finetune")
+    (tmp_path / "out/demo-pretrain").mkdir()
+    (tmp_path / "out/demo-pretrain/config.json").write_text(json.dumps({"stage": "pretrain"}))
+    (tmp_path / "out/weights").mkdir()
+    (tmp_path / "out/weights/config.json").write_text("[]")
+    with pytest.raises(SystemExit, match=re.escape(f"no run at {tmp_path / 'out/demo-txt/finetune'} (fine-tuned "
+                                                   f"runs near it: {tmp_path / 'out/demo/finetune'}); the demo's is "
+                                                   f"made by python prepare.py && python train.py")):
+        run_sample(capsys, small_demo / "example_dialogue.jsonl", "--ckpt", tmp_path / "out/demo-txt/finetune")
     shutil.copytree(demo_ckpt / "all", tmp_path / "old")
     config = json.loads((tmp_path / "old/config.json").read_text())
     config["model"]["d"] = 32  # sizes the weights do not have

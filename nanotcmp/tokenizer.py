@@ -109,6 +109,11 @@ class WordPiece:
                     tokens += self.wordpiece(word)
         return tokens
 
+    def unknown_words(self, text):
+        """-> (the words of text, punctuation aside; those of them no word pieces spell, each one [UNK])"""
+        words = [w for w in pre_tokenize(text, self.lowercase) if not all(map(is_punctuation, w))]
+        return words, [w for w in words if self.wordpiece(w) == ["[UNK]"]]
+
     def encode(self, text, max_len=None):
         if max_len is not None and max_len < 2:
             raise ValueError(f"max_len must be at least 2, to hold [CLS] and [SEP]; got {max_len}")
