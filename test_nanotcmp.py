@@ -529,51 +529,116 @@ def test_tokenizer_decode_merges_continuations_and_drops_specials():
 # the equations: TCMP (Eq. 4-23) by hand and against torch, the metrics, the exercise
 
 
+def check_step(got, want, what, slips=(), tol=1e-5):
+    """An exercise step's check: got equals want to tol. If not, the failure says what is wrong in one
+    line: the slip among slips [(what the slip is, its result)] that got equals (to tol, relative above 1),
+    else how far it is"""
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        pytest.fail(f"{what}: got {tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__}, "
+                    f"expected a tensor of shape {tuple(want.shape)}", pytrace=False)
+    if not torch.isfinite(got).all():
+        pytest.fail(f"{what}: NaN or inf at {torch.nonzero(~torch.isfinite(got))[0].tolist()}", pytrace=False)
+    if max_diff(got, want) <= tol:
+        return
+    named = [slip for slip, value in slips if max_diff(got, value) <= tol * max(1, value.abs().max().item())]
+    pytest.fail(f"{what}: {named[0] if named else f'off by up to {max_diff(got, want):.3g} (tolerance {tol:g})'}",
+                pytrace=False)
+
+
 def test_eq4_pooling_is_max_plus_mean_over_the_valid_positions():
     """Eq. 4: max plus mean over the valid positions, by hand"""
     x = torch.tensor([[[1.0, -2.0], [3.0, 4.0], [100.0, 100.0]],
                       [[-1.0, 0.0], [-5.0, 2.0], [7.0, -3.0]]])  # (U=2, T=3, D=2)
     mask = torch.tensor([[True, True, False], [True, True, True]])
     # utterance 0 (its third position is padding): max (3, 4) + mean (2, 1); utterance 1: max (7, 2) + mean (1/3, -1/3)
-    assert max_diff(M.pool(x, mask), torch.tensor([[5.0, 5.0], [7 + 1 / 3, 2 - 1 / 3]])) < 1e-6
+    top, mean = torch.tensor([[3.0, 4.0], [7.0, 2.0]]), torch.tensor([[2.0, 1.0], [1 / 3, -1 / 3]])
+    check_step(M.pool(x, mask), top + mean, "pool (Eq. 4)", [
+        ("padding wins the maximum of utterance 0: a padded position must never be the max", x.amax(1) + mean),
+        ("padding counts in the mean: average the valid positions only", top + x.mean(1)),
+        ("the mean divides by T: divide the valid positions' sum by their number",
+         top + (x * mask[..., None]).sum(1) / 3),
+        ("the max alone: Eq. 4 adds the mean", top), ("the mean alone: Eq. 4 adds the max", mean)])
 
 
-def test_eq6_fusion_and_eq22_head_by_hand(small_demo):
-    """Eq. 6 and Eq. 22: the fused stream and the emotion logits, by hand"""
+def test_eq6_fusion_by_hand(small_demo):
+    """Eq. 6: each stream's vectors by hand, the fused one included"""
     split = Split(small_demo / "train.safetensors")
     model = small_model(small_demo)
     batch = finetune_batch(split, split.samples[:3], model.config.modalities)
     with torch.no_grad():
         f, H = model.features(batch), model.encode(batch)
-        t = torch.tanh(f["text"] @ model.proj_t.weight.T + model.proj_t.bias)  # pooled BERT -> d
-        a = torch.tanh(f["audio"] @ model.proj_a.weight.T + model.proj_a.bias)  # pooled HuBERT -> d
-        m = torch.cat([t, a], 1) @ model.fuse.weight.T + model.fuse.bias  # Eq. 6: W_f [H^t ; H^a] + b_f
-        assert max(max_diff(H["t"], t), max_diff(H["a"], a), max_diff(H["m"], m)) < 1e-6
+        t_lin = f["text"] @ model.proj_t.weight.T + model.proj_t.bias  # pooled BERT -> d
+        a_lin = f["audio"] @ model.proj_a.weight.T + model.proj_a.bias  # pooled HuBERT -> d
+        t, a = torch.tanh(t_lin), torch.tanh(a_lin)
+        fuse = lambda first, second: torch.cat([first, second], 1) @ model.fuse.weight.T + model.fuse.bias
+        assert isinstance(H, dict) and set(H) == {"t", "a", "m"}, "encode returns {β: (U, d)} for β in t, a, m"
+        check_step(H["t"], t, "H^t", [("no tanh: H^t = tanh(proj_t(text))", t_lin)])
+        check_step(H["a"], a, "H^a", [("no tanh: H^a = tanh(proj_a(audio))", a_lin)])
+        check_step(H["m"], fuse(t, a), "H^m (Eq. 6)", [  # W_m [H^t ; H^a] + b_m
+            ("a tanh, which Eq. 6 does not have", torch.tanh(fuse(t, a))),
+            ("[H^a ; H^t]: Eq. 6 puts the text first", fuse(a, t)),
+            ("fused from the projections before their tanh: fuse H^t and H^a", fuse(t_lin, a_lin))])
+
+
+def test_eq22_head_by_hand(small_demo):
+    """Eq. 22: the emotion logits of each sample's target, by hand"""
+    split = Split(small_demo / "train.safetensors")
+    model = small_model(small_demo)
+    batch = finetune_batch(split, split.samples[:3], model.config.modalities)
+    with torch.no_grad():
+        H = model.encode(batch)
         P = model.interact(H, batch["ctx"], batch["ctx_mask"])
         rows, last = torch.arange(3), batch["ctx_mask"].sum(1)  # each sample's target position
-        p = torch.cat([P["t"][rows, last], P["a"][rows, last], P["m"][rows, last]], 1)
-        logits = torch.tanh(p @ model.head1.weight.T + model.head1.bias) @ model.head2.weight.T + model.head2.bias
-        # Eq. 22 before its softmax
-        assert max_diff(model.next_emotion(H, batch["ctx"], batch["ctx_mask"]), logits) < 1e-6
+        head = lambda p, act=torch.tanh: act(p @ model.head1.weight.T + model.head1.bias) @ model.head2.weight.T \
+            + model.head2.bias
+        at = lambda pos, streams="tam": torch.cat([P[beta][rows, pos] for beta in streams], 1)
+        logits = head(at(last))  # Eq. 22 before its softmax
+        check_step(model.next_emotion(H, batch["ctx"], batch["ctx_mask"]), logits, "next_emotion (Eq. 22)", [
+            ("the row of the context's last utterance: the target's row is one past it, the context's length",
+             head(at(last - 1))),
+            ("[P^t ; P^m ; P^a], Eq. 22's printed order: W_1's columns follow self.streams, t, a, m",
+             head(at(last, "tma"))),
+            ("no tanh between W_1 and W_2", head(at(last), lambda x: x)),
+            ("probabilities: return the logits, the softmax belongs to the loss", logits.softmax(-1))])
 
 
-def test_eq7_8_gru_matches_torch_gru():
-    """Eq. 7-8: our GRU equals torch.nn.GRU, and a padded step keeps the state"""
+def gru_cell_by_hand(gru, x_proj, h, slip=None):
+    """One GRU step by hand (Eq. 7-8 use it): r = σ(x_r + W_hr h + b_hr), z = σ(x_z + W_hz h + b_hz),
+    n = tanh(x_n + r ⊙ (W_hn h + b_hn)), h' = (1 − z) ⊙ n + z ⊙ h; or with a slip of GRU_SLIPS"""
+    x_r, x_z, x_n = x_proj.chunk(3, -1)
+    (W_r, W_z, W_n), (b_r, b_z, b_n) = gru.weight_hh.chunk(3), gru.bias_hh.chunk(3)
+    if slip == "zr":  # the gates read in the order z, r, n
+        x_r, x_z, W_r, W_z, b_r, b_z = x_z, x_r, W_z, W_r, b_z, b_r
+    r, z = torch.sigmoid(x_r + h @ W_r.T + b_r), torch.sigmoid(x_z + h @ W_z.T + b_z)
+    n = torch.tanh(x_n + {"bias": r * (h @ W_n.T) + b_n, "no r": h @ W_n.T + b_n}.get(slip, r * (h @ W_n.T + b_n)))
+    return z * n + (1 - z) * h if slip == "z" else (1 - z) * n + z * h
+
+
+GRU_SLIPS = {"bias": "the reset gate r multiplies W_hn h alone: it multiplies W_hn h + b_hn, the bias included",
+             "no r": "no reset gate in the candidate n: n = tanh(x_n + r ⊙ (W_hn h + b_hn))",
+             "z": "the update gate z weighs the candidate: h' = (1 − z) ⊙ n + z ⊙ h, z keeps the old state",
+             "zr": "the gates read in the order z, r, n: PyTorch stacks them r, z, n"}
+
+
+def test_eq7_8_gru_cell_by_hand_and_against_torch_gru():
+    """Eq. 7-8: one step of our GRU by hand, each gate named where it is wrong; the whole GRU equals
+    torch.nn.GRU, and a padded step keeps the state"""
     torch.manual_seed(0)
     ours, ref = GRU(6, 8), torch.nn.GRU(6, 8, batch_first=True)
+    x_proj, h = torch.randn(5, 24), torch.randn(5, 8)
     with torch.no_grad():
+        check_step(ours.cell(x_proj, h), gru_cell_by_hand(ours, x_proj, h), "GRU.cell (Eq. 7-8)",
+                   [(what, gru_cell_by_hand(ours, x_proj, h, slip)) for slip, what in GRU_SLIPS.items()])
         for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
             getattr(ref, f"{name}_l0").copy_(getattr(ours, name))
-    x, h0 = torch.randn(3, 7, 6), torch.randn(1, 3, 8)
-    assert max_diff(ours(x, h=h0[0]), ref(x, h0)[0]) <= 1e-5
-    # a masked (padded) step keeps the state: a padded sequence ends where the short one ends
-    mask = torch.arange(7)[None, :] < torch.tensor([7, 4, 1])[:, None]
-    out = ours(x, mask)
-    for b, n in enumerate((7, 4, 1)):
-        assert max_diff(out[b, n - 1], ref(x[b:b + 1, :n])[0][0, -1]) <= 1e-5
-        assert (out[b, n:] == out[b, n - 1]).all()
-
-
+        x, h0 = torch.randn(3, 7, 6), torch.randn(1, 3, 8)
+        check_step(ours(x, h=h0[0]), ref(x, h0)[0], "GRU against torch.nn.GRU")
+        # a masked (padded) step keeps the state: a padded sequence ends where the short one ends
+        mask = torch.arange(7)[None, :] < torch.tensor([7, 4, 1])[:, None]
+        out = ours(x, mask)
+        for b, n in enumerate((7, 4, 1)):
+            assert max_diff(out[b, n - 1], ref(x[b:b + 1, :n])[0][0, -1]) <= 1e-5
+            assert (out[b, n:] == out[b, n - 1]).all()
 @pytest.mark.parametrize("distant", [True, False])
 def test_eq7_10_all_targets_in_one_pass_equal_each_context_alone(distant):
     """Eq. 7-10: every target of a window in one pass equals each target's context run alone"""
@@ -596,31 +661,48 @@ def test_eq10_empty_distant_context_attends_to_zero():
     P = ci(H, torch.ones(1, 4, dtype=torch.bool))
     Hh = ci.gru(H)
     Q = ci.query(torch.cat([Hh[:, 0], Hh[:, 1]], -1))  # target 2: nearby u_0, u_1, no distant context
-    assert max_diff(P[0, 2], ci.out(torch.cat([torch.zeros_like(Q), Q], -1))[0]) <= 1e-6
+    check_step(P[0, 2], ci.out(torch.cat([torch.zeros_like(Q), Q], -1))[0],
+               "target 2, which has no distant state: its attended vector must be zero", tol=1e-6)
     C = ci.gru_d(Hh)  # target 3: one distant state, so all attention on it
     Q3 = ci.query(torch.cat([Hh[:, 1], Hh[:, 2]], -1))
-    assert max_diff(P[0, 3], ci.out(torch.cat([C[:, 0], Q3], -1))[0]) <= 1e-6
+    check_step(P[0, 3], ci.out(torch.cat([C[:, 0], Q3], -1))[0],
+               "target 3, which has one distant state, C_0: all its attention is on it", tol=1e-6)
     P.sum().backward()  # and the gradients stay finite
-    assert all(torch.isfinite(p.grad).all() for p in ci.parameters() if p.grad is not None)
+    assert all(torch.isfinite(p.grad).all() for p in ci.parameters() if p.grad is not None), \
+        "non-finite gradients: a softmax over a row where every score is -inf gives NaN, in the backward pass too"
 
 
 def test_eq10_attention_over_the_distant_states_by_hand():
     """Eq. 7-10 by hand for every target of two windows, one padded: Q_j from Ĥ_{j-2}, Ĥ_{j-1}, softmax
-    attention over the distant states C_0 .. C_{j-3}, P_j = W_o [attended ; Q_j]"""
+    attention over the distant states C_0 .. C_{j-3}, P_j = W_o [attended ; Q_j]; each slip named"""
     torch.manual_seed(0)
     ci = ContextInteraction(8).eval()
     H, lengths = torch.randn(2, 7, 8), (7, 5)
     mask = torch.arange(7)[None, :] < torch.tensor(lengths)[:, None]
+    slips = {"seen": "target j also attends to C_{j-2}: its distant states are C_0 .. C_{j-3}",
+             "Hh": "attention over Ĥ: the distant states are C = GRU_d(Ĥ) (Eq. 8)",
+             "Q": "Q_j from [Ĥ_{j-1} ; Ĥ_{j-2}]: Eq. 9 puts Ĥ_{j-2} first",
+             "out": "P_j = W_o [Q_j ; attended]: Eq. 10 puts the attended vector first"}
+    got, want, slipped = [], [], {slip: [] for slip in slips}
     with torch.no_grad():
         P = ci(H, mask)  # (2, 8, 8)
         for b, n in enumerate(lengths):
             Hh = ci.gru(H[b:b + 1, :n])[0]  # (n, 8), Eq. 7 over the real utterances only
             C = ci.gru_d(Hh[None])[0]  # (n, 8), Eq. 8
+            attend = lambda Q, states: torch.softmax(states @ Q, 0) @ states if len(states) else torch.zeros(8)
             for j in range(2, n + 1):
                 Q = ci.query(torch.cat([Hh[j - 2], Hh[j - 1]]))  # Eq. 9
-                distant = C[:j - 2]  # C_0 .. C_{j-3}, none for j = 2
-                attended = torch.softmax(distant @ Q, 0) @ distant if j > 2 else torch.zeros(8)
-                assert max_diff(P[b, j], ci.out(torch.cat([attended, Q]))) <= 1e-5  # Eq. 10
+                attended = attend(Q, C[:j - 2])  # over C_0 .. C_{j-3}, none for j = 2
+                got.append(P[b, j])
+                want.append(ci.out(torch.cat([attended, Q])))  # Eq. 10
+                Q_swapped = ci.query(torch.cat([Hh[j - 1], Hh[j - 2]]))
+                for slip, value in (("seen", ci.out(torch.cat([attend(Q, C[:j - 1]), Q]))),
+                                    ("Hh", ci.out(torch.cat([attend(Q, Hh[:j - 2]), Q]))),
+                                    ("Q", ci.out(torch.cat([attend(Q_swapped, C[:j - 2]), Q_swapped]))),
+                                    ("out", ci.out(torch.cat([Q, attended])))):
+                    slipped[slip].append(value)
+    check_step(torch.stack(got), torch.stack(want), "ContextInteraction (Eq. 7-10), the targets j = 2 .. n",
+               [(slips[slip], torch.stack(values)) for slip, values in slipped.items()])
 
 
 def test_wo_dist_ignores_distant_utterances(small_demo):
@@ -650,18 +732,30 @@ def test_wo_dist_ignores_distant_utterances(small_demo):
 
 
 def test_eq14_15_tus_losses_on_hand_computed_scores():
-    """Eq. 14-15: the intra and inter TUS losses, BCE and softmax, by hand"""
-    logit = lambda p: math.log(p / (1 - p))
-    st = torch.tensor([[logit(0.8), logit(0.3), logit(0.1)]])  # T2T scores s^t: the true candidate first
-    sa = torch.tensor([[logit(0.5), logit(0.6), logit(0.2)]])  # A2A scores s^a
-    # intra, BCE: -log(0.8 * 0.5) - log(1 - 0.3 * 0.6) - log(1 - 0.1 * 0.2)
-    want = -math.log(0.4) - math.log(1 - 0.18) - math.log(1 - 0.02)
-    assert abs(tus_loss([st, sa], "bce").item() - want) < 1e-5
-    # inter, BCE: one modality
-    assert abs(tus_loss([st], "bce").item() - (-math.log(0.8) - math.log(0.7) - math.log(0.9))) < 1e-5
-    # softmax (the authors' code): cross-entropy over the k logits of each modality, summed
-    ce = lambda x: -(x[0] - torch.logsumexp(x, 0)).item()
-    assert abs(tus_loss([st, sa], "softmax").item() - (ce(st[0]) + ce(sa[0]))) < 1e-5
+    """Eq. 14-15: the intra and inter TUS losses, BCE and softmax, by hand on two targets"""
+    probs_t = [[0.8, 0.3, 0.1], [0.6, 0.5, 0.4]]  # T2T: σ of the scores of each target's candidates, true one first
+    probs_a = [[0.5, 0.6, 0.2], [0.9, 0.1, 0.7]]  # A2A
+    logit = lambda rows: torch.tensor([[math.log(p / (1 - p)) for p in row] for row in rows], dtype=torch.float64)
+    st, sa = logit(probs_t), logit(probs_a)
+    # BCE: -mean over targets of [log s_true + Σ_noise log(1 - s_noise)], s the product over the modalities
+    bce = lambda rows, reduce=lambda v: sum(v) / len(v): -reduce([math.log(r[0]) + sum(math.log(1 - p) for p in r[1:])
+                                                                 for r in rows])
+    both = [[p * q for p, q in zip(rt, ra)] for rt, ra in zip(probs_t, probs_a)]
+    log = lambda p: math.log(p)
+    intra_slips = [
+        ("log(1 − s) summed over the modalities: s is the product of each modality's σ, 1 − s comes after",
+         -sum(log(rt[0] * ra[0]) + sum(log(1 - p) + log(1 - q) for p, q in zip(rt[1:], ra[1:]))
+              for rt, ra in zip(probs_t, probs_a)) / 2),
+        ("the noise candidates are left out: each adds log(1 − s)", -sum(log(r[0]) for r in both) / 2),
+        ("summed over the targets: Eq. 14 takes their mean", bce(both, sum))]
+    check_step(tus_loss([st, sa], "bce"), torch.tensor(bce(both), dtype=torch.float64), "tus_loss, intra (Eq. 14)",
+               [(slip, torch.tensor(v, dtype=torch.float64)) for slip, v in intra_slips])
+    check_step(tus_loss([st], "bce"), torch.tensor(bce(probs_t), dtype=torch.float64), "tus_loss, inter (Eq. 15)")
+    # softmax (the authors' code): cross-entropy over the k logits of each target, mean over targets, summed over
+    # the modalities
+    ce = lambda x: -(x[:, 0] - torch.logsumexp(x, 1)).mean()
+    check_step(tus_loss([st, sa], "softmax"), ce(st) + ce(sa), "tus_loss, softmax",
+               [("the mean over the modalities: the softmax loss sums them", (ce(st) + ce(sa)) / 2)])
 
 
 def test_eq17_20_clip_loss_symmetric_and_minimal_when_aligned():
@@ -679,14 +773,23 @@ def test_eq17_20_clip_loss_symmetric_and_minimal_when_aligned():
 def test_eq17_20_clip_loss_by_hand():
     """Eq. 17-20 on two pairs by hand: cosines times exp(logit_scale) (capped at 100), the cross-entropy
     of each text over the audios and of each audio over the texts, their mean"""
-    ht, ha = torch.tensor([[3.0, 0.0], [1.0, 1.0]]), torch.tensor([[1.0, 0.0], [0.0, 2.0]])
-    c = 1 / math.sqrt(2)  # cosines: text 0 with audio 0 and 1: 1, 0; text 1: c, c
-    ce = lambda row, i: -(row[i] - math.log(sum(math.exp(v) for v in row)))
+    text, audio = [(3.0, 0), (1.0, 10)], [(1.0, 5), (2.0, 20)]  # (length, angle in degrees) of 2-d vectors
+    vec = lambda pairs: torch.tensor([[n * math.cos(math.radians(a)), n * math.sin(math.radians(a))] for n, a in pairs])
+    cos = [[math.cos(math.radians(a - b)) for _, b in audio] for _, a in text]  # (texts, audios)
+    ce = lambda row, i: torch.logsumexp(torch.tensor(row, dtype=torch.float64), 0).item() - row[i]  # -log softmax_i
+    l_h = lambda sim: (ce(sim[0], 0) + ce(sim[1], 1)) / 2  # each text against every audio
+    l_v = lambda sim: (ce([sim[0][0], sim[1][0]], 0) + ce([sim[0][1], sim[1][1]], 1)) / 2  # each audio, every text
+    scaled = lambda s, m=cos: [[s * v for v in row] for row in m]
+    dots = [[nt * na * v for (na, _), v in zip(audio, row)] for (nt, _), row in zip(text, cos)]
     for logit_scale, s in ((math.log(2.0), 2.0), (math.log(1000.0), 100.0)):
-        sim = [[s, 0.0], [s * c, s * c]]  # (texts, audios)
-        l_h = (ce(sim[0], 0) + ce(sim[1], 1)) / 2  # each text against every audio
-        l_v = (ce([sim[0][0], sim[1][0]], 0) + ce([sim[0][1], sim[1][1]], 1)) / 2  # each audio against every text
-        assert abs(clip_loss(ht, ha, torch.tensor(logit_scale)).item() - (l_h + l_v) / 2) < 1e-5
+        as_tensor = lambda sim, halve=2: torch.tensor((l_h(sim) + l_v(sim)) / halve, dtype=torch.float32)
+        check_step(clip_loss(vec(text), vec(audio), torch.tensor(logit_scale)), as_tensor(scaled(s)),
+                   f"clip_loss (Eq. 17-20), exp(logit_scale) = {math.exp(logit_scale):g}", [
+                       ("exp(logit_scale) is not capped at 100", as_tensor(scaled(math.exp(logit_scale)))),
+                       ("dot products: the similarities are cosines, of L2-normalised vectors",
+                        as_tensor(scaled(s, dots))),
+                       ("text to audio only: add audio to text (L_v) and halve", torch.tensor(l_h(scaled(s)))),
+                       ("L_h + L_v: Eq. 20 halves their sum", as_tensor(scaled(s), 1))])
 
 
 def test_eq21_total_weighs_tus_by_zeta_and_clip_by_eta(small_demo):
@@ -720,7 +823,12 @@ def test_eq23_weighted_cross_entropy_by_hand():
     w = torch.tensor([0.5, 1.0, 3.0])
     nll0 = -(2.0 - math.log(math.exp(2.0) + math.exp(0.0) + math.exp(-1.0)))
     nll1 = -(0.0 - math.log(math.exp(0.5) + math.exp(1.5) + math.exp(0.0)))
-    assert abs(M.weighted_cross_entropy(logits, labels, w).item() - (0.5 * nll0 + 3.0 * nll1) / 2) < 1e-6
+    check_step(M.weighted_cross_entropy(logits, labels, w), torch.tensor((0.5 * nll0 + 3.0 * nll1) / 2),
+               "weighted_cross_entropy (Eq. 23)", [
+                   ("divided by the sum of the weights (F.cross_entropy's weight=): Eq. 23 takes a plain mean",
+                    torch.tensor((0.5 * nll0 + 3.0 * nll1) / 3.5)),
+                   ("no class weights", torch.tensor((nll0 + nll1) / 2)),
+                   ("summed over the batch: Eq. 23 takes the mean", torch.tensor(0.5 * nll0 + 3.0 * nll1))], tol=1e-6)
 
 
 def test_forward_returns_output_loss_and_parts_in_both_stages(small_demo):
@@ -1064,12 +1172,15 @@ def exercise_run():
 
 @pytest.mark.parametrize("name, key", EXERCISE_STEPS, ids=[name for name, _ in EXERCISE_STEPS])
 def test_exercise_step_fails_blank_and_passes_written(exercise_run, name, key):
-    """exercise.md's step: `-k key` selects tests, each of which fails with NotImplementedError while the
-    step's function is blank and passes with the repository's code"""
+    """exercise.md's step: `-k key` selects tests of no other step, each of which fails with
+    NotImplementedError while the step's function is blank and passes with the repository's code"""
     owner, _, attr = name.rpartition(".")
     assert callable(getattr(getattr(M, owner) if owner else M, attr, None)), f"no {name} in nanotcmp/model.py"
     ran = {test: result for test, result in exercise_run.items() if step_tests(key, test.split("[")[0])}
     assert ran, f"-k {key} selects no test"
+    for other in (k for _, k in EXERCISE_STEPS if k != key):  # a step's command runs its own step only
+        shared = [test for test in ran if step_tests(other, test.split("[")[0])]
+        assert not shared, f"-k {key} and -k {other} both select {shared[0]}"
     for base in {test.split("[")[0] for test in ran}:
         for param, want in (("repository", "PASSED"), (name, "FAILED")):
             # base's runs with param among their parameters (one for each of base's own parameters)

@@ -355,7 +355,9 @@ class GRU(nn.Module):
             nn.init.uniform_(p, -d ** -0.5, d ** -0.5)  # as PyTorch's GRU
 
     def cell(self, x_proj, h):
-        # x_proj: (B, 3d) the input's share, already projected; h: (B, d) -> (B, d)
+        # x_proj: (B, 3d) the input's share W_ih x + b_ih, already projected; h: (B, d) -> (B, d):
+        # r = σ(x_r + W_hr h + b_hr), z = σ(x_z + W_hz h + b_hz), n = tanh(x_n + r ⊙ (W_hn h + b_hn)),
+        # h' = (1 − z) ⊙ n + z ⊙ h
         xr, xz, xn = x_proj.chunk(3, -1)
         hr, hz, hn = F.linear(h, self.weight_hh, self.bias_hh).chunk(3, -1)
         r = torch.sigmoid(xr + hr)
@@ -430,6 +432,14 @@ class NearbyContext(nn.Module):
 
 
 class TCMP(nn.Module):
+    """Figure 2. A batch (data.make_batch) holds each distinct utterance once: its encoders' inputs
+    (text, text_mask, text_index; audio, audio_mask, audio_index: length buckets, and each utterance's
+    row in them) or, from the feature cache of frozen encoders, their pooled outputs (text_feat,
+    audio_feat: (U, D)); ctx (B, L), each context's or window's utterances as indices into those U,
+    and ctx_mask (B, L), True at the real ones. Fine-tuning adds labels (B,), the emotions of the
+    target utterances, and utt_labels (U,), each utterance's (-1: none); pre-training adds targets
+    (N, 2), each target's window and position, and noise (N, k - 1), its noise candidates' indices."""
+
     def __init__(self, config: TCMPConfig):
         super().__init__()
         self.config = c = config
@@ -544,8 +554,8 @@ class TCMP(nn.Module):
 
     def next_emotion(self, H, ctx, ctx_mask):
         """Encoded utterances H, contexts ctx (B, L) indexing them -> logits (B, n_labels) of the target
-        utterance's emotion: the context interaction (Eq. 7-10), then the head (Eq. 22). The real-time
-        path calls this on cached utterance vectors."""
+        utterance's emotion, p(e_{N+1} | C_d, C_n) of Eq. 1 before its softmax: the context interaction
+        (Eq. 7-10), then the head (Eq. 22). The real-time path calls this on cached utterance vectors."""
         P = self.interact(H, ctx, ctx_mask)
         last = ctx_mask.sum(1)  # (B,) the target utterance's position: right after the context
         # [P^t ; P^a ; P^m]: Eq. 22's [P^t ; P^m ; P^a] with W_1's columns in another order
