@@ -11,7 +11,8 @@ A turn is one JSON line: {"speaker": "Ross", "text": "Hi.", "audio": "clips/d1_0
 path relative to the file (to the working directory on standard input), needed only by a model
 that uses audio, and cut at the run's max_seconds as prepare.py cut the clips it learnt from (a
 note on standard error says so). Each utterance is encoded once; a turn costs its own encoding
-plus the GRUs and the attention over the cached vectors of at most max_context utterances.
+plus the GRUs and the attention over the cached vectors of at most max_context utterances (the
+"answered in" time). A turn whose words are mostly unknown to the model's vocabulary gets a note.
 """
 import argparse
 import contextlib
