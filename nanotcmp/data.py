@@ -96,7 +96,8 @@ def load_meta(folder):
     """meta.json, and as "sha256" its own: which dataset a run trains on, for --resume (it holds the
     sha256 of every split)"""
     path = os.path.join(folder, "meta.json")
-    meta = read_json(path, ("labels", "modalities", "vocab", "settings", "splits"), "a dataset made by prepare.py (python prepare.py makes the demo's)")
+    meta = read_json(path, ("labels", "modalities", "vocab", "settings", "splits"),
+                     "a dataset made by prepare.py (python prepare.py makes the demo's)")
     return meta | {"sha256": file_sha256(path)}
 
 
