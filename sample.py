@@ -21,14 +21,18 @@ import json
 import os
 import sys
 import time
+from types import SimpleNamespace
+from xml.sax.saxutils import escape
+
+import torch
 
 from nanotcmp import settings
 from nanotcmp.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, NoFFmpeg, load_audio
 from nanotcmp.checkpoint import load_model
-from nanotcmp.data import line_problem, load_meta, positions
-from nanotcmp.evaluate import score_run
+from nanotcmp.data import Split, line_problem, load_meta, positions
+from nanotcmp.evaluate import TUS_NAMES, score_run
 from nanotcmp.features import attach_features
-from nanotcmp.files import DataError, given_path, one_line_errors
+from nanotcmp.files import DataError, given_path, one_line_errors, write_text
 from nanotcmp.processes import device_from
 from nanotcmp.stream import Stream
 from nanotcmp.tokenizer import WordPiece
@@ -42,17 +46,18 @@ class BadTurn(DataError):
     """A turn that cannot be read: with --keep-going on standard input, skipped"""
 
 
-def load_checkpoint(folder, device):
-    """-> (model, tokenizer, checkpoint config) of a fine-tuning run made by train.py"""
+def load_checkpoint(folder, device, stage="finetune"):
+    """-> (model, tokenizer, checkpoint config) of a run of train.py's stage"""
     if os.path.isfile(folder):
         raise DataError(f"--ckpt {folder} is a file; give a run's folder (config.json, model.safetensors)")
     if not os.path.isdir(folder):
         runs = ", ".join(runs_near(folder)) or "none"
         raise DataError(f"no run at {folder} (fine-tuned runs near it: {runs}); the demo's is made by "
                         f"python prepare.py && python train.py")
-    model, config = load_model(folder, "finetune")
-    if config["stage"] != "finetune":
-        raise DataError(f"{folder} is a {config['stage']} run; give a fine-tuning run (--ckpt)")
+    model, config = load_model(folder, stage)
+    if config["stage"] != stage:
+        raise DataError(f"{folder} is a {config['stage']} run; " + ("give a fine-tuning run (--ckpt), or a pre-"
+                        "training run with --expect" if stage == "finetune" else "--expect takes a pre-training run"))
     labels = config["labels"]  # a list (load_run)
     if len(labels) != model.config.n_labels or not all(isinstance(name, str) for name in labels):
         raise DataError(f"{os.path.join(folder, 'config.json')}: labels must be a list of "
@@ -124,19 +129,63 @@ def parse_turn(line, where, base, max_seconds, dialogue):
     return turn["speaker"], turn["text"], wave, cut, turn.get("dialogue")
 
 
-def report(turn, speaker, text, target, probs, labels, ms, as_json):
+def first_words(text, n=5):
+    words = text.split()
+    return " ".join(words[:n]) + (" ..." if len(words) > n else "")
+
+
+def report(said, answer, labels, pool, as_json):
+    """Print the last turn of said [(speaker, text)] and answer: its turn, target speaker, time and,
+    where they were asked for, the next emotion's chances, the attention, the expected utterances"""
     if as_json:
-        if probs is not None:
-            print(json.dumps({"turn": turn, "target_speaker": target, "ms": round(ms, 2),
-                              "probs": {name: round(float(p), 6) for name, p in zip(labels, probs)}}))
+        if len(answer) > 2:  # more than the turn and the time: from turn 2 on
+            print(json.dumps(answer))
         return
-    print(f"turn {turn} | {speaker}: {text}")
-    if probs is not None:
+    n, (speaker, text) = answer["turn"], said[-1]
+    print(f"turn {n} | {speaker}: {text}")
+    if "rank" in answer:
+        print(f"  before it was said, pre-training ranked it {answer['rank']} of {len(pool.texts) + 1} (the pool and it)")
+    lead = f"  {answer.get('target_speaker')} next:"
+    for i, (name, p) in enumerate(answer.get("probs", {}).items()):
         width = max(len(name) for name in labels)
-        for i, (name, p) in enumerate(zip(labels, probs)):
-            lead = f"  {target} next:" if i == 0 else ""
-            print(f"{lead:<{len(target) + 9}} {name:<{width}} {p:5.2f} {'█' * round(float(p) * 30)}")
-        print(f"  (answered in {ms:.0f} ms)")
+        print(f"{lead if i == 0 else '':<{len(lead) + 1}} {name:<{width}} {p:5.2f} {'█' * round(p * 30)}")
+    if "expected" in answer:
+        print(f"{lead} as pre-training expects it, the best of {len(pool.texts)} by {TUS_NAMES[pool.stream]}:")
+        for u, score in answer["expected"][TUS_NAMES[pool.stream]][:3]:
+            print(f"    {score:6.2f}  {pool.texts[u]}")
+    if "attention" in answer:  # the turns among each stream's 3 largest weights
+        weights = {beta: dict(pairs) for beta, pairs in answer["attention"].items()}  # β -> {turn: weight}
+        print(f"  Eq. 10's attention on the distant turns (nearby: turns {n - 1}, {n}):")
+        for t in sorted({t for w in weights.values() for t in sorted(w, key=w.get)[-3:]}):
+            print(f"    turn {t:<3} {said[t - 1][0] + ': ' + first_words(said[t - 1][1]):<40.40} "
+                  + "  ".join(f"{beta} {w[t]:.2f}" for beta, w in weights.items()))
+    if len(answer) > 2:
+        print(f"  (answered in {answer['ms']:.0f} ms)")
+
+
+def svg(said, answers, labels):
+    """The dialogue as an SVG picture: each emotion's chance after each turn, one point a turn; below,
+    with --explain, each answer's attention (Eq. 10, the first stream) on the turns before it"""
+    n, step, colours = len(said), 44, ("#c0392b", "#7f8c8d", "#27ae60", "#2980b9", "#8e44ad", "#d35400", "#16a085")
+    x = lambda turn: 60 + step * (turn - 1)
+    y = lambda p: 30 + 160 * (1 - p)
+    rows = [a for a in answers if "attention" in a]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{x(n) + 120}" height="{240 + 16 * len(rows)}" '
+           f'font-family="sans-serif" font-size="11">', f'<line x1="50" y1="{y(0)}" x2="{x(n) + 10}" y2="{y(0)}" '
+           f'stroke="black"/>', f'<text x="10" y="{y(1)}">1</text><text x="10" y="{y(0)}">0</text>']
+    for turn, (speaker, _) in enumerate(said, 1):
+        out.append(f'<text x="{x(turn)}" y="{y(0) + 16}" text-anchor="middle">{turn} {escape(speaker[:8])}</text>')
+    for k, (label, colour) in enumerate(zip(labels, colours * len(labels))):
+        points = [(x(a["turn"]), y(a["probs"][label])) for a in answers if "probs" in a]
+        out.append(f'<polyline fill="none" stroke="{colour}" points="{" ".join(f"{px},{py}" for px, py in points)}"/>')
+        out += [f'<circle cx="{px}" cy="{py}" r="3" fill="{colour}"/>' for px, py in points]
+        out.append(f'<text x="{x(n) + 20}" y="{y(1) + 14 * k}" fill="{colour}">{escape(label)}</text>')
+    for r, a in enumerate(rows):
+        beta, weights = next(iter(a["attention"].items()))
+        out.append(f'<text x="10" y="{235 + 16 * r}">{beta}, {a["turn"]}</text>')
+        out += [f'<rect x="{x(t) - step / 2}" y="{224 + 16 * r}" width="{step - 2}" height="14" fill="#2c3e50" '
+                f'fill-opacity="{w:.3f}"/>' for t, w in weights]
+    return "\n".join(out + ["</svg>", ""])
 
 
 def open_turns(dialogue):
@@ -167,6 +216,13 @@ def main(argv=None):
                    "model on the dev and test splits of DATA, a dataset prepare.py made with the run's vocabulary and "
                    "labels: WA, AA, macro-F1, weighted-F1, each class's precision, recall and F1 and the confusion "
                    "matrices, beside the references (with --json: as one JSON object, the tables on standard error)")
+    p.add_argument("--explain", action="store_true", help="after each answer, the weights of Eq. 10's attention "
+                   "over the distant turns, for each stream (t, a, m)")
+    p.add_argument("--expect", type=given_path, metavar="POOL", help="with a pre-training run as --ckpt: after each "
+                   "turn, the utterances of POOL (a prepared split, such as data/demo/test.safetensors) it scores "
+                   "highest as the next one (Eq. 11-13), and where it ranked each turn before it was said")
+    p.add_argument("--svg", type=given_path, metavar="FILE", help="also draw the dialogue into FILE, an SVG picture: "
+                   "the chances after each turn, and with --explain the attention")
     p.add_argument("--device", default="auto", help="auto (cuda when there is one) | cpu | cuda")
     args = p.parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):  # what the terminal cannot show is written \x.. escaped, not a crash
@@ -174,10 +230,10 @@ def main(argv=None):
     if args.score:
         with one_line_errors("sample.py", lambda: "interrupted"):
             return score(args)
-    answered = []  # the speaker of each turn answered
-    with one_line_errors("sample.py", lambda: f"interrupted; the turns answered so far ({len(answered)}) were "
+    said = []  # (speaker, text) of each turn read
+    with one_line_errors("sample.py", lambda: f"interrupted; the turns answered so far ({len(said)}) were "
                                               f"printed", (NoFFmpeg,)):  # (the machine's problem, not the turn's)
-        converse(args, answered)
+        converse(args, said)
 
 
 def score(args):
@@ -204,18 +260,36 @@ def score(args):
     return report
 
 
-def converse(args, speakers):
-    """Answer each turn of args.dialogue as it is read; speakers: the speaker of each turn answered"""
+def load_pool(path, stream, config):
+    """--expect: the utterances of a prepared split, each encoded once -> the pool: their texts, their
+    vectors {β: (n, d)}, and the stream that ranks them (the fused one, where there is one)"""
+    meta = load_meta(os.path.dirname(path) or ".")
+    if meta["vocab"]["sha256"] != config["vocab"]["sha256"]:
+        raise DataError(f"{path} is prepared with another vocabulary than the run's ({config['vocab']['path']})")
+    if missing := set(stream.model.config.modalities) - set(meta["modalities"]):
+        raise DataError(f"{path} has no {', '.join(missing)}, which the run uses")
+    split = Split(path)
+    parts = [stream.encode([split.tokens_of(u) for u in ids], [split.audio_of(u) for u in ids] if stream.model.audio
+                           else None)
+             for ids in (range(i, min(i + 64, len(split))) for i in range(0, len(split), 64))]
+    return SimpleNamespace(texts=[bytes(split.text[a:a + n]).decode("utf-8") for a, n in split.utt_text],
+                           H={beta: torch.cat([H[beta] for H in parts]) for beta in stream.model.streams},
+                           stream="m" if "m" in stream.model.streams else stream.model.streams[0])
+
+
+def converse(args, said):
+    """Answer each turn of args.dialogue as it is read; said: (speaker, text) of each turn read"""
     device = device_from(args.device, "sample.py")
-    model, tok, config = load_checkpoint(args.ckpt, device)
+    model, tok, config = load_checkpoint(args.ckpt, device, "pretrain" if args.expect else "finetune")
     max_seconds = audio_cut(config, args.ckpt) if model.audio else None
     stream = Stream(model, tok, config["max_tokens"], config["max_context"], device)
+    pool = load_pool(args.expect, stream, config) if args.expect else None
     lines, base, name = open_turns(args.dialogue)
     if not args.json:
-        print(f"{args.ckpt} ({' and '.join(model.config.modalities)}) on {name}: after each turn N, the chances of "
-              f"each emotion\nin the next utterance of the speaker of turn N-1 (so from turn 2 on), and the time to "
-              f"answer\n")
-    dialogue = None
+        what = f"the utterances of {args.expect} it expects most as" if pool else "the chances of each emotion in"
+        print(f"{args.ckpt} ({' and '.join(model.config.modalities)}) on {name}: after each turn N,\n{what} the "
+              f"next utterance of the speaker of turn N-1 (so from turn 2 on)\n")
+    dialogue, answers, expected = None, [], None
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -237,14 +311,32 @@ def converse(args, speakers):
                   f"each is [UNK], and its answer means little; a model that knows English: --ckpt {ENGLISH}",
                   file=sys.stderr, flush=True)
         dialogue = dialogue or this_dialogue
-        probs = stream.add(text, wave)
-        target = speakers[-1] if speakers else None  # the source: the speaker of turn N-1
-        report(len(speakers) + 1, speaker, text, target, probs, config["labels"],
-               (time.perf_counter() - t0) * 1000, args.json)
+        H, answer = stream.encode([text], [wave]), {"turn": len(said) + 1}
+        if expected is not None:  # where pre-training put this turn among the pool, before it was said
+            answer["rank"] = 1 + int((expected[pool.stream] >= stream.expected(H)[pool.stream][0]).sum())
+        stream.add(H)
+        said.append((speaker, text))
+        if len(said) >= 2:
+            answer["target_speaker"] = said[-2][0]  # the source: the speaker of turn N-1
+        if not pool and (probs := stream.next_emotion()) is not None:
+            answer["probs"] = {label: round(float(p), 6) for label, p in zip(config["labels"], probs)}
+        if pool and (expected := stream.expected(pool.H)) is not None:  # the 5 best of the pool by each stream
+            answer["expected"] = {TUS_NAMES[beta]: [[int(u), round(float(scores[u]), 4)]
+                                                    for u in scores.argsort(descending=True)[:5]]
+                                  for beta, scores in expected.items()}
+        if args.explain and (weights := stream.attention()) is not None:  # the distant turns: all but the last 2
+            first = len(said) - len(next(iter(weights.values()))) + 1  # the turn of the first cached utterance
+            answer["attention"] = {beta: [[first + i, round(float(w), 6)] for i, w in enumerate(att[:-2])]
+                                   for beta, att in weights.items()}
+        answer["ms"] = round((time.perf_counter() - t0) * 1000, 2)
+        report(said, answer, config["labels"], pool, args.json)
+        answers.append(answer)
         sys.stdout.flush()
-        speakers.append(speaker)
-    if not speakers and args.dialogue != "-":
+    if not said and args.dialogue != "-":
         raise DataError(f"{name} has no turns")
+    if args.svg:
+        write_text(args.svg, svg(said, answers, config["labels"]))
+        print(f"sample.py: the picture is in {args.svg}", file=sys.stderr)
 
 
 if __name__ == "__main__":

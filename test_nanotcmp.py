@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import wave
+import xml.etree.ElementTree as ET
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -2293,6 +2294,68 @@ def test_streaming_equals_batch_evaluation(small_demo, demo_ckpt, capsys):
         assert max(abs(a["probs"][k] - want[i].item()) for i, k in enumerate(config["labels"])) <= 1e-5
 
 
+def test_explain_gives_eq10s_own_weights_and_the_picture_one_point_a_turn_and_emotion(small_demo, demo_ckpt,
+                                                                                      tmp_path, capsys):
+    example = small_demo / "example_dialogue.jsonl"
+    out = run_sample(capsys, example, "--ckpt", demo_ckpt / "all", "--json", "--explain", "--svg", tmp_path / "d.svg")
+    answers = [json.loads(line) for line in out.splitlines()]
+    model, _, config = sample.load_checkpoint(demo_ckpt / "all", torch.device("cpu"))
+    test = Split(small_demo / "test.safetensors")  # the example is the first test dialogue
+    assert [a["turn"] for a in answers if "attention" in a] == [a["turn"] for a in answers if a["turn"] >= 3]
+    for a in answers[1:]:  # turns 3 on
+        n, first = a["turn"], max(0, a["turn"] - config["max_context"])  # its context: turns first + 1 .. n
+        with torch.no_grad():
+            batch = finetune_batch(test, np.array([[first, n, 0]]), model.config.modalities)
+            H = model.encode(batch)
+            for beta, ci in model.context.items():  # Eq. 7-10 by hand, for the target after turn n
+                Hh = ci.gru(H[beta][batch["ctx"]])[0]
+                C, Q = ci.gru_d(Hh[None])[0], ci.query(torch.cat([Hh[-2], Hh[-1]]))
+                want = torch.softmax(C[:-2] @ Q, 0)  # over the distant turns: all but the nearby two
+                turns, weights = zip(*a["attention"][beta])
+                assert list(turns) == list(range(first + 1, n - 1))
+                assert max_diff(torch.tensor(weights), want) <= 1e-5 and abs(sum(weights) - 1) <= 1e-5
+    picture = ET.parse(tmp_path / "d.svg").getroot()  # an SVG a browser opens: well-formed XML
+    circles = picture.findall("{http://www.w3.org/2000/svg}circle")
+    assert len(circles) == len(answers) * len(config["labels"])  # a point for each answered turn and emotion
+    rects = picture.findall("{http://www.w3.org/2000/svg}rect")
+    assert len(rects) == sum(len(a["attention"]["t"]) for a in answers if "attention" in a)
+    human = run_sample(capsys, example, "--ckpt", demo_ckpt / "all", "--explain")
+    turn, weight = max(answers[-1]["attention"]["m"], key=lambda w: w[1])
+    row = next(line for line in human.split(f"turn {answers[-1]['turn']} |")[1].splitlines()
+               if line.startswith(f"    turn {turn} "))
+    assert f"m {weight:.2f}" in row  # the largest weight of the last answer, on its turn's row
+
+
+def test_expect_ranks_the_pool_as_target_utterance_searching_scores_it(small_demo, tmp_path, capsys):
+    pre = tmp_path / "pre"
+    train.main(["--data", str(small_demo), "--out", str(pre), "--stage", "pretrain", "--epochs", "1",
+                "--log-every", "100"])
+    pool = small_demo / "test.safetensors"  # the example's dialogue is its first: each next turn is in it
+    capsys.readouterr()  # (what training printed)
+    out = run_sample(capsys, small_demo / "example_dialogue.jsonl", "--ckpt", pre, "--json", "--expect", pool)
+    answers = {a["turn"]: a for a in map(json.loads, out.splitlines())}
+    model, _, config = sample.load_checkpoint(pre, torch.device("cpu"), "pretrain")
+    test = Split(pool)
+    for n in (2, 4):  # after turn n, the next utterance is the test split's utterance n (ids from 0)
+        first = max(0, n - config["max_context"])
+        with torch.no_grad():  # TUS as evaluation scores it: the window's target at position n - first
+            batch, where = make_batch(test, [list(range(first, n + 1))], range(len(test)), model.config.modalities)
+            batch |= {"targets": torch.tensor([[0, n - first]]),
+                      "noise": torch.tensor([[where[u] for u in range(len(test))]])}
+            H = model.encode(batch)
+            scores = model.tus_scores(H, model.interact(H, batch["ctx"], batch["ctx_mask"]), batch)
+        for beta, name in evaluate.TUS_NAMES.items():
+            true, noise = scores[beta][0, 0], scores[beta][0, 1:]
+            best = noise.argsort(descending=True)[:5]
+            assert [u for u, _ in answers[n]["expected"][name]] == best.tolist()
+            assert max_diff(torch.tensor([s for _, s in answers[n]["expected"][name]]), noise[best]) <= 1e-4
+            if beta == "m":  # the rank reported with the next turn: among the pool and it, ties counted against it
+                assert answers[n + 1]["rank"] == 1 + int((noise >= true).sum())
+    human = run_sample(capsys, small_demo / "example_dialogue.jsonl", "--ckpt", pre, "--expect", pool)
+    assert f"before it was said, pre-training ranked it {answers[3]['rank']} of {len(test) + 1} (the pool and it)" \
+        in human.split("turn 3 |")[1]
+
+
 def test_stdin_equals_file_and_each_utterance_is_encoded_once(small_demo, demo_ckpt, capsys, monkeypatch):
     example = small_demo / "example_dialogue.jsonl"
     calls = {"bert": [], "hubert": []}
@@ -2329,7 +2392,8 @@ def test_a_turn_of_words_the_model_does_not_know_is_pointed_out(demo_ckpt, small
                                                {"speaker": "B", "text": "Haven't they fixed the heating yet?"}])
     sample.main([str(turns), "--ckpt", str(demo_ckpt / "text")])
     out, err = capsys.readouterr()
-    assert out.startswith(f"{demo_ckpt / 'text'} (text) on {turns}: after each turn N, the chances of each emotion")
+    assert out.startswith(f"{demo_ckpt / 'text'} (text) on {turns}: after each turn N,\nthe chances of each emotion in "
+                          f"the next utterance of the speaker of turn N-1 (so from turn 2 on)\n")
     tok = WordPiece.from_file(small_demo / "vocab.txt")
     words = [w for w in "haven t they fixed the heating yet".split() if tok.wordpiece(w) == ["[UNK]"]]
     assert len(words) > 3, words  # the demo's vocabulary lacks most of them
@@ -3754,7 +3818,7 @@ def test_ctrl_c_stops_sample_saying_what_was_printed(demo_ckpt, tmp_path, capsys
     assert e.code == 130
     captured = capsys.readouterr()
     assert [json.loads(l)["turn"] for l in captured.out.splitlines()] == [2]
-    assert captured.err.strip() == "sample.py: interrupted; the turns answered so far (2) were printed"
+    assert captured.err.splitlines()[-1] == "sample.py: interrupted; the turns answered so far (2) were printed"
     monkeypatch.setattr(sample.Stream, "add", add)
     # on standard input: two turns typed, then Ctrl-C while it waits for the third
     monkeypatch.setattr(sys, "stdin", Typed(turns.read_text().splitlines(keepends=True)[:2]))

@@ -46,6 +46,9 @@ def encoded(model, batch, device):
     return {beta: h.float() for beta, h in H.items()}
 
 
+TUS_NAMES = {"t": "T2T", "a": "A2A", "m": "M2M"}  # target utterance searching by text, audio, the fused stream
+
+
 @torch.no_grad()
 def retrieval_scores(model, split, s, device):
     """TUS on a split's windows with candidate sets fixed by the seed: R5@1, R5@2, R11@1, R11@2
@@ -58,8 +61,7 @@ def retrieval_scores(model, split, s, device):
         logits = model.tus_scores(H, model.interact(H, batch["ctx"], batch["ctx_mask"]), batch)
         for beta in model.streams:
             scores[beta].append(logits[beta].cpu())
-    names = {"t": "T2T", "a": "A2A", "m": "M2M"}
-    return {names[beta]: recalls(torch.cat(batches).numpy()) for beta, batches in scores.items()}
+    return {TUS_NAMES[beta]: recalls(torch.cat(batches).numpy()) for beta, batches in scores.items()}
 
 
 def recalls(scores):

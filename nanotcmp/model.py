@@ -390,8 +390,9 @@ class ContextInteraction(nn.Module):
         self.query = nn.Linear(2 * d, d)  # Eq. 9
         self.out = nn.Linear(2 * d, d)    # Eq. 10's decision: P = W_o [attended ; Q]
 
-    def forward(self, H, mask):
-        # H: (B, L, d) utterance vectors, mask: (B, L) -> P: (B, L + 1, d), P[:, j] for target j >= 2
+    def forward(self, H, mask, weights=False):
+        # H: (B, L, d) utterance vectors, mask: (B, L) -> P: (B, L + 1, d), P[:, j] for target j >= 2;
+        # weights: also Eq. 10's attention, (B, L + 1, L): target j's weight on each distant state
         B, L, d = H.shape
         Hh = self.gru(H, mask)  # (B, L, d): Ĥ_i has seen u_0 .. u_i
         pad = H.new_zeros(B, 1, d)
@@ -404,7 +405,8 @@ class ContextInteraction(nn.Module):
         visible = (i <= j - 3) & mask[:, None, :]  # target j sees the distant states 0 .. j-3
         # a target with no distant context attends to nothing: zero (a finite fill keeps gradients finite)
         att = att.masked_fill(~visible, torch.finfo(att.dtype).min).softmax(-1) * visible.any(-1, keepdim=True)
-        return self.out(torch.cat([att @ C, Q], -1))
+        P = self.out(torch.cat([att @ C, Q], -1))
+        return (P, att) if weights else P
 
 
 class NearbyContext(nn.Module):
