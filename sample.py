@@ -59,7 +59,7 @@ def load_checkpoint(folder, device, stage="finetune"):
         raise DataError(f"{folder} is a {config['stage']} run; " + ("give a fine-tuning run (--ckpt), or a pre-"
                         "training run with --expect" if stage == "finetune" else "--expect takes a pre-training run"))
     labels = config["labels"]  # a list (load_run)
-    if len(labels) != model.config.n_labels or not all(isinstance(name, str) for name in labels):
+    if stage == "finetune" and (len(labels) != model.config.n_labels or not all(isinstance(l, str) for l in labels)):
         raise DataError(f"{os.path.join(folder, 'config.json')}: labels must be a list of "
                         f"{model.config.n_labels} names, not {json.dumps(labels)}")
     longest = positions(model.bert.config.max_positions) if model.text else float("inf")
@@ -145,9 +145,8 @@ def report(said, answer, labels, pool, as_json):
     print(f"turn {n} | {speaker}: {text}")
     if "rank" in answer:
         print(f"  before it was said, pre-training ranked it {answer['rank']} of {len(pool.texts) + 1} (the pool and it)")
-    lead = f"  {answer.get('target_speaker')} next:"
+    lead, width = f"  {answer.get('target_speaker')} next:", max(map(len, labels), default=0)
     for i, (name, p) in enumerate(answer.get("probs", {}).items()):
-        width = max(len(name) for name in labels)
         print(f"{lead if i == 0 else '':<{len(lead) + 1}} {name:<{width}} {p:5.2f} {'█' * round(p * 30)}")
     if "expected" in answer:
         print(f"{lead} as pre-training expects it, the best of {len(pool.texts)} by {TUS_NAMES[pool.stream]}:")
