@@ -164,14 +164,15 @@ def report(said, answer, labels, pool, as_json):
 
 def svg(said, answers, labels):
     """The dialogue as an SVG picture: each emotion's chance after each turn, one point a turn; below,
-    with --explain, each answer's attention (Eq. 10, the first stream) on the turns before it"""
-    n, step, colours = len(said), 44, ("#c0392b", "#7f8c8d", "#27ae60", "#2980b9", "#8e44ad", "#d35400", "#16a085")
-    x = lambda turn: 60 + step * (turn - 1)
-    y = lambda p: 30 + 160 * (1 - p)
+    with --explain, each answer's attention (Eq. 10, the fused stream where there is one) on the turns"""
+    n, step, colours = len(said), 56, ("#c0392b", "#7f8c8d", "#27ae60", "#2980b9", "#8e44ad", "#d35400", "#16a085")
+    x = lambda turn: 70 + step * (turn - 1)
+    y = lambda p: round(30 + 160 * (1 - p), 1)
     rows = [a for a in answers if "attention" in a]
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{x(n) + 120}" height="{240 + 16 * len(rows)}" '
-           f'font-family="sans-serif" font-size="11">', f'<line x1="50" y1="{y(0)}" x2="{x(n) + 10}" y2="{y(0)}" '
-           f'stroke="black"/>', f'<text x="10" y="{y(1)}">1</text><text x="10" y="{y(0)}">0</text>']
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{x(n) + 120}" height="{250 + 16 * len(rows)}" '
+           f'font-family="sans-serif" font-size="11">', '<text x="10" y="14">the next emotion\'s chances after '
+           'each turn</text>', f'<line x1="50" y1="{y(0)}" x2="{x(n) + 10}" y2="{y(0)}" stroke="black"/>',
+           f'<text x="36" y="{y(1)}">1</text><text x="36" y="{y(0)}">0</text>']
     for turn, (speaker, _) in enumerate(said, 1):
         out.append(f'<text x="{x(turn)}" y="{y(0) + 16}" text-anchor="middle">{turn} {escape(speaker[:8])}</text>')
     for k, (label, colour) in enumerate(zip(labels, colours * len(labels))):
@@ -180,9 +181,11 @@ def svg(said, answers, labels):
         out += [f'<circle cx="{px}" cy="{py}" r="3" fill="{colour}"/>' for px, py in points]
         out.append(f'<text x="{x(n) + 20}" y="{y(1) + 14 * k}" fill="{colour}">{escape(label)}</text>')
     for r, a in enumerate(rows):
-        beta, weights = next(iter(a["attention"].items()))
-        out.append(f'<text x="10" y="{235 + 16 * r}">{beta}, {a["turn"]}</text>')
-        out += [f'<rect x="{x(t) - step / 2}" y="{224 + 16 * r}" width="{step - 2}" height="14" fill="#2c3e50" '
+        beta, weights = list(a["attention"].items())[-1]
+        if r == 0:
+            out.append(f'<text x="10" y="230">Eq. 10\'s attention ({beta}) on the distant turns, after turn:</text>')
+        out.append(f'<text x="10" y="{249 + 16 * r}">{a["turn"]}</text>')
+        out += [f'<rect x="{x(t) - step / 2}" y="{238 + 16 * r}" width="{step - 2}" height="14" fill="#2c3e50" '
                 f'fill-opacity="{w:.3f}"/>' for t, w in weights]
     return "\n".join(out + ["</svg>", ""])
 
