@@ -6,6 +6,8 @@ python sample.py                               # the demo's example dialogue, th
 python sample.py DIALOGUE.jsonl --ckpt DIR     # one dialogue in the generic JSONL format
 python sample.py - --ckpt DIR [--keep-going]   # turns on standard input, each answered as soon as it is read
 python sample.py --ckpt DIR --score DATA       # the model's scores on a prepared dataset's dev and test splits
+python sample.py --explain --svg dialogue.svg  # also Eq. 10's attention on the distant turns, and a picture
+python sample.py --ckpt PRETRAIN_RUN --expect data/demo/dev.safetensors   # what pre-training expects next
 
 A turn is one JSON line: {"speaker": "Ross", "text": "Hi.", "audio": "clips/d1_0.wav"}, the audio
 path relative to the file (to the working directory on standard input), needed only by a model
@@ -211,7 +213,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dialogue", nargs="?", type=given_path, default="data/demo/example_dialogue.jsonl",
                    help="a JSONL dialogue, or - for standard input")
-    p.add_argument("--ckpt", type=given_path, default="out/demo-finetune", help="a fine-tuning run's folder")
+    p.add_argument("--ckpt", type=given_path, default="out/demo-finetune",
+                   help="a fine-tuning run's folder (with --expect, a pre-training run's)")
     p.add_argument("--json", action="store_true", help="one JSON object a line instead of the bar charts")
     p.add_argument("--keep-going", action="store_true", help="on standard input: report a bad turn, then go on")
     p.add_argument("--score", type=given_path, metavar="DATA", help="instead of answering a dialogue, score the "
@@ -328,7 +331,7 @@ def converse(args, said):
                                   for beta, scores in expected.items()}
         if args.explain and (weights := stream.attention()) is not None:  # the distant turns: all but the last 2
             first = len(said) - len(next(iter(weights.values()))) + 1  # the turn of the first cached utterance
-            answer["attention"] = {beta: [[first + i, round(float(w), 6)] for i, w in enumerate(att[:-2])]
+            answer["attention"] = {beta: [[first + k, round(float(w), 6)] for k, w in enumerate(att[:-2])]
                                    for beta, att in weights.items()}
         answer["ms"] = round((time.perf_counter() - t0) * 1000, 2)
         report(said, answer, config["labels"], pool, args.json)
