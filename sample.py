@@ -42,6 +42,7 @@ from nanotcmp.training import class_weights, open_splits
 
 
 ENGLISH = "checkpoints/p-meld-minilm"  # the model that knows English, shipped with the repository
+STAGE_RUNS = {"finetune": "fine-tuning", "pretrain": "pre-training"}
 
 
 class BadTurn(DataError):
@@ -53,8 +54,8 @@ def load_checkpoint(folder, device, stage="finetune"):
     if os.path.isfile(folder):
         raise DataError(f"--ckpt {folder} is a file; give a run's folder (config.json, model.safetensors)")
     if not os.path.isdir(folder):
-        runs = ", ".join(runs_near(folder)) or "none"
-        raise DataError(f"no run at {folder} (fine-tuned runs near it: {runs}); the demo's is made by "
+        runs = ", ".join(runs_near(folder, stage)) or "none"
+        raise DataError(f"no run at {folder} ({STAGE_RUNS[stage]} runs near it: {runs}); the demo's is made by "
                         f"python prepare.py && python train.py")
     model, config = load_model(folder, stage)
     if config["stage"] != stage:
@@ -73,8 +74,8 @@ def load_checkpoint(folder, device, stage="finetune"):
     return model.to(device), tok, config
 
 
-def runs_near(folder):
-    """The fine-tuning runs in the nearest folder above folder that exists, one or two levels down"""
+def runs_near(folder, stage):
+    """The runs of the stage in the nearest folder above folder that exists, one or two levels down"""
     near = os.path.dirname(os.path.normpath(folder))
     while near and not os.path.isdir(near):
         near = os.path.dirname(near)
@@ -83,7 +84,7 @@ def runs_near(folder):
                        glob.glob(os.path.join(near, "*", "*", "config.json"))):
         try:
             with open(path) as f:
-                if json.load(f).get("stage") == "finetune":
+                if json.load(f).get("stage") == stage:
                     runs.append(os.path.dirname(path))
         except (OSError, ValueError, AttributeError):  # not a run's config.json
             continue
@@ -151,7 +152,7 @@ def report(said, answer, labels, pool, as_json):
     for i, (name, p) in enumerate(answer.get("probs", {}).items()):
         print(f"{lead if i == 0 else '':<{len(lead) + 1}} {name:<{width}} {p:5.2f} {'█' * round(p * 30)}")
     if "expected" in answer:
-        print(f"{lead} as pre-training expects it, the best of {len(pool.texts)} by {TUS_NAMES[pool.stream]}:")
+        print(f"  next, as pre-training expects it, the best of {len(pool.texts)} by {TUS_NAMES[pool.stream]}:")
         for u, score in answer["expected"][TUS_NAMES[pool.stream]][:3]:
             print(f"    {score:6.2f}  {pool.texts[u]}")
     if "attention" in answer:  # the turns among each stream's 3 largest weights
@@ -162,6 +163,10 @@ def report(said, answer, labels, pool, as_json):
                   + "  ".join(f"{beta} {w[t]:.2f}" for beta, w in weights.items()))
     if len(answer) > 2:
         print(f"  (answered in {answer['ms']:.0f} ms)")
+
+
+def xml_text(text):
+    return escape("".join(c for c in text if c >= " "))  # control characters are not allowed in XML
 
 
 def svg(said, answers, labels):
@@ -176,12 +181,12 @@ def svg(said, answers, labels):
            'each turn</text>', f'<line x1="50" y1="{y(0)}" x2="{x(n) + 10}" y2="{y(0)}" stroke="black"/>',
            f'<text x="36" y="{y(1)}">1</text><text x="36" y="{y(0)}">0</text>']
     for turn, (speaker, _) in enumerate(said, 1):
-        out.append(f'<text x="{x(turn)}" y="{y(0) + 16}" text-anchor="middle">{turn} {escape(speaker[:8])}</text>')
+        out.append(f'<text x="{x(turn)}" y="{y(0) + 16}" text-anchor="middle">{turn} {xml_text(speaker[:8])}</text>')
     for k, (label, colour) in enumerate(zip(labels, colours * len(labels))):
         points = [(x(a["turn"]), y(a["probs"][label])) for a in answers if "probs" in a]
         out.append(f'<polyline fill="none" stroke="{colour}" points="{" ".join(f"{px},{py}" for px, py in points)}"/>')
         out += [f'<circle cx="{px}" cy="{py}" r="3" fill="{colour}"/>' for px, py in points]
-        out.append(f'<text x="{x(n) + 20}" y="{y(1) + 14 * k}" fill="{colour}">{escape(label)}</text>')
+        out.append(f'<text x="{x(n) + 20}" y="{y(1) + 14 * k}" fill="{colour}">{xml_text(label)}</text>')
     for r, a in enumerate(rows):
         beta, weights = list(a["attention"].items())[-1]
         if r == 0:
@@ -224,7 +229,7 @@ def main(argv=None):
     p.add_argument("--explain", action="store_true", help="after each answer, the weights of Eq. 10's attention "
                    "over the distant turns, for each stream (t, a, m)")
     p.add_argument("--expect", type=given_path, metavar="POOL", help="with a pre-training run as --ckpt: after each "
-                   "turn, the utterances of POOL (a prepared split, such as data/demo/test.safetensors) it scores "
+                   "turn, the utterances of POOL (a prepared split, such as data/demo/dev.safetensors) it scores "
                    "highest as the next one (Eq. 11-13), and where it ranked each turn before it was said")
     p.add_argument("--svg", type=given_path, metavar="FILE", help="also draw the dialogue into FILE, an SVG picture: "
                    "the chances after each turn, and with --explain the attention")
@@ -291,9 +296,13 @@ def converse(args, said):
     pool = load_pool(args.expect, stream, config) if args.expect else None
     lines, base, name = open_turns(args.dialogue)
     if not args.json:
-        what = f"the utterances of {args.expect} it expects most as" if pool else "the chances of each emotion in"
-        print(f"{args.ckpt} ({' and '.join(model.config.modalities)}) on {name}: after each turn N,\n{what} the "
-              f"next utterance of the speaker of turn N-1 (so from turn 2 on)\n")
+        what = f"the utterances of {args.expect} it expects most as the next one" if pool else \
+            "the chances of each emotion in the next utterance of the speaker of turn N-1"
+        print(f"{args.ckpt} ({' and '.join(model.config.modalities)}) on {name}: after each turn N,\n{what} "
+              f"(so from turn 2 on)\n")
+    if args.explain and not model.config.distant:
+        print("sample.py: a model without the distant context (--no-distant) has no attention to explain",
+              file=sys.stderr)
     dialogue, answers, expected = None, [], None
     for i, line in enumerate(lines, 1):
         if not line.strip():

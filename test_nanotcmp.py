@@ -2319,6 +2319,7 @@ def test_explain_gives_eq10s_own_weights_and_the_picture_one_point_a_turn_and_em
     assert len(circles) == len(answers) * len(config["labels"])  # a point for each answered turn and emotion
     rects = picture.findall("{http://www.w3.org/2000/svg}rect")
     assert len(rects) == sum(len(a["attention"]["t"]) for a in answers if "attention" in a)
+    ET.fromstring(sample.svg([("\x01Zoë <&>", "hi")], [], ["a"]))  # any speaker's name gives valid XML
     human = run_sample(capsys, example, "--ckpt", demo_ckpt / "all", "--explain")
     turn, weight = max(answers[-1]["attention"]["m"], key=lambda w: w[1])
     row = next(line for line in human.split(f"turn {answers[-1]['turn']} |")[1].splitlines()
@@ -2350,7 +2351,9 @@ def test_expect_ranks_the_pool_as_target_utterance_searching_scores_it(small_dem
             assert [u for u, _ in answers[n]["expected"][name]] == best.tolist()
             assert max_diff(torch.tensor([s for _, s in answers[n]["expected"][name]]), noise[best]) <= 1e-4
             if beta == "m":  # the rank reported with the next turn: among the pool and it, ties counted against it
-                assert answers[n + 1]["rank"] == 1 + int((noise >= true).sum())
+                # (the pool holds the turn itself, encoded in another batch: equal to float rounding)
+                above, tied = int((noise > true + 1e-5).sum()), int(((noise - true).abs() <= 1e-5).sum())
+                assert 1 + above <= answers[n + 1]["rank"] <= 1 + above + tied and tied >= 1
     human = run_sample(capsys, small_demo / "example_dialogue.jsonl", "--ckpt", pre, "--expect", pool)
     assert f"before it was said, pre-training ranked it {answers[3]['rank']} of {len(test) + 1} (the pool and it)" \
         in human.split("turn 3 |")[1]
@@ -2396,7 +2399,7 @@ def test_a_turn_of_words_the_model_does_not_know_is_pointed_out(demo_ckpt, small
                           f"the next utterance of the speaker of turn N-1 (so from turn 2 on)\n")
     tok = WordPiece.from_file(small_demo / "vocab.txt")
     words = [w for w in "haven t they fixed the heating yet".split() if tok.wordpiece(w) == ["[UNK]"]]
-    assert len(words) > 3, words  # the demo's vocabulary lacks most of them
+    assert {"fixed", "heating"} <= set(words) and len(words) > 3, words  # the demo world never says them
     assert err.splitlines() == [f"sample.py: {turns}:2: {len(words)} of 7 words are not in the model's vocabulary "
                                 f"({tok.vocab_size} word pieces), {', '.join(words[:4])}{', ...' * (len(words) > 4)}: "
                                 f"to it each is [UNK], and its answer means little; a model that knows English: "
@@ -3703,7 +3706,7 @@ def test_a_fresh_clone_is_told_what_to_run(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match=re.escape("train.py: data/demo/meta.json not found: is data/demo a dataset "
                                                    "made by prepare.py (python prepare.py makes the demo's)?")):
         train.main([])
-    with pytest.raises(SystemExit, match=re.escape("sample.py: no run at out/demo-finetune (fine-tuned runs near it: "
+    with pytest.raises(SystemExit, match=re.escape("sample.py: no run at out/demo-finetune (fine-tuning runs near it: "
                                                    "none); the demo's is made by python prepare.py && python train.py")):
         sample.main([])
     with pytest.raises(SystemExit):
@@ -3720,7 +3723,7 @@ def test_bad_checkpoints_are_named(demo_ckpt, small_demo, tmp_path, capsys):
     (tmp_path / "out/demo-pretrain/config.json").write_text(json.dumps({"stage": "pretrain"}))
     (tmp_path / "out/weights").mkdir()
     (tmp_path / "out/weights/config.json").write_text("[]")
-    with pytest.raises(SystemExit, match=re.escape(f"no run at {tmp_path / 'out/demo-txt/finetune'} (fine-tuned "
+    with pytest.raises(SystemExit, match=re.escape(f"no run at {tmp_path / 'out/demo-txt/finetune'} (fine-tuning "
                                                    f"runs near it: {tmp_path / 'out/demo/finetune'}); the demo's is "
                                                    f"made by python prepare.py && python train.py")):
         run_sample(capsys, small_demo / "example_dialogue.jsonl", "--ckpt", tmp_path / "out/demo-txt/finetune")
