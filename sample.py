@@ -147,7 +147,8 @@ def report(said, answer, labels, pool, as_json):
     n, (speaker, text) = answer["turn"], said[-1]
     print(f"turn {n} | {speaker}: {text}")
     if "rank" in answer:
-        print(f"  before it was said, pre-training ranked it {answer['rank']} of {len(pool.texts) + 1} (the pool and it)")
+        print(f"  before it was said, pre-training ranked it {answer['rank']} of {len(pool.texts) + 1} "
+              f"(the pool and it)")
     lead, width = f"  {answer.get('target_speaker')} next:", max(map(len, labels), default=0)
     for i, (name, p) in enumerate(answer.get("probs", {}).items()):
         print(f"{lead if i == 0 else '':<{len(lead) + 1}} {name:<{width}} {p:5.2f} {'█' * round(p * 30)}")
@@ -251,9 +252,7 @@ def score(args):
     device = device_from(args.device, "sample.py")
     model, _, config = load_checkpoint(args.ckpt, device)
     meta = load_meta(args.score)
-    if meta["vocab"]["sha256"] != config["vocab"]["sha256"]:
-        raise DataError(f"{args.score} is prepared with another vocabulary than {args.ckpt} learnt with "
-                        f"({config['vocab']['path']}): their ids differ; prepare it with that one")
+    check_vocabulary(args.score, meta, args.ckpt, config)
     if meta["labels"] != config["labels"]:
         raise DataError(f"{args.score} has the labels {', '.join(meta['labels'])}, {args.ckpt} answers "
                         f"{', '.join(config['labels'])}: score it on a dataset of its own labels")
@@ -270,12 +269,18 @@ def score(args):
     return report
 
 
-def load_pool(path, stream, config):
+def check_vocabulary(data, meta, ckpt, config):
+    """A dataset's word-piece ids are the run's words only if prepare.py made it with the run's vocabulary"""
+    if meta["vocab"]["sha256"] != config["vocab"]["sha256"]:
+        raise DataError(f"{data} is prepared with another vocabulary than {ckpt} learnt with "
+                        f"({config['vocab']['path']}): their ids differ; prepare it with that one")
+
+
+def load_pool(path, stream, ckpt, config):
     """--expect: the utterances of a prepared split, each encoded once -> the pool: their texts, their
     vectors {β: (n, d)}, and the stream that ranks them (the fused one, where there is one)"""
     meta = load_meta(os.path.dirname(path) or ".")
-    if meta["vocab"]["sha256"] != config["vocab"]["sha256"]:
-        raise DataError(f"{path} is prepared with another vocabulary than the run's ({config['vocab']['path']})")
+    check_vocabulary(path, meta, ckpt, config)
     if missing := set(stream.model.config.modalities) - set(meta["modalities"]):
         raise DataError(f"{path} has no {', '.join(missing)}, which the run uses")
     split = Split(path)
@@ -287,22 +292,41 @@ def load_pool(path, stream, config):
                            stream="m" if "m" in stream.model.streams else stream.model.streams[0])
 
 
-def converse(args, said):
-    """Answer each turn of args.dialogue as it is read; said: (speaker, text) of each turn read"""
-    device = device_from(args.device, "sample.py")
-    model, tok, config = load_checkpoint(args.ckpt, device, "pretrain" if args.expect else "finetune")
-    max_seconds = audio_cut(config, args.ckpt) if model.audio else None
-    stream = Stream(model, tok, config["max_tokens"], config["max_context"], device)
-    pool = load_pool(args.expect, stream, config) if args.expect else None
-    lines, base, name = open_turns(args.dialogue)
+def notes(where, text, cut, max_seconds, tok):
+    """A turn's notes on standard error: its audio was cut at max_seconds; most of its words are not
+    in the model's vocabulary (tok: None for a model without text)"""
+    if cut:
+        print(f"sample.py: {where}: audio longer than {max_seconds:g} s, cut to its first {max_seconds:g} s "
+              f"(the run's max_seconds, as prepare.py cut the clips it learnt from)", file=sys.stderr, flush=True)
+    words, unknown = tok.unknown_words(text) if tok else ([], [])
+    if 2 * len(unknown) > len(words):
+        print(f"sample.py: {where}: {len(unknown)} of {len(words)} words are not in the model's vocabulary "
+              f"({tok.vocab_size} word pieces), {', '.join(unknown[:4])}{', ...' * (len(unknown) > 4)}: to it "
+              f"each is [UNK], and its answer means little; a model that knows English: --ckpt {ENGLISH}",
+              file=sys.stderr, flush=True)
+
+
+def introduce(args, model, name):
+    """What sample.py answers, before the first turn (not with --json)"""
     if not args.json:
-        what = f"the utterances of {args.expect} it expects most as the next one" if pool else \
+        what = f"the utterances of {args.expect} it expects most as the next one" if args.expect else \
             "the chances of each emotion in the next utterance of the speaker of turn N-1"
         print(f"{args.ckpt} ({' and '.join(model.config.modalities)}) on {name}: after each turn N,\n{what} "
               f"(so from turn 2 on)\n")
     if args.explain and not model.config.distant:
         print("sample.py: a model without the distant context (--no-distant) has no attention to explain",
               file=sys.stderr)
+
+
+def converse(args, said):
+    """Answer each turn of args.dialogue as it is read; said: (speaker, text) of each turn read"""
+    device = device_from(args.device, "sample.py")
+    model, tok, config = load_checkpoint(args.ckpt, device, "pretrain" if args.expect else "finetune")
+    max_seconds = audio_cut(config, args.ckpt) if model.audio else None
+    stream = Stream(model, tok, config["max_tokens"], config["max_context"], device)
+    pool = load_pool(args.expect, stream, args.ckpt, config) if args.expect else None
+    lines, base, name = open_turns(args.dialogue)
+    introduce(args, model, name)
     dialogue, answers, expected = None, [], None
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -315,15 +339,7 @@ def converse(args, said):
                 raise
             print(f"sample.py: {e} (skipped)", file=sys.stderr, flush=True)
             continue
-        if cut:
-            print(f"sample.py: {name}:{i}: audio longer than {max_seconds:g} s, cut to its first {max_seconds:g} s "
-                  f"(the run's max_seconds, as prepare.py cut the clips it learnt from)", file=sys.stderr, flush=True)
-        words, unknown = tok.unknown_words(text) if model.text else ([], [])
-        if 2 * len(unknown) > len(words):
-            print(f"sample.py: {name}:{i}: {len(unknown)} of {len(words)} words are not in the model's vocabulary "
-                  f"({tok.vocab_size} word pieces), {', '.join(unknown[:4])}{', ...' * (len(unknown) > 4)}: to it "
-                  f"each is [UNK], and its answer means little; a model that knows English: --ckpt {ENGLISH}",
-                  file=sys.stderr, flush=True)
+        notes(f"{name}:{i}", text, cut, max_seconds, tok if model.text else None)
         dialogue = dialogue or this_dialogue
         H, answer = stream.encode([text], [wave]), {"turn": len(said) + 1}
         if expected is not None:  # where pre-training put this turn among the pool, before it was said

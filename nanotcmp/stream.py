@@ -10,7 +10,6 @@ import torch
 
 from nanotcmp.data import encoder_inputs, to_device
 from nanotcmp.evaluate import encoded
-from nanotcmp.model import ContextInteraction
 
 
 class Stream:
@@ -53,7 +52,7 @@ class Stream:
     def attention(self):
         """Eq. 10's weights of the next utterance's target over the cached turns, {β: (L,)}, zero on the
         nearby two; None for a model without the distant context (w/o Dist) or before turn 3"""
-        if self.turns < 3 or not isinstance(self.model.context[self.model.streams[0]], ContextInteraction):
+        if self.turns < 3 or not self.model.config.distant:
             return None
         H, ctx, mask = self.context()
         return {beta: self.model.context[beta](H[beta][ctx], mask, weights=True)[1][0, -1].cpu()
